@@ -1,0 +1,1 @@
+"""Thin I/O adapters around the core: REST, WebSocket, store, event socket, metrics, systemd."""

@@ -1,0 +1,159 @@
+"""Shared vocabulary of faxd: fax and recipient states, transitions and journalled events.
+
+Frozen values only. This module must not do I/O, read clocks or import anything outside the standard
+library's typing helpers; every other layer builds on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class FaxStatus(StrEnum):
+    """RingCentral's ``messageStatus`` (fax level and per recipient)."""
+
+    QUEUED = "Queued"
+    SENT = "Sent"
+    DELIVERED = "Delivered"
+    DELIVERY_FAILED = "DeliveryFailed"
+    SENDING_FAILED = "SendingFailed"
+    RECEIVED = "Received"
+
+
+class EventKind(StrEnum):
+    """What a journalled event is about."""
+
+    STATUS = "status"  # the fax's aggregate messageStatus changed
+    RECIPIENT = "recipient"  # one outbound recipient's status changed
+    AVAILABILITY = "availability"  # Alive -> Deleted -> Purged
+    STALLED = "stalled"  # Queued for longer than reconcile.stall_after
+
+
+class Source(StrEnum):
+    """What made faxd look at the fax when it found the transition."""
+
+    PUSH = "push"  # a WebSocket hint led to the reconcile
+    POLL = "poll"  # a safety or active poll, no hint
+    STARTUP = "startup"  # the reconcile at start-up or after a lost WS session
+    SEND = "send"  # faxd sent the fax itself and journalled the API's answer
+
+
+#: Statuses after which nothing more is expected (``Sent`` may still become ``Delivered``).
+FINAL_STATUSES = frozenset(
+    {
+        FaxStatus.SENT,
+        FaxStatus.DELIVERED,
+        FaxStatus.DELIVERY_FAILED,
+        FaxStatus.SENDING_FAILED,
+        FaxStatus.RECEIVED,
+    }
+)
+#: Statuses that count as a successful delivery for ``faxd send --wait``.
+SUCCESS_STATUSES = frozenset({FaxStatus.SENT, FaxStatus.DELIVERED, FaxStatus.RECEIVED})
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientState:
+    """One entry of an outbound fax's ``to[]``, identified by its position."""
+
+    index: int
+    phone: str | None
+    status: str
+    error_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FaxState:
+    """What faxd knows about one fax, as last read from the message store."""
+
+    fax_id: str
+    extension_id: str
+    direction: str  # "Outbound" | "Inbound"
+    status: str
+    availability: str = "Alive"
+    recipients: tuple[RecipientState, ...] = ()
+    pages: int | None = None
+    created: str | None = None  # creationTime, as RingCentral wrote it
+    rc_modified: str | None = None  # lastModifiedTime, as RingCentral wrote it
+    ref: str | None = None  # the local caller's reference, for faxes sent through faxd
+    from_phone: str | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """True while the fax or any recipient can still change status on its own."""
+        if self.availability != "Alive":
+            return False
+        if self.status not in FINAL_STATUSES:
+            return True
+        return any(r.status not in FINAL_STATUSES for r in self.recipients)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A change faxd observed; becomes an :class:`Event` once the journal gives it a ``seq``."""
+
+    kind: EventKind
+    fax_id: str
+    extension_id: str
+    direction: str
+    from_status: str | None
+    to_status: str
+    final: bool
+    recipient_index: int | None = None
+    recipient_phone: str | None = None
+    error_code: str | None = None
+    error_category: str | None = None
+    retryable: bool | None = None
+    pages: int | None = None
+    rc_modified: str | None = None
+    ref: str | None = None
+
+    @property
+    def dedup_key(self) -> tuple[str, int, str, str]:
+        """(fax, recipient, kind, to_status): journalled at most once."""
+        index = -1 if self.recipient_index is None else self.recipient_index
+        return (self.fax_id, index, self.kind.value, self.to_status)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A journalled transition: what socket clients receive."""
+
+    seq: int
+    epoch: str
+    transition: Transition
+    observed_at: str  # ISO 8601 UTC
+    source: Source
+
+    def to_wire(self, *, include_numbers: bool = True) -> dict[str, Any]:
+        """The ``event`` object of the socket protocol (DESIGN.md §6)."""
+        t = self.transition
+        recipient: dict[str, Any] | None = None
+        if t.recipient_index is not None:
+            recipient = {
+                "index": t.recipient_index,
+                "phone": t.recipient_phone if include_numbers else None,
+            }
+        return {
+            "type": "event",
+            "seq": self.seq,
+            "epoch": self.epoch,
+            "kind": t.kind.value,
+            "fax_id": t.fax_id,
+            "extension_id": t.extension_id,
+            "direction": t.direction,
+            "ref": t.ref,
+            "recipient": recipient,
+            "from_status": t.from_status,
+            "to_status": t.to_status,
+            "final": t.final,
+            "error_code": t.error_code,
+            "error_category": t.error_category,
+            "retryable": t.retryable,
+            "pages": t.pages,
+            "rc_modified": t.rc_modified,
+            "observed_at": self.observed_at,
+            "source": self.source.value,
+        }
