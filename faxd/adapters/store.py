@@ -1,0 +1,316 @@
+"""Durable state of faxd in SQLite: faxes, recipients, the transition journal and sync tokens.
+
+The journal is the outbox. :meth:`Store.commit` writes new fax and recipient state, the transitions
+(numbered by ``seq``) and the new syncToken in ONE transaction; the caller publishes the returned events
+only after it returns, i.e. after COMMIT. A (fax, recipient, kind, to_status) is journalled at most
+once (a UNIQUE index; duplicates are skipped silently), so re-reading the same record never produces a
+second event with a new seq.
+
+WAL mode with ``synchronous=FULL``: a committed transition survives kill -9 and power loss. One writer
+(this object, on the event loop thread). The ``epoch`` is a UUID made when the journal is created; a
+client's cursor is only meaningful within one epoch.
+This module must not know about RingCentral or sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from faxd.core.model import Event, EventKind, FaxState, RecipientState, Source, Transition
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (corrupt, newer schema, unwritable)."""
+
+
+# Each entry migrates from version i to i+1. Never edit a shipped entry; append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE faxes (
+        fax_id TEXT PRIMARY KEY,
+        extension_id TEXT NOT NULL,
+        direction TEXT NOT NULL,
+        status TEXT NOT NULL,
+        availability TEXT NOT NULL,
+        pages INTEGER,
+        created TEXT,
+        rc_modified TEXT,
+        ref TEXT UNIQUE,
+        from_phone TEXT,
+        in_flight INTEGER NOT NULL
+    );
+    CREATE INDEX faxes_in_flight ON faxes (in_flight) WHERE in_flight = 1;
+    CREATE TABLE recipients (
+        fax_id TEXT NOT NULL REFERENCES faxes (fax_id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        phone TEXT,
+        status TEXT NOT NULL,
+        error_code TEXT,
+        PRIMARY KEY (fax_id, idx)
+    );
+    CREATE TABLE journal (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        fax_id TEXT NOT NULL,
+        recipient_index INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        to_status TEXT NOT NULL,
+        observed_at TEXT NOT NULL,
+        source TEXT NOT NULL,
+        transition TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX journal_once ON journal (fax_id, recipient_index, kind, to_status);
+    CREATE TABLE sync_tokens (extension_id TEXT PRIMARY KEY, token TEXT NOT NULL);
+    """,
+)
+
+
+def _transition_json(t: Transition) -> str:
+    return json.dumps(
+        {
+            "kind": t.kind.value,
+            "fax_id": t.fax_id,
+            "extension_id": t.extension_id,
+            "direction": t.direction,
+            "from_status": t.from_status,
+            "to_status": t.to_status,
+            "final": t.final,
+            "recipient_index": t.recipient_index,
+            "recipient_phone": t.recipient_phone,
+            "error_code": t.error_code,
+            "error_category": t.error_category,
+            "retryable": t.retryable,
+            "pages": t.pages,
+            "rc_modified": t.rc_modified,
+            "ref": t.ref,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _transition_from(data: Mapping[str, Any]) -> Transition:
+    return Transition(**{**data, "kind": EventKind(data["kind"])})
+
+
+@dataclass(frozen=True, slots=True)
+class Journalled:
+    """A transition to journal, with where faxd found it."""
+
+    transition: Transition
+    source: Source
+
+
+class Store:
+    """The SQLite store. Open with :meth:`open`; every method runs synchronously on the caller's thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+        self.epoch = ""
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    def open(self) -> None:
+        """Open (creating if needed), check integrity, migrate, and read the epoch."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from exc
+        self._db = db
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            (result,) = db.execute("PRAGMA quick_check").fetchone()
+            if result != "ok":
+                raise StoreError(f"{self.path} failed its integrity check: {result}")
+            self._migrate()
+            row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            if row is None:
+                self.epoch = str(uuid.uuid4())
+                db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (self.epoch,))
+            else:
+                self.epoch = row[0]
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        (version,) = self.db.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this faxd ({len(MIGRATIONS)})"
+            )
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            # executescript() commits first; wrap each step so a crash leaves the old version intact.
+            self.db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {target};\nCOMMIT;")
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def load_faxes(self, *, in_flight_only: bool = False) -> dict[str, FaxState]:
+        where = " WHERE in_flight = 1" if in_flight_only else ""
+        rows = self.db.execute(
+            "SELECT fax_id, extension_id, direction, status, availability, pages, created,"
+            f" rc_modified, ref, from_phone FROM faxes{where}"
+        ).fetchall()
+        recipients: dict[str, list[RecipientState]] = {}
+        for fax_id, idx, phone, status, code in self.db.execute(
+            "SELECT fax_id, idx, phone, status, error_code FROM recipients ORDER BY fax_id, idx"
+        ):
+            recipients.setdefault(fax_id, []).append(RecipientState(idx, phone, status, code))
+        return {
+            row[0]: FaxState(
+                fax_id=row[0],
+                extension_id=row[1],
+                direction=row[2],
+                status=row[3],
+                availability=row[4],
+                pages=row[5],
+                created=row[6],
+                rc_modified=row[7],
+                ref=row[8],
+                from_phone=row[9],
+                recipients=tuple(recipients.get(row[0], ())),
+            )
+            for row in rows
+        }
+
+    def sync_token(self, extension_id: str) -> str | None:
+        row = self.db.execute(
+            "SELECT token FROM sync_tokens WHERE extension_id = ?", (extension_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def head_seq(self) -> int:
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'journal'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def oldest_seq(self) -> int:
+        """The oldest seq still journalled; ``head_seq() + 1`` when the journal is empty."""
+        (oldest,) = self.db.execute("SELECT MIN(seq) FROM journal").fetchone()
+        return self.head_seq() + 1 if oldest is None else int(oldest)
+
+    def _events(self, sql: str, params: Iterable[Any]) -> list[Event]:
+        return [
+            Event(
+                seq=seq,
+                epoch=self.epoch,
+                transition=_transition_from(json.loads(data)),
+                observed_at=observed_at,
+                source=Source(source),
+            )
+            for seq, observed_at, source, data in self.db.execute(sql, tuple(params))
+        ]
+
+    def events_after(self, after_seq: int, limit: int) -> list[Event]:
+        return self._events(
+            "SELECT seq, observed_at, source, transition FROM journal WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+
+    def history(self, fax_id: str) -> list[Event]:
+        return self._events(
+            "SELECT seq, observed_at, source, transition FROM journal WHERE fax_id = ? ORDER BY seq",
+            (fax_id,),
+        )
+
+    # -- the one writer --------------------------------------------------------------------------
+
+    def commit(
+        self,
+        states: Sequence[FaxState],
+        transitions: Sequence[Journalled],
+        *,
+        observed_at: str,
+        sync_tokens: Mapping[str, str | None] | None = None,
+    ) -> list[Event]:
+        """Write states, transitions and sync tokens in one transaction; return the new events.
+
+        Transitions already journalled (same dedup key) are skipped and not returned.
+        """
+        db = self.db
+        events: list[Event] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for s in states:
+                db.execute(
+                    "INSERT INTO faxes (fax_id, extension_id, direction, status, availability, pages,"
+                    " created, rc_modified, ref, from_phone, in_flight)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (fax_id) DO UPDATE SET extension_id = excluded.extension_id,"
+                    " direction = excluded.direction, status = excluded.status,"
+                    " availability = excluded.availability, pages = excluded.pages,"
+                    " created = excluded.created, rc_modified = excluded.rc_modified,"
+                    " ref = COALESCE(excluded.ref, faxes.ref), from_phone = excluded.from_phone,"
+                    " in_flight = excluded.in_flight",
+                    (
+                        s.fax_id,
+                        s.extension_id,
+                        s.direction,
+                        s.status,
+                        s.availability,
+                        s.pages,
+                        s.created,
+                        s.rc_modified,
+                        s.ref,
+                        s.from_phone,
+                        int(s.in_flight),
+                    ),
+                )
+                db.execute("DELETE FROM recipients WHERE fax_id = ?", (s.fax_id,))
+                db.executemany(
+                    "INSERT INTO recipients (fax_id, idx, phone, status, error_code) VALUES (?, ?, ?, ?, ?)",
+                    [(s.fax_id, r.index, r.phone, r.status, r.error_code) for r in s.recipients],
+                )
+            for j in transitions:
+                t = j.transition
+                cursor = db.execute(
+                    "INSERT INTO journal (fax_id, recipient_index, kind, to_status, observed_at,"
+                    " source, transition) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (
+                        *t.dedup_key,
+                        observed_at,
+                        j.source.value,
+                        _transition_json(t),
+                    ),
+                )
+                if cursor.rowcount == 1 and cursor.lastrowid is not None:
+                    events.append(Event(cursor.lastrowid, self.epoch, t, observed_at, j.source))
+            for extension_id, token in (sync_tokens or {}).items():
+                if token is None:
+                    db.execute("DELETE FROM sync_tokens WHERE extension_id = ?", (extension_id,))
+                else:
+                    db.execute(
+                        "INSERT INTO sync_tokens (extension_id, token) VALUES (?, ?)"
+                        " ON CONFLICT (extension_id) DO UPDATE SET token = excluded.token",
+                        (extension_id, token),
+                    )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return events
+
+    def prune(self, *, before: str) -> int:
+        """Delete journal rows observed before ``before`` (ISO time), keeping the newest row."""
+        head = self.head_seq()
+        cursor = self.db.execute("DELETE FROM journal WHERE observed_at < ? AND seq < ?", (before, head))
+        return cursor.rowcount
