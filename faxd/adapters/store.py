@@ -281,19 +281,21 @@ class Store:
                 )
             for j in transitions:
                 t = j.transition
+                # Check first rather than lean on the UNIQUE index: a skipped INSERT would still spend
+                # an AUTOINCREMENT value, and clients must see seq without gaps.
+                if db.execute(
+                    "SELECT 1 FROM journal WHERE fax_id = ? AND recipient_index = ? AND kind = ?"
+                    " AND to_status = ?",
+                    t.dedup_key,
+                ).fetchone():
+                    continue
                 cursor = db.execute(
                     "INSERT INTO journal (fax_id, recipient_index, kind, to_status, observed_at,"
-                    " source, transition) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT DO NOTHING",
-                    (
-                        *t.dedup_key,
-                        observed_at,
-                        j.source.value,
-                        _transition_json(t),
-                    ),
+                    " source, transition) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (*t.dedup_key, observed_at, j.source.value, _transition_json(t)),
                 )
-                if cursor.rowcount == 1 and cursor.lastrowid is not None:
-                    events.append(Event(cursor.lastrowid, self.epoch, t, observed_at, j.source))
+                assert cursor.lastrowid is not None
+                events.append(Event(cursor.lastrowid, self.epoch, t, observed_at, j.source))
             for extension_id, token in (sync_tokens or {}).items():
                 if token is None:
                     db.execute("DELETE FROM sync_tokens WHERE extension_id = ?", (extension_id,))

@@ -1,0 +1,107 @@
+"""The keyed work queue on passed-in time: dirty set, processing set, quiet period, bound, backoff."""
+
+from __future__ import annotations
+
+import pytest
+
+from faxd.core.debounce import KeyedQueue
+
+
+@pytest.fixture
+def q() -> KeyedQueue:
+    return KeyedQueue(debounce=1.0, max_delay=5.0, backoff_base=2.0, backoff_cap=30.0)
+
+
+def test_isolated_hint_is_due_at_once(q: KeyedQueue) -> None:
+    q.add("e1", "push", now=100.0)
+    assert q.next_deadline() == 100.0
+    assert q.pop(100.0) == ("e1", {"push"})
+
+
+def test_burst_coalesces_into_one_item_with_all_reasons(q: KeyedQueue) -> None:
+    q.add("e1", "push", now=0.0)
+    q.pop(0.0)
+    q.done("e1", 0.1, ok=True)
+    # A second burst right after: not isolated any more, so the quiet period applies.
+    for t in (0.5, 0.7, 0.9):
+        q.add("e1", "push", now=t)
+    q.add("e1", "poll", now=1.0)
+    assert q.depth == 1
+    assert q.next_deadline() == pytest.approx(2.0)
+    assert q.pop(1.9) is None
+    assert q.pop(2.0) == ("e1", {"push", "poll"})
+
+
+def test_busy_key_is_served_within_max_delay(q: KeyedQueue) -> None:
+    q.add("e1", "push", now=0.0)
+    q.pop(0.0)
+    q.done("e1", 0.0, ok=True)
+    t = 0.5
+    while t < 20:
+        q.add("e1", "push", now=t)
+        if q.pop(t) is not None:
+            break
+        t += 0.5
+    # first hint of the burst at 0.5, so served by 0.5 + max_delay
+    assert t == pytest.approx(5.5)
+
+
+def test_hint_during_processing_requeues_once_after_done(q: KeyedQueue) -> None:
+    q.add("e1", "push", now=0.0)
+    assert q.pop(0.0) is not None
+    q.add("e1", "push", now=0.2)
+    q.add("e1", "poll", now=0.3)
+    assert q.depth == 0  # not pending twice while processing
+    assert q.pop(0.3) is None  # and never handed out twice at once
+    q.done("e1", 0.5, ok=True)
+    assert q.depth == 1
+    assert q.pop(1.49) is None
+    assert q.pop(1.5) == ("e1", {"push", "poll"})
+
+
+def test_errors_back_off_exponentially_and_reset_on_success(q: KeyedQueue) -> None:
+    q.add("e1", "push", now=0.0)
+    delays = []
+    now = 0.0
+    for _ in range(6):
+        item = q.pop(now)
+        assert item is not None
+        delay = q.done("e1", now, ok=False)
+        assert delay is not None
+        delays.append(delay)
+        now += delay
+    assert delays == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert q.pop(now) == ("e1", {"retry"})
+    assert q.done("e1", now, ok=True) is None
+    assert q.failures("e1") == 0
+    assert q.is_idle()
+
+
+def test_keys_are_independent_and_most_overdue_first(q: KeyedQueue) -> None:
+    q.add("a", "poll", now=0.0)
+    q.add("b", "push", now=0.0)
+    q.pop(0.0)
+    q.pop(0.0)
+    q.done("a", 0.0, ok=True)
+    q.done("b", 0.0, ok=True)
+    q.add("b", "push", now=0.2)  # due 1.2
+    q.add("a", "push", now=0.5)  # due 1.5
+    assert q.pop(2.0) == ("b", {"push"})
+    assert q.pop(2.0) == ("a", {"push"})
+
+
+def test_immediate_skips_the_quiet_period(q: KeyedQueue) -> None:
+    q.add("e1", "push", now=0.0)
+    q.pop(0.0)
+    q.done("e1", 0.0, ok=True)
+    q.add("e1", "push", now=0.1)
+    q.add("e1", "resync", now=0.2, immediate=True)
+    assert q.pop(0.2) == ("e1", {"push", "resync"})
+
+
+def test_flush_makes_everything_due(q: KeyedQueue) -> None:
+    q.add("e1", "push", now=0.0)
+    q.pop(0.0)
+    q.done("e1", 0.0, ok=False)  # due at 2.0
+    q.flush(0.5)
+    assert q.pop(0.5) == ("e1", {"retry"})

@@ -1,0 +1,119 @@
+"""The SQLite store on real files: one transaction per reconcile, exactly-once journal, durable epoch."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from faxd.adapters.store import Journalled, Store, StoreError
+from faxd.core.model import EventKind, FaxState, RecipientState, Source, Transition
+
+
+def fax(status: str = "Queued", ref: str | None = None) -> FaxState:
+    return FaxState("1", "200", "Outbound", status, ref=ref, recipients=(RecipientState(0, "+1650", status),))
+
+
+def move(to: str, frm: str | None = "Queued", index: int | None = None) -> Journalled:
+    t = Transition(
+        EventKind.STATUS if index is None else EventKind.RECIPIENT,
+        "1",
+        "200",
+        "Outbound",
+        frm,
+        to,
+        final=to != "Queued",
+        recipient_index=index,
+    )
+    return Journalled(t, Source.PUSH)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "faxd.db")
+    s.open()
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_commit_numbers_events_and_stores_state_and_token_together(store: Store) -> None:
+    events = store.commit(
+        [fax("Sent")], [move("Sent"), move("Sent", index=0)], observed_at="T1", sync_tokens={"200": "tok-1"}
+    )
+    assert [e.seq for e in events] == [1, 2]
+    assert store.head_seq() == 2
+    assert store.oldest_seq() == 1
+    assert store.sync_token("200") == "tok-1"
+    assert store.load_faxes()["1"].status == "Sent"
+    assert [e.transition.to_status for e in store.events_after(0, 10)] == ["Sent", "Sent"]
+
+
+def test_same_transition_is_journalled_once_and_spends_no_seq(store: Store) -> None:
+    store.commit([fax("Sent")], [move("Sent")], observed_at="T1")
+    again = store.commit([fax("Sent")], [move("Sent"), move("Delivered", "Sent")], observed_at="T2")
+    assert [(e.seq, e.transition.to_status) for e in again] == [(2, "Delivered")]
+    assert store.head_seq() == 2
+
+
+def test_failed_transaction_leaves_nothing_behind(store: Store) -> None:
+    bad = FaxState(
+        "1",
+        "200",
+        "Outbound",
+        "Sent",
+        recipients=(RecipientState(0, "a", "Sent"), RecipientState(0, "b", "Sent")),
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        store.commit([bad], [move("Sent")], observed_at="T1", sync_tokens={"200": "tok"})
+    assert store.head_seq() == 0
+    assert store.sync_token("200") is None
+    assert store.load_faxes() == {}
+
+
+def test_reopen_keeps_epoch_seq_and_state(tmp_path: Path) -> None:
+    first = Store(tmp_path / "db")
+    first.open()
+    first.commit([fax("Queued", ref="r1")], [move("Queued", None)], observed_at="T1")
+    epoch = first.epoch
+    first.close()
+    second = Store(tmp_path / "db")
+    second.open()
+    assert second.epoch == epoch
+    assert second.head_seq() == 1
+    assert second.load_faxes(in_flight_only=True)["1"].ref == "r1"
+    second.close()
+
+
+def test_prune_keeps_the_newest_row_and_oldest_seq_honest(store: Store) -> None:
+    store.commit([fax("Sent")], [move("Sent")], observed_at="2026-01-01T00:00:00Z")
+    store.commit([fax("Delivered")], [move("Delivered", "Sent")], observed_at="2026-01-02T00:00:00Z")
+    assert store.prune(before="2030-01-01") == 1
+    assert (store.oldest_seq(), store.head_seq()) == (2, 2)
+    events = store.commit([fax("Delivered")], [move("Delivered", index=0)], observed_at="2026-01-03")
+    assert events[0].seq == 3
+
+
+def test_empty_journal_reports_oldest_after_head(store: Store) -> None:
+    assert (store.head_seq(), store.oldest_seq()) == (0, 1)
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(StoreError, match="newer"):
+        Store(path).open()
+
+
+def test_corrupt_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4096)
+    with pytest.raises(StoreError):
+        Store(path).open()
+
+
+def test_wal_and_full_sync(store: Store) -> None:
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2
