@@ -1,0 +1,607 @@
+"""faxd's configuration: the schema of config.yaml, its validation, and where secrets come from.
+
+`load_config` reads one YAML file into frozen dataclasses, one per section, whose field names are the
+YAML keys (DESIGN.md §5). Every problem is collected before `ConfigError` is raised, so that
+`faxd check-config` can name them all at once, each with its dotted key. Relative paths in the file
+are relative to the file's own directory. Secrets are read here, once, from a file, from
+`$CREDENTIALS_DIRECTORY` or from the environment, and are held in `Secret`.
+
+This module must not log (logging is configured from its result), put a secret's value into any
+message, repr or rendering, accept a secret written literally in the YAML, or do any I/O beyond
+reading the config file and the secret files and checking that the CA file exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import errno
+import hmac
+import json
+import math
+import os
+import re
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+EX_CONFIG = 78
+"""Exit status for a bad configuration (sysexits.h); the unit sets RestartPreventExitStatus=78."""
+
+DEFAULT_CONFIG_PATH = "/etc/faxd/config.yaml"
+_MAX_SECRET_BYTES = 1 << 20  # systemd's limit for all credentials of a unit
+_SECRET_FORMS = "{credential: NAME}, {file: PATH} or {env: NAME}"
+
+
+class ConfigError(Exception):
+    """The configuration can't be used; `problems` names each problem with its dotted key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Secret:
+    """A credential read from outside the config file. repr() and str() never show it; reveal() does.
+
+    `source` says where it came from, e.g. ``("file", "/etc/faxd/jwt")``, for `render_effective`.
+    """
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: tuple[str, str] | None = None) -> None:
+        self._value = value
+        self.source = source
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "[REDACTED]"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        same = hmac.compare_digest(self._value.encode(), other._value.encode())
+        return same and self.source == other.source
+
+    def __hash__(self) -> int:
+        return hash(self.source)
+
+
+class _Invalid(Exception):
+    """A value is wrong; the message is the reason, without the key."""
+
+
+@dataclass(frozen=True)
+class _Context:
+    environ: Mapping[str, str]
+    base_dir: str
+
+
+_Parser = Callable[[object, _Context], Any]
+_T = TypeVar("_T")
+
+
+def _opt(default: Any, parse: _Parser, **meta: Any) -> Any:
+    """A field with a default; `parse` turns the YAML value into the field's value or raises."""
+    return dataclasses.field(default=default, metadata={"parse": parse, **meta})
+
+
+def _req(parse: _Parser, hint: str) -> dict[str, Any]:
+    """Metadata of a required field; `hint` tells the admin what to put there."""
+    return {"parse": parse, "hint": hint}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value parsers. Each takes the raw YAML value and raises _Invalid with a reason naming what was got.
+
+
+def _show(value: object) -> str:
+    """The value as the admin wrote it (YAML-ish), short; never call this on a secret."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number of seconds or a string like "1.5", "90s", "5m", "1h", "250ms".
+
+    Raises ValueError with a reason such as ``expected a duration like 1.5, "90s" or "5m", got "x"``.
+    """
+    if _is_number(value):
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except OverflowError:
+            seconds = math.inf
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
+        seconds = float(m[1]) * _UNIT_SECONDS[m[2]]
+    else:
+        raise ValueError(f'expected a duration like 1.5, "90s" or "5m", got {_show(value)}')
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"expected a duration >= 0 seconds, got {_show(value)}")
+    return seconds
+
+
+def _duration(*, positive: bool = False) -> _Parser:
+    def parse(value: object, _: _Context) -> float:
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            raise _Invalid(str(e)) from None
+        if positive and seconds == 0:
+            raise _Invalid(f"must be more than 0 seconds, got {_show(value)}")
+        return seconds
+
+    return parse
+
+
+def _integer(minimum: int) -> _Parser:
+    def parse(value: object, _: _Context) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _Invalid(f"expected an integer, got {_show(value)}")
+        if value < minimum:
+            raise _Invalid(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _share(value: object, _: _Context) -> float:
+    if not _is_number(value):
+        raise _Invalid(f"expected a number in (0, 1], got {_show(value)}")
+    share = float(value)  # type: ignore[arg-type]
+    if not 0 < share <= 1:
+        raise _Invalid(f"must be > 0 and <= 1, got {_show(value)}")
+    return share
+
+
+def _boolean(value: object, _: _Context) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _choice(*options: str) -> _Parser:
+    def parse(value: object, _: _Context) -> str:
+        if not isinstance(value, str) or value.lower() not in options:
+            raise _Invalid(f"expected one of {', '.join(options)}, got {_show(value)}")
+        return value.lower()
+
+    return parse
+
+
+def _text(value: object, _: _Context) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"expected a non-empty string, got {_show(value)}")
+    return value.strip()
+
+
+def _url(value: object, _: _Context) -> str:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Invalid(f"expected an http(s) URL like https://platform.ringcentral.com, got {_show(value)}")
+    return str(value).rstrip("/")
+
+
+def _resolve(value: object, ctx: _Context) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise _Invalid(f"expected a file path, got {_show(value)}")
+    return os.path.normpath(os.path.join(ctx.base_dir, value))
+
+
+def _ca_file(value: object, ctx: _Context) -> str | None:
+    if value is None:
+        return None
+    path = _resolve(value, ctx)
+    if not os.path.isfile(path):
+        raise _Invalid(f"CA file {path} does not exist or is not a regular file")
+    return path
+
+
+_EXTENSION_RE = re.compile(r"~|\d+")
+
+
+def _extensions(value: object, _: _Context) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f'expected a non-empty list of extension ids like ["~"], got {_show(value)}')
+    ids: list[str] = []
+    for i, item in enumerate(value):
+        ext = str(item) if isinstance(item, int) and not isinstance(item, bool) else item
+        if not isinstance(ext, str) or not _EXTENSION_RE.fullmatch(ext):
+            raise _Invalid(f'item {i}: expected "~" or an extension id (digits), got {_show(item)}')
+        if ext in ids:
+            raise _Invalid(f"item {i}: extension {_show(ext)} is listed twice")
+        ids.append(ext)
+    return tuple(ids)
+
+
+def _id_list(value: object, _: _Context) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of numeric ids, got {_show(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, int) or isinstance(item, bool) or item < 0:
+            raise _Invalid(f"item {i}: expected a numeric id >= 0, got {_show(item)}")
+    return tuple(value)
+
+
+_MODE_RE = re.compile(r"(?:0o?)?([0-7]{3})")
+
+
+def _mode(value: object, _: _Context) -> int:
+    m = _MODE_RE.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise _Invalid(f'expected an octal mode string like "0660" (quoted), got {_show(value)}')
+    return int(m[1], 8)
+
+
+def _group(value: object, _: _Context) -> str | int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, str) and value.strip():
+        return int(value) if value.isdigit() else value.strip()
+    raise _Invalid(f"expected a group name, a numeric gid or null, got {_show(value)}")
+
+
+_LISTEN_RE = re.compile(r"\[([0-9A-Fa-f:.%\w-]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})")
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    """("127.0.0.1", 9464) from "127.0.0.1:9464", ("::1", 9464) from "[::1]:9464"; else ValueError."""
+    m = _LISTEN_RE.fullmatch(listen)
+    if m is None or int(m[2] or m[4]) > 65535:
+        raise ValueError(f'expected HOST:PORT like "127.0.0.1:9464" or "[::1]:9464", got {_show(listen)}')
+    return m[1] or m[3], int(m[2] or m[4])
+
+
+def _listen(value: object, _: _Context) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f'expected HOST:PORT like "127.0.0.1:9464" or null, got {_show(value)}')
+    try:
+        split_host_port(value)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+    return value
+
+
+def _secret(value: object, ctx: _Context) -> Secret:
+    """Read a secret from its source. The value itself never goes into a reason."""
+    if isinstance(value, str):
+        raise _Invalid(f"secrets don't live in config files; use {_SECRET_FORMS}")
+    if not isinstance(value, Mapping) or len(value) != 1:
+        got = f"keys {', '.join(map(str, value))}" if isinstance(value, Mapping) else "another type"
+        raise _Invalid(f"expected exactly one of {_SECRET_FORMS}, got {got}")
+    ((kind, ref),) = value.items()
+    if kind not in ("file", "env", "credential"):
+        raise _Invalid(f"expected exactly one of {_SECRET_FORMS}, got key {kind}")
+    if not isinstance(ref, str) or not ref:
+        raise _Invalid(f"{kind}: expected a non-empty string, got {_show(ref)}")
+    if kind == "env":
+        if ref not in ctx.environ:
+            raise _Invalid(f"environment variable {ref} is not set")
+        return Secret(_check_secret(ctx.environ[ref], f"environment variable {ref}"), ("env", ref))
+    if kind == "credential":
+        if "/" in ref or ref in (".", ".."):
+            raise _Invalid(f"credential: expected a credential name without '/', got {_show(ref)}")
+        directory = ctx.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise _Invalid(
+                f"{{credential: {ref}}} needs $CREDENTIALS_DIRECTORY (set by systemd's "
+                "LoadCredential=), and it is not set; outside systemd use {file: PATH}"
+            )
+        path = os.path.join(directory, ref)
+        return Secret(_read_secret_file(path, check_owner=False), ("credential", ref))
+    path = _resolve(ref, ctx)
+    return Secret(_read_secret_file(path, check_owner=True), ("file", path))
+
+
+def _read_secret_file(path: str, *, check_owner: bool) -> str:
+    """ssh-StrictModes-style read: no symlink, a regular file, owner-only if `check_owner`."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise _Invalid(f"secret file {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _Invalid(f"secret file {path} is a symbolic link; name the file itself") from None
+        raise _Invalid(f"cannot read secret file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Invalid(f"secret file {path} is not a regular file")
+        if check_owner and st.st_mode & 0o077:
+            raise _Invalid(
+                f"secret file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be "
+                f"accessible by group or others (chmod 600 {path})"
+            )
+        if check_owner and st.st_uid not in (0, os.geteuid()):
+            raise _Invalid(
+                f"secret file {path} is owned by uid {st.st_uid}; it must be owned by "
+                f"faxd's user (uid {os.geteuid()}) or root"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(_MAX_SECRET_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_SECRET_BYTES:
+        raise _Invalid(f"secret file {path} is larger than 1 MiB")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise _Invalid(f"secret file {path} is not UTF-8 text") from None
+    return _check_secret(text, f"secret file {path}")
+
+
+def _check_secret(text: str, what: str) -> str:
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text.strip():
+        raise _Invalid(f"{what} is empty")
+    return text
+
+
+def _render_mode(mode: int) -> str:
+    return f"{mode:04o}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The schema. Field names are the YAML keys; keep the order of DESIGN.md §5 and config.yaml.
+
+
+@dataclass(frozen=True, kw_only=True)
+class RingCentralConfig:
+    server: str = _opt("https://platform.ringcentral.com", _url)
+    """Platform base URL (sandbox: https://platform.devtest.ringcentral.com), no trailing slash."""
+    client_id: str = field(metadata=_req(_text, "the app's client ID from the RingCentral developer console"))
+    """The RingCentral app's client ID (not secret)."""
+    client_secret: Secret = field(metadata=_req(_secret, _SECRET_FORMS))
+    """The app's client secret."""
+    jwt: Secret = field(metadata=_req(_secret, _SECRET_FORMS))
+    """The user's JWT credential, exchanged for access tokens."""
+    extensions: tuple[str, ...] = _opt(("~",), _extensions)
+    """Extension ids whose fax boxes are tracked; "~" is the JWT user's own extension."""
+    ca_file: str | None = _opt(None, _ca_file)
+    """PEM bundle to trust instead of the system's CAs (for a proxy or the simulator); None: system."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WebSocketConfig:
+    heartbeat_interval: float = _opt(60.0, _duration(positive=True))
+    """Seconds between WSG Heartbeat frames we send; also how long silence is tolerated."""
+    ping_interval: float = _opt(15.0, _duration(positive=True))
+    """Seconds between WebSocket pings."""
+    ping_timeout: float = _opt(10.0, _duration(positive=True))
+    """Seconds to wait for a pong before the connection is considered dead."""
+    max_message_bytes: int = _opt(1048576, _integer(1))
+    """Largest WebSocket message accepted, in bytes."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconcileConfig:
+    debounce: float = _opt(1.0, _duration())
+    """Quiet period in seconds: hints for one extension within it coalesce into one reconcile."""
+    max_delay: float = _opt(5.0, _duration())
+    """Longest a busy extension waits for its reconcile, in seconds (>= debounce)."""
+    poll_interval: float = _opt(300.0, _duration(positive=True))
+    """Safety poll of every extension, in seconds, whatever the WebSocket says."""
+    active_poll_interval: float = _opt(60.0, _duration(positive=True))
+    """Poll interval in seconds while faxes are in flight."""
+    sent_settle: float = _opt(0.0, _duration())
+    """Seconds a `Sent` status must hold before it counts as final; 0 = at once."""
+    stall_after: float = _opt(1800.0, _duration(positive=True))
+    """Seconds in `Queued` after which a fax gets one `stalled` event."""
+    rate_share: float = _opt(0.8, _share)
+    """Share of each RingCentral rate-limit group faxd may spend, in (0, 1]."""
+
+    def _problems(self) -> list[str]:
+        if self.max_delay >= self.debounce:
+            return []
+        return [
+            f"reconcile.max_delay: must be >= reconcile.debounce ({self.debounce:g}), got {self.max_delay:g}"
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    path: str = _opt("/var/lib/faxd/faxd.db", _resolve)
+    """SQLite database file (WAL mode; its -wal and -shm files live beside it)."""
+    retention_days: int = _opt(30, _integer(1))
+    """Days that final faxes and their journal entries are kept."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EventsConfig:
+    socket: str = _opt("/run/faxd/events.sock", _resolve)
+    """Path of the Unix socket for clients (unused under socket activation)."""
+    mode: int = _opt(0o660, _mode, render=_render_mode)
+    """Permission bits of the socket file; written as an octal string like "0660"."""
+    group: str | int | None = _opt(None, _group)
+    """Group (name or gid) given to the socket file; None leaves faxd's own group."""
+    max_clients: int = _opt(64, _integer(1))
+    """Most clients connected at once; more are refused with a `busy` error."""
+    client_queue: int = _opt(1000, _integer(1))
+    """Events queued per client before it is dropped as a slow consumer."""
+    allowed_uids: tuple[int, ...] = _opt((), _id_list)
+    """If not empty, only peers with these uids (SO_PEERCRED) may connect (or an allowed gid)."""
+    allowed_gids: tuple[int, ...] = _opt((), _id_list)
+    """If not empty, only peers with these primary gids may connect (or an allowed uid)."""
+    heartbeat_interval: float = _opt(15.0, _duration(positive=True))
+    """Seconds of idleness after which a `heartbeat` is sent to a client."""
+    include_numbers: bool = _opt(True, _boolean)
+    """Whether events carry recipients' phone numbers (PHI)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    listen: str | None = _opt("127.0.0.1:9464", _listen)
+    """HOST:PORT of the /metrics, /healthz and /readyz endpoints; None disables them."""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to bind, or None when metrics are disabled."""
+        return None if self.listen is None else split_host_port(self.listen)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    level: str = _opt("info", _choice("debug", "info", "warning", "error"))
+    """Lowest level logged: debug, info, warning or error."""
+    format: str = _opt("auto", _choice("auto", "json", "console"))
+    """auto = console on a TTY, JSON lines otherwise."""
+    redact_phi: bool = _opt(True, _boolean)
+    """Replace phone numbers, names, subjects and cover texts in logs by "[PHI]"."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    ringcentral: RingCentralConfig = field(metadata={"section": RingCentralConfig})
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig, metadata={"section": WebSocketConfig})
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig, metadata={"section": ReconcileConfig})
+    store: StoreConfig = field(default_factory=StoreConfig, metadata={"section": StoreConfig})
+    events: EventsConfig = field(default_factory=EventsConfig, metadata={"section": EventsConfig})
+    metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"section": MetricsConfig})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"section": LoggingConfig})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, validating, rendering.
+
+
+def default_config_path(environ: Mapping[str, str] | None = None) -> str:
+    """`$FAXD_CONFIG`, else /etc/faxd/config.yaml."""
+    env = os.environ if environ is None else environ
+    return env.get("FAXD_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float) or key_node.tag.endswith(":merge"):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and return the config file at `path`; ConfigError names every problem."""
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([f"{name}: cannot read the config file: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{name}: the config file is not UTF-8 text"]) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        raise ConfigError([f"{where}: invalid YAML: {e.problem or e.context}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{name}: invalid YAML: {e}"]) from None
+    return parse_config(data, environ=environ, base_dir=os.path.dirname(os.path.abspath(name)))
+
+
+def parse_config(
+    data: object,
+    *,
+    environ: Mapping[str, str] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Config:
+    """Validate an already-parsed YAML document; relative paths are relative to `base_dir` (cwd)."""
+    ctx = _Context(os.environ if environ is None else environ, os.fspath(base_dir or os.getcwd()))
+    problems: list[str] = []
+    config = _parse_mapping(Config, data, "", ctx, problems)
+    if problems:
+        raise ConfigError(problems)
+    assert config is not None
+    return config
+
+
+def _parse_mapping(cls: type[_T], raw: object, prefix: str, ctx: _Context, problems: list[str]) -> _T | None:
+    """Build `cls` from `raw`, appending a problem per bad key; None if there was any."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        what = prefix.rstrip(".") or "(top level)"
+        problems.append(f"{what}: expected a mapping of keys, got {_show(raw)}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    before = len(problems)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(fields)}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key, value = prefix + name, raw.get(name)
+        if section := f.metadata.get("section"):
+            values[name] = _parse_mapping(section, value, key + ".", ctx, problems)
+        elif value is None and f.default is dataclasses.MISSING:
+            problems.append(f"{key}: required, not set ({f.metadata['hint']})")
+        elif name in raw:
+            try:
+                values[name] = f.metadata["parse"](value, ctx)
+            except _Invalid as e:
+                problems.append(f"{key}: {e}")
+    if len(problems) > before:
+        return None
+    obj = cls(**values)
+    problems.extend(getattr(obj, "_problems", list)())  # cross-checks between keys of one section
+    return obj
+
+
+def _render(obj: object) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = _render(value)
+        elif isinstance(value, Secret):
+            out[f.name] = {value.source[0]: value.source[1]} if value.source else "[REDACTED]"
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = f.metadata.get("render", lambda v: v)(value)
+    return out
+
+
+def render_effective(config: Config) -> str:
+    """The effective config as YAML, every key included; secrets appear as their source only."""
+    return yaml.safe_dump(_render(config), sort_keys=False, default_flow_style=False, allow_unicode=True)

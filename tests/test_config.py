@@ -1,0 +1,478 @@
+"""faxd.config: every kind of bad input names its key and reason; secrets never leak."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from faxd.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    RingCentralConfig,
+    Secret,
+    default_config_path,
+    load_config,
+    parse_config,
+    parse_duration,
+    render_effective,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {"RC_SECRET": "client-secret-value", "RC_JWT": "eyJhbGciOi.jwt-value.sig"}
+MINIMAL: dict[str, Any] = {
+    "ringcentral": {
+        "client_id": "app-id",
+        "client_secret": {"env": "RC_SECRET"},
+        "jwt": {"env": "RC_JWT"},
+    }
+}
+_DELETE = object()
+
+
+def with_values(**dotted: Any) -> dict[str, Any]:
+    """MINIMAL with `section__key=value` set (value _DELETE deletes the key)."""
+    data = copy.deepcopy(MINIMAL)
+    for name, value in dotted.items():
+        section, key = name.split("__")
+        entries = data.setdefault(section, {})
+        if value is _DELETE:
+            entries.pop(key, None)
+        else:
+            entries[key] = value
+    return data
+
+
+def problems_of(data: object, environ: dict[str, str] | None = None, **kw: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, environ=ENV if environ is None else environ, **kw)
+    assert str(info.value) == "\n".join(info.value.problems)
+    return info.value.problems
+
+
+def test_minimal_config_gives_defaults() -> None:
+    config = parse_config(MINIMAL, environ=ENV)
+    expected = Config(
+        ringcentral=RingCentralConfig(
+            client_id="app-id",
+            client_secret=Secret(ENV["RC_SECRET"], ("env", "RC_SECRET")),
+            jwt=Secret(ENV["RC_JWT"], ("env", "RC_JWT")),
+        )
+    )
+    assert expected == config
+    assert config.websocket.heartbeat_interval == 60
+    assert config.events.mode == 0o660
+    assert config.ringcentral.extensions == ("~",)
+    assert config.metrics.address == ("127.0.0.1", 9464)
+    assert config.ringcentral.jwt.reveal() == ENV["RC_JWT"]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (0, 0.0),
+        (1, 1.0),
+        (1.5, 1.5),
+        ("1.5", 1.5),
+        ("90s", 90.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1.5s", 1.5),
+        ("250ms", 0.25),
+        (" 2 m ", 120.0),
+        (".5s", 0.5),
+    ],
+)
+def test_duration_forms(value: object, seconds: float) -> None:
+    assert seconds == pytest.approx(parse_duration(value))
+
+
+@pytest.mark.parametrize("value", ["fast", "", "5 minutes", "1d", "-1s", "1e3", True, None, [1], {"s": 1}])
+def test_duration_refused(value: object) -> None:
+    with pytest.raises(ValueError, match=r'expected a duration like 1\.5, "90s" or "5m", got'):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("value", [-1, -0.5, float("inf"), float("nan")])
+def test_duration_out_of_range(value: object) -> None:
+    with pytest.raises(ValueError, match="expected a duration >= 0 seconds"):
+        parse_duration(value)
+
+
+def test_durations_in_the_file() -> None:
+    config = parse_config(
+        with_values(reconcile__debounce="250ms", reconcile__poll_interval="5m"), environ=ENV
+    )
+    assert config.reconcile.debounce == 0.25
+    assert config.reconcile.poll_interval == 300
+
+
+BAD_VALUES = [
+    # (dotted key, value, the reason expected after "key: ")
+    ("reconcile.debounce", "fast", 'expected a duration like 1.5, "90s" or "5m", got "fast"'),
+    ("reconcile.sent_settle", -1, "expected a duration >= 0 seconds, got -1"),
+    ("reconcile.poll_interval", 0, "must be more than 0 seconds, got 0"),
+    ("reconcile.rate_share", 0, "must be > 0 and <= 1, got 0"),
+    ("reconcile.rate_share", 1.5, "must be > 0 and <= 1, got 1.5"),
+    ("reconcile.rate_share", "most", 'expected a number in (0, 1], got "most"'),
+    ("reconcile.max_delay", 0.5, "must be >= reconcile.debounce (1), got 0.5"),
+    ("websocket.ping_timeout", "10 s", None),  # valid: spaces before the unit are fine
+    ("websocket.ping_interval", None, 'expected a duration like 1.5, "90s" or "5m", got null'),
+    ("websocket.max_message_bytes", 0, "must be >= 1, got 0"),
+    ("websocket.max_message_bytes", "1MB", 'expected an integer, got "1MB"'),
+    ("websocket.max_message_bytes", 1.5, "expected an integer, got 1.5"),
+    ("websocket.max_message_bytes", True, "expected an integer, got true"),
+    ("store.retention_days", 0, "must be >= 1, got 0"),
+    ("store.path", "", 'expected a file path, got ""'),
+    ("store.path", 5, "expected a file path, got 5"),
+    ("events.mode", 432, 'expected an octal mode string like "0660" (quoted), got 432'),
+    ("events.mode", "0999", 'expected an octal mode string like "0660" (quoted), got "0999"'),
+    ("events.group", -1, "expected a group name, a numeric gid or null, got -1"),
+    ("events.max_clients", 0, "must be >= 1, got 0"),
+    ("events.client_queue", "many", 'expected an integer, got "many"'),
+    ("events.allowed_uids", 1000, "expected a list of numeric ids, got 1000"),
+    ("events.allowed_gids", [1, "wheel"], 'item 1: expected a numeric id >= 0, got "wheel"'),
+    ("events.heartbeat_interval", "soon", 'expected a duration like 1.5, "90s" or "5m", got "soon"'),
+    ("events.include_numbers", "yes", 'expected true or false, got "yes"'),
+    ("metrics.listen", "9464", 'expected HOST:PORT like "127.0.0.1:9464" or "[::1]:9464", got "9464"'),
+    (
+        "metrics.listen",
+        "::1:9464",
+        'expected HOST:PORT like "127.0.0.1:9464" or "[::1]:9464", got "::1:9464"',
+    ),
+    ("metrics.listen", "h:70000", 'expected HOST:PORT like "127.0.0.1:9464" or "[::1]:9464", got "h:70000"'),
+    ("metrics.listen", 9464, 'expected HOST:PORT like "127.0.0.1:9464" or null, got 9464'),
+    ("logging.level", "verbose", 'expected one of debug, info, warning, error, got "verbose"'),
+    ("logging.format", "xml", 'expected one of auto, json, console, got "xml"'),
+    ("logging.redact_phi", "no", 'expected true or false, got "no"'),
+    (
+        "ringcentral.server",
+        "ftp://x",
+        'expected an http(s) URL like https://platform.ringcentral.com, got "ftp://x"',
+    ),
+    (
+        "ringcentral.server",
+        "rc.example",
+        'expected an http(s) URL like https://platform.ringcentral.com, got "rc.example"',
+    ),
+    ("ringcentral.client_id", "  ", 'expected a non-empty string, got "  "'),
+    ("ringcentral.client_id", _DELETE, "required, not set (the app's client ID"),
+    ("ringcentral.jwt", _DELETE, "required, not set ({credential: NAME}, {file: PATH} or {env: NAME})"),
+    ("ringcentral.extensions", [], 'expected a non-empty list of extension ids like ["~"], got a list'),
+    ("ringcentral.extensions", "~", 'expected a non-empty list of extension ids like ["~"], got "~"'),
+    ("ringcentral.extensions", ["~", "12a"], 'item 1: expected "~" or an extension id (digits), got "12a"'),
+    ("ringcentral.extensions", ["1", 1], 'item 1: extension "1" is listed twice'),
+    (
+        "ringcentral.ca_file",
+        "/nonexistent/ca.pem",
+        "CA file /nonexistent/ca.pem does not exist or is not a regular file",
+    ),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "reason"), BAD_VALUES)
+def test_bad_value_names_key_and_reason(key: str, value: object, reason: str | None) -> None:
+    data = with_values(**{key.replace(".", "__"): value})
+    if reason is None:
+        parse_config(data, environ=ENV)
+        return
+    problems = problems_of(data)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{key}: {reason}")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0600", 0o600),
+        ("660", 0o660),
+        ("0o640", 0o640),
+    ],
+)
+def test_mode_forms(value: str, expected: int) -> None:
+    assert expected == parse_config(with_values(events__mode=value), environ=ENV).events.mode
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, None), ("faxd-clients", "faxd-clients"), (990, 990), ("990", 990)]
+)
+def test_group_forms(value: object, expected: object) -> None:
+    assert expected == parse_config(with_values(events__group=value), environ=ENV).events.group
+
+
+def test_extension_ids_may_be_numbers_in_yaml() -> None:
+    config = parse_config(with_values(ringcentral__extensions=[123, "~", "456"]), environ=ENV)
+    assert config.ringcentral.extensions == ("123", "~", "456")
+
+
+def test_listen_forms() -> None:
+    assert parse_config(with_values(metrics__listen="[::1]:9464"), environ=ENV).metrics.address == (
+        "::1",
+        9464,
+    )
+    assert parse_config(with_values(metrics__listen=None), environ=ENV).metrics.address is None
+
+
+def test_server_trailing_slash_is_dropped() -> None:
+    config = parse_config(with_values(ringcentral__server="http://127.0.0.1:8080/"), environ=ENV)
+    assert config.ringcentral.server == "http://127.0.0.1:8080"
+
+
+def test_all_problems_are_collected() -> None:
+    data = with_values(
+        websocket__ping_interval="x",
+        reconcile__rate_share=3,
+        logging__level="loud",
+        ringcentral__client_id=_DELETE,
+    )
+    data["extra"] = {}
+    problems = problems_of(data)
+    keys = [p.split(":", 1)[0] for p in problems]
+    assert sorted(keys) == sorted(
+        ["extra", "ringcentral.client_id", "websocket.ping_interval", "reconcile.rate_share", "logging.level"]
+    )
+
+
+def test_cross_check_is_reported_with_other_problems() -> None:
+    problems = problems_of(with_values(reconcile__max_delay="100ms", logging__level="loud"))
+    assert any(p.startswith("reconcile.max_delay: must be >= reconcile.debounce") for p in problems)
+    assert any(p.startswith("logging.level:") for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (
+            {**MINIMAL, "websocket": {"ping_intervall": 5}},
+            "websocket.ping_intervall: unknown key; did you mean",
+        ),
+        ({**MINIMAL, "sotre": {}}, "sotre: unknown key; did you mean store?"),
+        ({**MINIMAL, "zzz": 1}, "zzz: unknown key; known keys: ringcentral, websocket, reconcile, store"),
+        ({**MINIMAL, "events": []}, "events: expected a mapping of keys, got a list"),
+        ({**MINIMAL, "logging": "debug"}, 'logging: expected a mapping of keys, got "debug"'),
+        (["ringcentral"], "(top level): expected a mapping of keys, got a list"),
+    ],
+)
+def test_structure_problems(data: object, problem: str) -> None:
+    problems = problems_of(data)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(problem)
+
+
+def test_empty_document_needs_only_the_required_keys() -> None:
+    problems = problems_of(None, environ={})
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "ringcentral.client_id",
+        "ringcentral.client_secret",
+        "ringcentral.jwt",
+    ]
+
+
+def test_null_section_means_defaults() -> None:
+    assert parse_config({**MINIMAL, "metrics": None}, environ=ENV).metrics.listen == "127.0.0.1:9464"
+
+
+# --- secrets --------------------------------------------------------------------------------------
+
+
+def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def secret_config(source: object) -> dict[str, Any]:
+    return with_values(ringcentral__jwt=source)
+
+
+def test_secret_from_file_relative_to_base_dir(tmp_path: Path) -> None:
+    write_secret(tmp_path / "jwt", "the-jwt\n")
+    config = parse_config(secret_config({"file": "jwt"}), environ=ENV, base_dir=tmp_path)
+    assert config.ringcentral.jwt.reveal() == "the-jwt"
+    assert config.ringcentral.jwt.source == ("file", str(tmp_path / "jwt"))
+
+
+def test_secret_from_credentials_directory(tmp_path: Path) -> None:
+    write_secret(tmp_path / "ringcentral-jwt", "cred-jwt", 0o400)
+    env = {**ENV, "CREDENTIALS_DIRECTORY": str(tmp_path)}
+    config = parse_config(secret_config({"credential": "ringcentral-jwt"}), environ=env)
+    assert config.ringcentral.jwt.reveal() == "cred-jwt"
+    assert config.ringcentral.jwt.source == ("credential", "ringcentral-jwt")
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644, 0o610])
+def test_secret_file_open_to_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = write_secret(tmp_path / "jwt", "top-secret-jwt", mode)
+    (problem,) = problems_of(secret_config({"file": str(path)}))
+    assert problem == (
+        f"ringcentral.jwt: secret file {path} has mode {mode:04o}; it must not be accessible by group "
+        f"or others (chmod 600 {path})"
+    )
+
+
+def secret_problem_cases(tmp: Path) -> list[tuple[object, dict[str, str], str]]:
+    write_secret(tmp / "empty", "\n")
+    write_secret(tmp / "blank", "  \n")
+    (tmp / "dir").mkdir(mode=0o700)
+    os.symlink(tmp / "empty", tmp / "link")
+    (tmp / "binary").write_bytes(b"\xff\xfe")
+    (tmp / "binary").chmod(0o600)
+    forms = "{credential: NAME}, {file: PATH} or {env: NAME}"
+    return [
+        ("eyJliteral.secret.value", {}, f"secrets don't live in config files; use {forms}"),
+        (123456, {}, f"expected exactly one of {forms}, got another type"),
+        ({"file": "a", "env": "B"}, {}, f"expected exactly one of {forms}, got keys file, env"),
+        ({"path": "a"}, {}, f"expected exactly one of {forms}, got key path"),
+        ({"file": ""}, {}, 'file: expected a non-empty string, got ""'),
+        ({"env": None}, {}, "env: expected a non-empty string, got null"),
+        ({"env": "NOPE"}, {}, "environment variable NOPE is not set"),
+        ({"env": "EMPTY"}, {"EMPTY": ""}, "environment variable EMPTY is empty"),
+        ({"file": str(tmp / "missing")}, {}, f"secret file {tmp / 'missing'} does not exist"),
+        ({"file": str(tmp / "empty")}, {}, f"secret file {tmp / 'empty'} is empty"),
+        ({"file": str(tmp / "blank")}, {}, f"secret file {tmp / 'blank'} is empty"),
+        ({"file": str(tmp / "dir")}, {}, f"secret file {tmp / 'dir'} is not a regular file"),
+        (
+            {"file": str(tmp / "link")},
+            {},
+            f"secret file {tmp / 'link'} is a symbolic link; name the file itself",
+        ),
+        ({"file": str(tmp / "binary")}, {}, f"secret file {tmp / 'binary'} is not UTF-8 text"),
+        ({"credential": "ringcentral-jwt"}, {}, "{credential: ringcentral-jwt} needs $CREDENTIALS_DIRECTORY"),
+        (
+            {"credential": "absent"},
+            {"CREDENTIALS_DIRECTORY": str(tmp)},
+            f"secret file {tmp / 'absent'} does not exist",
+        ),
+        (
+            {"credential": "../jwt"},
+            {"CREDENTIALS_DIRECTORY": str(tmp)},
+            "credential: expected a credential name without '/'",
+        ),
+    ]
+
+
+def test_secret_problems(tmp_path: Path) -> None:
+    for source, extra_env, reason in secret_problem_cases(tmp_path):
+        problems = problems_of(secret_config(source), environ={**ENV, **extra_env})
+        assert len(problems) == 1, (source, problems)
+        assert problems[0].startswith(f"ringcentral.jwt: {reason}"), (source, problems)
+        assert "eyJliteral" not in problems[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_secret_file_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
+    path = write_secret(tmp_path / "jwt", "x")
+    os.chown(path, 4242, -1)
+    (problem,) = problems_of(secret_config({"file": str(path)}))
+    assert problem.startswith(f"ringcentral.jwt: secret file {path} is owned by uid 4242; it must be owned")
+
+
+def test_secret_never_shows_itself() -> None:
+    secret = Secret("hunter2", ("env", "X"))
+    assert repr(secret) == str(secret) == f"{secret}" == "[REDACTED]"
+    assert "hunter2" not in repr(parse_config(MINIMAL, environ={"RC_SECRET": "hunter2", "RC_JWT": "j"}))
+    assert secret == Secret("hunter2", ("env", "X"))
+    assert secret != Secret("hunter3", ("env", "X"))
+
+
+# --- files, rendering, the shipped config ---------------------------------------------------------
+
+
+def test_load_config_reads_a_file_and_resolves_paths_next_to_it(tmp_path: Path) -> None:
+    write_secret(tmp_path / "secret", "s")
+    write_secret(tmp_path / "jwt", "j")
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "faxd.yaml").write_text(
+        "ringcentral:\n  client_id: abc\n  client_secret: {file: secret}\n  jwt: {file: jwt}\n"
+        "  ca_file: ca.pem\nstore: {path: state/faxd.db}\nevents: {socket: faxd.sock}\n"
+    )
+    config = load_config(tmp_path / "faxd.yaml", environ={})
+    assert config.ringcentral.client_secret.reveal() == "s"
+    assert config.ringcentral.ca_file == str(tmp_path / "ca.pem")
+    assert config.store.path == str(tmp_path / "state" / "faxd.db")
+    assert config.events.socket == str(tmp_path / "faxd.sock")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("ringcentral: [\n", ":2:1: invalid YAML: expected the node content, but found '<stream end>'"),
+        ("a: 1\n b: 2\n", ":2:3: invalid YAML: mapping values are not allowed here"),
+        ("store:\n  path: /a\n  path: /b\n", ":3:3: invalid YAML: duplicate key 'path'"),
+        ("\tx: 1\n", ":1:1: invalid YAML: found character '\\t' that cannot start any token"),
+    ],
+)
+def test_yaml_syntax_errors_name_file_and_line(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert [f"{path}{problem}"] == info.value.problems
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read the config file: No such file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_empty_file_is_defaults_but_required_keys(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "empty.yaml", environ={})
+    assert len(info.value.problems) == 3
+
+
+def test_default_config_path() -> None:
+    assert default_config_path({}) == DEFAULT_CONFIG_PATH == "/etc/faxd/config.yaml"
+    assert default_config_path({"FAXD_CONFIG": "/x.yaml"}) == "/x.yaml"
+
+
+def test_render_effective_shows_sources_never_values(tmp_path: Path) -> None:
+    write_secret(tmp_path / "jwt", "jwt-value-123")
+    data = with_values(ringcentral__jwt={"file": str(tmp_path / "jwt")}, events__mode="0640")
+    config = parse_config(data, environ=ENV)
+    text = render_effective(config)
+    for value in (*ENV.values(), "jwt-value-123"):
+        assert value not in text
+    rendered = yaml.safe_load(text)
+    assert rendered["ringcentral"]["jwt"] == {"file": str(tmp_path / "jwt")}
+    assert rendered["ringcentral"]["client_secret"] == {"env": "RC_SECRET"}
+    assert rendered["events"]["mode"] == "0640"
+    assert config == parse_config(rendered, environ=ENV)  # the rendering is a valid config of its own
+
+
+def test_shipped_config_documents_the_defaults(tmp_path: Path) -> None:
+    shipped = (REPO / "config.yaml").read_text()
+    assert "client_id: null" in shipped
+    (tmp_path / "config.yaml").write_text(shipped.replace("client_id: null", "client_id: my-app"))
+    write_secret(tmp_path / "ringcentral-client-secret", "cs", 0o400)
+    write_secret(tmp_path / "ringcentral-jwt", "jwt", 0o400)
+    config = load_config(tmp_path / "config.yaml", environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    expected = Config(
+        ringcentral=RingCentralConfig(
+            client_id="my-app",
+            client_secret=Secret("cs", ("credential", "ringcentral-client-secret")),
+            jwt=Secret("jwt", ("credential", "ringcentral-jwt")),
+        )
+    )
+    assert expected == config
+    # every key the dataclasses know is spelled out in the shipped file
+    documented = yaml.safe_load(shipped)
+    assert yaml.safe_load(render_effective(config)).keys() == documented.keys()
+    for section, keys in yaml.safe_load(render_effective(config)).items():
+        assert list(keys) == list(documented[section]), section
+
+
+def test_shipped_config_fails_clearly_until_filled_in() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "config.yaml", environ={})
+    assert [p.split(":", 1)[0] for p in info.value.problems] == [
+        "ringcentral.client_id",
+        "ringcentral.client_secret",
+        "ringcentral.jwt",
+    ]
