@@ -37,7 +37,6 @@ from faxd.adapters.reconcile import (
     ReconcileQueue,
     Reconciler,
     ReconcileSettings,
-    SendError as ReconcileSendError,
     poll_forever,
 )
 from faxd.adapters.rest import ApiError, AuthFailed, Document, RingCentral
@@ -47,7 +46,7 @@ from faxd.config import Config, split_host_port
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, FaxState
-from faxd.core.protocol import SendRequest
+from faxd.core.protocol import SendError, SendRequest
 from faxd.core.wsg import Hint, event_filters
 
 log = structlog.get_logger(__name__)
@@ -83,7 +82,7 @@ class _Backend:
             async with asyncio.timeout(CONNECT_WAIT):
                 await self.connected.wait()
         except TimeoutError:
-            raise ReconcileSendError("upstream", "not connected to RingCentral") from None
+            raise SendError("upstream", "not connected to RingCentral") from None
 
     def head_seq(self) -> int:
         return self.store.head_seq()
@@ -180,7 +179,7 @@ async def run(
     """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives; return the exit code."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    installed: list[int] = []
+    installed: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -201,7 +200,7 @@ async def _run(
     stop: asyncio.Event,
     on_ready: Callable[[], Awaitable[None] | None] | None,
 ) -> int:
-    prometheus_client.disable_created_metrics()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     notifier = Notifier()
     metrics = Metrics(registry)
     extensions: list[str] = []  # resolved ids ("~" → the JWT user's id), known after login
@@ -339,6 +338,8 @@ async def _run(
                 tg.create_task(poll_forever(queue, lambda: extensions, settings))
 
         started = time.monotonic()
+        fatal: list[BaseException] = []
+        crashed: list[BaseException] = []
         try:
             async with asyncio.TaskGroup() as consumers:
                 consumers.create_task(queue.run())
@@ -360,11 +361,14 @@ async def _run(
         except* _Stop:
             pass
         except* FatalError as group:
-            raise _flatten(group)[0] from None
-        except* Exception as group:
-            for exc in _flatten(group):
-                log.error("faxd crashed", error=repr(exc), exc_info=exc)
+            fatal = _flatten(group)
+        except* Exception as group:  # noqa: BLE001 - the supervisor logs every crash once, then exits 1
+            crashed = _flatten(group)
+        if fatal:
+            raise fatal[0]
+        for error in crashed:
+            log.error("faxd crashed", error=repr(error), exc_info=error)
+        if crashed:
             return 1
         log.info("faxd stopped", uptime_s=round(time.monotonic() - started, 1))
         return 0
-    return 0  # pragma: no cover - the exit stack does not swallow exceptions

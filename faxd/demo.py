@@ -114,9 +114,10 @@ async def _drive(sim: Simulator, socket_path: str, out: Any, color: bool) -> str
             print(format_event(message, color=color), file=out, flush=True)
             if message["direction"] == "Inbound" and message["to_status"] == "Received":
                 inbound_seen = True
-            sample = by_ref.get(message.get("ref") or "")
-            if sample is None:
+            found = by_ref.get(message.get("ref") or "")
+            if found is None:
                 continue
+            sample = found
             if message["kind"] == "recipient":
                 sample.seen[message["recipient"]["index"]] = message["to_status"]
             elif message["kind"] == "status":

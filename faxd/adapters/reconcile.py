@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -28,6 +29,7 @@ from faxd.adapters.rest import ApiError, Document, RingCentral, SyncTokenStale
 from faxd.adapters.store import Journalled, Store
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind, FaxState, Source
+from faxd.core.protocol import SendError
 from faxd.core.status import RecordError, apply_record, diff, is_expected, parse_time, stalled
 
 log = structlog.get_logger(__name__)
@@ -55,15 +57,6 @@ def _source(reasons: set[str]) -> Source:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class SendError(Exception):
-    """A fax could not be sent; ``code`` is RingCentral's error code or a local one."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Reconciler:
@@ -125,12 +118,11 @@ class Reconciler:
         changed: dict[str, FaxState] = {}
         journal: list[Journalled] = []
 
-        def absorb(record: object, how: Source) -> None:
+        def absorb(record: Any, how: Source) -> None:
+            fax_id = str(record.get("id")) if isinstance(record, dict) else ""
+            old = changed.get(fax_id) or self.faxes.get(fax_id)
             try:
-                fax_id = str(record["id"]) if isinstance(record, dict) and "id" in record else None
-                old = changed.get(fax_id) if fax_id else None
-                old = old or (self.faxes.get(fax_id) if fax_id else None)
-                new = apply_record(old, record, extension_id=extension_id)  # type: ignore[arg-type]
+                new = apply_record(old, record, extension_id=extension_id)
             except RecordError as exc:
                 self.metrics.api_bad_bodies.labels("message-record").inc()
                 log.warning("ignored a malformed message record", reason=str(exc))
@@ -155,10 +147,10 @@ class Reconciler:
             missing = [f.fax_id for f in self.in_flight(extension_id) if f.fax_id not in seen]
             if missing:
                 found = await self.rc.get_messages(extension_id, missing)
-                for record in found.values():
-                    if record is not None:
+                for item in found.values():
+                    if item is not None:
                         # Found without a push hint: record it as a poll find, whatever asked.
-                        absorb(record, Source.POLL)
+                        absorb(item, Source.POLL)
         now = self.wall()
         for state in [*changed.values(), *self.in_flight(extension_id)]:
             current = changed.get(state.fax_id, state)
@@ -217,7 +209,7 @@ class Reconciler:
                 extension_id, to=to, documents=documents, cover_text=cover_text, resolution=resolution
             )
         except ApiError as exc:
-            raise SendError(exc.code or "upstream", exc.message) from exc
+            raise SendError("upstream", exc.message or "RingCentral refused the fax", exc.code) from exc
         try:
             state = apply_record(None, record, extension_id=extension_id)
         except RecordError as exc:

@@ -1,0 +1,636 @@
+"""The event socket: NDJSON over a Unix stream socket for local programs (DESIGN.md §6).
+
+Each connection gets ``hello``, may subscribe (replay from a cursor, then live events) and may send
+requests (status, list, history, send, sync, ping). The daemon calls :meth:`EventServer.publish` after each
+journal COMMIT; every subscriber has a bounded queue and its own writer task, so a slow client is cut off
+(``slow_consumer``, with the seq to resume after) instead of slowing the publisher or anyone else.
+
+This module only moves bytes and enforces connection policy. It must not decide anything about faxes, must
+not hold the journal (the :class:`Backend` does), and must not log phone numbers or document contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import socket
+import stat
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from faxd.adapters.metrics import Metrics
+from faxd.core.model import Event, FaxState
+from faxd.core.protocol import (
+    ErrorCode,
+    Filter,
+    HistoryRequest,
+    ListRequest,
+    PingRequest,
+    ProtocolError,
+    Request,
+    SendError,
+    SendRequest,
+    StatusRequest,
+    SubscribeRequest,
+    SyncRequest,
+    encode_accepted,
+    encode_bye,
+    encode_caught_up,
+    encode_error,
+    encode_event,
+    encode_fax,
+    encode_faxes,
+    encode_heartbeat,
+    encode_hello,
+    encode_history,
+    encode_ok,
+    encode_pong,
+    parse_request,
+)
+
+log = structlog.get_logger(__name__)
+
+#: Events read from the journal per replay step; the writer drains between steps.
+REPLAY_CHUNK = 500
+_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+
+
+class Backend(Protocol):
+    """What the event server needs from the daemon (implemented over the SQLite store)."""
+
+    epoch: str
+
+    def head_seq(self) -> int: ...
+
+    def oldest_seq(self) -> int:
+        """Oldest seq still in the journal (``head_seq() + 1`` when it is empty)."""
+        ...
+
+    def events_after(self, after_seq: int, limit: int) -> list[Event]:
+        """Up to ``limit`` committed events with ``seq > after_seq``, in seq order."""
+        ...
+
+    def fax(self, fax_id: str | None = None, ref: str | None = None) -> FaxState | None: ...
+
+    def faxes(self, active_only: bool) -> list[FaxState]: ...
+
+    def history(self, fax_id: str) -> list[Event]: ...
+
+    async def sync(self) -> None: ...
+
+    async def send(self, request: SendRequest) -> FaxState:
+        """Send a fax; raises :class:`~faxd.core.protocol.SendError` when it is refused."""
+        ...
+
+
+@dataclass(frozen=True)
+class EventServerSettings:
+    """The ``events:`` section of the config, plus limits the config does not expose."""
+
+    path: str
+    mode: int = 0o660
+    group: str | int | None = None
+    max_clients: int = 64
+    client_queue: int = 1000
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    heartbeat_interval: float = 15
+    include_numbers: bool = True
+    subscribe_timeout: float = 300
+    max_line: int = 65536
+    max_send_line: int = 75497472
+    #: How long a closed connection may take to flush its last lines before it is aborted.
+    close_grace: float = 2.0
+    #: Bound on :meth:`EventServer.close` waiting for connection tasks (e.g. a ``send`` in progress).
+    close_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCred:
+    """The connecting process, as the kernel saw it at ``connect()``."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket | None) -> PeerCred | None:
+    """``SO_PEERCRED`` of a connected Unix socket, or None where the platform has no such option."""
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _UCRED.unpack(raw)
+    return PeerCred(pid=pid, uid=uid, gid=gid)
+
+
+class _Client:
+    """One connection: its stream, subscription, live queue and resume point."""
+
+    def __init__(
+        self, cid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: PeerCred | None
+    ) -> None:
+        self.id = cid
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.loop = asyncio.get_running_loop()
+        #: Live events (seq, encoded line) not yet written; bounded by the publisher.
+        self.queue: deque[tuple[int, bytes]] = deque()
+        self.wakeup = asyncio.Event()
+        self.subscription: SubscribeRequest | None = None
+        self.replay_pending = False
+        #: Every matching event up to this seq has been written (the resume point on overflow).
+        self.covered = 0
+        #: Why the connection was closed by the server side, once it was.
+        self.closed: str | None = None
+        self.last_write = self.loop.time()
+        self.abort_timer: asyncio.TimerHandle | None = None
+
+    def send(self, line: bytes) -> bool:
+        """Queue one line on the transport (never blocks); False once the connection is closed."""
+        if self.closed is not None:
+            return False
+        self.writer.write(line)
+        self.last_write = self.loop.time()
+        return True
+
+    async def flush(self) -> None:
+        if self.closed is None:
+            await self.writer.drain()
+
+    def log_fields(self) -> dict[str, int | None]:
+        peer = self.peer
+        return {
+            "client": self.id,
+            "uid": peer.uid if peer else None,
+            "gid": peer.gid if peer else None,
+            "pid": peer.pid if peer else None,
+        }
+
+
+class EventServer:
+    """Serves the event socket; see the module docstring."""
+
+    def __init__(
+        self, settings: EventServerSettings, backend: Backend, metrics: Metrics, *, server_name: str
+    ) -> None:
+        self._settings = settings
+        self._backend = backend
+        self._metrics = metrics
+        self._server_name = server_name
+        self._clients: set[_Client] = set()
+        self._subscribers: set[_Client] = set()
+        self._server: asyncio.Server | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._closing = False
+        self._next_id = 0
+        #: (st_dev, st_ino) of the socket file this server created, so close() unlinks only its own.
+        self._bound: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind (or adopt ``sock``, e.g. from systemd socket activation) and start accepting."""
+        if sock is None:
+            sock = await self._bind()
+        ready = asyncio.Event()
+        self._runner = asyncio.create_task(self._run(ready), name="event-server")
+        await ready.wait()
+        self._server = await asyncio.start_unix_server(
+            self._accept, sock=sock, limit=self._settings.max_send_line
+        )
+        log.info("event socket listening", path=self._settings.path, mode=oct(self._settings.mode))
+
+    async def close(self, reason: str = "shutdown") -> None:
+        """Say ``bye`` to every client, close them, wait (bounded) for their tasks, unlink the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        bye = encode_bye(reason)
+        for client in list(self._clients):
+            self._kill(client, reason, bye)
+        self._stop.set()
+        if self._runner is not None:
+            _, pending = await asyncio.wait([self._runner], timeout=self._settings.close_timeout)
+            if pending:
+                log.warning("event socket clients did not finish in time", clients=len(self._clients))
+                for client in list(self._clients):
+                    client.writer.transport.abort()
+                self._runner.cancel()
+                await asyncio.wait([self._runner])
+            elif (exc := self._runner.exception()) is not None:
+                raise exc
+        if self._server is not None:
+            await self._server.wait_closed()
+        self._unlink()
+        log.info("event socket closed", reason=reason)
+
+    async def _run(self, ready: asyncio.Event) -> None:
+        # The TaskGroup outlives start(), so it needs a task of its own; close() awaits that task.
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            ready.set()
+            await self._stop.wait()
+        self._tg = None
+
+    async def _bind(self) -> socket.socket:
+        s = self._settings
+        await self._remove_stale(s.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(s.path)
+            # chmod/chown before listen(): until then every connect() is refused, so nobody can get in
+            # through the umask's default mode.
+            os.chmod(s.path, s.mode)
+            if s.group is not None:
+                gid = grp.getgrnam(s.group).gr_gid if isinstance(s.group, str) else s.group
+                os.chown(s.path, -1, gid)
+            st = os.stat(s.path)
+            self._bound = (st.st_dev, st.st_ino)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+
+    async def _remove_stale(self, path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+        try:
+            async with asyncio.timeout(1):
+                _, writer = await asyncio.open_unix_connection(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.info("removing stale event socket", path=path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        except TimeoutError:
+            raise RuntimeError(f"{path} is in use (connect timed out)") from None
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+        raise RuntimeError(f"another process is serving {path}")
+
+    def _unlink(self) -> None:
+        if self._bound is None:
+            return
+        try:
+            st = os.lstat(self._settings.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self._bound:
+            os.unlink(self._settings.path)
+        self._bound = None
+
+    # ------------------------------------------------------------------------------------- publishing
+
+    def publish(self, events: Sequence[Event]) -> None:
+        """Hand committed events (in seq order) to every matching subscriber; never blocks."""
+        if not self._subscribers:
+            return
+        limit = self._settings.client_queue
+        for event in events:
+            line: bytes | None = None  # encoded once, shared by every subscriber
+            for client in list(self._subscribers):
+                sub = client.subscription
+                if sub is None or not sub.filter.matches(event):
+                    continue
+                if len(client.queue) >= limit:
+                    self._overflow(client)
+                    continue
+                if line is None:
+                    line = encode_event(event, include_numbers=self._settings.include_numbers)
+                client.queue.append((event.seq, line))
+                client.wakeup.set()
+
+    def _overflow(self, client: _Client) -> None:
+        resume = client.covered
+        log.warning("event socket client too slow", resume_after_seq=resume, **client.log_fields())
+        message = f"more than {self._settings.client_queue} events queued; resume after seq {resume}"
+        line = encode_error(ErrorCode.SLOW_CONSUMER, message, resume_after_seq=resume)
+        self._kill(client, "slow_consumer", line)
+
+    def _kill(self, client: _Client, reason: str, last_line: bytes | None = None) -> None:
+        """Close a connection from the server side; synchronous so the publisher can use it."""
+        if client.closed is not None:
+            return
+        if last_line is not None:
+            client.send(last_line)
+        client.closed = reason
+        if client in self._subscribers:
+            self._subscribers.discard(client)
+            self._metrics.subscribers.set(len(self._subscribers))
+        client.queue.clear()
+        client.wakeup.set()
+        client.writer.close()
+        # close() flushes first; a peer that never reads would keep the transport (and the reader
+        # waiting for EOF) alive for ever, so it is aborted after a grace period.
+        client.abort_timer = client.loop.call_later(self._settings.close_grace, client.writer.transport.abort)
+
+    # ------------------------------------------------------------------------------------- connections
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tg is None or self._closing:
+            writer.close()
+            return
+        self._tg.create_task(self._serve(reader, writer))
+
+    def _allowed(self, peer: PeerCred | None) -> bool:
+        s = self._settings
+        if not s.allowed_uids and not s.allowed_gids:
+            return True
+        return peer is not None and (peer.uid in s.allowed_uids or peer.gid in s.allowed_gids)
+
+    async def _refuse(self, writer: asyncio.StreamWriter, code: ErrorCode, message: str) -> None:
+        writer.write(encode_error(code, message))
+        writer.close()
+        try:
+            async with asyncio.timeout(self._settings.close_grace):
+                await writer.wait_closed()
+        except (TimeoutError, ConnectionError):
+            writer.transport.abort()
+        self._metrics.socket_disconnects.labels(code.value).inc()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peer_credentials(writer.get_extra_info("socket"))
+        peer_fields = {"uid": peer.uid, "gid": peer.gid, "pid": peer.pid} if peer else {}
+        if len(self._clients) >= self._settings.max_clients:
+            log.warning("event socket busy, connection refused", **peer_fields)
+            await self._refuse(writer, ErrorCode.BUSY, f"more than {self._settings.max_clients} clients")
+            return
+        if not self._allowed(peer):
+            log.warning("event socket peer not allowed", **peer_fields)
+            await self._refuse(writer, ErrorCode.UNAUTHORIZED, "this uid/gid may not use the socket")
+            return
+        self._next_id += 1
+        client = _Client(self._next_id, reader, writer, peer)
+        self._clients.add(client)
+        log.info("event socket client connected", **client.log_fields())
+        b = self._backend
+        client.send(
+            encode_hello(
+                server=self._server_name,
+                epoch=b.epoch,
+                head_seq=b.head_seq(),
+                oldest_seq=b.oldest_seq(),
+                heartbeat_s=self._settings.heartbeat_interval,
+                max_line=self._settings.max_line,
+            )
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._read_loop(client))
+                tg.create_task(self._write_loop(client))
+        except Exception:  # one client's failure must not take the server down
+            log.exception("event socket client failed", **client.log_fields())
+            self._kill(client, "error")
+        finally:
+            await self._finish(client)
+
+    async def _finish(self, client: _Client) -> None:
+        self._kill(client, "eof")
+        self._clients.discard(client)
+        try:
+            async with asyncio.timeout(self._settings.close_grace):
+                await client.writer.wait_closed()
+        except (TimeoutError, ConnectionError):
+            client.writer.transport.abort()
+        finally:
+            if client.abort_timer is not None:
+                client.abort_timer.cancel()
+        reason = client.closed or "eof"
+        self._metrics.socket_disconnects.labels(reason).inc()
+        log.info("event socket client disconnected", reason=reason, **client.log_fields())
+
+    async def _read_loop(self, client: _Client) -> None:
+        s = self._settings
+        while client.closed is None:
+            try:
+                if client.subscription is None:
+                    # An unsubscribed connection must keep asking something, or it only holds a slot.
+                    async with asyncio.timeout(s.subscribe_timeout):
+                        line = await client.reader.readline()
+                else:
+                    line = await client.reader.readline()
+            except TimeoutError:
+                self._kill(client, "idle_timeout", encode_bye("idle_timeout"))
+                return
+            except ValueError:  # over the StreamReader limit (max_send_line): framing is lost
+                self._line_too_long(client, s.max_send_line)
+                return
+            except ConnectionError:
+                self._kill(client, "reset")
+                return
+            if not line.endswith(b"\n"):
+                # EOF. A subscriber may half-close (``echo subscribe | socat``) and keep listening.
+                if line or client.subscription is None:
+                    self._kill(client, "eof")
+                return
+            try:
+                await self._handle_line(client, line)
+            except ConnectionError:
+                self._kill(client, "reset")
+                return
+
+    def _line_too_long(self, client: _Client, limit: int) -> None:
+        log.warning("event socket request line too long", limit=limit, **client.log_fields())
+        message = f"request line longer than {limit} bytes; closing"
+        self._kill(client, "line_too_long", encode_error(ErrorCode.BAD_REQUEST, message))
+
+    async def _handle_line(self, client: _Client, line: bytes) -> None:
+        if not line.strip():
+            return  # people typing into socat press Enter
+        big = len(line) > self._settings.max_line
+        try:
+            # Decoding megabytes of base64 would stall every other client; do it off the loop.
+            request = await asyncio.to_thread(parse_request, line) if big else parse_request(line)
+        except ProtocolError as exc:
+            if big:
+                self._line_too_long(client, self._settings.max_line)
+            else:
+                client.send(encode_error(exc.code, exc.message, exc.request_id))
+                await client.flush()
+            return
+        if big and not isinstance(request, SendRequest):
+            self._line_too_long(client, self._settings.max_line)
+            return
+        try:
+            reply = await self._dispatch(client, request)
+        except Exception:  # a bug behind one request must not kill the connection
+            log.exception("event socket request failed", request=type(request).__name__)
+            reply = encode_error(ErrorCode.INTERNAL, "internal error; see the daemon's log", request.id)
+        if reply is not None:
+            client.send(reply)
+        await client.flush()
+
+    async def _dispatch(self, client: _Client, request: Request) -> bytes | None:
+        b = self._backend
+        numbers = self._settings.include_numbers
+        rid = request.id
+        match request:
+            case SubscribeRequest():
+                return self._subscribe(client, request)
+            case PingRequest():
+                return encode_pong(rid)
+            case StatusRequest(fax_id=fax_id, ref=ref):
+                state = b.fax(fax_id=fax_id, ref=ref)
+                if state is None:
+                    what = f"fax {fax_id}" if fax_id is not None else f"ref {ref}"
+                    return encode_error(ErrorCode.NOT_FOUND, f"no {what}", rid)
+                return encode_fax(state, include_numbers=numbers, request_id=rid)
+            case ListRequest(active_only=active_only):
+                return encode_faxes(
+                    b.faxes(active_only), b.head_seq(), include_numbers=numbers, request_id=rid
+                )
+            case HistoryRequest(fax_id=fax_id):
+                if b.fax(fax_id=fax_id) is None:
+                    return encode_error(ErrorCode.NOT_FOUND, f"no fax {fax_id}", rid)
+                return encode_history(b.history(fax_id), include_numbers=numbers, request_id=rid)
+            case SyncRequest():
+                try:
+                    await b.sync()
+                except Exception as exc:  # noqa: BLE001 - reported to the client, and logged
+                    log.warning("sync requested on the socket failed", error=str(exc))
+                    return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
+                return encode_ok(rid)
+            case SendRequest():
+                try:
+                    state = await b.send(request)
+                except SendError as exc:
+                    log.info("send refused", code=exc.code, rc_code=exc.rc_code, **client.log_fields())
+                    return encode_error(exc.code, exc.message, rid, rc_code=exc.rc_code)
+                log.info(
+                    "fax sent for socket client",
+                    fax_id=state.fax_id,
+                    recipients=len(request.to),
+                    documents=len(request.documents),
+                    **client.log_fields(),
+                )
+                return encode_accepted(state.fax_id, state.ref, state.status, rid)
+        raise AssertionError(f"unhandled request {request!r}")
+
+    def _cursor_problem(self, after_seq: int, epoch: str | None) -> str | None:
+        b = self._backend
+        if epoch is not None and epoch != b.epoch:
+            return f"epoch {epoch} is not this journal's; list, then subscribe from its head_seq"
+        oldest, head = b.oldest_seq(), b.head_seq()
+        if after_seq < oldest - 1:
+            return f"events after seq {after_seq} are no longer kept (oldest is {oldest})"
+        if after_seq > head:
+            return f"after_seq {after_seq} is ahead of the journal (head is {head})"
+        return None
+
+    def _cursor_expired(self, message: str, request_id: str | int | None) -> bytes:
+        b = self._backend
+        return encode_error(
+            ErrorCode.CURSOR_EXPIRED,
+            message,
+            request_id,
+            epoch=b.epoch,
+            oldest_seq=b.oldest_seq(),
+            head_seq=b.head_seq(),
+        )
+
+    def _subscribe(self, client: _Client, request: SubscribeRequest) -> bytes | None:
+        if client.subscription is not None:
+            return encode_error(ErrorCode.BAD_REQUEST, "already subscribed on this connection", request.id)
+        if request.after_seq is None:
+            client.covered = self._backend.head_seq()
+        else:
+            problem = self._cursor_problem(request.after_seq, request.epoch)
+            if problem is not None:
+                return self._cursor_expired(problem, request.id)
+            client.covered = request.after_seq
+        # Registered before the backlog is read (by the writer task): an event committed meanwhile is
+        # in the queue, in the replay, or both; the writer drops seqs it has already covered.
+        client.subscription = request
+        client.replay_pending = True
+        self._subscribers.add(client)
+        self._metrics.subscribers.set(len(self._subscribers))
+        log.info(
+            "event socket client subscribed",
+            after_seq=request.after_seq,
+            filtered=request.filter != Filter(),
+            **client.log_fields(),
+        )
+        client.wakeup.set()
+        return None
+
+    async def _write_loop(self, client: _Client) -> None:
+        interval = self._settings.heartbeat_interval
+        try:
+            while client.closed is None:
+                if client.replay_pending:
+                    client.replay_pending = False
+                    await self._replay(client)
+                elif client.queue:
+                    await self._send_live(client)
+                else:
+                    client.wakeup.clear()
+                    delay = client.last_write + interval - client.loop.time()
+                    if delay <= 0:
+                        client.send(encode_heartbeat(self._backend.head_seq()))
+                        await client.flush()
+                        continue
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await client.wakeup.wait()
+        except ConnectionError:
+            self._kill(client, "reset")
+
+    async def _replay(self, client: _Client) -> None:
+        sub = client.subscription
+        assert sub is not None
+        numbers = self._settings.include_numbers
+        if sub.after_seq is not None:
+            while client.closed is None:
+                last = client.covered
+                # Checked right before each read (no await in between): retention pruning cannot
+                # slip a gap between the check and the events read.
+                if last < self._backend.oldest_seq() - 1:
+                    problem = f"events after seq {last} were pruned during the replay"
+                    self._kill(client, "cursor_expired", self._cursor_expired(problem, sub.id))
+                    return
+                chunk = self._backend.events_after(last, REPLAY_CHUNK)
+                for event in chunk:
+                    if event.seq <= client.covered:
+                        continue
+                    if sub.filter.matches(event) and not client.send(
+                        encode_event(event, include_numbers=numbers)
+                    ):
+                        return
+                    client.covered = event.seq
+                await client.flush()
+                if len(chunk) < REPLAY_CHUNK:
+                    break
+        client.send(encode_caught_up(client.covered, sub.id))
+        await client.flush()
+
+    async def _send_live(self, client: _Client) -> None:
+        batch = list(client.queue)
+        client.queue.clear()
+        for seq, line in batch:
+            if seq <= client.covered:
+                continue  # already sent by the replay
+            if not client.send(line):
+                return
+            client.covered = seq
+        await client.flush()

@@ -1,0 +1,686 @@
+"""RingCentral auth and REST client over one injected :class:`aiohttp.ClientSession`.
+
+Owns the OAuth tokens (JWT grant once, then refresh grants ahead of expiry, single-flight; the
+JWT grant again only when a refresh is rejected, because a new OAuth session breaks WSG
+recovery and spends the 5/min Auth budget), paces every request through the per-group rate
+budget, and turns RingCentral's answers into records or typed :class:`ApiError` exceptions.
+
+It must not retry on its own beyond the one retry after a 401 (callers own retry policy), must
+not create its own HTTP session, and must never log or raise with a token, secret, JWT or ws URL
+query in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import aiohttp
+import structlog
+from multidict import CIMultiDictProxy
+
+from faxd.adapters.metrics import Metrics
+from faxd.core import ratebudget
+from faxd.core.ratebudget import RateBudget
+from faxd.core.wsg import error_code_of
+
+log = structlog.get_logger(__name__)
+
+JWT_GRANT: Final = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+#: Refresh when less than this is left of the access token (the JS SDK uses 60 s).
+REFRESH_MARGIN: Final = 60.0
+BULK_MAX: Final = 50
+DEFAULT_TIMEOUT: Final = aiohttp.ClientTimeout(total=30, connect=10, sock_read=30)
+SEND_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=120)
+REVOKE_TIMEOUT: Final = aiohttp.ClientTimeout(total=5, connect=3)
+
+
+class ApiError(Exception):
+    """A RingCentral request failed. ``code`` is RingCentral's errorCode or a short local code
+    (``http_503``, ``bad_body``, ``connection``, ``timeout``)."""
+
+    def __init__(self, status: int, code: str | None, message: str = "") -> None:
+        super().__init__(f"{status} {code or '-'}: {message}" if message else f"{status} {code or '-'}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class RateLimited(ApiError):
+    """HTTP 429: nothing more goes to ``group`` for ``retry_after`` seconds."""
+
+    def __init__(
+        self, status: int, code: str | None, message: str, *, group: str, retry_after: float
+    ) -> None:
+        super().__init__(status, code, message)
+        self.group = group
+        self.retry_after = retry_after
+
+
+class SyncTokenStale(ApiError):
+    """MSG-333: the syncToken is no longer valid; a full sync (FSync) is required."""
+
+
+class AuthFailed(ApiError):
+    """The app's credentials (client id/secret or JWT) were rejected: fatal for the daemon."""
+
+
+@dataclass(frozen=True)
+class WsToken:
+    uri: str
+    token: str = field(repr=False)
+    expires_in: float
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    records: list[dict[str, Any]]
+    sync_token: str = field(repr=False)
+    older_records_exist: bool
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    content_type: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    access: str = field(repr=False)
+    refresh: str | None = field(repr=False)
+    expires_at: float  # wall clock
+    ttl: float
+    refresh_expires_at: float | None
+    generation: int
+
+
+class RingCentral:
+    """Auth + REST for one RingCentral app/user. All methods are safe to call concurrently."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        server: str,
+        client_id: str,
+        client_secret: str,
+        jwt: str,
+        metrics: Metrics,
+        rate_share: float = 0.8,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._http = session
+        self._server = server.rstrip("/")
+        self._basic = "Basic " + base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
+        self._jwt = jwt
+        self._metrics = metrics
+        self._wall = wall
+        self.budget = RateBudget(rate_share)
+        self._tokens: _Tokens | None = None
+        self._generation = 0
+        # Single flight: whoever holds the lock grants; the others wait and reuse its result.
+        self._auth_lock = asyncio.Lock()
+        self.owner_id: str | None = None
+
+    # ------------------------------------------------------------------ auth
+
+    async def login(self) -> None:
+        """JWT grant: a new OAuth session. Prefer :meth:`_ensure_token`, which refreshes."""
+        async with self._auth_lock:
+            await self._grant_jwt()
+
+    async def _grant_jwt(self) -> None:
+        form = {"grant_type": JWT_GRANT, "assertion": self._jwt}
+        try:
+            body = await self._token_request(form, grant="jwt")
+        except RateLimited:
+            raise
+        except ApiError as exc:
+            if 400 <= exc.status < 500:
+                raise AuthFailed(exc.status, exc.code, exc.message) from None
+            raise
+        self._store_tokens(body)
+        log.info("auth.login", owner_id=self.owner_id, expires_in=body.get("expires_in"))
+
+    async def _refresh(self) -> None:
+        """Refresh grant; falls back to the JWT grant only when the refresh token is rejected."""
+        tokens = self._tokens
+        refresh_ok = (
+            tokens is not None
+            and tokens.refresh is not None
+            and (tokens.refresh_expires_at is None or tokens.refresh_expires_at > self._wall())
+        )
+        if tokens is not None and tokens.refresh is not None and refresh_ok:
+            form = {"grant_type": "refresh_token", "refresh_token": tokens.refresh}
+            try:
+                body = await self._token_request(form, grant="refresh")
+            except RateLimited:
+                raise
+            except ApiError as exc:
+                if not 400 <= exc.status < 500:
+                    raise  # transient: keep the refresh token, the caller retries later
+                log.warning("auth.refresh_rejected", status=exc.status, code=exc.code)
+            else:
+                self._store_tokens(body)
+                log.info("auth.refreshed", expires_in=body.get("expires_in"))
+                return
+        await self._grant_jwt()
+
+    async def _token_request(self, form: dict[str, str], *, grant: str) -> dict[str, Any]:
+        try:
+            resp = await self._send(
+                "POST",
+                "/restapi/oauth/token",
+                endpoint="token",
+                headers={"Authorization": self._basic, "Accept": "application/json"},
+                data=form,
+            )
+            body = self._json(resp, "token")
+            self._raise_for(resp, body, "token")
+            if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+                raise self._bad_body("token", resp.status)
+        except ApiError as exc:
+            result = "rate_limited" if isinstance(exc, RateLimited) else "error"
+            if 400 <= exc.status < 500 and not isinstance(exc, RateLimited):
+                result = "rejected"
+            self._metrics.token_refreshes.labels(grant, result).inc()
+            raise
+        self._metrics.token_refreshes.labels(grant, "ok").inc()
+        return body
+
+    def _store_tokens(self, body: Mapping[str, Any]) -> None:
+        now = self._wall()
+        expires_in = _number(body.get("expires_in"), 3600.0)
+        refresh = body.get("refresh_token")
+        refresh_in = body.get("refresh_token_expires_in")
+        self._generation += 1
+        self._tokens = _Tokens(
+            access=str(body["access_token"]),
+            refresh=refresh if isinstance(refresh, str) else None,
+            expires_at=now + expires_in,
+            ttl=expires_in,
+            refresh_expires_at=now + _number(refresh_in, 0.0) if refresh_in is not None else None,
+            generation=self._generation,
+        )
+        owner = body.get("owner_id")
+        if owner is not None:
+            self.owner_id = str(owner)
+        self._metrics.token_expiry.set(now + expires_in)
+
+    def _needs_refresh(self, tokens: _Tokens | None) -> bool:
+        if tokens is None:
+            return True
+        # Short-lived tokens (tests, clamped TTLs) refresh when a tenth of their life is left.
+        margin = min(REFRESH_MARGIN, tokens.ttl * 0.1)
+        return tokens.expires_at - self._wall() <= margin
+
+    async def _ensure_token(self, stale_generation: int | None = None) -> _Tokens:
+        """A usable access token. ``stale_generation``: the token that just got a 401."""
+        tokens = self._tokens
+        if tokens is not None and not self._needs_refresh(tokens) and tokens.generation != stale_generation:
+            return tokens
+        async with self._auth_lock:
+            tokens = self._tokens
+            # Someone else may have refreshed while we waited for the lock.
+            if (
+                tokens is not None
+                and not self._needs_refresh(tokens)
+                and tokens.generation != stale_generation
+            ):
+                return tokens
+            if tokens is None:
+                await self._grant_jwt()
+            else:
+                await self._refresh()
+            assert self._tokens is not None
+            return self._tokens
+
+    async def ws_token(self) -> WsToken:
+        """``POST /restapi/oauth/wstoken``: the WS URL and a fresh single-use ws access token."""
+        resp, body = await self._call("POST", "/restapi/oauth/wstoken", endpoint="wstoken")
+        if not isinstance(body, dict):
+            raise self._bad_body("wstoken", resp.status)
+        uri, token = body.get("uri"), body.get("ws_access_token")
+        if not isinstance(uri, str) or not isinstance(token, str) or not uri or not token:
+            raise self._bad_body("wstoken", resp.status)
+        return WsToken(uri=uri, token=token, expires_in=_number(body.get("expires_in"), 30.0))
+
+    async def aclose(self) -> None:
+        """Revoke the session's token, best effort: errors are logged and ignored (PROTOCOL §1.4)."""
+        tokens, self._tokens = self._tokens, None
+        if tokens is None:
+            return
+        try:
+            async with asyncio.timeout(5.0):
+                await self._send(
+                    "POST",
+                    "/restapi/oauth/revoke",
+                    endpoint="revoke",
+                    headers={"Authorization": self._basic},
+                    data={"token": tokens.access},
+                    client_timeout=REVOKE_TIMEOUT,
+                    wait_budget=False,
+                )
+        except (ApiError, TimeoutError) as exc:
+            log.info("auth.revoke_failed", error=type(exc).__name__)
+
+    # ------------------------------------------------------------------ message store
+
+    def _ext(self, extension_id: str) -> str:
+        return f"/restapi/v1.0/account/~/extension/{extension_id}"
+
+    async def message_sync(
+        self,
+        extension_id: str,
+        sync_token: str | None,
+        *,
+        date_from: datetime | None = None,
+        record_count: int = 250,
+    ) -> SyncResult:
+        """ISync with ``sync_token``; FSync of the Fax box when there is none.
+
+        Raises :class:`SyncTokenStale` on MSG-333 (the caller then runs FSync).
+        """
+        params: list[tuple[str, str]]
+        if sync_token is None:
+            params = [("syncType", "FSync"), ("messageType", "Fax"), ("recordCount", str(record_count))]
+        else:
+            params = [("syncType", "ISync"), ("syncToken", sync_token)]
+        if date_from is not None:
+            params.append(("dateFrom", _iso(date_from)))
+        resp, body = await self._call(
+            "GET", f"{self._ext(extension_id)}/message-sync", endpoint="message-sync", params=params
+        )
+        if not isinstance(body, dict):
+            raise self._bad_body("message-sync", resp.status)
+        records, info = body.get("records"), body.get("syncInfo")
+        if not isinstance(records, list) or not isinstance(info, dict):
+            raise self._bad_body("message-sync", resp.status)
+        token = info.get("syncToken")
+        if not isinstance(token, str) or not token:
+            raise self._bad_body("message-sync", resp.status)
+        return SyncResult(
+            records=[r for r in records if isinstance(r, dict)],
+            sync_token=token,
+            older_records_exist=bool(info.get("olderRecordsExist", False)),
+        )
+
+    async def get_messages(self, extension_id: str, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        """Records by id: ``None`` for ids RingCentral does not know (404).
+
+        Ids whose bulk entry failed otherwise (5xx per item) are left out of the result, so the
+        caller asks again later. One id is a plain GET; more are bulk GETs of at most 50 ids.
+        """
+        unique = list(dict.fromkeys(str(i) for i in ids))
+        result: dict[str, dict[str, Any] | None] = {}
+        for start in range(0, len(unique), BULK_MAX):
+            chunk = unique[start : start + BULK_MAX]
+            if len(chunk) == 1:
+                result.update(await self._get_one(extension_id, chunk[0]))
+            else:
+                result.update(await self._get_bulk(extension_id, chunk))
+        return result
+
+    async def _get_one(self, extension_id: str, message_id: str) -> dict[str, dict[str, Any] | None]:
+        try:
+            resp, body = await self._call(
+                "GET", f"{self._ext(extension_id)}/message-store/{message_id}", endpoint="message-get"
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                return {message_id: None}
+            raise
+        if not isinstance(body, dict):
+            raise self._bad_body("message-get", resp.status)
+        return {message_id: body}
+
+    async def _get_bulk(self, extension_id: str, chunk: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+        path = f"{self._ext(extension_id)}/message-store/{','.join(chunk)}"
+        resp, _ = await self._call("GET", path, endpoint="message-bulk-get", parse=False)
+        try:
+            entries = _bulk_entries(resp)
+        except ValueError as exc:
+            log.warning("api.bad_bulk_body", reason=str(exc), status=resp.status)
+            raise self._bad_body("message-bulk-get", resp.status) from None
+        result: dict[str, dict[str, Any] | None] = {}
+        for position, (status, resource_id, body) in enumerate(entries):
+            ident = resource_id
+            if ident is None and isinstance(body, dict) and body.get("id") is not None:
+                ident = str(body["id"])
+            if ident is None and position < len(chunk):
+                ident = chunk[position]  # parts come in request order
+            if ident is None or ident not in chunk:
+                continue
+            if 200 <= status < 300 and isinstance(body, dict):
+                result[ident] = body
+            elif status == 404:
+                result[ident] = None
+            else:
+                log.warning("api.bulk_item_failed", status=status, code=error_code_of(body))
+        return result
+
+    # ------------------------------------------------------------------ fax
+
+    async def send_fax(
+        self,
+        extension_id: str,
+        *,
+        to: Sequence[str],
+        documents: Sequence[Document],
+        cover_text: str | None = None,
+        resolution: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST …/fax`` (Heavy): the new fax record, normally ``Queued``."""
+        envelope: dict[str, Any] = {"to": [{"phoneNumber": p} for p in to]}
+        if resolution is not None:
+            envelope["faxResolution"] = resolution
+        if cover_text is not None:
+            envelope["coverPageText"] = cover_text
+
+        def form() -> aiohttp.FormData:
+            data = aiohttp.FormData(quote_fields=False)
+            data.add_field(
+                "json", json.dumps(envelope), content_type="application/json", filename="request.json"
+            )
+            for doc in documents:
+                data.add_field("attachment", doc.data, content_type=doc.content_type, filename=doc.name)
+            return data
+
+        resp, body = await self._call(
+            "POST",
+            f"{self._ext(extension_id)}/fax",
+            endpoint="fax-send",
+            data=form,
+            client_timeout=SEND_TIMEOUT,
+        )
+        if not isinstance(body, dict):
+            raise self._bad_body("fax-send", resp.status)
+        return body
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        endpoint: str,
+        params: Sequence[tuple[str, str]] | None = None,
+        data: Callable[[], Any] | None = None,
+        client_timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
+        parse: bool = True,
+    ) -> tuple[_Response, Any]:
+        """A Bearer request: proactive refresh, one refresh + retry after a 401, errors raised."""
+        stale: int | None = None
+        for attempt in (1, 2):
+            tokens = await self._ensure_token(stale)
+            resp = await self._send(
+                method,
+                path,
+                endpoint=endpoint,
+                headers={"Authorization": f"Bearer {tokens.access}", "Accept": "application/json"},
+                params=params,
+                data=data() if data is not None else None,
+                client_timeout=client_timeout,
+            )
+            if resp.status == 401 and attempt == 1:
+                log.info("auth.unauthorized_retry", endpoint=endpoint)
+                stale = tokens.generation
+                continue
+            if not parse:
+                self._raise_for(resp, _maybe_json(resp), endpoint)
+                return resp, None
+            body = self._json(resp, endpoint) if resp.body or resp.status < 300 else None
+            self._raise_for(resp, body, endpoint)
+            return resp, body
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        endpoint: str,
+        headers: Mapping[str, str],
+        params: Sequence[tuple[str, str]] | None = None,
+        data: Any = None,
+        client_timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
+        wait_budget: bool = True,
+    ) -> _Response:
+        """One HTTP exchange, paced by the rate budget; 429 and 5xx raised, rest returned."""
+        group = ratebudget.classify(method, path)
+        loop = asyncio.get_running_loop()
+        if wait_budget:
+            while (delay := self.budget.delay(group, loop.time())) > 0:
+                log.debug("api.rate_wait", group=group, seconds=round(delay, 3))
+                await asyncio.sleep(delay)
+        self.budget.spent(group, loop.time())
+        started = loop.time()
+        try:
+            async with self._http.request(
+                method,
+                self._server + path,
+                headers=dict(headers),
+                params=list(params) if params is not None else None,
+                data=data,
+                timeout=client_timeout,
+                allow_redirects=False,
+            ) as r:
+                body = await r.read()
+                resp = _Response(r.status, r.headers, body)
+        except TimeoutError:
+            self._count(endpoint, "timeout", started)
+            raise ApiError(0, "timeout", f"{endpoint} timed out") from None
+        except aiohttp.ClientError as exc:
+            self._count(endpoint, "connection", started)
+            raise ApiError(0, "connection", f"{endpoint}: {type(exc).__name__}") from None
+        self._count(endpoint, str(resp.status), started)
+        limit, remaining, window = ratebudget.parse_headers(resp.headers)
+        # On a 429 the server's Retry-After governs; its "Remaining: 0" would add a whole window.
+        observed_remaining = None if resp.status == 429 else remaining
+        self.budget.observed(group, loop.time(), limit=limit, remaining=observed_remaining, window=window)
+        if remaining is not None:
+            self._metrics.rate_remaining.labels(group).set(remaining)
+        if limit is not None:
+            self._metrics.rate_limit.labels(group).set(limit)
+        if resp.status == 429:
+            retry_after = ratebudget.parse_retry_after(resp.headers.get("Retry-After"))
+            self.budget.penalty(group, loop.time(), retry_after)
+            self._metrics.rate_429.labels(group).inc()
+            seconds = ratebudget.DEFAULT_RETRY_AFTER if retry_after is None else retry_after
+            body_json = _maybe_json(resp)
+            log.warning("api.rate_limited", endpoint=endpoint, group=group, retry_after=seconds)
+            raise RateLimited(
+                429,
+                error_code_of(body_json) or "http_429",
+                _message_of(body_json),
+                group=group,
+                retry_after=seconds,
+            )
+        if resp.status >= 500:
+            log.warning("api.server_error", endpoint=endpoint, status=resp.status)
+            raise ApiError(resp.status, f"http_{resp.status}", _message_of(_maybe_json(resp)))
+        return resp
+
+    def _count(self, endpoint: str, code: str, started: float) -> None:
+        self._metrics.api_requests.labels(endpoint, code).inc()
+        self._metrics.api_latency.labels(endpoint).observe(asyncio.get_running_loop().time() - started)
+
+    def _json(self, resp: _Response, endpoint: str) -> Any:
+        try:
+            return json.loads(resp.body)
+        except ValueError:
+            if resp.status < 300:
+                raise self._bad_body(endpoint, resp.status) from None
+            return None
+
+    def _bad_body(self, endpoint: str, status: int) -> ApiError:
+        self._metrics.api_bad_bodies.labels(endpoint).inc()
+        log.warning("api.bad_body", endpoint=endpoint, status=status)
+        return ApiError(status, "bad_body", f"{endpoint}: unexpected response body")
+
+    def _raise_for(self, resp: _Response, body: Any, endpoint: str) -> None:
+        if resp.status < 400:
+            return
+        code = error_code_of(body) or f"http_{resp.status}"
+        message = _message_of(body)
+        log.info("api.error", endpoint=endpoint, status=resp.status, code=code)
+        if code == "MSG-333":
+            raise SyncTokenStale(resp.status, code, message)
+        raise ApiError(resp.status, code, message)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _number(value: Any, default: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        return default
+
+
+def _iso(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _maybe_json(resp: _Response) -> Any:
+    try:
+        return json.loads(resp.body)
+    except ValueError:
+        return None
+
+
+def _message_of(body: Any) -> str:
+    """The human message of an error body, cut short; RingCentral messages hold no secrets."""
+    if not isinstance(body, dict):
+        return ""
+    errors = body.get("errors")
+    candidates: list[Any] = []
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        candidates.append(errors[0].get("message"))
+    candidates += [body.get("message"), body.get("error_description"), body.get("description")]
+    for c in candidates:
+        if isinstance(c, str) and c:
+            return c[:200]
+    return ""
+
+
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+
+def _bulk_entries(resp: _Response) -> list[tuple[int, str | None, Any]]:
+    """(status, resource id or None, body) per id of a 207 bulk GET; ValueError if unreadable."""
+    ctype = resp.headers.get("Content-Type", "")
+    if resp.content_type.startswith("multipart/"):
+        match = _BOUNDARY.search(ctype)
+        if not match:
+            raise ValueError("multipart without boundary")
+        parts = parse_multipart(resp.body, match.group(1))
+        if not parts:
+            raise ValueError("empty multipart")
+        head = _part_json(parts[0][1])
+        statuses = head.get("response") if isinstance(head, dict) else None
+        if not isinstance(statuses, list):
+            raise ValueError("first part without response[]")
+        entries: list[tuple[int, str | None, Any]] = []
+        for i, item in enumerate(statuses):
+            if not isinstance(item, dict):
+                raise ValueError("bad status entry")
+            status = item.get("status")
+            if isinstance(status, bool) or not isinstance(status, int):
+                raise ValueError("status entry without status")
+            href = item.get("href")
+            rid = href.rstrip("/").rsplit("/", 1)[-1] if isinstance(href, str) and href else None
+            body = _part_json(parts[i + 1][1]) if i + 1 < len(parts) else None
+            entries.append((status, rid, body))
+        return entries
+    # The JSON variant (Accept: application/vnd.ringcentral.multipart+json), or a plain array.
+    try:
+        doc = json.loads(resp.body)
+    except ValueError:
+        raise ValueError("neither multipart nor JSON") from None
+    if isinstance(doc, dict) and isinstance(doc.get("response"), list):
+        doc = doc["response"]
+    if not isinstance(doc, list):
+        raise ValueError("JSON bulk body not an array")
+    out: list[tuple[int, str | None, Any]] = []
+    for item in doc:
+        if not isinstance(item, dict) or isinstance(item.get("status"), bool):
+            raise ValueError("bad JSON bulk entry")
+        status = item.get("status")
+        if not isinstance(status, int):
+            raise ValueError("JSON bulk entry without status")
+        rid = item.get("resourceId")
+        out.append((status, None if rid is None else str(rid), item.get("body")))
+    return out
+
+
+def _part_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def parse_multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
+    """Split a MIME multipart body into (headers, payload) parts.
+
+    Tolerates CRLF or bare LF line ends, a preamble and epilogue, and a missing closing
+    delimiter; raises ValueError when no delimiter is found at all.
+    """
+    delimiter = b"--" + boundary.encode()
+    chunks = body.split(delimiter)
+    if len(chunks) < 2:
+        raise ValueError("no multipart delimiter")
+    parts: list[tuple[dict[str, str], bytes]] = []
+    for chunk in chunks[1:]:
+        if chunk.startswith(b"--"):
+            break  # closing delimiter; the rest is epilogue
+        # The delimiter line ends with CRLF/LF; the part ends with the CRLF/LF before the next one.
+        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk[1:] if chunk.startswith(b"\n") else chunk
+        if chunk.endswith(b"\r\n"):
+            chunk = chunk[:-2]
+        elif chunk.endswith(b"\n"):
+            chunk = chunk[:-1]
+        if not chunk.strip():
+            continue  # what follows a last delimiter that lacks its closing "--"
+        if chunk.startswith((b"\r\n", b"\n")):
+            head, payload = b"", chunk.lstrip(b"\r").removeprefix(b"\n")  # a part without headers
+        else:
+            head, sep, payload = chunk.partition(b"\r\n\r\n")
+            if not sep:
+                head, sep, payload = chunk.partition(b"\n\n")
+            if not sep:
+                head, payload = b"", chunk
+        headers: dict[str, str] = {}
+        for line in head.replace(b"\r\n", b"\n").split(b"\n"):
+            name, colon, value = line.decode("latin-1").partition(":")
+            if colon:
+                headers[name.strip().lower()] = value.strip()
+        parts.append((headers, payload))
+    return parts

@@ -1,0 +1,433 @@
+"""The WebSocket session with RingCentral's gateway: connect, subscribe, recover, never go deaf.
+
+One connection at a time, one subscription holding every event filter. Each connect fetches a
+fresh ws token; a reconnect inside the announced ``recoveryTimeout`` presents ``wsc`` so the
+gateway replays what was missed. Whenever hints may have been lost (first subscribe, fresh
+connect, failed recovery) ``on_resync`` is called so the daemon reconciles everything. A quiet
+connection gets an app-level Heartbeat; WS pings detect dead TCP; every close, error frame or
+failure leads to a backed-off reconnect.
+
+This module must not decide anything about faxes (it only hands :class:`Hint` values on), must
+not parse frames itself (``faxd.core.wsg`` does), and must never log a token or the ws URL query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import quote
+
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from faxd import __version__
+from faxd.adapters.metrics import Metrics
+from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral
+from faxd.core import wsg
+from faxd.core.backoff import backoff
+from faxd.core.ratebudget import parse_retry_after
+
+log = structlog.get_logger(__name__)
+
+# websockets logs the HTTP request line (with ?access_token=...) at DEBUG: its logger for our
+# connections is capped at INFO so a debug-level root logger cannot leak the token.
+_WS_LOGGER = logging.getLogger("faxd.ws_library")
+_WS_LOGGER.setLevel(logging.INFO)
+
+REPLY_TIMEOUT: Final = 60.0  # what @rc-ex/ws waits for a ClientRequest reply
+RECONNECT_CODES: Final = frozenset({"WSG-902", "WSG-903"})
+_SECRET_QUERY = re.compile(r"((?:access_token|wsc)=)[^&\s'\"]+")
+
+
+def redact(text: str) -> str:
+    """Blank out ws token and wsc values in ``text`` (exception messages may quote the URL)."""
+    return _SECRET_QUERY.sub(r"\1<redacted>", text)
+
+
+@dataclass(frozen=True)
+class WsSettings:
+    heartbeat_interval: float = 60
+    ping_interval: float = 15
+    ping_timeout: float = 10
+    max_message_bytes: int = 1048576
+    connect_timeout: float = 30
+
+
+class _Closed(Exception):
+    """The current connection is over; ``reason`` becomes the ``ws_disconnects`` label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def default_delays() -> Iterator[float]:
+    """Reconnect delays: 1-2 s, 2-4 s, ... up to 30-60 s (equal jitter never retries at once)."""
+    return backoff(2.0, 2.0, 60.0, "equal")
+
+
+class WsSession:
+    """Keeps one WSG subscription alive; see the module docstring."""
+
+    def __init__(
+        self,
+        rc: RingCentral,
+        *,
+        filters: Sequence[str],
+        settings: WsSettings,
+        metrics: Metrics,
+        on_hint: Callable[[wsg.Hint], None],
+        on_resync: Callable[[], None],
+        on_state: Callable[[str], None] | None = None,
+        delays: Callable[[], Iterator[float]] = default_delays,
+    ) -> None:
+        self._rc = rc
+        self._filters = list(filters)
+        self._subscribed_filters: list[str] | None = None
+        self._settings = settings
+        self._metrics = metrics
+        self._on_hint = on_hint
+        self._on_resync = on_resync
+        self._on_state = on_state
+        self._delays = delays
+        self._wsg = wsg.WsgSession()
+        self._ws: ClientConnection | None = None
+        self._pending: dict[str, asyncio.Future[wsg.ClientResponse]] = {}
+        self._subscribe_ids: set[str] = set()
+        self._was_up = False
+        self._connected = False
+        self._state = ""
+        self._detail = ""
+        self._filter_lock = asyncio.Lock()
+        self._set_state("disconnected", "starting")
+
+    @property
+    def subscription_id(self) -> str | None:
+        return self._wsg.subscription_id
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    # ------------------------------------------------------------------ supervision loop
+
+    async def run(self) -> None:
+        """Run until cancelled. Only :class:`AuthFailed` (credentials rejected) escapes."""
+        loop = asyncio.get_running_loop()
+        delays = self._delays()
+        while True:
+            self._was_up = self._connected = False
+            retry_after = 0.0
+            try:
+                reason = await self._connection()
+            except AuthFailed:
+                self._set_state("disconnected", "credentials rejected")
+                raise
+            except RateLimited as exc:
+                reason, retry_after = "rate_limited", exc.retry_after
+            except ApiError as exc:
+                reason = f"api {exc.code or exc.status}"
+            except _Closed as exc:
+                reason = exc.reason
+            except InvalidStatus as exc:
+                reason = f"handshake {exc.response.status_code}"
+            except (OSError, TimeoutError, WebSocketException) as exc:
+                reason = type(exc).__name__
+            except Exception as exc:  # noqa: BLE001 - a bug here must not silence push for good
+                log.error("ws.unexpected_error", error=redact(repr(exc)), exc_info=False)
+                reason = "internal"
+            self._ws = None
+            self._fail_pending()
+            self._wsg.lost(loop.time())
+            if self._connected:
+                self._metrics.ws_disconnects.labels(reason).inc()
+            if self._was_up:
+                delays = self._delays()  # the connection was good: start backing off from scratch
+            delay = max(next(delays), retry_after)
+            log.info("ws.disconnected", reason=reason, was_up=self._was_up, retry_in=round(delay, 2))
+            self._set_state("disconnected", f"{reason}; reconnecting in {delay:.0f}s")
+            await asyncio.sleep(delay)
+
+    async def _connection(self) -> str:
+        """One connection from ws token to close; returns the disconnect reason."""
+        loop = asyncio.get_running_loop()
+        wsc = self._wsg.recovery_token(loop.time())
+        self._set_state("connecting", "recovering session" if wsc else "")
+        token = await self._rc.ws_token()
+        url = f"{token.uri}?access_token={quote(token.token, safe='')}"
+        if wsc is not None:
+            url += f"&wsc={quote(wsc, safe='')}"
+        s = self._settings
+        async with connect(
+            url,
+            open_timeout=s.connect_timeout,
+            ping_interval=s.ping_interval,
+            ping_timeout=s.ping_timeout,
+            close_timeout=5,
+            # Frames above the soft limit are ignored in the codec; only far bigger ones (4x)
+            # make the library drop the connection.
+            max_size=s.max_message_bytes * 4,
+            compression=None,
+            proxy=None,
+            user_agent_header=f"faxd/{__version__}",
+            logger=_WS_LOGGER,
+        ) as ws:
+            details = await self._connection_details(ws, presented_wsc=wsc is not None)
+            survived = self._wsg.connected(details, presented_wsc=wsc is not None)
+            self._connected = True
+            self._metrics.ws_connects.labels("recovery" if wsc else "fresh").inc()
+            if details.recovery_state is not None:
+                result = "successful" if survived else "failed"
+                self._metrics.ws_recoveries.labels(result).inc()
+                log.info(
+                    "ws.recovery",
+                    result=result,
+                    state=details.recovery_state,
+                    error_code=details.recovery_error_code,
+                )
+            self._ws = ws
+            reader = asyncio.create_task(self._read(ws), name="ws-reader")
+            try:
+                if survived and self._subscribed_filters == self._filters:
+                    self._up()
+                else:
+                    sub = asyncio.create_task(self._subscribe(ws, survived=survived), name="ws-subscribe")
+                    done, _ = await asyncio.wait({reader, sub}, return_when=asyncio.FIRST_COMPLETED)
+                    if reader in done:
+                        sub.cancel()
+                        await asyncio.gather(sub, return_exceptions=True)
+                    else:
+                        sub.result()  # re-raises what ended the subscribe (e.g. no reply)
+                return await reader
+            finally:
+                if not reader.done():
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
+
+    async def _connection_details(
+        self, ws: ClientConnection, *, presented_wsc: bool
+    ) -> wsg.ConnectionDetails:
+        """Wait for the first ConnectionDetails; nothing may be sent before it."""
+        async with asyncio.timeout(self._settings.connect_timeout):
+            while True:
+                frame = self._parse(await ws.recv())
+                if isinstance(frame, wsg.ConnectionDetails):
+                    return frame
+                if isinstance(frame, wsg.ErrorFrame):
+                    log.warning("ws.connect_error_frame", code=frame.error_code, message=frame.message)
+                    if presented_wsc:
+                        # e.g. WSG-400 malformed wsc: presenting it again would fail the same way.
+                        self._wsg.forget()
+                    raise _Closed("error_frame")
+                if frame is not None:
+                    log.info("ws.frame_before_details", type=type(frame).__name__)
+
+    def _up(self) -> None:
+        self._was_up = True
+        self._set_state("up", f"subscribed ({len(self._filters)} filters)")
+
+    # ------------------------------------------------------------------ subscription
+
+    async def _subscribe(self, ws: ClientConnection, *, survived: bool) -> None:
+        """Create (or, after a successful recovery with changed filters, update) the subscription.
+
+        A non-2xx reply is retried on the same connection with backoff; a missing reply ends
+        the connection. Calls ``on_resync`` once a new subscription exists.
+        """
+        self._set_state("subscribing", "")
+        delays = self._delays()
+        while True:
+            filters = list(self._filters)
+            mid = self._message_id()
+            existing = self._wsg.subscription_id if survived else None
+            if existing is not None:
+                text = wsg.encode_update(mid, existing, filters)
+            else:
+                self._subscribe_ids.add(mid)
+                text = wsg.encode_subscribe(mid, filters)
+            reply = await self._request(ws, mid, text)
+            if reply.ok:
+                if existing is None:
+                    self._wsg.subscription_id = wsg.subscription_id_of(reply)
+                self._subscribed_filters = filters
+                log.info("ws.subscribed", method="PUT" if existing else "POST", filters=len(filters))
+                self._up()
+                if existing is None:
+                    self._resync()
+                return
+            retry_after = parse_retry_after(reply.headers.get("Retry-After")) if reply.status == 429 else None
+            delay = max(next(delays), retry_after or 0.0)
+            log.warning(
+                "ws.subscribe_failed", status=reply.status, code=reply.error_code, retry_in=round(delay, 2)
+            )
+            survived = False  # a failed PUT (e.g. SUB-507) falls back to a new POST
+            self._set_state("subscribing", f"subscription refused ({reply.error_code or reply.status})")
+            await asyncio.sleep(delay)
+
+    async def update_filters(self, filters: Sequence[str]) -> None:
+        """Change the event filters: a PUT on the live subscription, else used at the next subscribe."""
+        async with self._filter_lock:
+            self._filters = list(filters)
+            ws, sub = self._ws, self._wsg.subscription_id
+            if ws is None or sub is None or self._state != "up" or self._subscribed_filters == self._filters:
+                return
+            mid = self._message_id()
+            try:
+                reply = await self._request(ws, mid, wsg.encode_update(mid, sub, self._filters))
+            except (_Closed, ConnectionClosed):
+                return  # the next connection subscribes with the new filters
+            if reply.ok:
+                self._subscribed_filters = list(self._filters)
+                log.info("ws.filters_updated", filters=len(self._filters))
+                return
+            log.warning("ws.update_failed", status=reply.status, code=reply.error_code)
+            # The subscription is gone or refuses the filters: a new one, as after a lost session.
+            with contextlib.suppress(_Closed, ConnectionClosed):
+                await self._subscribe(ws, survived=False)
+
+    async def _request(self, ws: ClientConnection, mid: str, text: str) -> wsg.ClientResponse:
+        future: asyncio.Future[wsg.ClientResponse] = asyncio.get_running_loop().create_future()
+        self._pending[mid] = future
+        try:
+            await ws.send(text)
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                return await future
+        except TimeoutError:
+            raise _Closed("reply_timeout") from None
+        finally:
+            self._pending.pop(mid, None)
+            self._subscribe_ids.discard(mid)
+
+    def _fail_pending(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(_Closed("closed"))
+        self._pending.clear()
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read(self, ws: ClientConnection) -> str:
+        """Read frames until the connection ends; returns why it ended."""
+        heartbeat_sent = False
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._settings.heartbeat_interval):
+                        data = await ws.recv()
+                except TimeoutError:
+                    if heartbeat_sent:
+                        # Not even our Heartbeat's echo came back: the gateway is not listening.
+                        log.warning("ws.silent", seconds=self._settings.heartbeat_interval * 2)
+                        await ws.close(code=1001, reason="silent")
+                        return "silent"
+                    await ws.send(wsg.encode_heartbeat(self._message_id()))
+                    heartbeat_sent = True
+                    continue
+                heartbeat_sent = False
+                self._metrics.ws_last_message.set(time.time())
+                reason = self._handle(self._parse(data))
+                if reason is not None:
+                    await ws.close(code=1000, reason=reason)
+                    return reason
+        except ConnectionClosed as exc:
+            return _close_reason(exc)
+        finally:
+            self._fail_pending()
+
+    def _parse(self, data: str | bytes) -> wsg.Frame | None:
+        try:
+            frame = wsg.parse_frame(data, max_bytes=self._settings.max_message_bytes)
+        except wsg.FrameError as exc:
+            self._bad_frame(exc, size=len(data))
+            return None
+        self._wsg.frame(frame)
+        return frame
+
+    def _bad_frame(self, exc: wsg.FrameError, *, size: int | None = None) -> None:
+        self._metrics.ws_bad_frames.labels(exc.reason).inc()
+        log.warning("ws.bad_frame", reason=exc.reason, detail=redact(exc.detail)[:100], size=size)
+
+    def _handle(self, frame: wsg.Frame | None) -> str | None:
+        """Act on one frame; a returned string ends the connection with that reason."""
+        if isinstance(frame, wsg.ClientResponse):
+            future = self._pending.get(frame.message_id)
+            if future is None or future.done():
+                log.info("ws.unexpected_reply", status=frame.status)
+                return None
+            if frame.ok and frame.message_id in self._subscribe_ids:
+                # Record the id before any notification of the new subscription is read.
+                try:
+                    self._wsg.subscription_id = wsg.subscription_id_of(frame)
+                except wsg.FrameError as exc:
+                    self._bad_frame(exc)
+                    frame = wsg.ClientResponse(frame.message_id, 599, frame.headers, frame.body)
+            future.set_result(frame)
+        elif isinstance(frame, wsg.Notification):
+            self._notification(frame)
+        elif isinstance(frame, wsg.ErrorFrame):
+            log.warning("ws.error_frame", code=frame.error_code, message=frame.message)
+            if frame.error_code in RECONNECT_CODES:
+                return (frame.error_code or "error").lower().replace("-", "_")
+        elif isinstance(frame, wsg.ConnectionDetails):
+            log.info("ws.late_connection_details")
+        return None
+
+    def _notification(self, n: wsg.Notification) -> None:
+        current = self._wsg.subscription_id
+        if current is None or n.subscription_id != current:
+            self._bad_frame(wsg.FrameError("foreign_subscription"))
+            return
+        try:
+            hint = wsg.extract_hint(n)
+        except wsg.FrameError as exc:
+            self._bad_frame(exc)
+            return
+        self._metrics.ws_hints.inc()
+        try:
+            self._on_hint(hint)
+        except Exception as exc:  # noqa: BLE001 - a consumer bug must not close the session
+            log.error("ws.on_hint_failed", error=repr(exc))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _resync(self) -> None:
+        log.info("ws.resync")
+        try:
+            self._on_resync()
+        except Exception as exc:  # noqa: BLE001 - a consumer bug must not close the session
+            log.error("ws.on_resync_failed", error=repr(exc))
+
+    def _set_state(self, state: str, detail: str) -> None:
+        if (state, detail) == (self._state, self._detail):
+            return
+        self._state, self._detail = state, detail
+        text = f"{state}: {detail}" if detail else state
+        self._metrics.ws_state.state(state)
+        if self._on_state is not None:
+            try:
+                self._on_state(f"WebSocket {text}")
+            except Exception as exc:  # noqa: BLE001 - status reporting is best effort
+                log.error("ws.on_state_failed", error=repr(exc))
+
+    @staticmethod
+    def _message_id() -> str:
+        return str(uuid.uuid4())
+
+
+def _close_reason(exc: ConnectionClosed) -> str:
+    if exc.rcvd is not None:
+        return "closed" if exc.rcvd.code in (1000, 1001) else "closed_abnormal"
+    if exc.sent is not None and exc.sent.code == 1011:
+        return "ping_timeout"  # websockets closes with 1011 when a ping goes unanswered
+    if exc.sent is not None and exc.sent.code == 1009:
+        return "too_large"
+    return "connection_lost"

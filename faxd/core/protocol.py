@@ -1,0 +1,553 @@
+"""Codec of the event socket protocol, version 1 (DESIGN.md §6, docs/socket-protocol.md).
+
+Turns one request line (bytes) into a typed request or a :class:`ProtocolError`, matches events against a
+subscription :class:`Filter`, and encodes every server message as one compact NDJSON line. It is shared by
+the event server (adapters) and the CLI client (app).
+
+This module must not do I/O, touch sockets or the event loop, read clocks or log: the event server decides
+what to do with a bad line (reply, or close the connection), this module only says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final, Literal, NoReturn, TypeAlias
+
+from faxd.core.model import Event, FaxState
+
+PROTO_VERSION: Final = 1
+#: Containers nested deeper than this are refused: no request needs more than 3 levels.
+MAX_DEPTH: Final = 5
+#: Longest accepted ``id``, ``ref``, fax id, phone number or filter entry.
+MAX_STRING: Final = 256
+#: Longest accepted ``cover_text``.
+MAX_COVER_TEXT: Final = 10_000
+#: Most entries in one filter list, ``to`` or ``documents``.
+MAX_ITEMS: Final = 1000
+
+RequestId: TypeAlias = str | int
+Resolution: TypeAlias = Literal["High", "Low"]
+
+
+class ErrorCode(StrEnum):
+    """The ``code`` of an ``error`` message."""
+
+    BAD_REQUEST = "bad_request"  # the request was malformed; the connection stays usable unless said
+    NOT_FOUND = "not_found"  # no such fax
+    CURSOR_EXPIRED = "cursor_expired"  # other epoch, or after_seq older than the journal keeps
+    SLOW_CONSUMER = "slow_consumer"  # the client's queue overflowed; the connection is closed
+    BUSY = "busy"  # too many clients; the connection is closed
+    UNAUTHORIZED = "unauthorized"  # peer uid/gid not allowed; the connection is closed
+    UPSTREAM = "upstream"  # RingCentral refused or failed (send, sync)
+    INTERNAL = "internal"  # a bug in faxd; the request may be retried
+
+
+class ProtocolError(Exception):
+    """A request line that cannot be served as written."""
+
+    def __init__(self, code: str, message: str, request_id: RequestId | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        #: The request's ``id`` when it could be read, so the error reply can echo it.
+        self.request_id = request_id
+
+
+class SendError(Exception):
+    """Raised by the daemon's ``send`` when RingCentral or validation refuses a fax.
+
+    ``code`` is :attr:`ErrorCode.UPSTREAM` or :attr:`ErrorCode.BAD_REQUEST`; ``rc_code`` is RingCentral's own
+    ``errorCode`` (e.g. ``FAX-101``) when there is one.
+    """
+
+    def __init__(self, code: str, message: str, rc_code: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.rc_code = rc_code
+
+
+# --------------------------------------------------------------------------------------------- requests
+
+
+def _folded(value: object) -> str | None:
+    return value.casefold() if isinstance(value, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which events a subscriber wants; an empty list means "any", the lists are ANDed together."""
+
+    fax_ids: frozenset[str] = frozenset()
+    refs: frozenset[str] = frozenset()
+    extensions: frozenset[str] = frozenset()
+    directions: frozenset[str] = frozenset()  # casefolded: "outbound" matches "Outbound"
+    to_status: frozenset[str] = frozenset()  # casefolded
+    final_only: bool = False
+
+    def matches(self, event: Event | Mapping[str, Any]) -> bool:
+        """True if ``event`` (an :class:`Event` or its wire dict) passes every condition."""
+        fax_id: object
+        ref: object
+        ext: object
+        direction: object
+        to_status: object
+        final: object
+        if isinstance(event, Event):
+            t = event.transition
+            fax_id, ref, ext, direction = t.fax_id, t.ref, t.extension_id, t.direction
+            to_status, final = t.to_status, t.final
+        else:
+            fax_id, ref, ext = event.get("fax_id"), event.get("ref"), event.get("extension_id")
+            direction, to_status, final = event.get("direction"), event.get("to_status"), event.get("final")
+        return (
+            (not self.final_only or final is True)
+            and (not self.fax_ids or fax_id in self.fax_ids)
+            and (not self.refs or ref in self.refs)
+            and (not self.extensions or ext in self.extensions)
+            and (not self.directions or _folded(direction) in self.directions)
+            and (not self.to_status or _folded(to_status) in self.to_status)
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The ``filter`` object of a subscribe request (lists sorted, for stable output)."""
+        return {
+            "fax_ids": sorted(self.fax_ids),
+            "refs": sorted(self.refs),
+            "extensions": sorted(self.extensions),
+            "directions": sorted(self.directions),
+            "to_status": sorted(self.to_status),
+            "final_only": self.final_only,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeRequest:
+    """Replay events after ``after_seq`` (if given), then ``caught_up``, then live events."""
+
+    after_seq: int | None = None
+    epoch: str | None = None
+    filter: Filter = field(default_factory=Filter)
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """One fax, by RingCentral id or by the caller's ``ref`` (exactly one of them is set)."""
+
+    fax_id: str | None = None
+    ref: str | None = None
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListRequest:
+    """A snapshot of faxes (in flight only by default) with the journal's head seq."""
+
+    active_only: bool = True
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    """Every journalled event of one fax."""
+
+    fax_id: str
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One number to fax."""
+
+    phone: str
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One attachment, already decoded from base64."""
+
+    name: str
+    content_type: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """A fax to send through the daemon."""
+
+    to: tuple[Recipient, ...]
+    documents: tuple[Document, ...]
+    ref: str | None = None
+    cover_text: str | None = None
+    resolution: Resolution | None = None  # None: the daemon's default
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest:
+    """Reconcile every extension now."""
+
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PingRequest:
+    """Liveness check."""
+
+    id: RequestId | None = None
+
+
+Request: TypeAlias = (
+    SubscribeRequest | StatusRequest | ListRequest | HistoryRequest | SendRequest | SyncRequest | PingRequest
+)
+
+REQUEST_TYPES: Final = ("subscribe", "status", "list", "history", "send", "sync", "ping")
+
+
+def _reject_constant(name: str) -> NoReturn:
+    # json accepts NaN/Infinity by default; they are not JSON and no field takes a float anyway.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of a parsed JSON value, iteratively (a recursive walk could itself overflow)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+class _Fields:
+    """Typed access to the fields of one request object, raising ``bad_request`` with the request id."""
+
+    def __init__(self, obj: dict[str, Any], request_id: RequestId | None) -> None:
+        self.obj = obj
+        self.id = request_id
+
+    def fail(self, message: str) -> NoReturn:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, message, self.id)
+
+    def string(self, name: str, value: object, *, limit: int = MAX_STRING) -> str:
+        if not isinstance(value, str):
+            self.fail(f"{name} must be a string")
+        if not value:
+            self.fail(f"{name} must not be empty")
+        if len(value) > limit:
+            self.fail(f"{name} is longer than {limit} characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: parses, but cannot be stored or logged
+            self.fail(f"{name} is not valid Unicode")
+        return value
+
+    def opt_string(self, name: str, *, limit: int = MAX_STRING) -> str | None:
+        value = self.obj.get(name)
+        return None if value is None else self.string(name, value, limit=limit)
+
+    def req_string(self, name: str) -> str:
+        if self.obj.get(name) is None:
+            self.fail(f"{name} is required")
+        return self.string(name, self.obj[name])
+
+    def opt_bool(self, name: str, default: bool) -> bool:
+        value = self.obj.get(name, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(f"{name} must be true or false")
+        return value
+
+    def opt_seq(self, name: str) -> int | None:
+        value = self.obj.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(f"{name} must be an integer")
+        if value < 0:
+            self.fail(f"{name} must not be negative")
+        return value
+
+    def list_of(self, name: str, value: object, *, required: bool = False) -> list[Any]:
+        if value is None and not required:
+            return []
+        if not isinstance(value, list):
+            self.fail(f"{name} must be a list")
+        if len(value) > MAX_ITEMS:
+            self.fail(f"{name} has more than {MAX_ITEMS} entries")
+        if required and not value:
+            self.fail(f"{name} must not be empty")
+        return value
+
+    def object(self, name: str, value: object) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(f"{name} must be an object")
+        return value
+
+    def string_set(self, container: dict[str, Any], name: str, *, fold: bool = False) -> frozenset[str]:
+        items = self.list_of(name, container.get(name))
+        strings = (self.string(f"{name}[]", item) for item in items)
+        return frozenset(s.casefold() for s in strings) if fold else frozenset(strings)
+
+
+def _request_id(obj: dict[str, Any]) -> RequestId | None:
+    value = obj.get("id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "id must be a string or an integer")
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"id is longer than {MAX_STRING} characters")
+    if isinstance(value, int) and abs(value) > 2**63:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "id is out of range")
+    return value
+
+
+def decode_object(line: bytes) -> dict[str, Any]:
+    """One NDJSON line (with or without its ``\\n``) as a JSON object; ``ProtocolError`` otherwise."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "line is not UTF-8") from None
+    if not text.strip():
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "empty line")
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:  # deep nesting overflows the C scanner before any depth check can run
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers over 4300 digits
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a message must be a JSON object")
+    if _depth(value) > MAX_DEPTH:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "JSON nested too deeply")
+    return value
+
+
+def parse_request(line: bytes) -> Request:
+    """Parse one request line; raises :class:`ProtocolError` (code ``bad_request``) if it is not valid.
+
+    Unknown fields are ignored so that clients written against a later protocol still work.
+    """
+    obj = decode_object(line)
+    request_id = _request_id(obj)
+    f = _Fields(obj, request_id)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        f.fail("type must be a string")
+    match kind:
+        case "subscribe":
+            return _parse_subscribe(f)
+        case "status":
+            fax_id, ref = f.opt_string("fax_id"), f.opt_string("ref")
+            if (fax_id is None) == (ref is None):
+                f.fail("status takes exactly one of fax_id and ref")
+            return StatusRequest(fax_id=fax_id, ref=ref, id=request_id)
+        case "list":
+            return ListRequest(active_only=f.opt_bool("active_only", True), id=request_id)
+        case "history":
+            return HistoryRequest(fax_id=f.req_string("fax_id"), id=request_id)
+        case "send":
+            return _parse_send(f)
+        case "sync":
+            return SyncRequest(id=request_id)
+        case "ping":
+            return PingRequest(id=request_id)
+    f.fail(f"unknown request type {kind[:40]!r}; expected one of {', '.join(REQUEST_TYPES)}")
+
+
+def _parse_subscribe(f: _Fields) -> SubscribeRequest:
+    raw = f.obj.get("filter")
+    flt = Filter()
+    if raw is not None:
+        obj = f.object("filter", raw)
+        final_only = obj.get("final_only", False)
+        if not isinstance(final_only, bool):
+            f.fail("filter.final_only must be true or false")
+        flt = Filter(
+            fax_ids=f.string_set(obj, "fax_ids"),
+            refs=f.string_set(obj, "refs"),
+            extensions=f.string_set(obj, "extensions"),
+            directions=f.string_set(obj, "directions", fold=True),
+            to_status=f.string_set(obj, "to_status", fold=True),
+            final_only=final_only,
+        )
+    return SubscribeRequest(
+        after_seq=f.opt_seq("after_seq"), epoch=f.opt_string("epoch"), filter=flt, id=f.id
+    )
+
+
+def _parse_send(f: _Fields) -> SendRequest:
+    to: list[Recipient] = []
+    for i, item in enumerate(f.list_of("to", f.obj.get("to"), required=True)):
+        entry = f.object(f"to[{i}]", item)
+        to.append(Recipient(phone=f.string(f"to[{i}].phone", entry.get("phone"))))
+    documents: list[Document] = []
+    for i, item in enumerate(f.list_of("documents", f.obj.get("documents"))):
+        entry = f.object(f"documents[{i}]", item)
+        data = entry.get("data")
+        if not isinstance(data, str):
+            f.fail(f"documents[{i}].data must be a base64 string")
+        try:
+            decoded = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            f.fail(f"documents[{i}].data is not valid base64")
+        if not decoded:
+            f.fail(f"documents[{i}] is empty")
+        documents.append(
+            Document(
+                name=f.string(f"documents[{i}].name", entry.get("name")),
+                content_type=f.string(f"documents[{i}].content_type", entry.get("content_type")),
+                data=decoded,
+            )
+        )
+    cover_text = f.opt_string("cover_text", limit=MAX_COVER_TEXT)
+    if not documents and cover_text is None:
+        f.fail("send needs at least one document or a cover_text")
+    resolution = f.obj.get("resolution")
+    if resolution is not None and resolution not in ("High", "Low"):
+        f.fail('resolution must be "High" or "Low"')
+    return SendRequest(
+        to=tuple(to),
+        documents=tuple(documents),
+        ref=f.opt_string("ref"),
+        cover_text=cover_text,
+        resolution=resolution,
+        id=f.id,
+    )
+
+
+# --------------------------------------------------------------------------------------------- encoders
+
+
+def encode_line(message: Mapping[str, Any]) -> bytes:
+    """One compact JSON line; ASCII-only so a lone surrogate can never make it unencodable."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode() + b"\n"
+
+
+def _with_id(message: dict[str, Any], request_id: RequestId | None) -> bytes:
+    if request_id is not None:
+        message["id"] = request_id
+    return encode_line(message)
+
+
+def encode_hello(
+    *, server: str, epoch: str, head_seq: int, oldest_seq: int, heartbeat_s: float, max_line: int
+) -> bytes:
+    """The first line the server sends on every connection."""
+    return encode_line(
+        {
+            "type": "hello",
+            "proto": PROTO_VERSION,
+            "server": server,
+            "epoch": epoch,
+            "head_seq": head_seq,
+            "oldest_seq": oldest_seq,
+            "heartbeat_s": heartbeat_s,
+            "max_line": max_line,
+        }
+    )
+
+
+def encode_event(event: Event, *, include_numbers: bool) -> bytes:
+    """One journalled event."""
+    return encode_line(event.to_wire(include_numbers=include_numbers))
+
+
+def encode_caught_up(seq: int, request_id: RequestId | None = None) -> bytes:
+    """End of the replay: every matching event up to ``seq`` has been sent."""
+    return _with_id({"type": "caught_up", "seq": seq}, request_id)
+
+
+def encode_heartbeat(head_seq: int) -> bytes:
+    """Sent when the connection has been idle for ``heartbeat_s``."""
+    return encode_line({"type": "heartbeat", "head_seq": head_seq})
+
+
+def encode_bye(reason: str) -> bytes:
+    """Last line before the server closes the connection on its own (``shutdown``, ``idle_timeout``)."""
+    return encode_line({"type": "bye", "reason": reason})
+
+
+def encode_pong(request_id: RequestId | None = None) -> bytes:
+    """Reply to ``ping``."""
+    return _with_id({"type": "pong"}, request_id)
+
+
+def encode_ok(request_id: RequestId | None = None) -> bytes:
+    """Reply to ``sync``."""
+    return _with_id({"type": "ok"}, request_id)
+
+
+def encode_error(
+    code: str, message: str, request_id: RequestId | None = None, **details: int | str | None
+) -> bytes:
+    """An ``error``; ``details`` adds fields such as ``resume_after_seq`` or ``rc_code``."""
+    body: dict[str, Any] = {"type": "error", "code": str(code), "message": message}
+    body.update({k: v for k, v in details.items() if v is not None})
+    return _with_id(body, request_id)
+
+
+def fax_to_wire(state: FaxState, include_numbers: bool) -> dict[str, Any]:
+    """The ``fax`` object of ``status`` and ``list`` replies."""
+    return {
+        "fax_id": state.fax_id,
+        "extension_id": state.extension_id,
+        "direction": state.direction,
+        "status": state.status,
+        "availability": state.availability,
+        "ref": state.ref,
+        "pages": state.pages,
+        "created": state.created,
+        "rc_modified": state.rc_modified,
+        "from_phone": state.from_phone if include_numbers else None,
+        "in_flight": state.in_flight,
+        "final": not state.in_flight,
+        "recipients": [
+            {
+                "index": r.index,
+                "phone": r.phone if include_numbers else None,
+                "status": r.status,
+                "error_code": r.error_code,
+            }
+            for r in state.recipients
+        ],
+    }
+
+
+def encode_fax(state: FaxState, *, include_numbers: bool, request_id: RequestId | None = None) -> bytes:
+    """Reply to ``status``."""
+    return _with_id({"type": "fax", "fax": fax_to_wire(state, include_numbers)}, request_id)
+
+
+def encode_faxes(
+    states: Iterable[FaxState], head_seq: int, *, include_numbers: bool, request_id: RequestId | None = None
+) -> bytes:
+    """Reply to ``list``: subscribe with ``after_seq=head_seq`` to follow on from this snapshot."""
+    faxes = [fax_to_wire(s, include_numbers) for s in states]
+    return _with_id({"type": "faxes", "faxes": faxes, "head_seq": head_seq}, request_id)
+
+
+def encode_history(
+    events: Sequence[Event], *, include_numbers: bool, request_id: RequestId | None = None
+) -> bytes:
+    """Reply to ``history``."""
+    wire = [e.to_wire(include_numbers=include_numbers) for e in events]
+    return _with_id({"type": "history", "events": wire}, request_id)
+
+
+def encode_accepted(fax_id: str, ref: str | None, status: str, request_id: RequestId | None = None) -> bytes:
+    """Reply to ``send``: RingCentral took the fax; its events follow on the subscription."""
+    return _with_id({"type": "accepted", "fax_id": fax_id, "ref": ref, "status": status}, request_id)

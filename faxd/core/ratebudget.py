@@ -1,0 +1,183 @@
+"""Client-side rate budget per RingCentral throttling group (PROTOCOL.md §5).
+
+Classifies a request into its group (Light, Medium, Heavy, Auth), counts what faxd sent in the
+sliding window, learns the real limits from ``X-Rate-Limit-*`` headers, and answers "how long
+must the next request of this group wait". faxd spends at most ``share`` of each window, so other
+users of the same app and user keep some room, and after a 429 it sends nothing to that group
+until Retry-After has passed (each request during a penalty would restart it).
+
+This module must not sleep, read clocks or do I/O: ``now`` is passed in (a monotonic time).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+LIGHT: Final = "Light"
+MEDIUM: Final = "Medium"
+HEAVY: Final = "Heavy"
+AUTH: Final = "Auth"
+GROUPS: Final = (LIGHT, MEDIUM, HEAVY, AUTH)
+
+#: (limit, window seconds) when the server has not told us yet (RingCentral's defaults).
+DEFAULT_LIMITS: Final[Mapping[str, tuple[int, float]]] = {
+    LIGHT: (50, 60.0),
+    MEDIUM: (40, 60.0),
+    HEAVY: (10, 60.0),
+    AUTH: (5, 60.0),
+}
+DEFAULT_RETRY_AFTER: Final = 30.0
+
+_MESSAGE = re.compile(r"/message-store/[^/]+$")
+_CONTENT = re.compile(r"/message-store/[^/]+/content/")
+_SUBSCRIPTION_ITEM = re.compile(r"/subscription/[^/]+$")
+
+
+def classify(method: str, path: str) -> str:
+    """The throttling group of a request (PROTOCOL.md §5.2); unknown requests count as Medium."""
+    method = method.upper()
+    path = path.split("?", 1)[0].rstrip("/")
+    if path.startswith("/restapi/oauth/"):
+        return AUTH
+    if _CONTENT.search(path):
+        return MEDIUM
+    if path.endswith("/message-sync"):
+        return LIGHT
+    if path.endswith("/message-store") or _MESSAGE.search(path):
+        return LIGHT if method == "GET" else MEDIUM
+    if path.endswith("/fax") and method == "POST":
+        return HEAVY
+    if path.endswith("/subscription") or _SUBSCRIPTION_ITEM.search(path):
+        return LIGHT if method == "GET" else MEDIUM
+    if path.endswith(("/renew", "/dictionary/fax-cover-page")):
+        return LIGHT
+    return MEDIUM
+
+
+@dataclass(slots=True)
+class _Group:
+    limit: int
+    window: float
+    sent: deque[float] = field(default_factory=deque)
+    blocked_until: float = 0.0  # server says our share is used up (Remaining header)
+    penalty_until: float = 0.0  # after a 429
+
+
+class RateBudget:
+    """Sliding-window budget per group. Call ``delay``, then ``spent`` without awaiting in between."""
+
+    def __init__(
+        self, share: float = 0.8, defaults: Mapping[str, tuple[int, float]] = DEFAULT_LIMITS
+    ) -> None:
+        if not 0 < share <= 1:
+            raise ValueError("share must be in (0, 1]")
+        self.share = share
+        self._defaults = dict(defaults)
+        self._groups: dict[str, _Group] = {}
+
+    def _group(self, name: str) -> _Group:
+        g = self._groups.get(name)
+        if g is None:
+            limit, window = self._defaults.get(name, DEFAULT_LIMITS[MEDIUM])
+            g = self._groups[name] = _Group(limit, window)
+        return g
+
+    def allowed(self, group: str) -> int:
+        """Requests faxd may send per window: ``share`` of the limit, at least one."""
+        return max(1, math.floor(self._group(group).limit * self.share))
+
+    def limits(self, group: str) -> tuple[int, float]:
+        g = self._group(group)
+        return g.limit, g.window
+
+    def _expire(self, g: _Group, now: float) -> None:
+        while g.sent and g.sent[0] <= now - g.window:
+            g.sent.popleft()
+
+    def delay(self, group: str, now: float) -> float:
+        """Seconds to wait before the next request of ``group`` may be sent (0: send now)."""
+        g = self._group(group)
+        self._expire(g, now)
+        wait = max(0.0, g.penalty_until - now, g.blocked_until - now)
+        allowed = self.allowed(group)
+        if len(g.sent) >= allowed:
+            # The request may go once enough of the oldest sends have left the window.
+            wait = max(wait, g.sent[len(g.sent) - allowed] + g.window - now)
+        return wait
+
+    def spent(self, group: str, now: float) -> None:
+        g = self._group(group)
+        self._expire(g, now)
+        g.sent.append(now)
+
+    def observed(
+        self,
+        group: str,
+        now: float,
+        *,
+        limit: int | None = None,
+        remaining: int | None = None,
+        window: float | None = None,
+    ) -> None:
+        """Learn from ``X-Rate-Limit-Limit/Remaining/Window`` (any may be missing)."""
+        g = self._group(group)
+        if limit is not None and limit > 0:
+            g.limit = limit
+        if window is not None and window > 0:
+            g.window = window
+        if remaining is not None:
+            # Others (another process of the same app and user) may have used part of the window:
+            # the server's count is the truth. Once our share is gone, wait a full window.
+            reserve = g.limit - self.allowed(group)
+            if remaining <= reserve:
+                g.blocked_until = max(g.blocked_until, now + g.window)
+
+    def penalty(self, group: str, now: float, retry_after: float | None = None) -> None:
+        """A 429: send nothing to ``group`` for Retry-After seconds (30 s when absent)."""
+        g = self._group(group)
+        seconds = DEFAULT_RETRY_AFTER if retry_after is None or retry_after < 0 else retry_after
+        g.penalty_until = max(g.penalty_until, now + seconds)
+
+    def penalised(self, group: str, now: float) -> bool:
+        return self._group(group).penalty_until > now
+
+
+def parse_headers(headers: Mapping[str, str]) -> tuple[int | None, int | None, float | None]:
+    """(limit, remaining, window) from a response's headers; unparsable values are None."""
+
+    def num(name: str) -> float | None:
+        raw = headers.get(name)
+        if raw is None:
+            return None
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            return None
+        return value if math.isfinite(value) and value >= 0 else None
+
+    limit, remaining, window = (
+        num("X-Rate-Limit-Limit"),
+        num("X-Rate-Limit-Remaining"),
+        num("X-Rate-Limit-Window"),
+    )
+    return (
+        None if limit is None else int(limit),
+        None if remaining is None else int(remaining),
+        window,
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the delta form; an HTTP date is not used by RingCentral)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

@@ -1,0 +1,204 @@
+"""The control API under ``/_sim/`` (JSON): scripting, ground truth and fault injection.
+
+Not part of RingCentral's protocol. Control requests are neither recorded nor rate limited.
+Every endpoint mirrors a :class:`~faxd.sim.server.Simulator` method (see docs/simulator.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from faxd.sim.common import JsonDict
+from faxd.sim.config import RecipientScript
+
+if TYPE_CHECKING:
+    from faxd.sim.server import Simulator
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ControlError(Exception):
+    pass
+
+
+def _ok(body: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+
+
+async def _body(request: web.Request) -> JsonDict:
+    if not request.can_read_body:
+        return {}
+    try:
+        data = await request.json()
+    except ValueError:
+        raise ControlError("body must be JSON") from None
+    if not isinstance(data, dict):
+        raise ControlError("body must be a JSON object")
+    return data
+
+
+def _script(item: Any) -> RecipientScript:
+    if isinstance(item, str):
+        return RecipientScript(item)
+    if not isinstance(item, dict) or not isinstance(item.get("phone"), str):
+        raise ControlError("a recipient needs a 'phone'")
+    return RecipientScript(
+        phone=item["phone"],
+        outcome=item.get("outcome", "Sent"),
+        error_code=item.get("errorCode"),
+        after=item.get("after"),
+        delivered_after=item.get("deliveredAfter"),
+    )
+
+
+def _wrap(handler: Callable[[web.Request], Awaitable[Any]]) -> Handler:
+    async def run(request: web.Request) -> web.StreamResponse:
+        try:
+            result = await handler(request)
+        except (ControlError, ValueError, TypeError) as exc:
+            return _ok({"error": str(exc)}, 400)
+        except KeyError as exc:
+            return _ok({"error": f"not found: {exc}"}, 404)
+        if isinstance(result, web.StreamResponse):
+            return result
+        return _ok(result if result is not None else {"ok": True})
+
+    return run
+
+
+def add_control_routes(app: web.Application, sim: Simulator) -> None:
+    """Register the ``/_sim/`` routes for ``sim``."""
+
+    async def info(_: web.Request) -> JsonDict:
+        c = sim.config
+        return {
+            "url": sim.url,
+            "clientId": c.client_id,
+            "clientSecret": c.client_secret,
+            "jwt": c.jwt,
+            "accountId": c.account_id,
+            "extensions": list(c.extensions),
+        }
+
+    async def outbound(request: web.Request) -> JsonDict:
+        body = await _body(request)
+        recipients = body.get("recipients")
+        if not isinstance(recipients, list) or not recipients:
+            raise ControlError("'recipients' must be a non-empty list")
+        mid = sim.create_outbound_fax(
+            body.get("extensionId"),
+            [_script(r) for r in recipients],
+            pages=int(body.get("pages", 1)),
+        )
+        return {"id": mid, "message": sim.message(mid)}
+
+    async def inbound(request: web.Request) -> JsonDict:
+        body = await _body(request)
+        sender = body.get("from")
+        if not isinstance(sender, str):
+            raise ControlError("'from' (the sender's number) is required")
+        mid = sim.create_inbound_fax(body.get("extensionId"), sender, pages=int(body.get("pages", 1)))
+        return {"id": mid, "message": sim.message(mid)}
+
+    async def outcome(request: web.Request) -> JsonDict:
+        body = await _body(request)
+        script = _script(body)
+        sim.set_outcome(script.phone, script)
+        return {"ok": True}
+
+    async def requests(request: web.Request) -> JsonDict:
+        since = int(request.query.get("since", "0"))
+        return {
+            "count": len(sim.requests),
+            "requests": [r.as_dict() for r in sim.requests[since:]],
+        }
+
+    async def clear_requests(_: web.Request) -> None:
+        sim.requests.clear()
+
+    async def messages(_: web.Request) -> JsonDict:
+        return {"records": sim.messages()}
+
+    async def message(request: web.Request) -> JsonDict:
+        return sim.message(request.match_info["id"])
+
+    async def drop_ws(_: web.Request) -> JsonDict:
+        return {"dropped": sim.drop_ws()}
+
+    async def pause(_: web.Request) -> None:
+        sim.pause_notifications()
+
+    async def resume(_: web.Request) -> None:
+        sim.resume_notifications()
+
+    async def expire_tokens(_: web.Request) -> JsonDict:
+        return {"expired": sim.expire_access_tokens()}
+
+    async def stale_sync(_: web.Request) -> JsonDict:
+        return {"staled": sim.stale_sync_tokens()}
+
+    async def fail_recovery(request: web.Request) -> None:
+        body = await _body(request)
+        if "code" in body:
+            sim.fail_next_recovery(str(body["code"]))
+        else:
+            sim.fail_next_recovery()
+
+    async def fail_requests(request: web.Request) -> None:
+        body = await _body(request)
+        sim.fail_next_requests(
+            int(body.get("count", 1)),
+            status=int(body.get("status", 503)),
+            html=bool(body.get("html", False)),
+        )
+
+    async def delay_requests(request: web.Request) -> None:
+        body = await _body(request)
+        sim.delay_next_requests(int(body.get("count", 1)), float(body.get("seconds", 5)))
+
+    async def storm(request: web.Request) -> None:
+        body = await _body(request)
+        group = body.get("group")
+        if group not in sim.config.rate_limits:
+            raise ControlError(f"'group' must be one of {sorted(sim.config.rate_limits)}")
+        sim.rate_limit_storm(group, float(body.get("seconds", 60)))
+
+    async def blackhole(_: web.Request) -> JsonDict:
+        return {"blackholed": sim.blackhole_ws()}
+
+    async def malformed(request: web.Request) -> JsonDict:
+        body = await _body(request)
+        kind = str(body.get("kind", "malformed"))
+        size = int(body.get("size", 5 * 1024 * 1024))
+        return {"sent": sim.send_malformed_frame(kind, size=size)}
+
+    async def foreign(request: web.Request) -> JsonDict:
+        body = await _body(request)
+        mid = sim.send_foreign_notification(str(body.get("type", "SMS")), body.get("extensionId"))
+        return {"id": mid}
+
+    r = app.router
+    r.add_get("/_sim/info", _wrap(info))
+    r.add_post("/_sim/faxes/outbound", _wrap(outbound))
+    r.add_post("/_sim/faxes/inbound", _wrap(inbound))
+    r.add_post("/_sim/outcomes", _wrap(outcome))
+    r.add_get("/_sim/requests", _wrap(requests))
+    r.add_delete("/_sim/requests", _wrap(clear_requests))
+    r.add_get("/_sim/messages", _wrap(messages))
+    r.add_get("/_sim/messages/{id}", _wrap(message))
+    r.add_post("/_sim/faults/drop-ws", _wrap(drop_ws))
+    r.add_post("/_sim/faults/pause-notifications", _wrap(pause))
+    r.add_post("/_sim/faults/resume-notifications", _wrap(resume))
+    r.add_post("/_sim/faults/expire-tokens", _wrap(expire_tokens))
+    r.add_post("/_sim/faults/stale-sync-tokens", _wrap(stale_sync))
+    r.add_post("/_sim/faults/fail-next-recovery", _wrap(fail_recovery))
+    r.add_post("/_sim/faults/fail-requests", _wrap(fail_requests))
+    r.add_post("/_sim/faults/delay-requests", _wrap(delay_requests))
+    r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
+    r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
+    r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))
+    r.add_post("/_sim/faults/foreign-notification", _wrap(foreign))

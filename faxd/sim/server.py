@@ -1,0 +1,261 @@
+"""The :class:`Simulator`: wires the state, the REST app, the WSG and the control API together.
+
+Runs a real aiohttp server on loopback. Everything time-based runs on the running event
+loop (timers owned here, cancelled in :meth:`Simulator.stop`), so tests can use ``looptime``;
+wall-clock timestamps come from the injectable ``wall_clock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from faxd.sim.auth import TokenStore
+from faxd.sim.common import RecordedRequest, Timers, default_wall_clock
+from faxd.sim.config import RecipientScript, SimConfig
+from faxd.sim.events import NotificationHub
+from faxd.sim.ratelimit import RateLimiter
+from faxd.sim.rest import RestApi
+from faxd.sim.store import Change, MessageStore
+from faxd.sim.wsg import RECOVERY_EXPIRED, Gateway
+
+
+class Simulator:
+    """A RingCentral look-alike on ``127.0.0.1`` (see docs/simulator.md)."""
+
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        wall_clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.config = config or SimConfig()
+        self.host = host
+        self.port = port
+        self.url = ""
+        self.requests: list[RecordedRequest] = []
+        self._wall = wall_clock or default_wall_clock
+        self.timers = Timers()
+        self.tokens = TokenStore(self.config, self.timers.now, self._wall)
+        self.limiter = RateLimiter(
+            self.config.rate_limits, self.timers.now, enabled=self.config.rate_limits_enabled
+        )
+        self.hub = NotificationHub(self._deliver)
+        self.store = MessageStore(self.config, self.timers, self._wall, self.hub.on_change)
+        self.gateway = Gateway(
+            self.config,
+            self.tokens,
+            self.store,
+            self.limiter,
+            self.timers,
+            self._wall,
+            self._record_ws,
+        )
+        self.rest = RestApi(
+            self.config,
+            self.tokens,
+            self.store,
+            self.limiter,
+            self.timers,
+            self._wall,
+            self.requests,
+            lambda: self.ws_url,
+            self.gateway.handle,
+        )
+        self._runner: web.AppRunner | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://", 1) + "/ws"
+
+    def build_app(self) -> web.Application:
+        from faxd.sim.control import add_control_routes
+
+        app = web.Application(middlewares=[self.rest.middleware])
+        self.rest.add_routes(app)
+        add_control_routes(app, self)
+        return app
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("simulator already started")
+        runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        self._runner = runner
+        sockets = [s for srv in runner.sites for s in getattr(getattr(srv, "_server", None), "sockets", ())]
+        port = sockets[0].getsockname()[1] if sockets else self.port
+        self.port = port
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        self.url = f"http://{host}:{port}"
+        self.store.base_url = self.url
+        self.gateway.base_url = self.url
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        self.hub.cancel()
+        for fut in self._waiters:
+            fut.cancel()
+        await self.gateway.stop()
+        self.timers.cancel_all()
+        if runner is not None:
+            await runner.cleanup()
+        self.timers.cancel_all()  # anything armed while the handlers wound down
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- internals -------------------------------------------------------------------------
+    def _deliver(self, changes: list[Change]) -> None:
+        self.gateway.deliver(changes)
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds; it is re-checked after every store change.
+
+        Event-driven (no polling); bound it with ``asyncio.timeout`` in the caller.
+        """
+        while not predicate():
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.add(fut)
+            try:
+                await fut
+            finally:
+                self._waiters.discard(fut)
+
+    async def wait_for_status(self, message_id: str, status: str) -> dict[str, Any]:
+        """Wait until the message's aggregate ``messageStatus`` is ``status``; return it."""
+        await self.wait_for(lambda: self.message(message_id)["messageStatus"] == status)
+        return self.message(message_id)
+
+    def _record_ws(
+        self, method: str, path: str, group: str | None, status: int, transport: str, raw: str
+    ) -> None:
+        self.requests.append(RecordedRequest(method, path, group, status, self.timers.now(), transport, raw))
+
+    # -- scripting -------------------------------------------------------------------------
+    def create_outbound_fax(
+        self,
+        extension_id: str | None,
+        recipients: Sequence[RecipientScript],
+        *,
+        pages: int = 1,
+    ) -> str:
+        """An outbound fax sent "from another app"; announced like RingCentral would."""
+        ext = self.store.resolve_extension(extension_id)
+        message = self.store.create_outbound(ext, list(recipients), pages=pages)
+        return str(message.id)
+
+    def create_inbound_fax(self, extension_id: str | None, from_phone: str, *, pages: int = 1) -> str:
+        """A fax received by the extension (status ``Received``)."""
+        ext = self.store.resolve_extension(extension_id)
+        return str(self.store.create_inbound(ext, from_phone, pages=pages).id)
+
+    def set_outcome(self, phone: str, script: RecipientScript) -> None:
+        """Script what happens to faxes later sent through ``POST …/fax`` to ``phone``."""
+        self.store.set_outcome(phone, script)
+
+    def message(self, message_id: str) -> dict[str, Any]:
+        """Ground truth: the record as the API would return it. KeyError if unknown."""
+        found = self.store.messages[int(message_id)]
+        result: dict[str, Any] = json.loads(json.dumps(self.store.record(found)))
+        return result
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [self.message(str(mid)) for mid in sorted(self.store.messages)]
+
+    def requests_to(self, path_suffix: str, method: str | None = None) -> list[RecordedRequest]:
+        """Recorded requests whose route template ends with ``path_suffix``."""
+        return [
+            r
+            for r in self.requests
+            if r.path.endswith(path_suffix) and (method is None or r.method == method)
+        ]
+
+    # -- faults ----------------------------------------------------------------------------
+    def drop_ws(self) -> int:
+        """Abort every WebSocket (network failure). Sessions stay recoverable."""
+        return self.gateway.drop_all()
+
+    def pause_notifications(self) -> None:
+        """Changes keep happening, but no notification is sent (nor buffered)."""
+        self.gateway.paused = True
+
+    def resume_notifications(self) -> None:
+        self.gateway.paused = False
+
+    def expire_access_tokens(self) -> int:
+        """Every access token issued so far is expired now (OAU-128); refresh still works."""
+        return self.tokens.expire_access_tokens()
+
+    def stale_sync_tokens(self) -> int:
+        """Every sync token issued so far now gets 400 MSG-333."""
+        return self.store.stale_sync_tokens()
+
+    def fail_next_recovery(self, code: str = RECOVERY_EXPIRED) -> None:
+        """The next ``wsc`` reconnect gets ``recoveryState: Failed`` with ``code``."""
+        self.gateway.fail_next_recovery(code)
+
+    def fail_next_requests(self, count: int, *, status: int = 503, html: bool = False) -> None:
+        """Answer the next ``count`` REST requests with ``status`` (JSON CMN-201 or HTML)."""
+        self.rest.faults.fail_next = count
+        self.rest.faults.fail_status = status
+        self.rest.faults.fail_html = html
+
+    def delay_next_requests(self, count: int, seconds: float) -> None:
+        """Hold each of the next ``count`` REST requests for ``seconds`` (loop time)."""
+        self.rest.faults.delay_next = count
+        self.rest.faults.delay_seconds = seconds
+
+    def rate_limit_storm(self, group: str, seconds: float) -> None:
+        """Answer every request of throttling ``group`` with 429 for ``seconds``."""
+        self.limiter.storm(group, seconds)
+
+    def blackhole_ws(self) -> int:
+        """Open sockets go silent (no frames, no pongs, no replies) without closing."""
+        return self.gateway.blackhole_all()
+
+    def send_malformed_frame(self, kind: str = "malformed", *, size: int = 5 * 1024 * 1024) -> int:
+        """Send a broken frame on every socket: ``malformed`` (not a JSON array),
+        ``oversize`` (a ``size``-byte frame, above the usual client limits)."""
+        if kind == "malformed":
+            text = '{"type":"ServerNotification", this is not json'
+        elif kind == "oversize":
+            filler = "x" * max(0, size - 64)
+            text = json.dumps([{"type": "ServerNotification", "padding": filler}])
+        else:
+            raise ValueError("kind must be 'malformed' or 'oversize'")
+        return self.gateway.send_raw_all(text)
+
+    def send_foreign_notification(self, message_type: str = "SMS", extension_id: str | None = None) -> str:
+        """An inbound SMS arrives and its notification goes to every subscription,
+        whatever its filters say (type filter not honoured)."""
+        ext = self.store.resolve_extension(extension_id)
+        if message_type != "SMS":
+            raise ValueError("only SMS is supported")
+        message = self.store.create_sms(ext, "+16505550199", "Hello from the simulator")
+        self.gateway.push_foreign(message)
+        return str(message.id)

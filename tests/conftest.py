@@ -1,0 +1,68 @@
+"""Shared fixtures: a running simulator, a config pointing the daemon at it, short socket paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from faxd.config import Config, parse_config
+from faxd.sim import SimConfig, Simulator
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: AF_UNIX socket paths max out at about 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="faxd-t-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(seed=7)
+
+
+@pytest.fixture
+async def sim(sim_config: SimConfig) -> AsyncIterator[Simulator]:
+    async with Simulator(sim_config) as running:
+        yield running
+
+
+@pytest.fixture
+def make_config(short_dir: Path) -> Callable[..., Config]:
+    """``make_config(sim, **sections)``: a daemon config for ``sim`` living in ``short_dir``."""
+
+    def make(sim: Simulator, **sections: dict[str, Any]) -> Config:
+        return daemon_config(sim, short_dir, **sections)
+
+    return make
+
+
+def daemon_config(sim: Simulator, workdir: Path, **sections: dict[str, Any]) -> Config:
+    """A daemon config for ``sim``: secrets in 0600 files, state and socket in ``workdir``."""
+    cfg = sim.config
+    for name, value in (("client_secret", cfg.client_secret), ("jwt", cfg.jwt)):
+        path = workdir / name
+        path.write_text(value)
+        os.chmod(path, 0o600)
+    data: dict[str, Any] = {
+        "ringcentral": {
+            "server": sim.url,
+            "client_id": cfg.client_id,
+            "client_secret": {"file": str(workdir / "client_secret")},
+            "jwt": {"file": str(workdir / "jwt")},
+        },
+        "reconcile": {"debounce": 0.05, "max_delay": 0.5},
+        "store": {"path": str(workdir / "faxd.db")},
+        "events": {"socket": str(workdir / "events.sock")},
+        "metrics": {"listen": None},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return parse_config(data, environ={}, base_dir=str(workdir))

@@ -1,0 +1,226 @@
+"""Fault injection (Python API and /_sim/faults/* endpoints) and the control API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+from sim_helpers import (
+    EXT,
+    FAX_FILTER,
+    INBOUND_FILTER,
+    bearer,
+    connect,
+    login,
+    next_notification,
+    recv,
+    subscribe,
+)
+
+from faxd.sim import Simulator
+
+
+async def control(
+    http: aiohttp.ClientSession, sim: Simulator, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    async with http.request(method, sim.url + "/_sim/" + path, json=body) as resp:
+        assert resp.content_type == "application/json"
+        return resp.status, await resp.json()
+
+
+async def barrier(ws: aiohttp.ClientWebSocketResponse, mid: str = "hb") -> list[Any]:
+    """Frames received before the echo of a Heartbeat sent now."""
+    await ws.send_str(json.dumps([{"type": "Heartbeat", "messageId": mid}]))
+    frames: list[list[Any]] = []
+    while True:
+        frame = await recv(ws)
+        if frame[0]["type"] == "Heartbeat":
+            return frames
+        frames.append(frame)
+
+
+async def test_control_info_and_fax_creation(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    status, info = await control(http, sim, "GET", "info")
+    assert status == 200
+    assert info["clientId"] == sim.config.client_id
+    assert info["jwt"] == sim.config.jwt
+    status, out = await control(
+        http,
+        sim,
+        "POST",
+        "faxes/outbound",
+        {"recipients": [{"phone": "+15550001111", "after": 100}, "+15550002222"], "pages": 4},
+    )
+    assert status == 200
+    assert out["message"]["faxPageCount"] == 4
+    assert len(out["message"]["to"]) == 2
+    status, inbound = await control(http, sim, "POST", "faxes/inbound", {"from": "+14155550100"})
+    assert status == 200
+    assert inbound["message"]["messageStatus"] == "Received"
+    status, listing = await control(http, sim, "GET", "messages")
+    assert [r["id"] for r in listing["records"]] == [int(out["id"]), int(inbound["id"])]
+    status, one = await control(http, sim, "GET", f"messages/{inbound['id']}")
+    assert one == sim.message(inbound["id"])
+    status, _ = await control(http, sim, "GET", "messages/42")
+    assert status == 404
+    status, err = await control(http, sim, "POST", "faxes/outbound", {"recipients": []})
+    assert status == 400
+    assert "recipients" in err["error"]
+
+
+@pytest.mark.looptime
+async def test_control_outcome_and_request_log(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    status, _ = await control(
+        http,
+        sim,
+        "POST",
+        "outcomes",
+        {"phone": "+15557770000", "outcome": "SendingFailed", "errorCode": "NoFaxMachine"},
+    )
+    assert status == 200
+    script = sim.store.script_for("+15557770000")
+    assert (script.outcome, script.error_code) == ("SendingFailed", "NoFaxMachine")
+    tok = await login(http, sim)
+    async with http.get(sim.url + EXT + "/message-store", headers=bearer(tok)):
+        pass
+    status, log = await control(http, sim, "GET", "requests")
+    assert [(r["method"], r["path"], r["group"]) for r in log["requests"]] == [
+        ("POST", "/restapi/oauth/token", "Auth"),
+        ("GET", "/restapi/v1.0/account/{accountId}/extension/{extensionId}/message-store", "Light"),
+    ]
+    assert all(not r["path"].startswith("/_sim") for r in log["requests"])
+    status, _ = await control(http, sim, "DELETE", "requests")
+    assert sim.requests == []
+
+
+async def test_drop_ws_endpoint_is_recoverable(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    ws, details = await connect(http, sim, tok)
+    await subscribe(ws, [FAX_FILTER])
+    _status, body = await control(http, sim, "POST", "faults/drop-ws")
+    assert body == {"dropped": 1}
+    msg = await ws.receive()
+    assert msg.type != aiohttp.WSMsgType.TEXT
+    mid = sim.create_inbound_fax(None, "+14155550100")
+    ws2, d2 = await connect(http, sim, tok, wsc=details[0]["wsc"]["token"])
+    assert d2[1]["recoveryState"] == "Successful"
+    _, env = await next_notification(ws2)
+    assert env["body"]["changes"][0]["newMessageIds"] == [int(mid)]
+    await ws2.close()
+
+
+async def test_pause_and_resume_notifications(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    ws, _ = await connect(http, sim, tok)
+    await subscribe(ws, [FAX_FILTER])
+    await control(http, sim, "POST", "faults/pause-notifications")
+    lost = sim.create_inbound_fax(None, "+14155550100")
+    assert await barrier(ws) == []
+    assert sim.message(lost)["messageStatus"] == "Received"  # the change did happen
+    await control(http, sim, "POST", "faults/resume-notifications")
+    seen = sim.create_inbound_fax(None, "+14155550101")
+    frames = await barrier(ws, "hb2")
+    assert [f[1]["body"]["changes"][0]["newMessageIds"] for f in frames] == [[int(seen)]]
+    await ws.close()
+
+
+async def test_fail_requests_json_and_html(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    await control(http, sim, "POST", "faults/fail-requests", {"count": 2})
+    for _ in range(2):
+        async with http.get(sim.url + EXT + "/message-store", headers=bearer(tok)) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["errors"][0]["errorCode"] == "CMN-201"
+    async with http.get(sim.url + EXT + "/message-store", headers=bearer(tok)) as resp:
+        assert resp.status == 200
+    sim.fail_next_requests(1, html=True)
+    async with http.get(sim.url + EXT + "/message-store", headers=bearer(tok)) as resp:
+        assert resp.status == 503
+        assert resp.content_type == "text/html"
+    assert [r.status for r in sim.requests[-4:]] == [503, 503, 200, 503]
+
+
+@pytest.mark.looptime
+async def test_delay_requests(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    status, _ = await control(http, sim, "POST", "faults/delay-requests", {"count": 1, "seconds": 20})
+    assert status == 200
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with http.get(sim.url + EXT + "/message-store", headers=bearer(tok)) as resp:
+        assert resp.status == 200
+    assert loop.time() - start == pytest.approx(20, abs=1)
+
+
+async def test_storm_and_expire_and_stale_endpoints(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    status, _ = await control(http, sim, "POST", "faults/rate-limit-storm", {"group": "Light", "seconds": 30})
+    assert status == 200
+    async with http.get(sim.url + EXT + "/message-store", headers=bearer(tok)) as resp:
+        assert resp.status == 429
+    status, _ = await control(http, sim, "POST", "faults/rate-limit-storm", {"group": "Nope"})
+    assert status == 400
+    status, body = await control(http, sim, "POST", "faults/expire-tokens")
+    assert body == {"expired": 1}
+    status, body = await control(http, sim, "POST", "faults/stale-sync-tokens")
+    assert body == {"staled": 0}
+    status, _ = await control(http, sim, "POST", "faults/fail-next-recovery", {"code": "WSG-1009"})
+    assert status == 200
+
+
+@pytest.mark.looptime
+async def test_blackhole_loses_frames_without_closing(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    ws, details = await connect(http, sim, tok)
+    await subscribe(ws, [FAX_FILTER])
+    _status, body = await control(http, sim, "POST", "faults/blackhole-ws")
+    assert body == {"blackholed": 1}
+    sim.create_inbound_fax(None, "+14155550100")
+    await ws.send_str(json.dumps([{"type": "Heartbeat", "messageId": "x"}]))
+    with pytest.raises(TimeoutError):
+        await recv(ws, limit=120)  # nothing at all, not even the heartbeat echo
+    assert not ws.closed
+    # the client gives up and recovers: the session is fine, but the frames are lost
+    await ws.close()
+    ws2, d2 = await connect(http, sim, tok, wsc=details[0]["wsc"]["token"])
+    assert d2[1]["recoveryState"] == "Successful"
+    assert await barrier(ws2) == []
+    await ws2.close()
+
+
+async def test_malformed_and_oversize_frames(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    ws, _ = await connect(http, sim, tok)
+    _, body = await control(http, sim, "POST", "faults/malformed-frame")
+    assert body == {"sent": 1}
+    msg = await ws.receive()
+    assert msg.type == aiohttp.WSMsgType.TEXT
+    with pytest.raises(ValueError, match="Expecting"):
+        json.loads(msg.data)
+    _status, body = await control(
+        http, sim, "POST", "faults/malformed-frame", {"kind": "oversize", "size": 5 * 1024 * 1024}
+    )
+    assert body == {"sent": 1}
+    msg = await ws.receive()  # aiohttp's client refuses frames above 4 MiB
+    assert msg.type != aiohttp.WSMsgType.TEXT
+    await ws.close()
+
+
+async def test_foreign_notification(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    ws, _ = await connect(http, sim, tok)
+    _, info = await subscribe(ws, [FAX_FILTER, INBOUND_FILTER])
+    status, body = await control(http, sim, "POST", "faults/foreign-notification")
+    assert status == 200
+    frames = await barrier(ws)
+    assert len(frames) == 1
+    env = frames[0][1]
+    assert env["subscriptionId"] == info["id"]
+    assert env["body"]["changes"] == [
+        {"type": "SMS", "newCount": 1, "updatedCount": 0, "newMessageIds": [int(body["id"])]}
+    ]
+    assert sim.message(body["id"])["type"] == "SMS"
+    await ws.close()

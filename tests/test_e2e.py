@@ -1,0 +1,186 @@
+"""End to end: the daemon against the simulator over real sockets, observed by socket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from faxd import daemon
+from faxd.config import Config
+from faxd.sim import RecipientScript, Simulator
+
+
+@dataclass
+class Client:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.writer.write(json.dumps(message).encode() + b"\n")
+        await self.writer.drain()
+
+    async def recv(self) -> dict[str, Any]:
+        async with asyncio.timeout(30):
+            line = await self.reader.readline()
+        assert line, "the daemon closed the connection"
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    async def next_of(self, *types: str) -> dict[str, Any]:
+        while True:
+            message = await self.recv()
+            if message["type"] in types:
+                return message
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def connect(path: str) -> tuple[Client, dict[str, Any]]:
+    reader, writer = await asyncio.open_unix_connection(path, limit=2**22)
+    client = Client(reader, writer)
+    hello = await client.recv()
+    assert hello["type"] == "hello"
+    return client, hello
+
+
+@dataclass
+class Running:
+    socket: str
+    registry: CollectorRegistry
+    stop: asyncio.Event
+    task: asyncio.Task[int]
+
+
+@pytest.fixture
+async def running(sim: Simulator, make_config: Callable[..., Config]) -> AsyncIterator[Running]:
+    config = make_config(sim)
+    registry = CollectorRegistry()
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(daemon.run(config, registry=registry, stop=stop, on_ready=ready.set))
+    await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+    assert ready.is_set(), "daemon did not start"
+    try:
+        yield Running(config.events.socket, registry, stop, task)
+    finally:
+        stop.set()
+        async with asyncio.timeout(20):
+            assert await task == 0
+
+
+def key(event: dict[str, Any]) -> tuple[str, int | None]:
+    recipient = event["recipient"]
+    return event["fax_id"], None if recipient is None else recipient["index"]
+
+
+async def collect_until_final(
+    client: Client, expected: dict[tuple[str, int | None], str]
+) -> list[dict[str, Any]]:
+    """Events until every (fax, recipient) in ``expected`` has reached its expected final status."""
+    events: list[dict[str, Any]] = []
+    reached: set[tuple[str, int | None]] = set()
+    while reached != set(expected):
+        event = await client.next_of("event")
+        events.append(event)
+        k = key(event)
+        if k in expected and event["to_status"] == expected[k] and event["kind"] in ("status", "recipient"):
+            reached.add(k)
+    return events
+
+
+async def test_outcomes_reach_a_socket_client_exactly_and_replay_resumes(
+    sim: Simulator, running: Running
+) -> None:
+    client, hello = await connect(running.socket)
+    assert hello["proto"] == 1
+    await client.send({"type": "subscribe", "after_seq": 0, "epoch": hello["epoch"]})
+    assert (await client.next_of("caught_up"))["seq"] == hello["head_seq"]
+
+    sent = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=1.0)])
+    busy = sim.create_outbound_fax(
+        None, [RecipientScript("+16505550101", "SendingFailed", error_code="LineBusy", after=1.2)]
+    )
+    mixed = sim.create_outbound_fax(
+        None,
+        [
+            RecipientScript("+16505550102", "Sent", after=0.8),
+            RecipientScript("+16505550103", "SendingFailed", error_code="NoAnswer", after=1.4),
+        ],
+    )
+    inbound = sim.create_inbound_fax(None, "+14155550123", pages=3)
+
+    expected: dict[tuple[str, int | None], str] = {
+        (sent, None): "Sent",
+        (sent, 0): "Sent",
+        (busy, None): "SendingFailed",
+        (busy, 0): "SendingFailed",
+        (mixed, None): "SendingFailed",
+        (mixed, 0): "Sent",
+        (mixed, 1): "SendingFailed",
+        (inbound, None): "Received",
+    }
+    events = await collect_until_final(client, expected)
+
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq has gaps"
+    # Each (fax, recipient) moves along one chain: every from_status is the previous to_status.
+    last: dict[tuple[str, int | None], str | None] = {}
+    for e in events:
+        if e["kind"] in ("status", "recipient"):
+            k = key(e)
+            start = None if e["kind"] == "status" else last.get(k, "Queued")
+            assert e["from_status"] == last.get(k, start), e
+            last[k] = e["to_status"]
+    assert {k: last[k] for k in expected} == expected
+
+    finals = {key(e): e for e in events if e["final"]}
+    assert finals[(busy, 0)]["error_code"] == "LineBusy"
+    assert finals[(busy, 0)]["error_category"] == "busy"
+    assert finals[(busy, 0)]["retryable"] is True
+    assert finals[(busy, None)]["error_code"] == "LineBusy"
+    assert finals[(mixed, 1)]["error_code"] == "NoAnswer"
+    assert finals[(mixed, 0)]["error_code"] is None
+    assert finals[(mixed, 0)]["recipient"]["phone"] == "+16505550102"
+    assert finals[(inbound, None)]["direction"] == "Inbound"
+    assert finals[(inbound, None)]["pages"] == 3
+    assert all(e["epoch"] == hello["epoch"] for e in events)
+
+    # A second client that saw up to the middle resumes and gets exactly the rest, then caught_up.
+    middle = events[len(events) // 2]["seq"]
+    late, hello2 = await connect(running.socket)
+    await late.send({"type": "subscribe", "after_seq": middle, "epoch": hello2["epoch"]})
+    replayed = []
+    while True:
+        message = await late.next_of("event", "caught_up")
+        if message["type"] == "caught_up":
+            break
+        replayed.append(message)
+    assert replayed == [e for e in events if e["seq"] > middle]
+    assert message["seq"] == events[-1]["seq"]
+    await late.close()
+    await client.close()
+
+    assert (
+        running.registry.get_sample_value(
+            "faxd_transitions_total", {"direction": "Outbound", "to_status": "SendingFailed"}
+        )
+        == 2.0
+    )
+
+
+async def test_a_stale_epoch_is_refused_with_cursor_expired(running: Running) -> None:
+    client, _ = await connect(running.socket)
+    await client.send({"type": "subscribe", "after_seq": 0, "epoch": "not-this-journal"})
+    reply = await client.next_of("error")
+    assert reply["code"] == "cursor_expired"
+    await client.close()

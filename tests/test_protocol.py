@@ -1,0 +1,367 @@
+"""The pure codec of the socket protocol: request parsing, filters, encoders (no sockets, no loop)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from faxd.core.model import Event, EventKind, FaxState, RecipientState, Source, Transition
+from faxd.core.protocol import (
+    MAX_DEPTH,
+    Document,
+    Filter,
+    HistoryRequest,
+    ListRequest,
+    PingRequest,
+    ProtocolError,
+    Recipient,
+    SendRequest,
+    StatusRequest,
+    SubscribeRequest,
+    SyncRequest,
+    decode_object,
+    encode_accepted,
+    encode_bye,
+    encode_caught_up,
+    encode_error,
+    encode_event,
+    encode_fax,
+    encode_faxes,
+    encode_heartbeat,
+    encode_hello,
+    encode_history,
+    encode_ok,
+    encode_pong,
+    fax_to_wire,
+    parse_request,
+)
+
+
+def line(obj: Any) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+DOC = {"name": "a.pdf", "content_type": "application/pdf", "data": "JVBERi0="}
+
+
+@pytest.mark.parametrize(
+    ("request_obj", "expected"),
+    [
+        ({"type": "subscribe"}, SubscribeRequest()),
+        (
+            {"type": "subscribe", "after_seq": 0, "epoch": "e", "id": 4},
+            SubscribeRequest(after_seq=0, epoch="e", id=4),
+        ),
+        (
+            {
+                "type": "subscribe",
+                "after_seq": 12,
+                "filter": {
+                    "fax_ids": ["1", "2"],
+                    "refs": ["r"],
+                    "extensions": ["111"],
+                    "directions": ["Outbound"],
+                    "to_status": ["SendingFailed"],
+                    "final_only": True,
+                },
+            },
+            SubscribeRequest(
+                after_seq=12,
+                filter=Filter(
+                    fax_ids=frozenset({"1", "2"}),
+                    refs=frozenset({"r"}),
+                    extensions=frozenset({"111"}),
+                    directions=frozenset({"outbound"}),
+                    to_status=frozenset({"sendingfailed"}),
+                    final_only=True,
+                ),
+            ),
+        ),
+        ({"type": "subscribe", "filter": {}, "future_field": 1}, SubscribeRequest()),
+        ({"type": "status", "fax_id": "123", "id": "q"}, StatusRequest(fax_id="123", id="q")),
+        ({"type": "status", "ref": "order-1"}, StatusRequest(ref="order-1")),
+        ({"type": "list"}, ListRequest(active_only=True)),
+        ({"type": "list", "active_only": False}, ListRequest(active_only=False)),
+        ({"type": "history", "fax_id": "9"}, HistoryRequest(fax_id="9")),
+        ({"type": "sync"}, SyncRequest()),
+        ({"type": "ping", "id": 0}, PingRequest(id=0)),
+        (
+            {
+                "type": "send",
+                "to": [{"phone": "+15551230000"}, {"phone": "+15551230001"}],
+                "documents": [DOC],
+                "ref": "order-1",
+                "cover_text": "Hello",
+                "resolution": "High",
+            },
+            SendRequest(
+                to=(Recipient("+15551230000"), Recipient("+15551230001")),
+                documents=(Document("a.pdf", "application/pdf", b"%PDF-"),),
+                ref="order-1",
+                cover_text="Hello",
+                resolution="High",
+            ),
+        ),
+        (
+            {"type": "send", "to": [{"phone": "+1555"}], "cover_text": "cover page only"},
+            SendRequest(to=(Recipient("+1555"),), documents=(), cover_text="cover page only"),
+        ),
+    ],
+)
+def test_parse_valid_requests(request_obj: dict[str, Any], expected: object) -> None:
+    assert parse_request(line(request_obj)) == expected
+
+
+def test_line_without_newline_and_with_crlf() -> None:
+    assert parse_request(b'{"type":"ping"}') == PingRequest()
+    assert parse_request(b'{"type":"ping"}\r\n') == PingRequest()
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment", "request_id"),
+    [
+        (b"", "empty", None),
+        (b"   \n", "empty", None),
+        (b"{nope\n", "invalid JSON", None),
+        (b"\xc3\x28\n", "UTF-8", None),
+        (b"[1]\n", "object", None),
+        (b'"ping"\n', "object", None),
+        (b'{"type":"ping","n":NaN}\n', "invalid JSON", None),
+        (b'{"type":"ping","n":-Infinity}\n', "invalid JSON", None),
+        (b'{"type":"ping","n":' + b"9" * 5000 + b"}\n", "invalid JSON", None),
+        (b"[" * 100_000 + b"]" * 100_000 + b"\n", "nested", None),
+        (line({"type": "ping", "x": [[[[[[1]]]]]]}), "nested", None),
+        (b'{"id":1}\n', "type must be a string", 1),
+        (line({"type": 5}), "type must be a string", None),
+        (line({"type": "launch", "id": "a"}), "unknown request type", "a"),
+        (line({"type": "ping", "id": True}), "id must be", None),
+        (line({"type": "ping", "id": 1.5}), "id must be", None),
+        (line({"type": "ping", "id": [1]}), "id must be", None),
+        (line({"type": "subscribe", "after_seq": "5", "id": 2}), "after_seq must be an integer", 2),
+        (line({"type": "subscribe", "after_seq": True}), "after_seq must be an integer", None),
+        (line({"type": "subscribe", "after_seq": -1}), "negative", None),
+        (line({"type": "subscribe", "epoch": 3}), "epoch must be a string", None),
+        (line({"type": "subscribe", "filter": []}), "filter must be an object", None),
+        (line({"type": "subscribe", "filter": {"fax_ids": "1"}}), "fax_ids must be a list", None),
+        (line({"type": "subscribe", "filter": {"fax_ids": [1]}}), "fax_ids[] must be a string", None),
+        (line({"type": "subscribe", "filter": {"final_only": "yes"}}), "final_only", None),
+        (line({"type": "subscribe", "filter": {"refs": ["x"] * 1001}}), "more than", None),
+        (line({"type": "status"}), "exactly one", None),
+        (line({"type": "status", "fax_id": "1", "ref": "r"}), "exactly one", None),
+        (line({"type": "status", "fax_id": ""}), "empty", None),
+        (line({"type": "status", "fax_id": "x" * 300}), "longer than", None),
+        (b'{"type":"status","ref":"\\ud800"}\n', "Unicode", None),
+        (line({"type": "list", "active_only": 1}), "active_only", None),
+        (line({"type": "history"}), "fax_id is required", None),
+        (line({"type": "send", "documents": [DOC]}), "to must be a list", None),
+        (line({"type": "send", "to": [], "documents": [DOC]}), "to must not be empty", None),
+        (line({"type": "send", "to": ["+1555"], "documents": [DOC]}), "to[0] must be an object", None),
+        (line({"type": "send", "to": [{"phone": 15551230000}], "documents": [DOC]}), "phone", None),
+        (line({"type": "send", "to": [{"phone": "+1"}]}), "at least one document", None),
+        (line({"type": "send", "to": [{"phone": "+1"}], "documents": {}}), "documents must be a list", None),
+        (
+            line({"type": "send", "to": [{"phone": "+1"}], "documents": [{**DOC, "data": "not base64!"}]}),
+            "base64",
+            None,
+        ),
+        (line({"type": "send", "to": [{"phone": "+1"}], "documents": [{**DOC, "data": ""}]}), "empty", None),
+        (line({"type": "send", "to": [{"phone": "+1"}], "documents": [{**DOC, "data": 5}]}), "base64", None),
+        (line({"type": "send", "to": [{"phone": "+1"}], "documents": [{**DOC, "name": None}]}), "name", None),
+        (
+            line({"type": "send", "to": [{"phone": "+1"}], "documents": [DOC], "resolution": "Ultra"}),
+            "resolution",
+            None,
+        ),
+        (line({"type": "send", "to": [{"phone": "+1"}], "cover_text": 7}), "cover_text", None),
+    ],
+)
+def test_parse_errors(raw: bytes, fragment: str, request_id: object) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_request(raw)
+    assert info.value.code == "bad_request"
+    assert fragment in info.value.message
+    assert info.value.request_id == request_id
+
+
+def test_depth_limit_allows_every_real_request() -> None:
+    nested: Any = 1
+    for _ in range(MAX_DEPTH - 1):
+        nested = [nested]
+    assert decode_object(line({"x": nested}))["x"] == nested
+
+
+def _event(**overrides: Any) -> Event:
+    fields: dict[str, Any] = {
+        "kind": EventKind.RECIPIENT,
+        "fax_id": "100",
+        "extension_id": "111",
+        "direction": "Outbound",
+        "from_status": "Queued",
+        "to_status": "SendingFailed",
+        "final": True,
+        "recipient_index": 1,
+        "recipient_phone": "+15550001111",
+        "error_code": "LineBusy",
+        "error_category": "busy",
+        "retryable": True,
+        "ref": "order-1",
+    }
+    fields.update(overrides)
+    return Event(17, "ep", Transition(**fields), "2026-01-02T03:04:05Z", Source.PUSH)
+
+
+@pytest.mark.parametrize(
+    ("flt", "matches"),
+    [
+        (Filter(), True),
+        (Filter(fax_ids=frozenset({"100", "200"})), True),
+        (Filter(fax_ids=frozenset({"200"})), False),
+        (Filter(refs=frozenset({"order-1"})), True),
+        (Filter(refs=frozenset({"order-2"})), False),
+        (Filter(extensions=frozenset({"111"})), True),
+        (Filter(extensions=frozenset({"222"})), False),
+        (Filter(directions=frozenset({"outbound"})), True),
+        (Filter(directions=frozenset({"inbound"})), False),
+        (Filter(to_status=frozenset({"sendingfailed"})), True),
+        (Filter(to_status=frozenset({"delivered"})), False),
+        (Filter(final_only=True), True),
+        (Filter(fax_ids=frozenset({"100"}), to_status=frozenset({"delivered"})), False),
+    ],
+)
+def test_filter_matches_events_and_their_wire_form(flt: Filter, matches: bool) -> None:
+    event = _event()
+    assert flt.matches(event) is matches
+    assert flt.matches(event.to_wire()) is matches
+
+
+def test_filter_final_only_and_missing_fields() -> None:
+    assert not Filter(final_only=True).matches(_event(final=False, to_status="Queued"))
+    assert not Filter(refs=frozenset({"x"})).matches(_event(ref=None))
+    assert not Filter(directions=frozenset({"outbound"})).matches({"type": "event"})
+    assert Filter().matches({"type": "event"})
+
+
+def test_parsed_filter_matches_case_insensitively() -> None:
+    request = parse_request(
+        line({"type": "subscribe", "filter": {"directions": ["OUTBOUND"], "to_status": ["sendingFAILED"]}})
+    )
+    assert isinstance(request, SubscribeRequest)
+    assert request.filter.matches(_event())
+
+
+@pytest.mark.parametrize(
+    ("encoded", "expected"),
+    [
+        (encode_caught_up(5, "s"), {"type": "caught_up", "seq": 5, "id": "s"}),
+        (encode_caught_up(5), {"type": "caught_up", "seq": 5}),
+        (encode_heartbeat(9), {"type": "heartbeat", "head_seq": 9}),
+        (encode_bye("shutdown"), {"type": "bye", "reason": "shutdown"}),
+        (encode_pong(3), {"type": "pong", "id": 3}),
+        (encode_ok(), {"type": "ok"}),
+        (
+            encode_error("slow_consumer", "too slow", resume_after_seq=12),
+            {"type": "error", "code": "slow_consumer", "message": "too slow", "resume_after_seq": 12},
+        ),
+        (
+            encode_error("upstream", "no", 7, rc_code=None),
+            {"type": "error", "code": "upstream", "message": "no", "id": 7},
+        ),
+        (
+            encode_accepted("55", None, "Queued", "x"),
+            {"type": "accepted", "fax_id": "55", "ref": None, "status": "Queued", "id": "x"},
+        ),
+        (
+            encode_hello(server="faxd/1", epoch="e", head_seq=4, oldest_seq=1, heartbeat_s=15, max_line=10),
+            {
+                "type": "hello",
+                "proto": 1,
+                "server": "faxd/1",
+                "epoch": "e",
+                "head_seq": 4,
+                "oldest_seq": 1,
+                "heartbeat_s": 15,
+                "max_line": 10,
+            },
+        ),
+    ],
+)
+def test_encoders_write_one_compact_line(encoded: bytes, expected: dict[str, Any]) -> None:
+    assert encoded.endswith(b"\n")
+    assert encoded.count(b"\n") == 1
+    assert b", " not in encoded
+    assert b": " not in encoded
+    assert json.loads(encoded) == expected
+
+
+def test_encoded_strings_stay_on_one_ascii_line() -> None:
+    """Newlines and non-ASCII inside values are escaped: a frame can never be split."""
+    encoded = encode_error("bad_request", "line\nbreak \u2028 é \ud800")
+    assert encoded.count(b"\n") == 1
+    assert encoded.isascii()
+    assert json.loads(encoded)["message"] == "line\nbreak \u2028 é \ud800"
+
+
+STATE = FaxState(
+    fax_id="100",
+    extension_id="111",
+    direction="Outbound",
+    status="Queued",
+    recipients=(
+        RecipientState(0, "+15550001111", "Delivered"),
+        RecipientState(1, "+15550002222", "Queued", None),
+    ),
+    pages=2,
+    created="2026-01-02T03:04:05.000Z",
+    rc_modified="2026-01-02T03:05:05.000Z",
+    ref="order-1",
+    from_phone="+15559990000",
+)
+
+
+def test_fax_to_wire() -> None:
+    assert fax_to_wire(STATE, include_numbers=True) == {
+        "fax_id": "100",
+        "extension_id": "111",
+        "direction": "Outbound",
+        "status": "Queued",
+        "availability": "Alive",
+        "ref": "order-1",
+        "pages": 2,
+        "created": "2026-01-02T03:04:05.000Z",
+        "rc_modified": "2026-01-02T03:05:05.000Z",
+        "from_phone": "+15559990000",
+        "in_flight": True,
+        "final": False,
+        "recipients": [
+            {"index": 0, "phone": "+15550001111", "status": "Delivered", "error_code": None},
+            {"index": 1, "phone": "+15550002222", "status": "Queued", "error_code": None},
+        ],
+    }
+
+
+def test_fax_to_wire_without_numbers() -> None:
+    wire = fax_to_wire(STATE, include_numbers=False)
+    assert wire["from_phone"] is None
+    assert [r["phone"] for r in wire["recipients"]] == [None, None]
+    assert "+1555" not in json.dumps(wire)
+
+
+def test_reply_encoders() -> None:
+    assert json.loads(encode_fax(STATE, include_numbers=True, request_id=1)) == {
+        "type": "fax",
+        "fax": fax_to_wire(STATE, True),
+        "id": 1,
+    }
+    assert json.loads(encode_faxes([STATE], 42, include_numbers=False)) == {
+        "type": "faxes",
+        "faxes": [fax_to_wire(STATE, False)],
+        "head_seq": 42,
+    }
+    event = _event()
+    assert json.loads(encode_history([event], include_numbers=False)) == {
+        "type": "history",
+        "events": [event.to_wire(include_numbers=False)],
+    }
+    assert json.loads(encode_event(event, include_numbers=True)) == event.to_wire()

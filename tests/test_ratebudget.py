@@ -1,0 +1,147 @@
+"""Rate budget per RingCentral group: classification, share of the window, headers, 429 penalty."""
+
+from __future__ import annotations
+
+import pytest
+
+from faxd.core.ratebudget import (
+    AUTH,
+    HEAVY,
+    LIGHT,
+    MEDIUM,
+    RateBudget,
+    classify,
+    parse_headers,
+    parse_retry_after,
+)
+
+EXT = "/restapi/v1.0/account/~/extension/200000001"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "group"),
+    [
+        ("POST", "/restapi/oauth/token", AUTH),
+        ("POST", "/restapi/oauth/revoke", AUTH),
+        ("POST", "/restapi/oauth/wstoken", AUTH),
+        ("GET", f"{EXT}/message-sync?syncType=FSync", LIGHT),
+        ("GET", f"{EXT}/message-store", LIGHT),
+        ("GET", f"{EXT}/message-store/123", LIGHT),
+        ("GET", f"{EXT}/message-store/1,2,3", LIGHT),
+        ("GET", f"{EXT}/message-store/123/content/456", MEDIUM),
+        ("PUT", f"{EXT}/message-store/123", MEDIUM),
+        ("DELETE", f"{EXT}/message-store", MEDIUM),
+        ("POST", f"{EXT}/fax", HEAVY),
+        ("POST", "/restapi/v1.0/subscription", MEDIUM),
+        ("PUT", "/restapi/v1.0/subscription/abc", MEDIUM),
+        ("GET", "/restapi/v1.0/subscription/abc", LIGHT),
+        ("POST", "/restapi/v1.0/subscription/abc/renew", LIGHT),
+        ("GET", "/restapi/v1.0/dictionary/fax-cover-page", LIGHT),
+        ("GET", "/restapi/v1.0/something-else", MEDIUM),
+    ],
+)
+def test_classify(method: str, path: str, group: str) -> None:
+    assert classify(method, path) == group
+
+
+@pytest.mark.parametrize(
+    ("group", "share", "allowed"),
+    [(LIGHT, 0.8, 40), (MEDIUM, 0.8, 32), (HEAVY, 0.8, 8), (AUTH, 0.8, 4), (AUTH, 0.1, 1), (AUTH, 1.0, 5)],
+)
+def test_default_limits_and_share(group: str, share: float, allowed: int) -> None:
+    b = RateBudget(share)
+    assert b.allowed(group) == allowed
+    for i in range(allowed):
+        assert b.delay(group, 10.0 + i) == 0
+        b.spent(group, 10.0 + i)
+    # The next one waits until the first send leaves the 60 s window.
+    assert b.delay(group, 10.0 + allowed) == pytest.approx(60 - allowed)
+    assert b.delay(group, 70.0) == 0
+
+
+def test_sliding_window_frees_one_slot_at_a_time() -> None:
+    b = RateBudget(1.0, {AUTH: (2, 10.0)})
+    b.spent(AUTH, 0)
+    b.spent(AUTH, 4)
+    assert b.delay(AUTH, 5) == 5
+    assert b.delay(AUTH, 10) == 0
+    b.spent(AUTH, 10)
+    assert b.delay(AUTH, 11) == 3  # now waiting for the send at t=4
+
+
+def test_groups_are_independent() -> None:
+    b = RateBudget(1.0, {AUTH: (1, 60.0), LIGHT: (1, 60.0)})
+    b.spent(AUTH, 0)
+    assert b.delay(AUTH, 1) > 0
+    assert b.delay(LIGHT, 1) == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected_limit", "expected_window", "delay_after"),
+    [
+        ({"X-Rate-Limit-Limit": "10", "X-Rate-Limit-Window": "30"}, 10, 30.0, 0.0),
+        # remaining 2 of 10 with share 0.8: our 8 are used (by whoever) -> a full window.
+        (
+            {"X-Rate-Limit-Limit": "10", "X-Rate-Limit-Remaining": "2", "X-Rate-Limit-Window": "30"},
+            10,
+            30,
+            30.0,
+        ),
+        (
+            {"X-Rate-Limit-Limit": "10", "X-Rate-Limit-Remaining": "3", "X-Rate-Limit-Window": "30"},
+            10,
+            30,
+            0.0,
+        ),
+        ({"X-Rate-Limit-Remaining": "0"}, 50, 60.0, 60.0),
+        ({"X-Rate-Limit-Limit": "junk"}, 50, 60.0, 0.0),
+        ({}, 50, 60.0, 0.0),
+    ],
+)
+def test_observed_headers(
+    headers: dict[str, str], expected_limit: int, expected_window: float, delay_after: float
+) -> None:
+    b = RateBudget(0.8)
+    limit, remaining, window = parse_headers(headers)
+    b.observed(LIGHT, 100.0, limit=limit, remaining=remaining, window=window)
+    assert b.limits(LIGHT) == (expected_limit, expected_window)
+    assert b.delay(LIGHT, 100.0) == pytest.approx(delay_after)
+
+
+def test_lower_limit_from_headers_throttles_sooner() -> None:
+    b = RateBudget(0.5)
+    b.observed(HEAVY, 0, limit=4, window=60)
+    b.spent(HEAVY, 0)
+    assert b.delay(HEAVY, 1) == 0
+    b.spent(HEAVY, 1)
+    assert b.delay(HEAVY, 2) == pytest.approx(58)
+
+
+@pytest.mark.parametrize(("retry_after", "expected"), [(12.0, 12.0), (None, 30.0), (0.0, 0.0), (-1, 30.0)])
+def test_penalty_blocks_the_group(retry_after: float | None, expected: float) -> None:
+    b = RateBudget()
+    b.penalty(LIGHT, 100.0, retry_after)
+    assert b.delay(LIGHT, 100.0) == pytest.approx(expected)
+    assert b.delay(MEDIUM, 100.0) == 0
+    assert b.delay(LIGHT, 100.0 + expected) == 0
+
+
+def test_penalty_never_shortens() -> None:
+    b = RateBudget()
+    b.penalty(AUTH, 0, 60)
+    b.penalty(AUTH, 1, 5)
+    assert b.penalised(AUTH, 30)
+    assert b.delay(AUTH, 30) == pytest.approx(30)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("5", 5.0), (" 2.5 ", 2.5), (None, None), ("soon", None), ("-3", None), ("inf", None)],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value) == expected
+
+
+def test_share_validated() -> None:
+    with pytest.raises(ValueError, match="share"):
+        RateBudget(0)

@@ -1,0 +1,267 @@
+"""WebSocket session against the simulator's gateway over real loopback sockets.
+
+Timer-driven behaviour runs under looptime (fake loop time, real sockets); waits are on
+conditions (queues, states, the simulator's recorded requests), never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from faxd.adapters.metrics import Metrics
+from faxd.adapters.rest import RingCentral
+from faxd.adapters.ws_session import WsSession, WsSettings, redact
+from faxd.core.backoff import backoff
+from faxd.core.wsg import Hint, event_filters
+from faxd.sim import RecipientScript, SimConfig, Simulator
+
+EXT = "200000001"
+SUBSCRIBE = "/restapi/v1.0/subscription"
+
+pytestmark = pytest.mark.looptime
+
+
+def quick_delays() -> Iterator[float]:
+    return backoff(1.0, 2.0, 8.0, "none")
+
+
+@dataclass
+class Harness:
+    sim: Simulator
+    rc: RingCentral
+    metrics: Metrics
+    session: WsSession
+    hints: asyncio.Queue[Hint] = field(default_factory=asyncio.Queue)
+    resyncs: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    states: list[str] = field(default_factory=list)
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    async def until(self, condition: Callable[[], bool], within: float = 120) -> None:
+        """Wait for a condition nothing announces (the simulator's connection table and request log
+        have no callbacks). Under looptime the checks cost no real time; this polls a condition,
+        it does not sleep for things to settle."""
+        async with asyncio.timeout(within):
+            while not condition():  # noqa: ASYNC110 - see the docstring
+                await asyncio.sleep(0.05)
+
+    async def hint(self, within: float = 60) -> Hint:
+        async with asyncio.timeout(within):
+            return await self.hints.get()
+
+    async def resync(self, within: float = 60) -> None:
+        async with asyncio.timeout(within):
+            await self.resyncs.get()
+
+    def up(self) -> bool:
+        return self.session.state == "up"
+
+    def subscribes(self) -> list[int]:
+        return [r.status for r in self.sim.requests_to(SUBSCRIBE, "POST")]
+
+    def connects(self) -> list[str]:
+        return [r.raw_path for r in self.sim.requests if r.path == "/ws"]
+
+    async def dropped(self) -> None:
+        """Drop every socket and wait until both ends have noticed."""
+        assert self.sim.drop_ws() == 1
+        await self.until(lambda: not self.up() and not self.sim.gateway.connections)
+
+
+@contextlib.asynccontextmanager
+async def harness(
+    config: SimConfig | None = None, settings: WsSettings | None = None
+) -> AsyncIterator[Harness]:
+    config = config or SimConfig(seed=3, default_delay=(1000.0, 1000.0))
+    async with Simulator(config) as sim, aiohttp.ClientSession() as http:
+        metrics = Metrics(CollectorRegistry())
+        rc = RingCentral(
+            http,
+            server=sim.url,
+            client_id=config.client_id,
+            client_secret=config.client_secret,
+            jwt=config.jwt,
+            metrics=metrics,
+            rate_share=1.0,
+        )
+        h: Harness
+        session = WsSession(
+            rc,
+            filters=event_filters([EXT]),
+            settings=settings or WsSettings(),
+            metrics=metrics,
+            on_hint=lambda hint: h.hints.put_nowait(hint),
+            on_resync=lambda: h.resyncs.put_nowait(None),
+            on_state=lambda text: h.states.append(text),
+            delays=quick_delays,
+        )
+        h = Harness(sim, rc, metrics, session)
+        task = asyncio.create_task(session.run())
+        try:
+            yield h
+            assert not task.done(), "run() must never return"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_subscribe_then_hints_flow() -> None:
+    async with harness() as h:
+        await h.resync()  # the very first subscribe asks for a full reconcile
+        assert h.up()
+        assert h.subscribes() == [200]
+        fax = h.sim.create_outbound_fax(EXT, [RecipientScript("+16505550100", after=5)])
+        assert await h.hint() == Hint(EXT, (fax,), 0)
+        assert await h.hint() == Hint(EXT, (), 1)  # Queued -> Sent, 5 s later (fake time)
+        inbound = h.sim.create_inbound_fax(EXT, "+16505550111")
+        got = {await h.hint(), await h.hint()}  # message-store change + the fax?direction=Inbound record
+        assert got == {Hint(EXT, (inbound,), 0)}
+        assert h.sample("faxd_ws_hints_total") == 4
+        assert h.sample("faxd_ws_connects_total", kind="fresh") == 1
+        assert h.sample("faxd_ws_state", faxd_ws_state="up") == 1
+        assert h.sample("faxd_ws_last_message_timestamp_seconds") > 0
+        assert any(s.startswith("WebSocket up") for s in h.states)
+        assert h.resyncs.empty()
+        # One wstoken per connect, and the token never shows in what we report.
+        assert [r.status for r in h.sim.requests_to("/restapi/oauth/wstoken")] == [200]
+        assert "access_token=<redacted>" in redact(h.connects()[0])
+
+
+async def test_drop_recovers_session_and_replays() -> None:
+    async with harness() as h:
+        await h.resync()
+        await h.dropped()
+        fax = h.sim.create_outbound_fax(EXT, [RecipientScript("+16505550100", after=1000)])  # buffered
+        assert await h.hint() == Hint(EXT, (fax,), 0)  # replayed after the recovery
+        await h.until(h.up)
+        assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
+        assert h.sample("faxd_ws_connects_total", kind="recovery") == 1
+        assert h.sample("faxd_ws_disconnects_total", reason="connection_lost") == 1
+        assert h.subscribes() == [200]  # the subscription survived: no new POST ...
+        assert h.resyncs.empty()  # ... and no resync, nothing was lost
+        connects = h.connects()
+        assert len(connects) == 2
+        assert "wsc=" not in connects[0]
+        assert "wsc=" in connects[1]
+        assert len(h.sim.requests_to("/restapi/oauth/wstoken")) == 2  # a fresh ws token per connect
+
+
+async def test_failed_recovery_resubscribes_and_resyncs() -> None:
+    async with harness() as h:
+        await h.resync()
+        h.sim.fail_next_recovery("WSG-1003")
+        await h.dropped()
+        await h.resync()
+        assert h.sample("faxd_ws_recoveries_total", result="failed") == 1
+        assert h.subscribes() == [200, 200]  # on the same new connection
+        assert len(h.connects()) == 2
+        fax = h.sim.create_outbound_fax(EXT, [RecipientScript("+16505550100", after=1000)])
+        assert await h.hint() == Hint(EXT, (fax,), 0)  # the new subscription id is the one accepted
+
+
+async def test_recovery_window_passed_means_fresh_connect() -> None:
+    config = SimConfig(seed=3, recovery_timeout=5, default_delay=(1000.0, 1000.0))
+    async with harness(config) as h:
+        await h.resync()
+        h.sim.rate_limit_storm("Auth", 20)  # the wstoken waits out the recovery window
+        await h.dropped()
+        await h.resync()
+        assert "wsc=" not in h.connects()[-1]
+        assert h.sample("faxd_ws_connects_total", kind="fresh") == 2
+        assert h.subscribes() == [200, 200]
+        statuses = [r.status for r in h.sim.requests_to("/restapi/oauth/wstoken")]
+        assert statuses == [200, 429, 200]  # Retry-After was waited out, not hammered
+
+
+async def test_refused_resubscribe_is_retried_not_fatal() -> None:
+    async with harness() as h:
+        await h.resync()
+        h.sim.fail_next_recovery()
+        h.sim.rate_limit_storm("Medium", 10)  # the re-subscribe POST gets 429s for 10 s
+        await h.dropped()
+        await h.resync()
+        statuses = h.subscribes()
+        assert statuses[0] == 200
+        assert statuses[-1] == 200
+        assert 429 in statuses
+        posts = h.sim.requests_to(SUBSCRIBE, "POST")
+        assert posts[-1].time - posts[1].time >= 9  # Retry-After honoured on the socket too
+        assert len(h.connects()) == 2  # retried on the same connection
+
+
+async def test_bad_frames_are_counted_and_ignored() -> None:
+    settings = WsSettings(max_message_bytes=64 * 1024)
+    async with harness(settings=settings) as h:
+        await h.resync()
+        h.sim.send_malformed_frame("malformed")
+        h.sim.send_malformed_frame("oversize", size=128 * 1024)  # above the soft limit only
+        h.sim.send_foreign_notification("SMS")
+        fax = h.sim.create_outbound_fax(EXT, [RecipientScript("+16505550100", after=1000)])
+        assert await h.hint() == Hint(EXT, (fax,), 0)  # frames arrive in order: all were handled
+        assert h.sample("faxd_ws_bad_frames_total", reason="not_json") == 1
+        assert h.sample("faxd_ws_bad_frames_total", reason="too_large") == 1
+        assert h.sample("faxd_ws_bad_frames_total", reason="other_type") == 1
+        assert len(h.connects()) == 1  # none of it cost the connection
+
+
+async def test_huge_frame_reconnects() -> None:
+    settings = WsSettings(max_message_bytes=16 * 1024)
+    async with harness(settings=settings) as h:
+        await h.resync()
+        h.sim.send_malformed_frame("oversize", size=1024 * 1024)  # above the library's hard limit
+        await h.until(lambda: len(h.connects()) == 2 and h.up())
+        assert h.sample("faxd_ws_disconnects_total", reason="too_large") == 1
+        assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
+
+
+async def test_heartbeat_keeps_idle_connection_alive() -> None:
+    config = SimConfig(seed=3, idle_timeout=100, default_delay=(1000.0, 1000.0))
+    async with harness(config, WsSettings(heartbeat_interval=30)) as h:
+        await h.resync()
+        await h.until(lambda: len(h.sim.requests_to("Heartbeat")) >= 10, within=600)
+        assert len(h.connects()) == 1
+        assert h.sample("faxd_ws_disconnects_total", reason="wsg_902") == 0
+
+
+async def test_idle_timeout_error_frame_reconnects_with_recovery() -> None:
+    config = SimConfig(seed=3, idle_timeout=20, default_delay=(1000.0, 1000.0))
+    async with harness(config, WsSettings(heartbeat_interval=60)) as h:
+        await h.resync()
+        await h.until(lambda: h.sample("faxd_ws_disconnects_total", reason="wsg_902") == 1)
+        await h.until(lambda: len(h.connects()) == 2 and h.up())
+        assert "wsc=" in h.connects()[1]
+        assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
+        assert h.subscribes() == [200]
+
+
+async def test_blackhole_is_detected_by_pings() -> None:
+    async with harness(settings=WsSettings(ping_interval=5, ping_timeout=5, heartbeat_interval=60)) as h:
+        await h.resync()
+        assert h.sim.blackhole_ws() == 1
+        await h.until(lambda: len(h.connects()) == 2 and h.up())
+        assert h.sample("faxd_ws_disconnects_total", reason="ping_timeout") == 1
+        fax = h.sim.create_outbound_fax(EXT, [RecipientScript("+16505550100", after=1000)])
+        assert await h.hint() == Hint(EXT, (fax,), 0)
+
+
+async def test_update_filters_puts_on_the_live_subscription() -> None:
+    async with harness() as h:
+        await h.resync()
+        await h.session.update_filters(event_filters([EXT])[:1])
+        puts = h.sim.requests_to("/restapi/v1.0/subscription/{subscriptionId}", "PUT")
+        assert [r.status for r in puts] == [200]
+        assert h.subscribes() == [200]
+        inbound = h.sim.create_inbound_fax(EXT, "+16505550111")
+        assert await h.hint() == Hint(EXT, (inbound,), 0)
+        with pytest.raises(TimeoutError):
+            await h.hint(within=5)  # the fax?direction=Inbound filter is gone
