@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,26 @@ import pytest
 
 from faxd.config import Config, parse_config
 from faxd.sim import SimConfig, Simulator
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_stray_event_loop() -> Iterator[None]:
+    """Close the event loop that looptime's hook makes the policy create for plain (sync) tests.
+
+    Left open, it is garbage-collected during some later async test, and its ResourceWarning fails that
+    test under ``filterwarnings = error``.
+    """
+    yield
+    policy = asyncio.get_event_loop_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            loop = policy.get_event_loop()
+        except RuntimeError:
+            return
+    if not loop.is_running():
+        loop.close()
+        policy.set_event_loop(None)
 
 
 @pytest.fixture

@@ -317,7 +317,7 @@ EVENT = {
 }
 
 
-def test_format_event_plain() -> None:
+async def test_format_event_plain() -> None:  # async: see test_protocol's stray-loop note
     text = client.format_event(EVENT, color=False)
     assert text.split() == [
         "--:--:--", "#17", "fax", "1234567", "recipient", "1", "+15551234567",
@@ -325,7 +325,7 @@ def test_format_event_plain() -> None:
     ]  # fmt: skip
 
 
-def test_format_event_colour_and_other_kinds() -> None:
+async def test_format_event_colour_and_other_kinds() -> None:
     coloured = client.format_event(EVENT, color=True)
     assert "\033[31mSendingFailed\033[0m" in coloured
     status = client.format_event(

@@ -301,7 +301,7 @@ async def test_hello_comes_first(harness: Harness) -> None:
     }
 
 
-def test_peer_credentials_reads_so_peercred() -> None:
+async def test_peer_credentials_reads_so_peercred() -> None:
     """SO_PEERCRED names this very process on both ends of a socketpair."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:

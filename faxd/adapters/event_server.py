@@ -621,6 +621,9 @@ class EventServer:
                 await client.flush()
                 if len(chunk) < REPLAY_CHUNK:
                     break
+                # drain() does not yield while the transport has room: a long, mostly filtered-out
+                # backlog would otherwise hold the loop for the whole replay.
+                await asyncio.sleep(0)
         client.send(encode_caught_up(client.covered, sub.id))
         await client.flush()
 

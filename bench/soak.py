@@ -1,0 +1,340 @@
+"""Soak: many faxes through the simulator while faults hit faxd on a schedule; then a tally against
+the simulator's ground truth.
+
+    .venv/bin/python bench/soak.py --minutes 10                    # the CI-sized profile
+    .venv/bin/python bench/soak.py --minutes 30 --faults ws        # issue 4: a WS fault every 30 s
+    .venv/bin/python bench/soak.py --minutes 60 --faxes 10000      # by hand
+
+The simulator runs in this process; faxd runs as a real subprocess (`python -m faxd run`), so it can
+be killed with SIGKILL and restarted. Three socket clients follow along and resume from their last
+seq whenever they are cut off; one of them pauses now and then, long enough to be cut off as a slow
+consumer. At the end it checks, per client: every final status of every fax and recipient in the
+simulator's ground truth was delivered; no (fax, recipient, kind, to_status) arrived with two
+different seq; seq had no gaps apart from what the client's filter and resumes explain (none here:
+clients are unfiltered). It also counts 429s outside the storms faxd was put through, and the share of
+time the WebSocket was up (sampled from /metrics). Exit 0 when everything holds, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from faxd.sim import RecipientScript, SimConfig, Simulator
+
+WS_FAULTS = ("drop", "drop_failed_recovery", "blackhole", "malformed", "expire_tokens")
+ALL_FAULTS = (*WS_FAULTS, "http_5xx", "stale_sync", "storm", "sigkill")
+ERROR_CODES = ("LineBusy", "NoAnswer", "InvalidNumber", "CallDeclined", "NoFaxMachine", "InternalError")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Client:
+    """A socket client that resumes from its last seq whenever it is disconnected."""
+
+    name: str
+    socket_path: str
+    slow: bool = False
+    last_seq: int = 0
+    epoch: str | None = None
+    seen: dict[tuple[str, int, str, str], int] = field(default_factory=dict)  # dedup key -> seq
+    duplicates: int = 0
+    gaps: int = 0
+    reconnects: int = 0
+    slow_cutoffs: int = 0
+    latest: dict[tuple[str, int], str] = field(default_factory=dict)  # (fax, recipient) -> to_status
+    progress: asyncio.Event = field(default_factory=asyncio.Event)  # set on every event taken
+
+    async def run(self, stop: asyncio.Event) -> None:
+        rng = random.Random(self.name)
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=2**22)
+            except OSError:
+                await asyncio.sleep(0.5)  # the daemon is restarting
+                continue
+            try:
+                hello = json.loads(await reader.readline())
+                if self.epoch is not None and hello["epoch"] != self.epoch:
+                    raise RuntimeError(f"{self.name}: the journal epoch changed")
+                self.epoch = hello["epoch"]
+                request = {"type": "subscribe", "after_seq": self.last_seq, "epoch": self.epoch}
+                writer.write(json.dumps(request).encode() + b"\n")
+                await writer.drain()
+                pause_at = time.monotonic() + rng.uniform(20, 60)
+                while not stop.is_set():
+                    if self.slow and time.monotonic() > pause_at:
+                        await asyncio.sleep(rng.uniform(15, 30))  # deliberately slow: get cut off
+                        pause_at = time.monotonic() + rng.uniform(30, 90)
+                    line = await reader.readline()
+                    if not line:
+                        break
+                    message = json.loads(line)
+                    if message["type"] == "error":
+                        if message.get("code") == "slow_consumer":
+                            self.slow_cutoffs += 1
+                            assert message["resume_after_seq"] <= self.last_seq
+                        break
+                    if message["type"] == "event":
+                        self._take(message)
+            except (OSError, ValueError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            self.reconnects += 1
+
+    def _take(self, event: dict[str, Any]) -> None:
+        seq = event["seq"]
+        if seq <= self.last_seq:
+            return  # at-least-once: a replayed event we already processed (idempotent on seq)
+        if seq != self.last_seq + 1:
+            self.gaps += 1
+        self.last_seq = seq
+        recipient = -1 if event["recipient"] is None else event["recipient"]["index"]
+        key = (event["fax_id"], recipient, event["kind"], event["to_status"])
+        if key in self.seen and self.seen[key] != seq:
+            self.duplicates += 1
+        self.seen[key] = seq
+        if event["kind"] in ("status", "recipient"):
+            self.latest[(event["fax_id"], recipient)] = event["to_status"]
+        self.progress.set()
+
+
+def ground_truth(sim: Simulator) -> dict[tuple[str, int], str]:
+    truth: dict[tuple[str, int], str] = {}
+    for record in sim.messages():
+        fax_id = str(record["id"])
+        truth[(fax_id, -1)] = record["messageStatus"]
+        if record["direction"] == "Outbound":
+            for i, to in enumerate(record.get("to", [])):
+                truth[(fax_id, i)] = to["messageStatus"]
+    return truth
+
+
+def all_final(sim: Simulator) -> bool:
+    return all(status != "Queued" for status in ground_truth(sim).values())
+
+
+class Daemon:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    async def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "faxd", "run", "-c", str(self.config), stdout=out, stderr=out
+            )
+        self.starts += 1
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            return await self.proc.wait()
+
+
+async def ws_up(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+            text = await response.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+    return 'faxd_ws_state{faxd_ws_state="up"} 1.0' in text
+
+
+async def soak(args: argparse.Namespace) -> int:
+    rng = random.Random(args.seed)
+    workdir = Path(tempfile.mkdtemp(prefix="faxd-soak-", dir="/tmp"))
+    faults = WS_FAULTS if args.faults == "ws" else ALL_FAULTS
+    duration = args.minutes * 60
+    sim_config = SimConfig(seed=args.seed, default_delay=(2.0, 40.0), recovery_timeout=60)
+    async with Simulator(sim_config) as sim:
+        for name, value in (("client_secret", sim_config.client_secret), ("jwt", sim_config.jwt)):
+            (workdir / name).write_text(value)
+            os.chmod(workdir / name, 0o600)
+        metrics_port = free_port()
+        config = {
+            "ringcentral": {
+                "server": sim.url,
+                "client_id": sim_config.client_id,
+                "client_secret": {"file": "client_secret"},
+                "jwt": {"file": "jwt"},
+            },
+            "websocket": {"ping_interval": 5, "ping_timeout": 5},
+            "reconcile": {"active_poll_interval": 30, "poll_interval": 120},
+            "store": {"path": "faxd.db"},
+            "events": {"socket": "events.sock", "client_queue": 500},
+            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+            "logging": {"level": "info", "format": "json"},
+        }
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        daemon = Daemon(workdir / "config.yaml", workdir / "faxd.log")
+        await daemon.start()
+        stop = asyncio.Event()
+        progress = asyncio.Event()
+        clients = [
+            Client("steady", str(workdir / "events.sock"), progress=progress),
+            Client("second", str(workdir / "events.sock"), progress=progress),
+            Client("slow", str(workdir / "events.sock"), slow=True, progress=progress),
+        ]
+        loop = asyncio.get_running_loop()
+        storms: list[tuple[float, float]] = []
+        fault_log: list[str] = []
+        samples: list[bool] = []
+        created = 0
+        started = time.monotonic()
+
+        async def generate() -> None:
+            nonlocal created
+            per_second = args.faxes / duration
+            while time.monotonic() - started < duration:
+                await asyncio.sleep(rng.expovariate(per_second))
+                created += 1
+                if rng.random() < 0.2:
+                    sim.create_inbound_fax(
+                        None, f"+1415555{rng.randrange(10000):04d}", pages=rng.randint(1, 9)
+                    )
+                    continue
+                scripts = []
+                for _ in range(rng.choice((1, 1, 1, 2, 3))):
+                    phone = f"+1650555{rng.randrange(10000):04d}"
+                    if rng.random() < 0.3:
+                        scripts.append(RecipientScript(phone, "SendingFailed", rng.choice(ERROR_CODES)))
+                    else:
+                        delivered = rng.uniform(1, 20) if rng.random() < 0.2 else None
+                        scripts.append(RecipientScript(phone, "Sent", delivered_after=delivered))
+                sim.create_outbound_fax(None, scripts, pages=rng.randint(1, 12))
+
+        async def inject() -> None:
+            n = 0
+            while time.monotonic() - started < duration:
+                await asyncio.sleep(args.fault_every)
+                fault = faults[n % len(faults)]
+                n += 1
+                fault_log.append(fault)
+                if fault == "drop":
+                    sim.drop_ws()
+                elif fault == "drop_failed_recovery":
+                    sim.fail_next_recovery()
+                    sim.drop_ws()
+                elif fault == "blackhole":
+                    sim.blackhole_ws()
+                elif fault == "malformed":
+                    sim.send_malformed_frame("malformed")
+                    sim.send_malformed_frame("oversize")
+                    sim.send_foreign_notification("SMS")
+                elif fault == "expire_tokens":
+                    sim.expire_access_tokens()
+                elif fault == "http_5xx":
+                    sim.fail_next_requests(5, html=rng.random() < 0.5)
+                elif fault == "stale_sync":
+                    sim.stale_sync_tokens()
+                elif fault == "storm":
+                    now = loop.time()
+                    storms.append((now, now + 20 + 60))  # the storm plus a full penalty after it
+                    sim.rate_limit_storm("Light", 20)
+                elif fault == "sigkill":
+                    await daemon.kill()
+                    await daemon.start()
+
+        async def sample() -> None:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            async with aiohttp.ClientSession() as session:
+                await asyncio.sleep(5)  # start-up is not "down"
+                while not stop.is_set():
+                    samples.append(await ws_up(session, url))
+                    await asyncio.sleep(1)
+
+        async with asyncio.TaskGroup() as tg:
+            for client in clients:
+                tg.create_task(client.run(stop))
+            sampler = tg.create_task(sample())
+            await asyncio.gather(generate(), inject())
+            print(f"load done after {time.monotonic() - started:.0f} s; waiting for every fax to be final")
+            async with asyncio.timeout(300):
+                await sim.wait_for(lambda: all_final(sim))
+            truth = ground_truth(sim)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(300):
+                    while any(any(c.latest.get(k) != v for k, v in truth.items()) for c in clients):
+                        progress.clear()
+                        await progress.wait()
+            stop.set()
+            sampler.cancel()
+        code = await daemon.stop()
+
+    truth = ground_truth(sim)
+    requests_429 = [r for r in sim.requests if r.status == 429]
+    outside = [r for r in requests_429 if not any(a <= r.time <= b for a, b in storms)]
+    up = sum(samples) / len(samples) if samples else 0.0
+    print()
+    print(f"duration            {args.minutes} min, fault every {args.fault_every} s ({args.faults})")
+    print(f"faxes created       {created}  (keys checked: {len(truth)})")
+    print(f"faults injected     {len(fault_log)}: " + ", ".join(f"{f} x{fault_log.count(f)}" for f in faults))
+    print(f"daemon starts       {daemon.starts}; exit on SIGTERM: {code}")
+    print(f"WebSocket up        {up:.2%} of {len(samples)} samples")
+    print(f"429s outside storms {len(outside)} (all 429s: {len(requests_429)})")
+    print()
+    print(f"{'client':8} {'events':>7} {'missing':>8} {'dups':>5} {'gaps':>5} {'resumes':>8} {'slow cut':>9}")
+    ok = code == 0 and not outside
+    for c in clients:
+        missing = sum(1 for k, v in truth.items() if c.latest.get(k) != v)
+        row = (c.name, c.last_seq, missing, c.duplicates, c.gaps, c.reconnects, c.slow_cutoffs)
+        print("{:8} {:7} {:8} {:5} {:5} {:8} {:9}".format(*row))
+        ok = ok and missing == 0 and c.duplicates == 0 and c.gaps == 0
+    if args.faults == "ws":
+        ok = ok and up >= 0.99
+    print("\nRESULT", "PASS" if ok else "FAIL")
+    if ok and not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"state and log kept in {workdir}")
+    return 0 if ok else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--faxes", type=int, default=2000, help="faxes created over the run")
+    parser.add_argument("--fault-every", type=float, default=30.0, help="seconds between faults")
+    parser.add_argument("--faults", choices=("ws", "all"), default="all")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    return asyncio.run(soak(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
