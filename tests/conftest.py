@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fidelity.plugin import rc_spec_validation  # noqa: F401 - every simulator body is checked against the spec
 
 from faxd.config import Config, parse_config
 from faxd.sim import SimConfig, Simulator

@@ -71,10 +71,20 @@ class Harness:
     def connects(self) -> list[str]:
         return [r.raw_path for r in self.sim.requests if r.path == "/ws"]
 
+    def disconnects(self) -> float:
+        return sum(
+            sample.value
+            for family in self.metrics.registry.collect()
+            if family.name == "faxd_ws_disconnects"
+            for sample in family.samples
+            if sample.name == "faxd_ws_disconnects_total"
+        )
+
     async def dropped(self) -> None:
-        """Drop every socket and wait until both ends have noticed."""
+        """Drop every socket and wait until the session has noticed (it may reconnect at once)."""
+        before = self.disconnects()
         assert self.sim.drop_ws() == 1
-        await self.until(lambda: not self.up() and not self.sim.gateway.connections)
+        await self.until(lambda: self.disconnects() > before)
 
 
 @contextlib.asynccontextmanager

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from faxd import __version__
-from faxd.adapters.metrics import Metrics
+from faxd.adapters.metrics import Metrics, ws_disconnect_reason
 from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral
 from faxd.core import wsg
 from faxd.core.backoff import backoff
@@ -88,8 +89,10 @@ class WsSession:
         on_resync: Callable[[], None],
         on_state: Callable[[str], None] | None = None,
         delays: Callable[[], Iterator[float]] = default_delays,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._rc = rc
+        self._ssl = ssl_context
         self._filters = list(filters)
         self._subscribed_filters: list[str] | None = None
         self._settings = settings
@@ -148,10 +151,14 @@ class WsSession:
             self._fail_pending()
             self._wsg.lost(loop.time())
             if self._connected:
-                self._metrics.ws_disconnects.labels(reason).inc()
+                self._metrics.ws_disconnects.labels(ws_disconnect_reason(reason)).inc()
             if self._was_up:
-                delays = self._delays()  # the connection was good: start backing off from scratch
-            delay = max(next(delays), retry_after)
+                # The connection was good: a single drop is most likely transient, so reconnect at
+                # once (recovery only works inside recoveryTimeout) and back off from scratch after.
+                delays = self._delays()
+                delay = retry_after
+            else:
+                delay = max(next(delays), retry_after)
             log.info("ws.disconnected", reason=reason, was_up=self._was_up, retry_in=round(delay, 2))
             self._set_state("disconnected", f"{reason}; reconnecting in {delay:.0f}s")
             await asyncio.sleep(delay)
@@ -179,6 +186,7 @@ class WsSession:
             proxy=None,
             user_agent_header=f"faxd/{__version__}",
             logger=_WS_LOGGER,
+            ssl=self._ssl if url.startswith("wss:") else None,
         ) as ws:
             details = await self._connection_details(ws, presented_wsc=wsc is not None)
             survived = self._wsg.connected(details, presented_wsc=wsc is not None)
@@ -272,6 +280,10 @@ class WsSession:
             survived = False  # a failed PUT (e.g. SUB-507) falls back to a new POST
             self._set_state("subscribing", f"subscription refused ({reply.error_code or reply.status})")
             await asyncio.sleep(delay)
+
+    def update_settings(self, settings: WsSettings) -> None:
+        """New timings; they apply from the next connection."""
+        self._settings = settings
 
     async def update_filters(self, filters: Sequence[str]) -> None:
         """Change the event filters: a PUT on the live subscription, else used at the next subscribe."""

@@ -186,6 +186,12 @@ class NotificationHub:
         if self._handle is None:
             self._handle = asyncio.get_running_loop().call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Hand over the pending changes now (instead of at the end of the loop turn)."""
+        if self._handle is not None:
+            self._handle.cancel()
+        self._flush()
+
     def _flush(self) -> None:
         self._handle = None
         changes, self._pending = self._pending, []

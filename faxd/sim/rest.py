@@ -35,6 +35,7 @@ from faxd.sim.common import (
     parse_iso,
 )
 from faxd.sim.config import SimConfig
+from faxd.sim.observe import ObserverSet, ServedJson
 from faxd.sim.ratelimit import RateLimiter, Verdict, rate_exceeded_body
 from faxd.sim.store import (
     AVAILABILITIES,
@@ -100,6 +101,7 @@ class RestApi:
         requests: list[RecordedRequest],
         ws_url: Callable[[], str],
         ws_handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        observers: ObserverSet | None = None,
     ) -> None:
         self.config = config
         self.tokens = tokens
@@ -111,6 +113,7 @@ class RestApi:
         self.ws_url = ws_url
         self.ws_handler = ws_handler
         self.faults = Faults()
+        self.observers = observers or ObserverSet()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/restapi/oauth/token", self.token)
@@ -151,11 +154,15 @@ class RestApi:
         if faults.fail_next > 0:
             faults.fail_next -= 1
             record(faults.fail_status)
-            return self._failure(faults.fail_status, faults.fail_html)
+            failure = self._failure(faults.fail_status, faults.fail_html)
+            self._observe(request, template, failure)
+            return failure
         verdict: Verdict | None = self.limiter.check(group) if group is not None else None
         if verdict is not None and not verdict.allowed:
             record(429)
-            return json_response(rate_exceeded_body(), 429, verdict.headers())
+            refused = json_response(rate_exceeded_body(), 429, verdict.headers())
+            self._observe(request, template, refused)
+            return refused
         try:
             response = await handler(request)
         except ApiError as err:
@@ -167,7 +174,54 @@ class RestApi:
         if verdict is not None:
             response.headers.update(verdict.headers())
         record(response.status)
+        self._observe(request, template, response)
         return response
+
+    def _observe(self, request: web.Request, template: str, response: web.StreamResponse) -> None:
+        """Show every JSON body of ``response`` (and of its multipart parts) to the observers."""
+        if not self.observers.active or not isinstance(response, web.Response) or response.body is None:
+            return
+        ctype = response.content_type
+        raw = response.body
+        if not isinstance(raw, bytes | bytearray):
+            return
+        if ctype == "application/json" or ctype.endswith("+json"):
+            self.observers(
+                ServedJson(
+                    "http",
+                    "response",
+                    request.method,
+                    template,
+                    response.status,
+                    ctype,
+                    json.loads(raw),
+                    request.path_qs,
+                )
+            )
+        elif ctype == "multipart/mixed":
+            boundary = response.headers[hdrs.CONTENT_TYPE].partition("boundary=")[2]
+            parts = [(t, json.loads(d)) for t, d in _split_multipart(bytes(raw), boundary)]
+            # part 0 is the summary; part i has the status of the summary's entry i-1
+            statuses = (
+                [response.status] + [int(entry.get("status", 0)) for entry in parts[0][1].get("response", [])]
+                if parts and isinstance(parts[0][1], dict)
+                else []
+            )
+            for index, (part_type, body) in enumerate(parts):
+                status = statuses[index] if index < len(statuses) else response.status
+                self.observers(
+                    ServedJson(
+                        "http",
+                        "part",
+                        request.method,
+                        template,
+                        status,
+                        part_type,
+                        body,
+                        request.path_qs,
+                        index,
+                    )
+                )
 
     @staticmethod
     def _failure(status: int, html: bool) -> web.Response:
@@ -511,6 +565,22 @@ class RestApi:
             cover_text=original.cover_text,
             attachments=[(a.data, a.content_type, a.file_name) for a in original.attachments],
         )
+
+
+def _split_multipart(raw: bytes, boundary: str) -> list[tuple[str, bytes]]:
+    """``(content type, body)`` of each part of a multipart body the simulator built."""
+    out: list[tuple[str, bytes]] = []
+    for chunk in raw.split(b"--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, data = chunk.partition(b"\r\n\r\n")
+        ctype = ""
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-type":
+                ctype = value.split(";")[0].strip().lower()
+        out.append((ctype, data.removesuffix(b"\r\n")))
+    return out
 
 
 _FORM_FIELDS = ("to", "faxResolution", "coverIndex", "coverPageText", "sendTime", "isoCode")

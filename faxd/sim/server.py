@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -20,6 +21,7 @@ from faxd.sim.auth import TokenStore
 from faxd.sim.common import RecordedRequest, Timers, default_wall_clock
 from faxd.sim.config import RecipientScript, SimConfig
 from faxd.sim.events import NotificationHub
+from faxd.sim.observe import Observer, ObserverSet
 from faxd.sim.ratelimit import RateLimiter
 from faxd.sim.rest import RestApi
 from faxd.sim.store import Change, MessageStore
@@ -36,8 +38,14 @@ class Simulator:
         host: str = "127.0.0.1",
         port: int = 0,
         wall_clock: Callable[[], datetime] | None = None,
+        response_observer: Observer | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config or SimConfig()
+        #: Serve HTTPS and WSS with this context (tests of faxd's TLS verification); None: plain HTTP.
+        self.ssl_context = ssl_context
+        #: Who sees every JSON body served (``response_observer`` + the global observers).
+        self.observers = ObserverSet(response_observer)
         self.host = host
         self.port = port
         self.url = ""
@@ -49,7 +57,7 @@ class Simulator:
             self.config.rate_limits, self.timers.now, enabled=self.config.rate_limits_enabled
         )
         self.hub = NotificationHub(self._deliver)
-        self.store = MessageStore(self.config, self.timers, self._wall, self.hub.on_change)
+        self.store = MessageStore(self.config, self.timers, self._wall, self._on_change)
         self.gateway = Gateway(
             self.config,
             self.tokens,
@@ -58,6 +66,7 @@ class Simulator:
             self.timers,
             self._wall,
             self._record_ws,
+            self.observers,
         )
         self.rest = RestApi(
             self.config,
@@ -69,6 +78,7 @@ class Simulator:
             self.requests,
             lambda: self.ws_url,
             self.gateway.handle,
+            self.observers,
         )
         self._runner: web.AppRunner | None = None
         self._waiters: set[asyncio.Future[None]] = set()
@@ -76,7 +86,7 @@ class Simulator:
     # -- lifecycle -------------------------------------------------------------------------
     @property
     def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://", 1) + "/ws"
+        return self.url.replace("http", "ws", 1) + "/ws"
 
     def build_app(self) -> web.Application:
         from faxd.sim.control import add_control_routes
@@ -91,14 +101,15 @@ class Simulator:
             raise RuntimeError("simulator already started")
         runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
+        site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         self._runner = runner
         sockets = [s for srv in runner.sites for s in getattr(getattr(srv, "_server", None), "sockets", ())]
         port = sockets[0].getsockname()[1] if sockets else self.port
         self.port = port
         host = self.host if ":" not in self.host else f"[{self.host}]"
-        self.url = f"http://{host}:{port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        self.url = f"{scheme}://{host}:{port}"
         self.store.base_url = self.url
         self.gateway.base_url = self.url
 
@@ -126,8 +137,19 @@ class Simulator:
         await self.stop()
 
     # -- internals -------------------------------------------------------------------------
+    def _on_change(self, change: Change) -> None:
+        if self.gateway.paused:
+            # Paused: the change happens but is never announced, even if notifications are
+            # resumed within the same loop turn; waiters still see it.
+            asyncio.get_running_loop().call_soon(self._wake)
+        else:
+            self.hub.on_change(change)
+
     def _deliver(self, changes: list[Change]) -> None:
         self.gateway.deliver(changes)
+        self._wake()
+
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, set()
         for fut in waiters:
             if not fut.done():
@@ -201,7 +223,11 @@ class Simulator:
         return self.gateway.drop_all()
 
     def pause_notifications(self) -> None:
-        """Changes keep happening, but no notification is sent (nor buffered)."""
+        """Changes keep happening, but no notification is sent (nor buffered).
+
+        Changes made before the call (still being coalesced) are announced first.
+        """
+        self.hub.flush()
         self.gateway.paused = True
 
     def resume_notifications(self) -> None:

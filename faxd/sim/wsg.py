@@ -29,6 +29,7 @@ from faxd.sim.auth import TokenStore, WsToken
 from faxd.sim.common import ApiError, JsonDict, Timers, api_error, iso, new_token, new_uuid
 from faxd.sim.config import SimConfig
 from faxd.sim.events import EventFilter, envelope, notification_bodies, parse_filters
+from faxd.sim.observe import ObserverSet, ServedJson
 from faxd.sim.ratelimit import RateLimiter, rate_exceeded_body
 from faxd.sim.store import Change, Message, MessageStore
 
@@ -90,6 +91,8 @@ class _Outgoing:
     raw: str | None = None
     with_wsc: bool = False
     close_code: int | None = None
+    #: (method, route template, raw path) of the ClientRequest this frame answers
+    request: tuple[str, str, str] | None = None
 
 
 @dataclass
@@ -108,8 +111,14 @@ class Connection:
     detached: bool = False  # taken over by a newer connection of the same session
     closing: bool = False
 
-    def send(self, payload: list[Any], *, with_wsc: bool = False) -> None:
-        self.queue.put_nowait(_Outgoing(payload=payload, with_wsc=with_wsc))
+    def send(
+        self,
+        payload: list[Any],
+        *,
+        with_wsc: bool = False,
+        request: tuple[str, str, str] | None = None,
+    ) -> None:
+        self.queue.put_nowait(_Outgoing(payload=payload, with_wsc=with_wsc, request=request))
 
     def send_raw(self, text: str) -> None:
         self.queue.put_nowait(_Outgoing(raw=text))
@@ -139,8 +148,10 @@ class Gateway:
         timers: Timers,
         wall_clock: Callable[[], datetime],
         record: Recorder,
+        observers: ObserverSet | None = None,
     ) -> None:
         self._config = config
+        self._observers = observers or ObserverSet()
         self._tokens = tokens
         self._store = store
         self._limiter = limiter
@@ -220,9 +231,9 @@ class Gateway:
         ws_token = self._tokens.check_ws_token(access)
         if ws_token is None:
             self._record("GET", "/ws", None, 4401, "ws", request.path_qs)
-            await ws.send_str(
-                json.dumps(self._error_frame(401, "WSG-401", "Invalid or expired access token"))
-            )
+            frame = self._error_frame(401, "WSG-401", "Invalid or expired access token")
+            await ws.send_str(json.dumps(frame))
+            self._observe(_Outgoing(payload=frame))
             await ws.close(code=4401, message=b"Unauthorized")
             return ws
         recovery: tuple[str, str | None] | None = None
@@ -230,9 +241,9 @@ class Gateway:
             session_id = decode_wsc(wsc)
             if session_id is None:
                 self._record("GET", "/ws", None, 400, "ws", request.path_qs)
-                await ws.send_str(
-                    json.dumps(self._error_frame(400, "WSG-400", "Malformed WebSocket session context token"))
-                )
+                frame = self._error_frame(400, "WSG-400", "Malformed WebSocket session context token")
+                await ws.send_str(json.dumps(frame))
+                self._observe(_Outgoing(payload=frame))
                 await ws.close(code=4400, message=b"Malformed WebSocket session context token")
                 return ws
             session, recovery = self._recover(session_id, ws_token)
@@ -341,9 +352,29 @@ class Gateway:
                         "sequence": session.sequence,
                     }
                 await ws.send_str(json.dumps(item.payload))
+                self._observe(item)
             except (ConnectionError, RuntimeError) as exc:
                 log.debug("ws %s: send failed: %s", conn.id, exc)
                 return
+
+    def _observe(self, item: _Outgoing) -> None:
+        """Show the body of a frame that went out to the observers."""
+        if not self._observers.active or item.payload is None:
+            return
+        meta: JsonDict = item.payload[0]
+        kind = meta.get("type")
+        body = item.payload[1] if len(item.payload) > 1 else None
+        method = path = raw_path = ""
+        if kind == "ClientRequest" and item.request is not None:
+            method, path, raw_path = item.request
+        elif kind == "ServerNotification" and isinstance(body, dict):
+            path = str(body.get("event", ""))
+        if kind in ("ClientRequest", "ServerNotification", "Error", "ConnectionDetails", "Heartbeat"):
+            self._observers(
+                ServedJson(
+                    "ws", kind, method, path, int(meta.get("status", 0)), "application/json", body, raw_path
+                )
+            )
 
     async def _closed(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
@@ -485,7 +516,10 @@ class Gateway:
             "status": status,
             "headers": headers,
         }
-        conn.send([reply_meta] if reply_body is None else [reply_meta, reply_body])
+        conn.send(
+            [reply_meta] if reply_body is None else [reply_meta, reply_body],
+            request=(method, template, raw_path),
+        )
 
     def _check_delivery_mode(self, body: JsonDict) -> None:
         mode = body.get("deliveryMode")

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from fidelity.plugin import rc_spec_validation  # noqa: F401  (autouse: every body vs the spec)
 
 from faxd.sim import SimConfig, Simulator
 
