@@ -193,7 +193,7 @@ async def soak(args: argparse.Namespace) -> int:
                 "client_secret": {"file": "client_secret"},
                 "jwt": {"file": "jwt"},
             },
-            "websocket": {"ping_interval": 5, "ping_timeout": 5},
+            "websocket": {"ping_interval": args.ping_interval, "ping_timeout": args.ping_timeout},
             "reconcile": {"active_poll_interval": 30, "poll_interval": 120},
             "store": {"path": "faxd.db"},
             "events": {"socket": "events.sock", "client_queue": 500},
@@ -214,6 +214,15 @@ async def soak(args: argparse.Namespace) -> int:
         storms: list[tuple[float, float]] = []
         fault_log: list[str] = []
         samples: list[bool] = []
+        # A black-holed connection still says "up" until pings notice; count it as down until the
+        # daemon opens a new WebSocket.
+        deaf_since: list[float] = []
+
+        def deaf() -> bool:
+            if not deaf_since:
+                return False
+            return not any(r.path == "/ws" and r.time > deaf_since[-1] for r in sim.requests[-200:])
+
         created = 0
         started = time.monotonic()
 
@@ -252,6 +261,7 @@ async def soak(args: argparse.Namespace) -> int:
                     sim.drop_ws()
                 elif fault == "blackhole":
                     sim.blackhole_ws()
+                    deaf_since.append(loop.time())
                 elif fault == "malformed":
                     sim.send_malformed_frame("malformed")
                     sim.send_malformed_frame("oversize")
@@ -275,7 +285,7 @@ async def soak(args: argparse.Namespace) -> int:
             async with aiohttp.ClientSession() as session:
                 await asyncio.sleep(5)  # start-up is not "down"
                 while not stop.is_set():
-                    samples.append(await ws_up(session, url))
+                    samples.append(await ws_up(session, url) and not deaf())
                     await asyncio.sleep(1)
 
         async with asyncio.TaskGroup() as tg:
@@ -290,10 +300,12 @@ async def soak(args: argparse.Namespace) -> int:
                 print(f"every fax final after {time.monotonic() - started:.0f} s; waiting for the clients")
             except TimeoutError:
                 print("some faxes are still Queued in the simulator after 300 s")
-            truth = ground_truth(sim)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(300):
-                    while any(any(c.latest.get(k) != v for k, v in truth.items()) for c in clients):
+                    # Re-read the truth each time: a Sent recipient may still become Delivered.
+                    while any(
+                        any(c.latest.get(k) != v for k, v in ground_truth(sim).items()) for c in clients
+                    ):
                         progress.clear()
                         await progress.wait()
             print(f"clients done after {time.monotonic() - started:.0f} s")
@@ -307,6 +319,7 @@ async def soak(args: argparse.Namespace) -> int:
     up = sum(samples) / len(samples) if samples else 0.0
     print()
     print(f"duration            {args.minutes} min, fault every {args.fault_every} s ({args.faults})")
+    print(f"websocket pings     every {args.ping_interval} s, timeout {args.ping_timeout} s")
     print(f"faxes created       {created}  (keys checked: {len(truth)})")
     print(f"faults injected     {len(fault_log)}: " + ", ".join(f"{f} x{fault_log.count(f)}" for f in faults))
     print(f"daemon starts       {daemon.starts}; exit on SIGTERM: {code}")
@@ -339,6 +352,8 @@ def main() -> int:
     parser.add_argument("--fault-every", type=float, default=30.0, help="seconds between faults")
     parser.add_argument("--faults", choices=("ws", "all"), default="all")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--ping-interval", type=float, default=15.0, help="websocket.ping_interval")
+    parser.add_argument("--ping-timeout", type=float, default=10.0, help="websocket.ping_timeout")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return asyncio.run(soak(parser.parse_args()))
 
