@@ -44,7 +44,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configure_logging(
         level=config.logging.level, fmt=config.logging.format, redact_phi=config.logging.redact_phi
     )
-    return asyncio.run(daemon.run(config))
+    return asyncio.run(daemon.run(config, config_path=_config_path(args)))
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -57,13 +57,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from faxd import demo
 
     return asyncio.run(demo.run(give_up_after=args.timeout, keep=args.keep))
-
-
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from faxd.sim.cli import main as sim_main
-
-    argv = list(args.sim_args)
-    return sim_main(argv)
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -140,9 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("simulate", help="run the RingCentral simulator alone", add_help=False)
-    p.add_argument("sim_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_simulate)
+    # Listed for --help; main() hands its arguments to faxd.sim.cli before argparse sees them.
+    sub.add_parser("simulate", help="run the RingCentral simulator alone (faxd simulate --help)")
 
     p = sub.add_parser("watch", help="follow transitions as they happen")
     with_socket(p)
@@ -175,8 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["simulate"]:
+        # The simulator parses its own options (argparse.REMAINDER would not take leading ones).
+        from faxd.sim.cli import main as sim_main
+
+        return sim_main(args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -6,9 +6,11 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
+import aiohttp
 import yaml
 
 from faxd.sim import Simulator
@@ -109,3 +111,27 @@ async def test_sigterm_stops_the_daemon_in_order_with_exit_0(sim: Simulator, sho
     assert not (short_dir / "events.sock").exists(), "the socket file must be unlinked on exit"
     for line in lines:
         assert "faxd-sim-jwt" not in json.dumps(line)
+
+
+async def test_simulate_takes_its_own_options_and_serves(short_dir: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        *FAXD,
+        "simulate",
+        "--listen",
+        f"127.0.0.1:{port}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        first = await proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in first.decode()
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/_sim/info") as r:
+            info = await r.json()
+        proc.send_signal(signal.SIGINT)
+        await proc.communicate()
+    assert info["extensions"] == ["200000001"]
+    assert proc.returncode == 0
