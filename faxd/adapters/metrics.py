@@ -8,16 +8,22 @@ This module must not decide anything about faxes; adapters call its methods when
 
 from __future__ import annotations
 
+import platform
+import re
 from collections.abc import Awaitable, Callable
 
+import prometheus_client
 from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Enum,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -27,6 +33,51 @@ from faxd.core.model import FaxStatus
 GROUPS = ("Light", "Medium", "Heavy", "Auth")
 WS_STATES = ("disconnected", "connecting", "subscribing", "up")
 RECONCILE_TRIGGERS = ("push", "poll", "startup", "resync", "request")
+WS_CONNECT_KINDS = ("fresh", "recovery")
+#: Why a WebSocket connection ended; anything else is folded into these by `ws_disconnect_reason`.
+WS_DISCONNECT_REASONS = (
+    "closed",
+    "closed_abnormal",
+    "connection_lost",
+    "ping_timeout",
+    "silent",
+    "too_large",
+    "wsg_902",
+    "wsg_903",
+    "error_frame",
+    "reply_timeout",
+    "rate_limited",
+    "api_error",
+    "handshake",
+    "network",
+    "internal",
+    "other",
+)
+WS_BAD_FRAME_REASONS = (
+    "not_json",
+    "not_array",
+    "bad_meta",
+    "bad_body",
+    "other_type",
+    "unknown_type",
+    "too_large",
+    "foreign_subscription",
+    "foreign_extension",
+)
+TOKEN_GRANTS = ("jwt", "refresh")
+TOKEN_RESULTS = ("ok", "error", "rejected", "rate_limited")
+SOCKET_DISCONNECT_REASONS = (
+    "eof",
+    "reset",
+    "error",
+    "shutdown",
+    "idle_timeout",
+    "line_too_long",
+    "slow_consumer",
+    "cursor_expired",
+    "busy",
+    "unauthorized",
+)
 CATEGORIES = (
     "busy",
     "no_answer",
@@ -41,34 +92,68 @@ CATEGORIES = (
 )
 
 
+_NETWORK_ERROR = re.compile(r"^[A-Za-z]*(Error|Exception|Timeout)$")
+
+
+def ws_disconnect_reason(reason: str) -> str:
+    """A bounded label value for a WebSocket disconnect reason."""
+    if reason in WS_DISCONNECT_REASONS:
+        return reason
+    if reason.startswith("api "):
+        return "api_error"
+    if reason.startswith("handshake"):
+        return "handshake"
+    if _NETWORK_ERROR.match(reason):  # an exception class name: OSError, TimeoutError, ...
+        return "network"
+    return "other"
+
+
+def add_process_collectors(registry: CollectorRegistry) -> None:
+    """``process_*``, ``python_info`` and ``python_gc_*`` in ``registry`` (the default registry has them)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+
+
 class Metrics:
     """All metric families of faxd, registered in ``registry``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # Counters and histograms would each get a `_created` series: noise for Prometheus.
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         r = registry
         self.build_info = Info("faxd_build", "faxd version.", registry=r)
-        self.build_info.info({"version": __version__})
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
 
         # WebSocket session
         self.ws_state = Enum(
             "faxd_ws_state", "State of the WebSocket session.", states=list(WS_STATES), registry=r
         )
         self.ws_connects = Counter(
-            "faxd_ws_connects_total", "WebSocket connections opened.", ["kind"], registry=r
+            "faxd_ws_connects_total",
+            "WebSocket connections opened, fresh or by session recovery.",
+            ["kind"],
+            registry=r,
         )
+        for kind in WS_CONNECT_KINDS:
+            self.ws_connects.labels(kind)
         self.ws_disconnects = Counter(
             "faxd_ws_disconnects_total",
             "WebSocket connections lost, by reason.",
             ["reason"],
             registry=r,
         )
+        for reason in WS_DISCONNECT_REASONS:
+            self.ws_disconnects.labels(reason)
         self.ws_recoveries = Counter(
             "faxd_ws_recoveries_total",
             "WSG session recoveries attempted, by result.",
             ["result"],
             registry=r,
         )
+        for result in ("successful", "failed"):
+            self.ws_recoveries.labels(result)
         self.ws_last_message = Gauge(
             "faxd_ws_last_message_timestamp_seconds",
             "Unix time of the last frame received from the WebSocket gateway.",
@@ -80,6 +165,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in WS_BAD_FRAME_REASONS:
+            self.ws_bad_frames.labels(reason)
         self.ws_hints = Counter("faxd_ws_hints_total", "Fax change notifications received.", registry=r)
 
         # Auth
@@ -94,6 +181,9 @@ class Metrics:
             ["grant", "result"],
             registry=r,
         )
+        for grant in TOKEN_GRANTS:
+            for result in TOKEN_RESULTS:
+                self.token_refreshes.labels(grant, result)
 
         # REST
         self.api_requests = Counter(
@@ -143,6 +233,9 @@ class Metrics:
             ["trigger", "result"],
             registry=r,
         )
+        for trigger in RECONCILE_TRIGGERS:
+            for result in ("ok", "error"):
+                self.reconciles.labels(trigger, result)
         self.reconcile_duration = Histogram(
             "faxd_reconcile_duration_seconds",
             "Time one reconcile of one extension took.",
@@ -173,6 +266,11 @@ class Metrics:
         for category in CATEGORIES:
             self.failures.labels(category)
         self.in_flight = Gauge("faxd_faxes_in_flight", "Faxes whose status can still change.", registry=r)
+        self.oldest_in_flight = Gauge(
+            "faxd_oldest_in_flight_fax_timestamp_seconds",
+            "Unix creation time of the oldest fax still in flight; 0 when none is.",
+            registry=r,
+        )
         self.time_to_final = Histogram(
             "faxd_time_to_final_seconds",
             "From a fax's creation to its final status.",
@@ -195,11 +293,24 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in SOCKET_DISCONNECT_REASONS:
+            self.socket_disconnects.labels(reason)
         self.journal_head = Gauge("faxd_journal_head_seq", "Newest journal seq.", registry=r)
         self.journal_oldest = Gauge("faxd_journal_oldest_seq", "Oldest journal seq still kept.", registry=r)
         self.loop_lag = Gauge(
             "faxd_event_loop_lag_seconds", "How late the last event-loop probe ran.", registry=r
         )
+
+        # Process
+        self.reloads = Counter(
+            "faxd_config_reloads_total", "Configuration reloads (SIGHUP), by result.", ["result"], registry=r
+        )
+        for result in ("ok", "error"):
+            self.reloads.labels(result)
+
+    def last_sync_time(self) -> float:
+        """Unix time of the last successful reconcile, 0 if none (for STATUS= and /readyz)."""
+        return float(self.last_sync._value.get())
 
 
 Check = Callable[[], Awaitable[tuple[bool, str]]]

@@ -1,0 +1,236 @@
+"""faxd under systemd: the notify protocol of a real daemon process, socket activation, SIGTERM with work
+in flight, and the unit file itself (``systemd-analyze verify`` and ``security``)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ops_support import FAXD, NotifySocket, daemon, status_of, write_config, ws_up
+
+from faxd.adapters.notify import Notifier, listen_fds
+from faxd.adapters.store import Store
+from faxd.daemon import DRAIN_DEADLINE
+from faxd.sim import RecipientScript, Simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "faxd.service"
+SOCKET_UNIT = ROOT / "systemd" / "faxd.socket"
+
+
+# ---------------------------------------------------------------------------------------- notify protocol
+
+
+async def test_notifier_is_a_no_op_without_notify_socket() -> None:
+    notifier = Notifier(environ={})
+    assert not notifier.enabled
+    assert notifier.watchdog_interval is None
+    notifier.ready("x")
+    notifier.watchdog()
+    notifier.close()
+
+
+async def test_notifier_speaks_to_an_abstract_socket_and_keeps_status_on_one_line() -> None:
+    name = f"faxd-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind("\0" + name)
+        notifier = Notifier(environ={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "3000000"})
+        assert notifier.watchdog_interval == 1.5
+        notifier.ready("line one\nREADY=1 forged")
+        notifier.status("line one\nREADY=1 forged")  # unchanged: not sent again
+        notifier.reloading()
+        notifier.close()
+        first = server.recv(4096).decode()
+        reloading = server.recv(4096).decode()
+    assert first == "READY=1\nSTATUS=line one READY=1 forged"
+    fields = reloading.split("\n")
+    assert fields[0] == "RELOADING=1"
+    assert re.fullmatch(r"MONOTONIC_USEC=\d+", fields[1])
+
+
+async def test_watchdog_of_another_pid_is_not_ours() -> None:
+    notifier = Notifier(environ={"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
+    assert notifier.watchdog_interval is None
+
+
+async def test_listen_fds_ignores_fds_meant_for_another_process() -> None:
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "events"}
+    assert listen_fds(env) == {}
+    assert env == {}, "the variables must not leak to children"
+
+
+async def test_notify_sequence_of_a_real_daemon(sim: Simulator, short_dir: Path) -> None:
+    """READY=1 (with a STATUS) first, STATUS lines as the WebSocket comes up, WATCHDOG=1 at half of
+    WATCHDOG_USEC, then STOPPING=1 on SIGTERM and nothing but watchdog pings after it."""
+    config = write_config(short_dir, sim)
+    notify = NotifySocket(short_dir / "notify")
+    usec = 400_000
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(usec)}
+    try:
+        async with asyncio.timeout(30), daemon(config, env=env) as faxd:
+            first = await notify.next()
+            await notify.wait_for(ws_up)
+            pings: list[float] = []
+            while len(pings) < 4:
+                if await notify.next() == "WATCHDOG=1":
+                    pings.append(time.monotonic())
+            faxd.signal(signal.SIGTERM)
+            assert await faxd.wait() == 0
+        notify.drain()
+    finally:
+        notify.close()
+    messages = notify.messages
+    assert first.startswith("READY=1\nSTATUS=")
+    assert messages.count(first) == 1
+    assert not any("READY=1" in m for m in messages[1:]), "READY=1 is sent once"
+    statuses = [status_of(m) for m in messages if status_of(m) is not None]
+    assert any(s and s.startswith("WebSocket down") for s in statuses)
+    assert any(s and s.startswith("WebSocket up") for s in statuses)
+    stopping = [i for i, m in enumerate(messages) if m.startswith("STOPPING=1")]
+    assert len(stopping) == 1
+    assert all(m == "WATCHDOG=1" for m in messages[stopping[0] + 1 :])
+    assert all(m in ("WATCHDOG=1",) or "STATUS=" in m for m in messages)
+    # Half of WATCHDOG_USEC (0.2 s) between pings; systemd would act only after a full 0.4 s.
+    median = sorted(b - a for a, b in itertools.pairwise(pings))[1]
+    assert usec / 4e6 < median < usec / 1e6
+
+
+# ---------------------------------------------------------------------------------------- socket activation
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
+async def test_socket_activation_serves_the_inherited_socket(sim: Simulator, short_dir: Path) -> None:
+    config = write_config(short_dir, sim, events={"socket": "configured.sock"})
+    listen = short_dir / "activated.sock"
+    argv = [
+        "systemd-socket-activate",
+        "-l",
+        str(listen),
+        "--fdname=events",
+        *FAXD,
+        "run",
+        "-c",
+        str(config),
+    ]
+    async with asyncio.timeout(30), daemon(config, argv=argv) as faxd:
+        # systemd-socket-activate starts faxd on the first connection; the kernel queues it meanwhile.
+        await faxd.wait_raw("Listening on")
+        reader, writer = await asyncio.open_unix_connection(str(listen))
+        hello = json.loads(await reader.readline())
+        assert hello["type"] == "hello"
+        writer.close()
+        await writer.wait_closed()
+        line = await faxd.wait_event("event socket passed by systemd (socket activation)")
+        assert line["level"] == "info"
+        assert not (short_dir / "configured.sock").exists(), "the configured path must not be bound"
+        faxd.signal(signal.SIGTERM)
+        assert await faxd.wait() == 0
+    assert listen.exists(), "the socket belongs to systemd: faxd must not unlink it"
+
+
+# ---------------------------------------------------------------------------------------- SIGTERM
+
+
+async def test_sigterm_with_work_in_flight_journals_everything_and_exits_0(
+    sim: Simulator, short_dir: Path
+) -> None:
+    """A change faxd has heard of (a push hint waiting out a long debounce) is reconciled and journalled
+    by the drain before exit 0, well within the drain deadline."""
+    config = write_config(
+        short_dir,
+        sim,
+        reconcile={"debounce": 20, "max_delay": 30},
+        logging={"format": "json", "level": "debug"},
+    )
+    async with asyncio.timeout(30), daemon(config) as faxd:
+        await faxd.wait_event("logged in to RingCentral")
+        await faxd.wait_event("ws.subscribed")
+        start = len(faxd.lines)
+        fax_id = sim.create_outbound_fax(None, [RecipientScript("+16505550100", after=3600)])
+        await faxd.wait_event("ws hint queued", start)
+        signalled = time.monotonic()
+        faxd.signal(signal.SIGTERM)
+        assert await faxd.wait() == 0
+        took = time.monotonic() - signalled
+    assert took < DRAIN_DEADLINE
+    events = faxd.events
+    assert events.index("stopping: draining the reconcile queue") < events.index("faxd stopped")
+    store = Store(short_dir / "faxd.db")
+    store.open()
+    try:
+        history = store.history(fax_id)
+    finally:
+        store.close()
+    assert history, "the fax faxd had heard of must be journalled before exit"
+    assert history[-1].transition.to_status == "Queued"
+
+
+# ---------------------------------------------------------------------------------------- the unit
+
+
+def _unit_copy(tmp: Path) -> list[Path]:
+    """The units with ExecStart pointing at an interpreter that exists (verify checks the binary)."""
+    text = UNIT.read_text()
+    assert re.search(r"^ExecStart=/opt/faxd/bin/faxd run", text, re.M)
+    text = re.sub(r"^ExecStart=\S+", f"ExecStart={sys.executable} -m faxd", text, flags=re.M)
+    (tmp / "faxd.service").write_text(text)
+    shutil.copy(SOCKET_UNIT, tmp / "faxd.socket")
+    return [tmp / "faxd.socket", tmp / "faxd.service"]
+
+
+def _unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_unit_has_the_required_settings() -> None:
+    s = _unit_settings()
+    assert s["Type"] == ["notify"]
+    assert s["RestartSec"] == ["30s"]
+    assert s["RestartPreventExitStatus"] == ["78"]
+    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    stop = float(s["TimeoutStopSec"][0].removesuffix("s"))
+    assert stop > DRAIN_DEADLINE + 5, "systemd must not kill faxd while it drains"
+    assert "PrivateUsers" not in s, "PrivateUsers= breaks SO_PEERCRED"
+    assert "ProcSubset" not in s, "ProcSubset=pid hides /proc/stat and every process_* metric"
+    assert any(v.startswith("ringcentral-jwt:") for v in s["LoadCredentialEncrypted"])
+    assert "WatchdogSec" in s
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_unit_verifies_clean_and_scores_at_most_2(tmp_path: Path) -> None:
+    units = _unit_copy(tmp_path)
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "--recursive-errors=no", *map(str, units)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stderr
+    ours = [ln for ln in verify.stderr.splitlines() if str(tmp_path) in ln]
+    assert not ours, f"verify warnings about our units: {ours}"
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(units[1])],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for faxd\.service: (\d+\.\d+)", security.stdout)
+    assert match, security.stdout + security.stderr
+    assert float(match[1]) <= 2.0
+    assert security.returncode == 0
