@@ -233,6 +233,8 @@ def _reconcile_settings(config: Config) -> ReconcileSettings:
         poll_interval=rec.poll_interval,
         active_poll_interval=rec.active_poll_interval,
         stall_after=rec.stall_after,
+        sent_settle=rec.sent_settle,
+        retention_days=config.store.retention_days,
     )
 
 

@@ -105,3 +105,102 @@ def test_flush_makes_everything_due(q: KeyedQueue) -> None:
     q.done("e1", 0.0, ok=False)  # due at 2.0
     q.flush(0.5)
     assert q.pop(0.5) == ("e1", {"retry"})
+
+
+# -- the client-go contract, as a table --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failures", "expected_delays"),
+    [
+        (1, [2.0]),
+        (3, [2.0, 4.0, 8.0]),
+        (6, [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]),  # capped at backoff_cap
+    ],
+)
+def test_backoff_doubles_per_key_up_to_the_cap(
+    q: KeyedQueue, failures: int, expected_delays: list[float]
+) -> None:
+    now = 0.0
+    q.add("e1", "push", now)
+    delays = []
+    for _ in range(failures):
+        item = q.pop(now)
+        assert item is not None
+        delay = q.done("e1", now, ok=False)
+        assert delay is not None
+        delays.append(delay)
+        now += delay
+    assert delays == expected_delays
+    assert q.failures("e1") == failures
+
+
+def test_success_resets_the_backoff_of_that_key_only(q: KeyedQueue) -> None:
+    for key in ("e1", "e2"):
+        q.add(key, "push", 0.0)
+        q.pop(0.0)
+        assert q.done(key, 0.0, ok=False) == 2.0
+    q.pop(2.0)
+    q.pop(2.0)
+    assert q.done("e1", 2.0, ok=True) is None
+    assert q.done("e2", 2.0, ok=False) == 4.0
+    assert (q.failures("e1"), q.failures("e2")) == (0, 2)
+    q.add("e1", "push", 10.0)
+    q.pop(10.0)
+    assert q.done("e1", 10.0, ok=False) == 2.0  # starts again from the base
+
+
+def test_a_plain_hint_does_not_cut_a_backoff_short_but_an_immediate_one_does(q: KeyedQueue) -> None:
+    q.add("e1", "push", 0.0)
+    q.pop(0.0)
+    q.done("e1", 0.0, ok=False)  # retry at 2.0
+    q.add("e1", "push", 0.5)
+    assert q.next_deadline() == 2.0
+    assert q.pop(1.9) is None
+    q.add("e1", "resync", 1.0, immediate=True)
+    assert q.pop(1.0) == ("e1", {"retry", "push", "resync"})
+
+
+def test_a_failure_with_hints_during_processing_keeps_their_reasons(q: KeyedQueue) -> None:
+    q.add("e1", "push", 0.0)
+    q.pop(0.0)
+    q.add("e1", "poll", 0.2)
+    assert q.done("e1", 0.5, ok=False) == 2.0
+    assert q.depth == 1
+    assert q.pop(2.5) == ("e1", {"retry", "poll"})
+
+
+def test_many_hints_before_processing_collapse_into_one_item(q: KeyedQueue) -> None:
+    for i in range(100):
+        q.add("e1", "push", 0.0 + i * 0.001)
+    assert q.depth == 1
+    assert q.pop(0.1) == ("e1", {"push"})
+    assert q.pop(10.0) is None
+
+
+def test_keys_are_independent_and_the_most_overdue_goes_first(q: KeyedQueue) -> None:
+    q.add("e2", "push", 0.0)
+    q.add("e1", "push", 0.5)
+    assert q.pop(1.0) == ("e2", {"push"})
+    assert q.pop(1.0) == ("e1", {"push"})  # both processing at once: different keys
+
+
+def test_shut_down_drops_new_hints_runs_what_is_pending_now_and_retries_nothing(q: KeyedQueue) -> None:
+    q.add("e1", "push", 0.0)
+    q.pop(0.0)
+    q.done("e1", 0.0, ok=True)
+    q.add("e1", "push", 0.1)  # in its quiet period until 1.1
+    q.add("e2", "push", 0.1)
+    q.pop(0.1)  # e2 processing
+    q.add("e2", "poll", 0.2)  # hint during processing, before the shutdown
+    q.shut_down(0.3)
+    assert q.closed
+    assert q.add("e3", "push", 0.3) is False
+    assert q.depth == 1  # e1, made due now
+    assert q.next_deadline() == 0.3
+    assert q.pop(0.3) == ("e1", {"push"})
+    assert q.done("e1", 0.4, ok=False) is None  # no retry while draining
+    q.done("e2", 0.4, ok=True)
+    assert q.pop(0.4) == ("e2", {"poll"})  # the hint taken before the shutdown runs at once
+    q.done("e2", 0.5, ok=True)
+    assert q.is_idle()

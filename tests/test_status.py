@@ -7,7 +7,17 @@ from typing import Any
 import pytest
 
 from faxd.core.model import EventKind, FaxState, RecipientState
-from faxd.core.status import EXPECTED, RecordError, apply_record, diff, is_expected, stalled
+from faxd.core.status import (
+    EXPECTED,
+    RecordError,
+    apply_record,
+    diff,
+    is_expected,
+    is_final,
+    settled,
+    stalled,
+    unsettled,
+)
 
 
 def record(status: str = "Queued", *to: tuple[str, str | None], **extra: Any) -> dict[str, Any]:
@@ -187,3 +197,91 @@ def test_every_status_has_a_row_in_the_table() -> None:
     from faxd.core.model import FaxStatus
 
     assert set(EXPECTED) == {None, *(s.value for s in FaxStatus)}
+
+
+# -- duplicates, stale records, the settle rule ----------------------------------------------------
+
+
+def test_a_duplicate_record_yields_the_same_state_and_no_transition() -> None:
+    first = state(record("Queued", ("Queued", None)))
+    again = state(record("Queued", ("Queued", None)), first)
+    assert again == first
+    assert diff(first, again) == []
+
+
+def test_an_older_record_does_not_move_the_state_backwards() -> None:
+    sent = state(record("Sent", ("Sent", None), lastModifiedTime="2026-11-24T10:00:09.000Z"))
+    late = record("Queued", ("Queued", None), lastModifiedTime="2026-11-24T10:00:05.000Z")
+    assert state(late, sent) is sent
+    # RingCentral saying so with a newer time is reported (rule 4), however odd.
+    newer = record("Queued", ("Queued", None), lastModifiedTime="2026-11-24T10:00:10.000Z")
+    assert moves(sent, state(newer, sent)) == [
+        ("status", None, "Sent", "Queued"),
+        ("recipient", 0, "Sent", "Queued"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "settle", "final"),
+    [
+        ("Sent", False, True),
+        ("Sent", True, False),
+        ("Delivered", True, True),
+        ("SendingFailed", True, True),
+        ("Queued", False, False),
+        ("Received", True, True),
+    ],
+)
+def test_is_final_with_and_without_a_settle_period(status: str, settle: bool, final: bool) -> None:
+    assert is_final(status, settle=settle) is final
+
+
+def test_with_a_settle_period_sent_is_journalled_not_final_and_keyed_for_settling() -> None:
+    queued = state(record("Queued", ("Queued", None), ("Queued", None)))
+    new = state(record("SendingFailed", ("Sent", None), ("SendingFailed", "NoAnswer")), queued)
+    ts = diff(queued, new, settle=True)
+    assert [(t.kind.value, t.recipient_index, t.to_status, t.final) for t in ts] == [
+        ("status", None, "SendingFailed", True),
+        ("recipient", 0, "Sent", False),
+        ("recipient", 1, "SendingFailed", True),
+    ]
+    assert [unsettled(t) for t in ts] == [None, ("111", 0), None]
+
+
+def test_settled_waits_then_fires_once_the_sent_held() -> None:
+    sent = state(record("Sent", ("Sent", None)))
+    assert settled(sent, ("111", None), since=100.0, now=104.0, settle_after=5.0) == "wait"
+    t = settled(sent, ("111", None), since=100.0, now=105.0, settle_after=5.0)
+    assert not isinstance(t, str)
+    assert (t.kind, t.from_status, t.to_status, t.final, t.recipient_index) == (
+        EventKind.SETTLED,
+        "Sent",
+        "Sent",
+        True,
+        None,
+    )
+    r = settled(sent, ("111", 0), since=100.0, now=105.0, settle_after=5.0)
+    assert not isinstance(r, str)
+    assert (r.kind, r.recipient_index, r.recipient_phone) == (EventKind.SETTLED, 0, "+16505550000")
+    assert r.dedup_key == ("111", 0, "settled", "Sent")
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        record("Delivered", ("Delivered", None)),  # moved on: Delivered is the final event
+        record("Sent", ("Sent", None), availability="Deleted"),
+    ],
+)
+def test_settled_is_moot_once_the_fax_moved_on(rec: dict[str, Any]) -> None:
+    assert settled(state(rec), ("111", None), since=0.0, now=100.0, settle_after=5.0) == "moot"
+    assert settled(state(rec), ("111", 0), since=0.0, now=100.0, settle_after=5.0) == "moot"
+
+
+def test_a_vanished_message_becomes_purged_with_one_final_availability_event() -> None:
+    queued = state(record())
+    gone = state({"id": 111, "availability": "Purged"}, queued)
+    assert [(t.kind.value, t.from_status, t.to_status, t.final) for t in diff(queued, gone)] == [
+        ("availability", "Alive", "Purged", True)
+    ]
+    assert not gone.in_flight

@@ -88,7 +88,7 @@ def test_reopen_keeps_epoch_seq_and_state(tmp_path: Path) -> None:
 def test_prune_keeps_the_newest_row_and_oldest_seq_honest(store: Store) -> None:
     store.commit([fax("Sent")], [move("Sent")], observed_at="2026-01-01T00:00:00Z")
     store.commit([fax("Delivered")], [move("Delivered", "Sent")], observed_at="2026-01-02T00:00:00Z")
-    assert store.prune(before="2030-01-01") == 1
+    assert store.prune(before="2030-01-01") == (1, 0)
     assert (store.oldest_seq(), store.head_seq()) == (2, 2)
     events = store.commit([fax("Delivered")], [move("Delivered", index=0)], observed_at="2026-01-03")
     assert events[0].seq == 3
@@ -117,3 +117,33 @@ def test_corrupt_file_is_refused(tmp_path: Path) -> None:
 def test_wal_and_full_sync(store: Store) -> None:
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_prune_drops_old_final_faxes_without_journal_rows_and_keeps_in_flight_ones(store: Store) -> None:
+    old_final = FaxState("9", "200", "Outbound", "Sent", created="2026-01-01T00:00:00.000Z")
+    old_queued = FaxState("8", "200", "Outbound", "Queued", created="2026-01-01T00:00:00.000Z")
+    store.commit([old_final, old_queued], [], observed_at="2026-01-01T00:00:00Z")
+    store.commit([fax("Sent")], [move("Sent")], observed_at="2026-01-02T00:00:00Z")
+    store.commit([fax("Sent")], [move("Sent", index=0)], observed_at="2026-01-03T00:00:00Z")
+    cutoff = 1767312000.0  # 2026-01-02T00:00:00Z
+    assert store.prune(before="2026-01-02T12:00:00Z", faxes_before=cutoff) == (1, 1)
+    assert set(store.load_faxes()) == {"1", "8"}  # "1" still has a journal row; "8" is in flight
+    assert (store.oldest_seq(), store.head_seq()) == (2, 2)
+    assert store.integrity_check() == "ok"
+
+
+def test_unsettled_sent_lists_sent_not_final_without_a_settled_event(store: Store) -> None:
+    sent = Transition(EventKind.RECIPIENT, "1", "200", "Outbound", "Queued", "Sent", False, 0)
+    fax_sent = Transition(EventKind.STATUS, "1", "200", "Outbound", "Queued", "Sent", False)
+    final_sent = Transition(EventKind.STATUS, "2", "200", "Outbound", "Queued", "Sent", True)
+    store.commit(
+        [fax("Sent")],
+        [Journalled(t, Source.POLL) for t in (sent, fax_sent, final_sent)],
+        observed_at="2026-01-01T00:00:00.000Z",
+    )
+    assert [(t.fax_id, t.recipient_index) for t, _ in store.unsettled_sent()] == [("1", 0), ("1", None)]
+    settled = Transition(EventKind.SETTLED, "1", "200", "Outbound", "Sent", "Sent", True, 0)
+    store.commit([], [Journalled(settled, Source.POLL)], observed_at="2026-01-01T00:00:10.000Z")
+    assert [(t.fax_id, t.recipient_index, at) for t, at in store.unsettled_sent()] == [
+        ("1", None, "2026-01-01T00:00:00.000Z")
+    ]

@@ -2,13 +2,30 @@
 
 Three parts, all thin around the core:
 
-* :class:`Reconciler` reads the message store for one extension (message-sync ISync with the stored
-  token, FSync when there is none or it went stale, then a bulk GET of in-flight faxes the sync did not
-  return when a poll asked for it), diffs with :mod:`faxd.core.status` and commits states, transitions
-  and the new token in one store transaction, then publishes the new events.
+* :class:`Reconciler` reads the message store for one extension and commits what it found:
+
+  1. message-sync: ISync with the stored token; FSync when there is none or it went stale (MSG-333).
+     When an FSync answers ``olderRecordsExist`` (the frame's ``recordCount`` was too small) it is
+     repeated with a larger ``recordCount`` (times 4, up to ``fsync_max_record_count``); what is still left
+     out is logged, and any of it faxd already tracks is read by id in step 2. The records are diffed
+     with :mod:`faxd.core.status` and the new states, their transitions and the new syncToken are
+     committed in ONE store transaction, then published. Duplicates (the server's 5 s overlap, a
+     record seen by sync and bulk GET) diff to nothing; deleted and purged records that come back as
+     id + availability only become ``availability`` events.
+  2. When a poll, start-up, resync, client request or settle timer asked (not for a plain push hint),
+     or after an FSync: a bulk GET (chunks of 50) of the faxes still in flight (or waiting to settle)
+     that step 1 did not return. A 404 means RingCentral dropped the message: the fax becomes
+     ``Purged`` (one ``availability`` event, final). Ids whose entry failed otherwise are committed
+     as far as they went and the reconcile raises :class:`BulkIncomplete`, so the queue retries it
+     with backoff. What step 2 finds is journalled with source ``poll`` whatever asked: it is what
+     push and sync missed, and counts in ``faxd_missed_by_push_total``.
+  3. Without any API call: ``stalled`` events and ``settled`` events (the ``Sent`` settle rule,
+     :func:`faxd.core.status.settled`), committed with step 2's states.
+
 * :class:`ReconcileQueue` drives a :class:`faxd.core.debounce.KeyedQueue` on the event loop's clock.
-* :func:`poll_forever` asks for a reconcile of every extension every ``poll_interval`` (or
-  ``active_poll_interval`` while a fax is in flight), so changes are found even when no hint arrives.
+* :func:`poll_forever` asks for a reconcile of every extension every ``poll_interval``, of those with
+  faxes in flight every ``active_poll_interval``, of those with a ``Sent`` due to settle when it is
+  due, and prunes the journal (``retention_days``) at start and every ``prune_interval``.
 
 This module must not parse WebSocket frames or talk to socket clients; it gets keys and gives events.
 """
@@ -18,23 +35,37 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 
 from faxd.adapters.metrics import Metrics
-from faxd.adapters.rest import ApiError, Document, RingCentral, SyncTokenStale
+from faxd.adapters.rest import ApiError, Document, RingCentral, SyncResult, SyncTokenStale
 from faxd.adapters.store import Journalled, Store
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind, FaxState, Source
 from faxd.core.protocol import SendError
-from faxd.core.status import RecordError, apply_record, diff, is_expected, parse_time, stalled
+from faxd.core.status import (
+    RecordError,
+    SettleKey,
+    apply_record,
+    diff,
+    is_expected,
+    parse_time,
+    settled,
+    stalled,
+    unsettled,
+)
 
 log = structlog.get_logger(__name__)
 
 Publish = Callable[[Sequence[Event]], None]
+
+DAY = 86400.0
+#: Reasons after which the in-flight faxes the sync did not return are read by id (bulk GET).
+CHECK_REASONS = frozenset({"poll", "startup", "resync", "request", "settle"})
 
 
 @dataclass(frozen=True)
@@ -44,7 +75,16 @@ class ReconcileSettings:
     poll_interval: float = 300.0
     active_poll_interval: float = 60.0
     stall_after: float = 1800.0
+    sent_settle: float = 0.0  # seconds a Sent must hold before it is final; 0 = final at once
+    retention_days: float | None = None  # journal retention; None = keep everything
+    prune_interval: float = 3600.0
     fsync_days: float = 7.0  # how far back the first full sync looks
+    fsync_record_count: int = 250
+    fsync_max_record_count: int = 4000
+
+
+class BulkIncomplete(ApiError):
+    """Some ids of a bulk GET failed (not 404): what was read is committed, the rest is retried."""
 
 
 def _source(reasons: set[str]) -> Source:
@@ -57,6 +97,15 @@ def _source(reasons: set[str]) -> Source:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class _Batch:
+    """What one step of a reconcile found: new states and transitions to commit together."""
+
+    changed: dict[str, FaxState] = field(default_factory=dict)
+    journal: list[Journalled] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
 
 
 class Reconciler:
@@ -79,6 +128,15 @@ class Reconciler:
         self.settings = settings
         self.wall = wall
         self.faxes: dict[str, FaxState] = store.load_faxes()
+        # Unsettled Sent (fax or recipient) -> wall time faxd first saw it Sent; survives restarts
+        # through the journal.
+        self._settle: dict[SettleKey, float] = {}
+        for t, observed_at in store.unsettled_sent():
+            key = unsettled(t)
+            if key is not None and key[0] in self.faxes:
+                self._settle[key] = parse_time(observed_at) or wall()
+        #: Set whenever a timer (settle) may have to fire earlier than :func:`poll_forever` planned.
+        self.timers_changed = asyncio.Event()
         self._update_gauges()
 
     def in_flight(self, extension_id: str | None = None) -> list[FaxState]:
@@ -87,6 +145,27 @@ class Reconciler:
             for f in self.faxes.values()
             if f.in_flight and (extension_id is None or f.extension_id == extension_id)
         ]
+
+    def tracked(self, extension_id: str) -> list[FaxState]:
+        """Faxes of ``extension_id`` that can still produce an event: in flight or waiting to settle."""
+        settling = {fax_id for fax_id, _ in self._settle}
+        return [
+            f
+            for f in self.faxes.values()
+            if f.extension_id == extension_id and (f.in_flight or f.fax_id in settling)
+        ]
+
+    def next_settle(self) -> tuple[float, str] | None:
+        """(wall time, extension) of the earliest ``Sent`` due to settle; None when nothing waits."""
+        best: tuple[float, str] | None = None
+        for (fax_id, _), since in self._settle.items():
+            fax = self.faxes.get(fax_id)
+            if fax is None:
+                continue
+            due = since + self.settings.sent_settle
+            if best is None or due < best[0]:
+                best = (due, fax.extension_id)
+        return best
 
     def by_ref(self, ref: str) -> FaxState | None:
         return next((f for f in self.faxes.values() if f.ref == ref), None)
@@ -105,79 +184,150 @@ class Reconciler:
         self.metrics.reconcile_duration.observe(time.perf_counter() - started)
         self.metrics.last_sync.set(self.wall())
 
-    async def _reconcile(self, extension_id: str, reasons: set[str]) -> None:
-        source = _source(reasons)
+    async def _sync(self, extension_id: str) -> tuple[SyncResult, bool]:
+        """message-sync: ISync, or FSync (returned True) when there is no token or it went stale."""
         token = self.store.sync_token(extension_id)
         date_from = datetime.fromtimestamp(self.wall(), UTC) - timedelta(days=self.settings.fsync_days)
-        try:
-            result = await self.rc.message_sync(extension_id, token, date_from=date_from)
-        except SyncTokenStale:
-            log.info("sync token stale, running a full sync", extension=extension_id)
-            result = await self.rc.message_sync(extension_id, None, date_from=date_from)
-        seen: set[str] = set()
-        changed: dict[str, FaxState] = {}
-        journal: list[Journalled] = []
-
-        def absorb(record: Any, how: Source) -> None:
-            fax_id = str(record.get("id")) if isinstance(record, dict) else ""
-            old = changed.get(fax_id) or self.faxes.get(fax_id)
+        if token is not None:
             try:
-                new = apply_record(old, record, extension_id=extension_id)
-            except RecordError as exc:
-                self.metrics.api_bad_bodies.labels("message-record").inc()
-                log.warning("ignored a malformed message record", reason=str(exc))
-                return
-            if new is None:
-                return
-            seen.add(new.fax_id)
-            if new == old:
-                return
-            changed[new.fax_id] = new
-            for t in diff(old, new):
-                if not is_expected(t.from_status, t.to_status) and t.kind in (
-                    EventKind.STATUS,
-                    EventKind.RECIPIENT,
-                ):
-                    log.warning("unexpected status move", fax_id=t.fax_id, frm=t.from_status, to=t.to_status)
-                journal.append(Journalled(t, how))
+                return await self.rc.message_sync(extension_id, token, date_from=date_from), False
+            except SyncTokenStale:
+                log.info("sync token stale, running a full sync", extension=extension_id)
+        count = self.settings.fsync_record_count
+        while True:
+            result = await self.rc.message_sync(extension_id, None, date_from=date_from, record_count=count)
+            if not result.older_records_exist or count >= self.settings.fsync_max_record_count:
+                break
+            count = min(self.settings.fsync_max_record_count, count * 4)
+            log.info("full sync frame too small, widening", extension=extension_id, record_count=count)
+        if result.older_records_exist:
+            log.warning(
+                "full sync left older faxes out; tracked ones are read by id",
+                extension=extension_id,
+                record_count=count,
+            )
+        return result, True
 
-        for record in result.records:
-            absorb(record, source)
-        if reasons & {"poll", "startup", "resync", "request"}:
-            missing = [f.fax_id for f in self.in_flight(extension_id) if f.fax_id not in seen]
-            if missing:
-                found = await self.rc.get_messages(extension_id, missing)
-                for item in found.values():
-                    if item is not None:
-                        # Found without a push hint: record it as a poll find, whatever asked.
-                        absorb(item, Source.POLL)
+    def _absorb(self, batch: _Batch, extension_id: str, record: Any, how: Source) -> None:
+        fax_id = str(record.get("id")) if isinstance(record, dict) else ""
+        old = batch.changed.get(fax_id) or self.faxes.get(fax_id)
+        try:
+            new = apply_record(old, record, extension_id=extension_id)
+        except RecordError as exc:
+            self.metrics.api_bad_bodies.labels("message-record").inc()
+            log.warning("ignored a malformed message record", reason=str(exc))
+            return
+        if new is None:
+            return
+        batch.seen.add(new.fax_id)
+        if new == old:
+            return  # a duplicate (overlap, or seen by sync and bulk GET): nothing new
+        batch.changed[new.fax_id] = new
+        for t in diff(old, new, settle=self.settings.sent_settle > 0):
+            if not is_expected(t.from_status, t.to_status) and t.kind in (
+                EventKind.STATUS,
+                EventKind.RECIPIENT,
+            ):
+                log.warning("unexpected status move", fax_id=t.fax_id, frm=t.from_status, to=t.to_status)
+            batch.journal.append(Journalled(t, how))
+
+    def _commit(self, batch: _Batch, *, sync_tokens: dict[str, str | None] | None = None) -> list[Event]:
         now = self.wall()
-        for state in [*changed.values(), *self.in_flight(extension_id)]:
-            current = changed.get(state.fax_id, state)
-            t = stalled(current, now=now, stall_after=self.settings.stall_after)
-            if t is not None:
-                journal.append(Journalled(t, source))
         events = self.store.commit(
-            list(changed.values()),
-            journal,
-            observed_at=_iso(now),
-            sync_tokens={extension_id: result.sync_token},
+            list(batch.changed.values()), batch.journal, observed_at=_iso(now), sync_tokens=sync_tokens
         )
-        self.faxes.update(changed)
+        self.faxes.update(batch.changed)
+        for event in events:
+            key = unsettled(event.transition)
+            if key is not None:
+                self._settle.setdefault(key, now)
+                self.timers_changed.set()
+            elif event.transition.kind is EventKind.SETTLED:
+                self._settle.pop((event.transition.fax_id, event.transition.recipient_index), None)
         self._account(events)
         if events:
-            log.info("reconciled", extension=extension_id, source=source.value, events=len(events))
             self.publish(events)
+        return events
+
+    async def _reconcile(self, extension_id: str, reasons: set[str]) -> None:
+        source = _source(reasons)
+        result, full = await self._sync(extension_id)
+        synced = _Batch()
+        for record in result.records:
+            self._absorb(synced, extension_id, record, source)
+        events = self._commit(synced, sync_tokens={extension_id: result.sync_token})
+
+        checked = _Batch(seen=set(synced.seen))
+        failed: list[str] = []
+        if full or reasons & CHECK_REASONS:
+            missing = [f.fax_id for f in self.tracked(extension_id) if f.fax_id not in synced.seen]
+            if missing:
+                found = await self.rc.get_messages(extension_id, missing)
+                for fax_id in missing:
+                    if fax_id not in found:
+                        failed.append(fax_id)
+                        continue
+                    item = found[fax_id]
+                    # 404: RingCentral no longer has the message (purged and gone).
+                    record = item if item is not None else {"id": fax_id, "availability": "Purged"}
+                    # Found without a push hint: record it as a poll find, whatever asked.
+                    self._absorb(checked, extension_id, record, Source.POLL)
+        self._timers(checked, extension_id, source)
+        events += self._commit(checked)
+        if events:
+            log.info("reconciled", extension=extension_id, source=source.value, events=len(events))
+        if failed:
+            raise BulkIncomplete(0, "bulk_incomplete", f"{len(failed)} of the in-flight faxes not read")
+
+    def _timers(self, batch: _Batch, extension_id: str, source: Source) -> None:
+        """Stalled and settled events: rules on time, no API call."""
+        now = self.wall()
+        for state in self.in_flight(extension_id):
+            current = batch.changed.get(state.fax_id, state)
+            t = stalled(current, now=now, stall_after=self.settings.stall_after)
+            if t is not None:
+                batch.journal.append(Journalled(t, source))
+        for key, since in list(self._settle.items()):
+            fax = batch.changed.get(key[0]) or self.faxes.get(key[0])
+            if fax is None:
+                del self._settle[key]
+                continue
+            if fax.extension_id != extension_id:
+                continue
+            verdict = settled(fax, key, since=since, now=now, settle_after=self.settings.sent_settle)
+            if verdict == "moot":
+                del self._settle[key]
+            elif verdict != "wait":
+                batch.journal.append(Journalled(verdict, source))
+
+    def prune(self) -> tuple[int, int]:
+        """Apply ``retention_days`` to the journal and to final faxes (see :meth:`Store.prune`).
+
+        A fax row is kept at least as long as a full sync can still return it (``fsync_days``), so a
+        pruned fax never comes back as "new" and repeats its events.
+        """
+        days = self.settings.retention_days
+        if days is None:
+            return (0, 0)
+        now = self.wall()
+        faxes_before = now - max(days, self.settings.fsync_days) * DAY
+        rows, gone = self.store.prune(before=_iso(now - days * DAY), faxes_before=faxes_before)
+        if gone:
+            self.faxes = self.store.load_faxes()
+        if rows or gone:
+            log.info("journal pruned", rows=rows, faxes=gone, oldest_seq=self.store.oldest_seq())
+        self._update_gauges()
+        return rows, gone
 
     def _account(self, events: Sequence[Event]) -> None:
         now = self.wall()
         for event in events:
             t = event.transition
             if t.kind in (EventKind.STATUS, EventKind.RECIPIENT):
+                if event.source is Source.POLL:
+                    self.metrics.missed_by_push.inc()
                 if t.kind is EventKind.STATUS:
                     self.metrics.transitions.labels(t.direction, t.to_status).inc()
-                    if event.source is Source.POLL:
-                        self.metrics.missed_by_push.inc()
                     fax = self.faxes.get(t.fax_id)
                     created = parse_time(fax.created) if fax else None
                     if t.final and t.from_status is not None and created is not None:
@@ -218,16 +368,19 @@ class Reconciler:
             raise SendError("upstream", "RingCentral's answer was not a fax record")
         state = replace(state, ref=ref)
         old = self.faxes.get(state.fax_id)
-        transitions = [Journalled(t, Source.SEND) for t in diff(old, state)]
-        events = self.store.commit([state], transitions, observed_at=_iso(self.wall()))
-        self.faxes[state.fax_id] = state
-        self._account(events)
-        self.publish(events)
+        settle = self.settings.sent_settle > 0
+        transitions = [Journalled(t, Source.SEND) for t in diff(old, state, settle=settle)]
+        self._commit(_Batch(changed={state.fax_id: state}, journal=transitions))
         return state
 
 
 class ReconcileQueue:
-    """Runs due keys of a :class:`KeyedQueue` through the reconciler, one key at a time."""
+    """Runs due keys of a :class:`KeyedQueue` through the reconciler, one key at a time.
+
+    The pure queue decides; this driver only owns the clock (the loop's), sleeps until the next due
+    key or a new hint, and reports each result back (``done``: success resets the key's backoff,
+    failure schedules its retry). :meth:`drain` is client-go's ``ShutDownWithDrain``.
+    """
 
     def __init__(self, queue: KeyedQueue, reconciler: Reconciler, metrics: Metrics) -> None:
         self.queue = queue
@@ -241,8 +394,9 @@ class ReconcileQueue:
         return asyncio.get_running_loop().time()
 
     def hint(self, key: str, reason: str, *, immediate: bool = False) -> None:
-        """Ask for a reconcile of ``key``. Never blocks."""
-        self.queue.add(key, reason, self._now(), immediate=immediate)
+        """Ask for a reconcile of ``key``. Never blocks; dropped once the queue is draining."""
+        if not self.queue.add(key, reason, self._now(), immediate=immediate):
+            return
         self.metrics.queue_depth.set(self.queue.depth)
         self._idle.clear()
         self._wake.set()
@@ -282,27 +436,64 @@ class ReconcileQueue:
                 self.metrics.queue_depth.set(self.queue.depth)
 
     async def drain(self) -> None:
-        """Make every pending key due and wait until all are processed (bound it with a timeout)."""
-        self.queue.flush(self._now())
+        """Stop taking hints, run what is pending now (no retries), and wait until all is done.
+
+        Bound it with a timeout: a reconcile may be waiting for the rate budget.
+        """
+        self.queue.shut_down(self._now())
         self._wake.set()
+        if self.queue.is_idle():
+            self._idle.set()
         await self.wait_idle()
 
 
 async def poll_forever(
     queue: ReconcileQueue, extensions: Callable[[], Sequence[str]], settings: ReconcileSettings
 ) -> None:
-    """Safety polls of every extension every ``poll_interval``; active polls of the extensions with
-    faxes in flight every ``active_poll_interval``. Runs until cancelled."""
+    """The timers of the reconcile engine, until cancelled:
+
+    * a safety poll of every extension every ``poll_interval``, hints or not;
+    * an active poll of the extensions with faxes in flight every ``active_poll_interval``;
+    * a ``settle`` reconcile of an extension when one of its ``Sent`` is due to settle
+      (``sent_settle``); the reconcile re-reads the fax and journals ``settled`` if it still holds;
+    * journal retention (``retention_days``) at start and every ``prune_interval``.
+    """
     loop = asyncio.get_running_loop()
-    tick = min(settings.active_poll_interval, settings.poll_interval)
-    last_full = loop.time()
+    reconciler = queue.reconciler
+    now = loop.time()
+    next_full = now + settings.poll_interval
+    next_active = now + settings.active_poll_interval
+    next_prune = now if settings.retention_days is not None else float("inf")
+    settle_hinted: dict[str, float] = {}  # extension -> loop time of the last settle hint
     while True:
-        await asyncio.sleep(tick)
         now = loop.time()
-        if now - last_full >= settings.poll_interval:
-            keys = set(extensions())
-            last_full = now
-        else:
-            keys = {f.extension_id for f in queue.reconciler.in_flight()}
-        for key in sorted(keys):
-            queue.hint(key, "poll")
+        if now >= next_prune:
+            reconciler.prune()
+            next_prune = now + settings.prune_interval
+        if now >= next_full:
+            for key in sorted(set(extensions())):
+                queue.hint(key, "poll")
+            next_full = now + settings.poll_interval
+            next_active = now + settings.active_poll_interval
+        elif now >= next_active:
+            for key in sorted({f.extension_id for f in reconciler.in_flight()}):
+                queue.hint(key, "poll")
+            next_active = now + settings.active_poll_interval
+        wake = min(next_full, next_active, next_prune)
+        due = reconciler.next_settle()
+        if due is not None:
+            due_at = now + max(0.0, due[0] - reconciler.wall())
+            # A settle reconcile in progress does not settle at once (the queue is busy, or the
+            # reconcile failed and backs off): ask again at most once per quiet period.
+            again = settle_hinted.get(due[1], -float("inf")) + max(settings.debounce, 0.5)
+            if due_at <= now and now >= again:
+                queue.hint(due[1], "settle", immediate=True)
+                settle_hinted[due[1]] = now
+                continue
+            wake = min(wake, max(due_at, again))
+        reconciler.timers_changed.clear()
+        try:
+            async with asyncio.timeout(max(0.0, wake - now)):
+                await reconciler.timers_changed.wait()
+        except TimeoutError:
+            pass

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from faxd.core.model import Event, EventKind, FaxState, RecipientState, Source, Transition
+from faxd.core.status import parse_time
 
 
 class StoreError(RuntimeError):
@@ -311,8 +312,58 @@ class Store:
             raise
         return events
 
-    def prune(self, *, before: str) -> int:
-        """Delete journal rows observed before ``before`` (ISO time), keeping the newest row."""
-        head = self.head_seq()
-        cursor = self.db.execute("DELETE FROM journal WHERE observed_at < ? AND seq < ?", (before, head))
-        return cursor.rowcount
+    def unsettled_sent(self) -> list[tuple[Transition, str]]:
+        """``Sent`` transitions journalled with ``final=false`` that have no ``settled`` event yet, with
+        their ``observed_at``: the settle timers to re-arm after a restart."""
+        rows = self.db.execute(
+            "SELECT j.observed_at, j.transition FROM journal j WHERE j.to_status = 'Sent'"
+            " AND j.kind IN ('status', 'recipient') AND NOT EXISTS (SELECT 1 FROM journal s"
+            " WHERE s.fax_id = j.fax_id AND s.recipient_index = j.recipient_index AND s.kind = 'settled')"
+            " ORDER BY j.seq"
+        ).fetchall()
+        out: list[tuple[Transition, str]] = []
+        for observed_at, data in rows:
+            t = _transition_from(json.loads(data))
+            if not t.final:
+                out.append((t, observed_at))
+        return out
+
+    def prune(self, *, before: str, faxes_before: float | None = None) -> tuple[int, int]:
+        """Retention: delete journal rows observed before ``before`` (ISO time, as ``observed_at`` is
+        written; the newest row is kept), and fax rows that are not in flight, have no journal row
+        left and were created before ``faxes_before`` (Unix time; None keeps every fax). Returns
+        (journal rows, faxes) deleted.
+
+        ``oldest_seq`` stays honest: it is computed from what is left, and ``head_seq`` comes from
+        ``sqlite_sequence``, which a DELETE never lowers, so a seq is never handed out twice.
+        """
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # The newest row stays, so a journal that had events never looks empty to a client.
+            rows = db.execute(
+                "DELETE FROM journal WHERE observed_at < ? AND seq < ?", (before, self.head_seq())
+            ).rowcount
+            gone = 0
+            if faxes_before is not None:
+                candidates = db.execute(
+                    "SELECT fax_id, created FROM faxes f WHERE in_flight = 0"
+                    " AND NOT EXISTS (SELECT 1 FROM journal j WHERE j.fax_id = f.fax_id)"
+                ).fetchall()
+                doomed = [
+                    (fax_id,)
+                    for fax_id, created in candidates
+                    if (ts := parse_time(created)) is not None and ts < faxes_before
+                ]
+                db.executemany("DELETE FROM faxes WHERE fax_id = ?", doomed)
+                gone = len(doomed)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return rows, gone
+
+    def integrity_check(self) -> str:
+        """``PRAGMA integrity_check``: "ok" or the first problem found (slow on big files)."""
+        (result,) = self.db.execute("PRAGMA integrity_check").fetchone()
+        return str(result)

@@ -13,6 +13,11 @@ Rules:
 * Errors back off per key (``backoff_base * 2**(n-1)``, capped at ``backoff_cap``) and reset on success.
 * Each pending key carries the set of reasons (triggers) that asked for it, merged when coalesced.
 * :meth:`KeyedQueue.flush` makes every pending key due now (for a drain on shutdown).
+* :meth:`KeyedQueue.shut_down` (client-go's ``ShutDownWithDrain``): new hints are dropped, pending keys
+  become due at once, and a key that fails is not retried (start-up redoes it); the driver finishes
+  what is pending and processing, and is drained when :meth:`KeyedQueue.is_idle`.
+* A hint never shortens a backoff, except an ``immediate`` one (start-up, lost WS session, a client's
+  ``sync`` request): those mean "the state is unknown now", which outranks an error pause.
 
 Pure: no asyncio, no clock reads. The async driver owns the clock and sleeps until
 :meth:`KeyedQueue.next_deadline`.
@@ -42,27 +47,34 @@ class KeyedQueue:
     _again: dict[str, tuple[float, set[str]]] = field(default_factory=dict)
     _last_done: dict[str, float] = field(default_factory=dict)
     _failures: dict[str, int] = field(default_factory=dict)
+    _closed: bool = False
 
-    def add(self, key: str, reason: str, now: float, *, immediate: bool = False) -> None:
-        """A hint (or a poll, or a request) for ``key``. ``immediate`` skips the quiet period."""
+    def add(self, key: str, reason: str, now: float, *, immediate: bool = False) -> bool:
+        """A hint (or a poll, or a request) for ``key``. ``immediate`` skips the quiet period.
+
+        Returns False when the hint was dropped because the queue is shutting down.
+        """
+        if self._closed:
+            return False
         if key in self._processing:
             first, reasons = self._again.get(key, (now, set()))
             reasons.add(reason)
             self._again[key] = (first, reasons)
-            return
+            return True
         pending = self._pending.get(key)
         if pending is None:
             last = self._last_done.get(key)
             idle = last is None or now - last >= self.debounce
             due = now if immediate or idle else now + self.debounce
             self._pending[key] = _Pending(due=due, first=now, reasons={reason})
-            return
+            return True
         pending.reasons.add(reason)
         if immediate:
             pending.due = min(pending.due, now)
         elif pending.due > now:
             # Still in the quiet period: slide it, within the bound. (A key already due stays due.)
             pending.due = max(pending.due, min(now + self.debounce, pending.first + self.max_delay))
+        return True
 
     def next_deadline(self) -> float | None:
         """When the earliest pending key becomes due; None when nothing is pending."""
@@ -88,6 +100,9 @@ class KeyedQueue:
         delay: float | None = None
         if ok:
             self._failures.pop(key, None)
+        elif self._closed:
+            # Shutting down: no retry (the next start-up reconciles every extension anyway).
+            return None
         else:
             n = self._failures.get(key, 0) + 1
             self._failures[key] = n
@@ -98,7 +113,7 @@ class KeyedQueue:
         if again is not None:
             first, reasons = again
             # Hints came in during processing: the new state must be read, after a quiet period.
-            due = min(now + self.debounce, first + self.max_delay)
+            due = now if self._closed else min(now + self.debounce, first + self.max_delay)
             self._pending[key] = _Pending(due=max(due, now), first=first, reasons=reasons)
         return delay
 
@@ -106,6 +121,15 @@ class KeyedQueue:
         """Make every pending key due now."""
         for pending in self._pending.values():
             pending.due = min(pending.due, now)
+
+    def shut_down(self, now: float) -> None:
+        """Stop taking hints; what is pending becomes due now and is still handed out (the drain)."""
+        self._closed = True
+        self.flush(now)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def failures(self, key: str) -> int:
         return self._failures.get(key, 0)

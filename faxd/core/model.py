@@ -29,6 +29,7 @@ class EventKind(StrEnum):
     RECIPIENT = "recipient"  # one outbound recipient's status changed
     AVAILABILITY = "availability"  # Alive -> Deleted -> Purged
     STALLED = "stalled"  # Queued for longer than reconcile.stall_after
+    SETTLED = "settled"  # a Sent (reported final=false) held for reconcile.sent_settle: now final
 
 
 class Source(StrEnum):

@@ -16,6 +16,16 @@ Rules (the whole model; the code below is the table and a few lines applying it)
    carries the raw ``faxErrorCode`` plus its category and retryable flag (:mod:`faxd.core.taxonomy`).
 6. Records that come back from message-sync as ``id`` + ``availability`` only (deleted or purged) update
    a fax faxd already knows and are ignored otherwise.
+7. A record older than what faxd already holds (its ``lastModifiedTime`` is earlier than the known one,
+   e.g. a late bulk GET answer or an overlap duplicate) changes nothing: :func:`apply_record` returns
+   the old state. An equal record yields an equal state, hence no transition: duplicates are harmless.
+8. Settle rule for ``Sent`` (``reconcile.sent_settle`` seconds, default 0). With 0, ``Sent`` is final at
+   once. With a positive value, a ``Sent`` transition (fax or recipient) is journalled with
+   ``final=false``; once faxd has re-read the fax and it is still ``Sent`` at least ``sent_settle``
+   seconds after faxd first saw it ``Sent``, one more event of kind ``settled`` (from ``Sent`` to
+   ``Sent``, ``final=true``) says the outcome is final (:func:`settled`). If the fax moves on first
+   (``Delivered``, ``DeliveryFailed``), that transition is the final one and no ``settled`` follows.
+   A later ``Sent → Delivered`` is still reported after a ``settled``.
 
 Pure: no I/O, no clock reads; ``now`` is an argument where time matters.
 """
@@ -25,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from faxd.core.model import (
     FINAL_STATUSES,
@@ -92,6 +102,8 @@ def apply_record(old: FaxState | None, record: Mapping[str, Any], *, extension_i
     if "messageStatus" not in record and "type" not in record:
         # message-sync reports deleted and purged records as id + availability only.
         return None if old is None else replace(old, availability=availability)
+    if old is not None and _older(_text(record, "lastModifiedTime"), old.rc_modified):
+        return old
     if record.get("type") not in (None, "Fax"):
         return None
     status = _text(record, "messageStatus")
@@ -129,6 +141,12 @@ def apply_record(old: FaxState | None, record: Mapping[str, Any], *, extension_i
     )
 
 
+def _older(candidate: str | None, known: str | None) -> bool:
+    """True when ``candidate`` is a readable time strictly before the readable ``known`` time."""
+    a, b = parse_time(candidate), parse_time(known)
+    return a is not None and b is not None and a < b
+
+
 def _transition(
     new: FaxState,
     kind: EventKind,
@@ -162,8 +180,18 @@ def _transition(
 _FAILED = frozenset({_SF, _DF})
 
 
-def diff(old: FaxState | None, new: FaxState) -> list[Transition]:
-    """The transitions that lead from ``old`` (None: never seen) to ``new``, fax level first."""
+def is_final(status: str, *, settle: bool = False) -> bool:
+    """Whether a transition to ``status`` is final; with ``settle``, ``Sent`` waits to be settled."""
+    if settle and status == _S:
+        return False
+    return status in FINAL_STATUSES
+
+
+def diff(old: FaxState | None, new: FaxState, *, settle: bool = False) -> list[Transition]:
+    """The transitions that lead from ``old`` (None: never seen) to ``new``, fax level first.
+
+    ``settle``: a settle period is configured, so ``Sent`` is journalled with ``final=false`` (rule 8).
+    """
     out: list[Transition] = []
     old_status = None if old is None else old.status
     if old_status != new.status:
@@ -175,7 +203,7 @@ def diff(old: FaxState | None, new: FaxState) -> list[Transition]:
                 EventKind.STATUS,
                 old_status,
                 new.status,
-                final=new.status in FINAL_STATUSES,
+                final=is_final(new.status, settle=settle),
                 error_code=code if new.status in _FAILED else None,
             )
         )
@@ -191,7 +219,7 @@ def diff(old: FaxState | None, new: FaxState) -> list[Transition]:
                 EventKind.RECIPIENT,
                 before_status,
                 recipient.status,
-                final=recipient.status in FINAL_STATUSES,
+                final=is_final(recipient.status, settle=settle),
                 recipient=recipient,
                 error_code=recipient.error_code if recipient.status in _FAILED else None,
             )
@@ -232,3 +260,41 @@ def stalled(state: FaxState, *, now: float, stall_after: float) -> Transition | 
     if created is None or now - created < stall_after:
         return None
     return _transition(state, EventKind.STALLED, _Q, _Q, final=False)
+
+
+SettleKey = tuple[str, int | None]  # (fax id, recipient index or None for the fax-level status)
+
+
+def unsettled(transition: Transition) -> SettleKey | None:
+    """The settle key of a ``Sent`` transition journalled with ``final=false``; None for any other."""
+    if (
+        transition.kind in (EventKind.STATUS, EventKind.RECIPIENT)
+        and transition.to_status == _S
+        and not transition.final
+    ):
+        return (transition.fax_id, transition.recipient_index)
+    return None
+
+
+def settled(
+    state: FaxState, key: SettleKey, *, since: float, now: float, settle_after: float
+) -> Transition | Literal["wait", "moot"]:
+    """Rule 8 for one unsettled ``Sent`` (fax level when ``key[1]`` is None), seen ``Sent`` at ``since``.
+
+    Returns a ``settled`` transition when it held ``settle_after`` seconds; ``"moot"`` when there is
+    nothing to settle any more (the status moved on, or the fax was deleted); ``"wait"`` otherwise.
+    """
+    _, index = key
+    if index is None:
+        status: str | None = state.status
+        recipient = None
+    else:
+        recipient = next((r for r in state.recipients if r.index == index), None)
+        status = None if recipient is None else recipient.status
+    if status != _S or state.availability != "Alive":
+        return "moot"
+    if now - since < settle_after:
+        return "wait"
+    kind = EventKind.STATUS if index is None else EventKind.RECIPIENT
+    t = _transition(state, kind, _S, _S, final=True, recipient=recipient)
+    return replace(t, kind=EventKind.SETTLED)

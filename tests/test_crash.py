@@ -1,0 +1,218 @@
+"""kill -9 at random moments: the journal stays intact, and a resuming client gets every final
+transition exactly once.
+
+A subprocess daemon (``python -m faxd run -c FILE``) runs against the simulator, which lives in the
+test process and keeps changing faxes. The daemon is killed with SIGKILL at a random moment, 20 times,
+and restarted each time; a socket client follows each incarnation, resuming from the last seq it got.
+At the end the database passes ``PRAGMA integrity_check`` and the client's events hold every final
+status the simulator holds, with no (fax, recipient, kind, to_status) twice and no seq gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from faxd.sim import RecipientScript, SimConfig, Simulator
+
+KILLS = 20
+Key = tuple[str, int | None, str, str]
+LIMITS = {  # every start logs in afresh (Auth); keep the simulator from refusing that
+    "Light": (100000, 60, 60),  # faxd keeps a 20 % reserve of what the server reports left
+    "Medium": (1000, 60, 60),
+    "Heavy": (100, 60, 60),
+    "Auth": (1000, 60, 60),
+}
+
+
+def write_config(sim: Simulator, workdir: Path) -> Path:
+    for name, value in (("client_secret", sim.config.client_secret), ("jwt", sim.config.jwt)):
+        (workdir / name).write_text(value)
+        os.chmod(workdir / name, 0o600)
+    config = {  # JSON is YAML
+        "ringcentral": {
+            "server": sim.url,
+            "client_id": sim.config.client_id,
+            "client_secret": {"file": str(workdir / "client_secret")},
+            "jwt": {"file": str(workdir / "jwt")},
+        },
+        "reconcile": {"debounce": 0.05, "max_delay": 0.3, "poll_interval": 2, "active_poll_interval": 0.5},
+        "store": {"path": str(workdir / "faxd.db")},
+        "events": {"socket": str(workdir / "events.sock")},
+        "metrics": {"listen": None},
+        "logging": {"level": "warning"},
+    }
+    path = workdir / "config.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+class Follower:
+    """A socket client that resumes from the last seq it received, across daemon incarnations."""
+
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+        self.events: list[dict[str, Any]] = []
+        self.epoch: str | None = None
+        self.changed = asyncio.Event()
+
+    @property
+    def last_seq(self) -> int:
+        return self.events[-1]["seq"] if self.events else 0
+
+    async def follow(self) -> None:
+        """Connect (waiting for the daemon's socket), subscribe after ``last_seq``, read until EOF."""
+        for _ in range(500):
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.socket, limit=2**22)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.01)  # another process: nothing to await but its socket file
+        else:
+            return
+        try:
+            hello = json.loads(await reader.readline() or b"null")
+            if not hello:
+                return
+            self.epoch = self.epoch or hello["epoch"]
+            assert hello["epoch"] == self.epoch, "the journal's epoch changed"
+            request = {"type": "subscribe", "after_seq": self.last_seq, "epoch": self.epoch}
+            writer.write(json.dumps(request).encode() + b"\n")
+            while line := await reader.readline():
+                message = json.loads(line)
+                if message["type"] == "event":
+                    assert message["seq"] == self.last_seq + 1, "a seq was skipped or repeated"
+                    self.events.append(message)
+                    self.changed.set()
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        finally:
+            writer.close()
+
+    def keys(self) -> list[Key]:
+        out = []
+        for e in self.events:
+            r = e["recipient"]
+            out.append((e["fax_id"], None if r is None else r["index"], e["kind"], e["to_status"]))
+        return out
+
+
+def truth(sim: Simulator) -> set[Key]:
+    out: set[Key] = set()
+    for m in sim.messages():
+        out.add((str(m["id"]), None, "status", m["messageStatus"]))
+        if m["direction"] == "Outbound":
+            for i, r in enumerate(m["to"]):
+                out.add((str(m["id"]), i, "recipient", r["messageStatus"]))
+    return out
+
+
+async def make_faxes(
+    sim: Simulator, rng: random.Random, stop: asyncio.Event, ends: dict[str, list[str]]
+) -> None:
+    """Faxes of every kind until ``stop``; ``ends`` gets each outbound fax's final recipient statuses."""
+    n = 0
+    while not stop.is_set():
+        n += 1
+        if n % 7 == 0:
+            sim.create_inbound_fax(None, f"+1415555{n:04d}")
+        else:
+            scripts = []
+            for i in range(rng.randint(1, 3)):
+                phone = f"+1650{n:04d}{i:03d}"
+                roll = rng.random()
+                after = rng.uniform(0.1, 2.0)
+                if roll < 0.5:
+                    scripts.append(RecipientScript(phone, "Sent", after=after))
+                elif roll < 0.7:
+                    scripts.append(
+                        RecipientScript(phone, "Sent", after=after, delivered_after=rng.uniform(0.1, 1))
+                    )
+                else:
+                    code = rng.choice(["LineBusy", "NoAnswer", "InvalidNumber", "NoFaxMachine"])
+                    scripts.append(RecipientScript(phone, "SendingFailed", code, after=after))
+            fid = sim.create_outbound_fax(None, scripts)
+            ends[fid] = ["Delivered" if x.delivered_after else x.outcome for x in scripts]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(rng.uniform(0.05, 0.3)):
+                await stop.wait()
+
+
+@pytest.mark.timeout(90)
+async def test_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(short_dir: Path) -> None:
+    rng = random.Random(20261124)
+    async with Simulator(SimConfig(seed=11, rate_limits=LIMITS)) as sim:
+        config = write_config(sim, short_dir)
+        follower = Follower(str(short_dir / "events.sock"))
+        stop_making = asyncio.Event()
+        ends: dict[str, list[str]] = {}
+        maker = asyncio.create_task(make_faxes(sim, rng, stop_making, ends))
+
+        async def start() -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "faxd",
+                "run",
+                "-c",
+                str(config),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            return proc, asyncio.create_task(follower.follow())
+
+        for _ in range(KILLS):
+            proc, follow = await start()
+            # The random moment of the kill: anywhere from start-up to steady state.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(rng.uniform(0.3, 1.5)):
+                    await proc.wait()
+            assert proc.returncode is None, "the daemon exited on its own"
+            proc.kill()
+            await proc.wait()
+            follow.cancel()  # it got EOF already, or is still waiting for a socket that will not come
+            with contextlib.suppress(asyncio.CancelledError):
+                await follow
+
+        stop_making.set()
+        await maker
+        # Let every fax finish, then one last daemon must catch up with all of it.
+        async with asyncio.timeout(10):
+            await sim.wait_for(
+                lambda: all(
+                    [r["messageStatus"] for r in sim.message(f)["to"]] == end for f, end in ends.items()
+                )
+            )
+        expected = truth(sim)
+        proc, follow = await start()
+        try:
+            async with asyncio.timeout(30):
+                while not expected <= set(follower.keys()):
+                    follower.changed.clear()
+                    await follower.changed.wait()
+        finally:
+            proc.terminate()
+            assert await proc.wait() == 0
+            async with asyncio.timeout(5):
+                await follow
+
+    keys = follower.keys()
+    assert len(keys) == len(set(keys)), "a transition was delivered twice"
+    assert expected <= set(keys)
+    assert len(sim.messages()) > 40
+    db = sqlite3.connect(short_dir / "faxd.db")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        (journalled,) = db.execute("SELECT COUNT(*) FROM journal").fetchone()
+        assert journalled == len(keys)
+    finally:
+        db.close()

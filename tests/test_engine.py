@@ -1,0 +1,499 @@
+"""The reconcile engine against the simulator over real sockets.
+
+Two ways in: the whole daemon in-process (push hints over the WSG WebSocket, events on the socket) for
+what depends on notifications, and a harness of the engine alone (real REST client, real SQLite store,
+the queue driver and the timers, no WebSocket: hints come from the test) for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from faxd import daemon
+from faxd.adapters.metrics import Metrics
+from faxd.adapters.reconcile import ReconcileQueue, Reconciler, ReconcileSettings, poll_forever
+from faxd.adapters.rest import RingCentral
+from faxd.adapters.store import Store
+from faxd.config import Config
+from faxd.core.debounce import KeyedQueue
+from faxd.core.model import Event, EventKind
+from faxd.core.status import parse_time
+from faxd.sim import RecipientScript, SimConfig, Simulator
+
+EXT = "200000001"
+Key = tuple[str, int | None, str, str]  # (fax, recipient, kind, to_status)
+
+
+def key_of(e: dict[str, Any]) -> Key:
+    r = e["recipient"]
+    return (e["fax_id"], None if r is None else r["index"], e["kind"], e["to_status"])
+
+
+def truth(sim: Simulator, ids: Sequence[str] | None = None) -> set[Key]:
+    """The final (fax, recipient) statuses the simulator holds now, as event keys."""
+    out: set[Key] = set()
+    for m in sim.messages():
+        if ids is not None and str(m["id"]) not in ids:
+            continue
+        out.add((str(m["id"]), None, "status", m["messageStatus"]))
+        for i, r in enumerate(m.get("to") or [] if m["direction"] == "Outbound" else []):
+            out.add((str(m["id"]), i, "recipient", r["messageStatus"]))
+    return out
+
+
+def all_final(sim: Simulator, ids: Sequence[str]) -> Callable[[], bool]:
+    def check() -> bool:
+        return all(sim.message(i)["messageStatus"] not in ("Queued",) for i in ids)
+
+    return check
+
+
+# -- the daemon in-process, observed by a socket client ------------------------------------------
+
+
+@dataclass
+class Watcher:
+    """A socket client subscribed from seq 0 that keeps every event it receives."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    events: list[dict[str, Any]] = field(default_factory=list)
+    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    task: asyncio.Task[None] | None = None
+
+    async def _read(self) -> None:
+        while line := await self.reader.readline():
+            message = json.loads(line)
+            if message["type"] == "event":
+                async with self.arrived:
+                    self.events.append(message)
+                    self.arrived.notify_all()
+
+    def keys(self) -> set[Key]:
+        return {key_of(e) for e in self.events}
+
+    async def until(self, wanted: set[Key], within: float = 20) -> None:
+        async with asyncio.timeout(within), self.arrived:
+            await self.arrived.wait_for(lambda: wanted <= self.keys())
+
+
+@asynccontextmanager
+async def running(sim: Simulator, config: Config) -> AsyncIterator[tuple[Watcher, CollectorRegistry]]:
+    wake_on_subscribe(sim)
+    registry = CollectorRegistry()
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(daemon.run(config, registry=registry, stop=stop, on_ready=ready.set))
+    await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+    assert ready.is_set(), "daemon did not start"
+    reader, writer = await asyncio.open_unix_connection(config.events.socket, limit=2**22)
+    hello = json.loads(await reader.readline())
+    writer.write(json.dumps({"type": "subscribe", "after_seq": 0, "epoch": hello["epoch"]}).encode() + b"\n")
+    watcher = Watcher(reader, writer)
+    watcher.task = asyncio.create_task(watcher._read())
+    try:
+        yield watcher, registry
+    finally:
+        stop.set()
+        async with asyncio.timeout(20):
+            assert await task == 0
+        watcher.task.cancel()
+        writer.close()
+
+
+def no_duplicates(events: Sequence[dict[str, Any]]) -> None:
+    keys = [key_of(e) for e in events]
+    assert len(keys) == len(set(keys)), "a transition was journalled twice"
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(set(seqs))
+
+
+def wake_on_subscribe(sim: Simulator) -> None:
+    """Make ``sim.wait_for`` re-check when a WSG subscription is made (it wakes on store changes)."""
+    create = sim.gateway._create_subscription
+
+    def patched(session: Any, body: Any) -> Any:
+        info = create(session, body)
+        sim._wake()
+        return info
+
+    sim.gateway._create_subscription = patched  # type: ignore[method-assign]
+
+
+async def ws_subscribed(sim: Simulator) -> None:
+    """Until the daemon's WSG subscription exists."""
+    async with asyncio.timeout(10):
+        await sim.wait_for(lambda: any(s.subscription is not None for s in sim.gateway.sessions.values()))
+
+
+async def test_a_burst_of_hints_coalesces_into_few_message_syncs(
+    sim: Simulator, make_config: Callable[..., Config]
+) -> None:
+    config = make_config(sim, reconcile={"debounce": 0.3, "max_delay": 1.0})
+    async with running(sim, config) as (watcher, registry):
+        await ws_subscribed(sim)
+        # 20 faxes created outside faxd, each finishing in its own notification, 20 ms apart.
+        ids = [
+            sim.create_outbound_fax(None, [RecipientScript(f"+1650555{i:04d}", "Sent", after=1.0 + i * 0.02)])
+            for i in range(20)
+        ]
+        before = len(sim.requests_to("/message-sync"))
+        first = sim.message(ids[0])
+        await watcher.until(truth_after(sim, ids))
+        syncs = len(sim.requests_to("/message-sync")) - before
+        hints = registry.get_sample_value("faxd_ws_hints_total")
+    assert first["messageStatus"] == "Queued"
+    assert hints is not None
+    assert hints >= 20
+    assert syncs <= 6, f"{syncs} message-syncs for {hints} hints"
+    outside = [e for e in watcher.events if e["fax_id"] in ids]
+    assert all(e["ref"] is None and e["direction"] == "Outbound" for e in outside)
+    assert {e["source"] for e in outside if e["final"]} == {"push"}
+    no_duplicates(watcher.events)
+
+
+def truth_after(sim: Simulator, ids: Sequence[str]) -> set[Key]:
+    """The final keys of ``ids`` as their scripts will end (Sent for every recipient here)."""
+    return {(i, None, "status", "Sent") for i in ids} | {(i, 0, "recipient", "Sent") for i in ids}
+
+
+async def test_msg_333_runs_a_full_sync_and_repeats_nothing(
+    sim: Simulator, make_config: Callable[..., Config]
+) -> None:
+    async with running(sim, make_config(sim)) as (watcher, _):
+        await ws_subscribed(sim)
+        first = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.2)])
+        await watcher.until(truth_after(sim, [first]))
+        assert sim.stale_sync_tokens() >= 1
+        second = sim.create_outbound_fax(
+            None, [RecipientScript("+16505550101", "SendingFailed", "LineBusy", after=0.3)]
+        )
+        await watcher.until({(second, 0, "recipient", "SendingFailed")})
+    stale = [r for r in sim.requests_to("/message-sync") if r.status == 400]
+    assert stale, "no MSG-333 seen"
+    after = [r for r in sim.requests_to("/message-sync") if r.time >= stale[0].time]
+    assert "syncType=FSync" in after[1].raw_path
+    no_duplicates(watcher.events)
+
+
+async def test_with_notifications_lost_polls_alone_find_every_change(
+    sim: Simulator, make_config: Callable[..., Config]
+) -> None:
+    config = make_config(sim, reconcile={"poll_interval": 1.0, "active_poll_interval": 0.3})
+    async with running(sim, config) as (watcher, registry):
+        await ws_subscribed(sim)
+        sim.pause_notifications()
+        ids = [
+            sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.4)]),
+            sim.create_outbound_fax(
+                None,
+                [
+                    RecipientScript("+16505550101", "Sent", after=0.5, delivered_after=0.3),
+                    RecipientScript("+16505550102", "SendingFailed", "NoAnswer", after=0.6),
+                ],
+            ),
+            sim.create_inbound_fax(None, "+14155550123"),
+        ]
+        await sim.wait_for(lambda: sim.message(ids[1])["to"][0]["messageStatus"] == "Delivered")
+        await watcher.until(truth(sim, ids))
+        missed = registry.get_sample_value("faxd_missed_by_push_total")
+    # The first sight may come from the resync that follows the subscription; every later change
+    # (the faxes finish after it) can only have been found by a poll.
+    mine = [e for e in watcher.events if e["fax_id"] in ids and e["to_status"] not in ("Queued", "Received")]
+    assert {e["source"] for e in mine} == {"poll"}
+    assert missed is not None
+    assert missed >= len([e for e in mine if e["kind"] in ("status", "recipient")])
+    no_duplicates(watcher.events)
+
+
+async def test_multi_recipient_mixed_outcomes(sim: Simulator, make_config: Callable[..., Config]) -> None:
+    async with running(sim, make_config(sim)) as (watcher, _registry):
+        await ws_subscribed(sim)
+        fid = sim.create_outbound_fax(
+            None,
+            [
+                RecipientScript("+16505550100", "Sent", after=0.3),
+                RecipientScript("+16505550101", "SendingFailed", "NoAnswer", after=0.5),
+                RecipientScript("+16505550102", "Sent", after=0.4, delivered_after=0.4),
+            ],
+        )
+        await sim.wait_for(lambda: sim.message(fid)["to"][2]["messageStatus"] == "Delivered")
+        await watcher.until(truth(sim, [fid]))
+    finals = {key_of(e)[1]: e for e in watcher.events if e["fax_id"] == fid and e["final"]}
+    assert finals[0]["to_status"] == "Sent"
+    assert (finals[1]["to_status"], finals[1]["error_category"], finals[1]["retryable"]) == (
+        "SendingFailed",
+        "no_answer",
+        True,
+    )
+    assert finals[None]["to_status"] == "SendingFailed"
+    delivered = [
+        e for e in watcher.events if e["fax_id"] == fid and e["recipient"] and e["recipient"]["index"] == 2
+    ]
+    assert [e["to_status"] for e in delivered] == ["Sent", "Delivered"]
+    no_duplicates(watcher.events)
+
+
+async def test_a_429_storm_pauses_the_group_then_converges(
+    sim: Simulator, make_config: Callable[..., Config]
+) -> None:
+    async with running(sim, make_config(sim)) as (watcher, registry):
+        await ws_subscribed(sim)
+        await sim.wait_for(lambda: len(sim.requests_to("/message-sync")) >= 1)
+        sim.rate_limit_storm("Light", 2.0)
+        fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.2)])
+        await watcher.until(truth_after(sim, [fid]))
+        limited = registry.get_sample_value("faxd_rate_limited_total", {"group": "Light"})
+        remaining = registry.get_sample_value("faxd_rate_limit_remaining", {"group": "Light"})
+    refused = [r for r in sim.requests if r.group == "Light" and r.status == 429]
+    assert len(refused) == 1
+    assert limited == 1.0
+    t429 = refused[0].time
+    during = [r for r in sim.requests if r.group == "Light" and t429 < r.time < t429 + 2.0 - 0.05]
+    assert during == [], "requests were sent during the penalty"
+    assert remaining is not None
+    assert remaining > 0
+    no_duplicates(watcher.events)
+
+
+# -- the engine alone ----------------------------------------------------------------------------
+
+
+@dataclass
+class Engine:
+    rc: RingCentral
+    store: Store
+    reconciler: Reconciler
+    queue: ReconcileQueue
+    registry: CollectorRegistry
+    events: list[Event]
+    changed: asyncio.Condition
+
+    def keys(self) -> set[Key]:
+        return {
+            (
+                e.transition.fax_id,
+                e.transition.recipient_index,
+                e.transition.kind.value,
+                e.transition.to_status,
+            )
+            for e in self.events
+        }
+
+    async def until(self, wanted: set[Key], within: float = 20) -> None:
+        async with asyncio.timeout(within), self.changed:
+            await self.changed.wait_for(lambda: wanted <= self.keys())
+
+    async def reconcile(self, *reasons: str) -> None:
+        for reason in reasons:
+            self.queue.hint(EXT, reason, immediate=True)
+        async with asyncio.timeout(20):
+            await self.queue.wait_idle()
+
+
+@asynccontextmanager
+async def engine(sim: Simulator, db: Path, *, backoff: float = 2.0, **settings: Any) -> AsyncIterator[Engine]:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    events: list[Event] = []
+    changed = asyncio.Condition()
+
+    def publish(new: Sequence[Event]) -> None:
+        events.extend(new)
+
+        async def notify() -> None:
+            async with changed:
+                changed.notify_all()
+
+        tasks.append(asyncio.create_task(notify()))
+
+    tasks: list[asyncio.Task[Any]] = []
+    cfg = sim.config
+    async with aiohttp.ClientSession() as session:
+        rc = RingCentral(
+            session,
+            server=sim.url,
+            client_id=cfg.client_id,
+            client_secret=cfg.client_secret,
+            jwt=cfg.jwt,
+            metrics=metrics,
+        )
+        await rc.login()
+        store = Store(db)
+        store.open()
+        s = ReconcileSettings(**{"debounce": 0.05, "max_delay": 0.2, **settings})
+        reconciler = Reconciler(rc, store, metrics, publish, s)
+        queue = ReconcileQueue(
+            KeyedQueue(debounce=s.debounce, max_delay=s.max_delay, backoff_base=backoff, backoff_cap=5.0),
+            reconciler,
+            metrics,
+        )
+        tasks.append(asyncio.create_task(queue.run()))
+        tasks.append(asyncio.create_task(poll_forever(queue, lambda: [EXT], s)))
+        try:
+            yield Engine(rc, store, reconciler, queue, registry, events, changed)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            store.close()
+
+
+async def test_errors_back_off_then_converge_and_success_resets_the_backoff(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    async with engine(sim, tmp_path / "db", backoff=0.2) as e:
+        await e.reconcile("startup")
+        fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.1)])
+        await sim.wait_for_status(fid, "Sent")
+        start = len(sim.requests)
+        sim.fail_next_requests(3)
+        e.queue.hint(EXT, "push")
+        await e.until(truth_after(sim, [fid]))
+        served = [r for r in sim.requests[start:] if r.path.endswith("/message-sync")]
+        assert [r.status for r in served] == [503, 503, 503, 200]
+        gaps = [b.time - a.time for a, b in itertools.pairwise(served)]
+        assert gaps[0] >= 0.2 - 0.01
+        assert gaps[1] >= 0.4 - 0.01
+        assert gaps[2] >= 0.8 - 0.01
+        assert e.queue.queue.failures(EXT) == 0
+        assert (
+            e.registry.get_sample_value("faxd_reconciles_total", {"trigger": "push", "result": "error"})
+            == 1.0
+        )
+
+
+async def test_full_sync_frame_too_small_is_widened(sim: Simulator, tmp_path: Path) -> None:
+    ids = [
+        sim.create_outbound_fax(None, [RecipientScript(f"+165055501{i:02d}", "Sent", after=0.05)])
+        for i in range(5)
+    ]
+    await sim.wait_for(all_final(sim, ids))
+    async with engine(sim, tmp_path / "db", fsync_record_count=2) as e:
+        await e.reconcile("startup")
+        assert truth(sim, ids) <= e.keys()
+        fsyncs = [r for r in sim.requests_to("/message-sync") if "FSync" in r.raw_path]
+        assert len(fsyncs) == 2
+        assert "recordCount=8" in fsyncs[1].raw_path
+
+
+async def test_deleted_and_vanished_faxes_become_availability_events(sim: Simulator, tmp_path: Path) -> None:
+    async with engine(sim, tmp_path / "db") as e:
+        done = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.05)])
+        gone = sim.create_outbound_fax(None, [RecipientScript("+16505550101", "Sent", after=60)])
+        await sim.wait_for_status(done, "Sent")
+        await e.reconcile("startup")
+        sim.store.delete(sim.store.messages[int(done)])  # ISync: id + availability only
+        del sim.store.messages[int(gone)]  # metadata gone: the bulk GET answers 404
+        await e.reconcile("poll")
+        await e.until({(done, None, "availability", "Deleted"), (gone, None, "availability", "Purged")})
+        assert e.reconciler.in_flight() == []
+        await e.reconcile("poll")  # nothing new: idempotent
+        keys = [(x.transition.dedup_key) for x in e.events]
+        assert len(keys) == len(set(keys))
+
+
+async def test_in_flight_faxes_are_tracked_across_a_restart(sim: Simulator, tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    async with engine(sim, db) as e:
+        fid = sim.create_outbound_fax(
+            None, [RecipientScript("+16505550100", "SendingFailed", "LineBusy", after=0.5)]
+        )
+        await e.reconcile("startup")
+        assert [f.fax_id for f in e.reconciler.in_flight()] == [fid]
+        first = list(e.events)
+    await sim.wait_for_status(fid, "SendingFailed")
+    sim.stale_sync_tokens()  # even the token is lost: FSync, then the tracked fax by id
+    async with engine(sim, db) as e:
+        assert [f.fax_id for f in e.reconciler.in_flight()] == [fid]
+        await e.reconcile("startup")
+        await e.until({(fid, 0, "recipient", "SendingFailed")})
+        assert all(x.seq > first[-1].seq for x in e.events)
+        assert not {x.transition.dedup_key for x in e.events} & {x.transition.dedup_key for x in first}
+
+
+async def test_sent_settles_only_after_holding_and_delivered_needs_no_settling(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    async with engine(sim, tmp_path / "db", sent_settle=0.6) as e:
+        await e.reconcile("startup")
+        plain = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.1)])
+        moving = sim.create_outbound_fax(
+            None, [RecipientScript("+16505550104", "Sent", after=0.1, delivered_after=0.2)]
+        )
+        await sim.wait_for(lambda: sim.message(plain)["messageStatus"] == "Sent")
+        e.queue.hint(EXT, "push")
+        await e.until({(plain, None, "settled", "Sent"), (plain, 0, "settled", "Sent")})
+        await sim.wait_for_status(moving, "Delivered")
+        e.queue.hint(EXT, "push")
+        await e.until({(moving, 0, "recipient", "Delivered")})
+        sent = {
+            (x.transition.fax_id, x.transition.recipient_index): x
+            for x in e.events
+            if x.transition.to_status == "Sent"
+            and x.transition.kind in (EventKind.STATUS, EventKind.RECIPIENT)
+        }
+        assert not sent[(plain, None)].transition.final
+        assert not sent[(plain, 0)].transition.final
+        settled = [x for x in e.events if x.transition.kind is EventKind.SETTLED]
+        assert {(x.transition.fax_id, x.transition.recipient_index) for x in settled} == {
+            (plain, None),
+            (plain, 0),
+        }
+        for x in settled:
+            since = sent[(x.transition.fax_id, x.transition.recipient_index)].observed_at
+            assert x.transition.final
+            assert parse_time(x.observed_at) - parse_time(since) >= 0.6 - 0.01  # type: ignore[operator]
+
+
+async def test_when_the_budget_is_spent_work_waits_and_nothing_is_refused(tmp_path: Path) -> None:
+    limits = {"Light": (5, 2, 2), "Medium": (40, 60, 60), "Heavy": (10, 60, 60), "Auth": (50, 60, 60)}
+    async with Simulator(SimConfig(seed=3, rate_limits=limits)) as sim, engine(sim, tmp_path / "db") as e:
+        await e.reconcile("startup")  # learns Light 5 per 2 s: faxd may send 4
+        ids = []
+        for i in range(10):
+            ids.append(
+                sim.create_outbound_fax(None, [RecipientScript(f"+165055502{i:02d}", "Sent", after=0.01)])
+            )
+            await sim.wait_for(all_final(sim, ids))
+            await e.reconcile("request")
+        await e.until(truth(sim, ids))
+        light = [r for r in sim.requests if r.group == "Light"]
+        assert all(r.status != 429 for r in light)
+        for r in light:  # never more than 4 in any 2 s window
+            assert len([x for x in light if r.time <= x.time < r.time + 2.0]) <= 4
+
+
+async def test_hints_during_a_reconcile_cause_exactly_one_more(sim: Simulator, tmp_path: Path) -> None:
+    async with engine(sim, tmp_path / "db") as e:
+        await e.reconcile("startup")
+        fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.05)])
+        await sim.wait_for_status(fid, "Sent")
+        before = len(sim.requests_to("/message-sync"))
+        started = asyncio.Event()
+        reconcile = e.reconciler.reconcile
+
+        async def observed(key: str, reasons: set[str]) -> None:
+            started.set()
+            await reconcile(key, reasons)
+
+        e.reconciler.reconcile = observed  # type: ignore[method-assign]
+        e.queue.hint(EXT, "push")
+        await started.wait()
+        assert EXT in e.queue.queue._processing
+        for reason in ("push", "push", "poll", "push", "push"):
+            e.queue.hint(EXT, reason)
+        async with asyncio.timeout(10):
+            await e.queue.wait_idle()
+        assert len(sim.requests_to("/message-sync")) - before == 2
+        await e.until(truth(sim, [fid]))
