@@ -500,9 +500,17 @@ async def _run(
                 ssl_context=tls,
             )
             live.refresh_status()
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(live.ws.run())
-                tg.create_task(poller())
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(live.ws.run())
+                    tg.create_task(poller())
+            except* AuthFailed as group:
+                # Refresh and a new JWT grant were both refused mid-run: a restart would not help.
+                exc = group.exceptions[0]
+                assert isinstance(exc, AuthFailed)
+                raise FatalError(
+                    f"RingCentral refused the credentials ({exc.code}): {exc.message}", EX_CREDENTIALS
+                ) from None
 
         async def apply(new: Config) -> None:
             effective, applied, restart = merge_reload(live.config, new)

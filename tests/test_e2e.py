@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from faxd import daemon
 from faxd.config import Config
-from faxd.sim import RecipientScript, Simulator
+from faxd.sim import RecipientScript, SimConfig, Simulator
 
 
 @dataclass
@@ -184,3 +184,37 @@ async def test_a_stale_epoch_is_refused_with_cursor_expired(running: Running) ->
     reply = await client.next_of("error")
     assert reply["code"] == "cursor_expired"
     await client.close()
+
+
+@pytest.mark.parametrize(
+    "sim_config",
+    # A roomier Auth group than RingCentral's 5/min: this test is about the order of grants, and the
+    # budget would otherwise (rightly) hold the JWT grant back for a minute.
+    [
+        SimConfig(
+            seed=7,
+            rate_limits={
+                "Light": (50, 60, 60),
+                "Medium": (40, 60, 60),
+                "Heavy": (10, 60, 60),
+                "Auth": (20, 60, 60),
+            },
+        )
+    ],
+)
+async def test_credentials_revoked_mid_run_exit_78_without_a_login_storm(
+    sim: Simulator, make_config: Callable[..., Config]
+) -> None:
+    ready = asyncio.Event()
+    task = asyncio.create_task(daemon.run(make_config(sim), registry=CollectorRegistry(), on_ready=ready.set))
+    async with asyncio.timeout(30):
+        await ready.wait()
+        await sim.wait_for(lambda: bool(sim.requests_to("/subscription", "POST")))
+        # An admin revokes the app's session and replaces the JWT credential.
+        sim.config.jwt = "a-newer-jwt"
+        for session in list(sim.tokens.sessions.values()):
+            sim.tokens.revoke(None, {"token": next(iter(session.access_tokens))})
+        sim.drop_ws()
+        assert await task == 78
+    grants = [r.status for r in sim.requests_to("/restapi/oauth/token")]
+    assert grants == [200, 400, 400], "login; then one refresh and one JWT grant, both refused; then stop"

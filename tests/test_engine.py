@@ -89,7 +89,6 @@ class Watcher:
 
 @asynccontextmanager
 async def running(sim: Simulator, config: Config) -> AsyncIterator[tuple[Watcher, CollectorRegistry]]:
-    wake_on_subscribe(sim)
     registry = CollectorRegistry()
     stop = asyncio.Event()
     ready = asyncio.Event()
@@ -116,18 +115,6 @@ def no_duplicates(events: Sequence[dict[str, Any]]) -> None:
     assert len(keys) == len(set(keys)), "a transition was journalled twice"
     seqs = [e["seq"] for e in events]
     assert seqs == sorted(set(seqs))
-
-
-def wake_on_subscribe(sim: Simulator) -> None:
-    """Make ``sim.wait_for`` re-check when a WSG subscription is made (it wakes on store changes)."""
-    create = sim.gateway._create_subscription
-
-    def patched(session: Any, body: Any) -> Any:
-        info = create(session, body)
-        sim._wake()
-        return info
-
-    sim.gateway._create_subscription = patched  # type: ignore[method-assign]
 
 
 async def ws_subscribed(sim: Simulator) -> None:

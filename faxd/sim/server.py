@@ -28,6 +28,18 @@ from faxd.sim.store import Change, MessageStore
 from faxd.sim.wsg import RECOVERY_EXPIRED, Gateway
 
 
+class _RequestLog(list[RecordedRequest]):
+    """The request log; every append wakes :meth:`Simulator.wait_for` so tests can await requests."""
+
+    def __init__(self, on_append: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_append = on_append
+
+    def append(self, item: RecordedRequest) -> None:
+        super().append(item)
+        self._on_append()
+
+
 class Simulator:
     """A RingCentral look-alike on ``127.0.0.1`` (see docs/simulator.md)."""
 
@@ -49,7 +61,7 @@ class Simulator:
         self.host = host
         self.port = port
         self.url = ""
-        self.requests: list[RecordedRequest] = []
+        self.requests: list[RecordedRequest] = _RequestLog(self._wake)
         self._wall = wall_clock or default_wall_clock
         self.timers = Timers()
         self.tokens = TokenStore(self.config, self.timers.now, self._wall)
@@ -156,7 +168,7 @@ class Simulator:
                 fut.set_result(None)
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        """Wait until ``predicate()`` holds; it is re-checked after every store change.
+        """Wait until ``predicate()`` holds; re-checked after every store change and recorded request.
 
         Event-driven (no polling); bound it with ``asyncio.timeout`` in the caller.
         """
