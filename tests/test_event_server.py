@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from prometheus_client import CollectorRegistry
+from test_protocol import ERROR_CODES, FUZZ_EXAMPLES, request_lines
 
 from faxd.adapters import event_server as es
 from faxd.adapters.event_server import EventServer, EventServerSettings, peer_credentials
@@ -375,35 +377,49 @@ async def test_numbers_can_be_withheld(short_dir: Path) -> None:
         await h.close()
 
 
-@pytest.mark.parametrize("iteration", range(200))
+BOUNDARY_ITERATIONS = 1000
+BOUNDARY_EVENTS = 30
+
+
+async def _publish_with_yields(backend: MemoryBackend, rng: random.Random) -> None:
+    """Commit, maybe yield (a subscriber may register between COMMIT and publish), then publish."""
+    for i in range(BOUNDARY_EVENTS):
+        events = backend.commit([transition(f"p{i}", "Queued")], publish=False)
+        if rng.random() < 0.5:
+            await asyncio.sleep(0)
+        backend.publish(events)
+        if rng.random() < 0.5:
+            await asyncio.sleep(0)
+
+
 async def test_no_gap_no_duplicate_at_the_replay_live_boundary(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch, iteration: int
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Events committed while the replay runs arrive exactly once, in seq order."""
+    """Events committed while the replay runs arrive exactly once, in seq order, across 1,000 runs.
+
+    Each iteration has its own server and journal (seeded at random, possibly empty) and a subscriber
+    resuming from a random cursor while a publisher commits 30 events, yielding at random points,
+    including between COMMIT and publish.
+    """
     monkeypatch.setattr(es, "REPLAY_CHUNK", 3)  # several awaits inside the replay
-    rng = random.Random(iteration)
-    backend = harness.backend
-    seed(backend, rng.randrange(0, 20))
-    start = backend.head_seq()
-    after = rng.randrange(0, start + 1)
-    total = 30
+    for iteration in range(BOUNDARY_ITERATIONS):
+        rng = random.Random(iteration)
+        h = await start_harness(short_dir)
+        try:
+            backend = h.backend
+            seed(backend, rng.randrange(0, 20))
+            start = backend.head_seq()
+            after = rng.randrange(0, start + 1)
 
-    async def publisher() -> None:
-        # Commit, maybe yield (a subscriber may register between COMMIT and publish), then publish.
-        for i in range(total):
-            events = backend.commit([transition(f"p{i}", "Queued")], publish=False)
-            if rng.random() < 0.5:
-                await asyncio.sleep(0)
-            backend.publish(events)
-            if rng.random() < 0.5:
-                await asyncio.sleep(0)
-
-    client = await harness.connect()
-    async with asyncio.TaskGroup() as tg:
-        await client.send({"type": "subscribe", "after_seq": after, "epoch": EPOCH})
-        tg.create_task(publisher())
-        events = await client.events_until(start + total)
-    assert [e["seq"] for e in events] == list(range(after + 1, start + total + 1))
+            client = await h.connect()
+            async with asyncio.TaskGroup() as tg:
+                await client.send({"type": "subscribe", "after_seq": after, "epoch": EPOCH})
+                tg.create_task(_publish_with_yields(backend, rng))
+                events = await client.events_until(start + BOUNDARY_EVENTS)
+            seqs = [e["seq"] for e in events]
+            assert seqs == list(range(after + 1, start + BOUNDARY_EVENTS + 1)), f"iteration {iteration}"
+        finally:
+            await h.close()
 
 
 async def test_cursor_expired_keeps_the_connection(harness: Harness) -> None:
@@ -494,6 +510,116 @@ async def test_many_clients_with_different_filters(harness: Harness) -> None:
         got = [e["seq"] for e in await client.events_until(end_seq)]
         expected = [seq for seq, t in enumerate(transitions, start=1) if wanted(t)]
         assert got == [*expected, end_seq]
+
+
+_STATUSES = ["Queued", "Sent", "Delivered", "SendingFailed", "Received"]
+_END_MARKERS = [
+    transition("end", "Delivered", direction=direction, extension_id="999", ref="end")
+    for direction in ("Outbound", "Inbound")
+]
+
+
+def _random_filter(rng: random.Random) -> dict[str, Any]:
+    """A filter over fax a..h, refs r1..r3, extensions 111..333; it always selects an end marker."""
+    flt: dict[str, Any] = {}
+    if rng.random() < 0.5:
+        flt["fax_ids"] = [*rng.sample("abcdefgh", rng.randint(1, 4)), "end"]
+    if rng.random() < 0.4:
+        flt["refs"] = [*rng.sample(["r1", "r2", "r3"], rng.randint(1, 2)), "end"]
+    if rng.random() < 0.3:
+        flt["extensions"] = [*rng.sample(["111", "222", "333"], rng.randint(1, 2)), "999"]
+    if rng.random() < 0.3:
+        flt["directions"] = [rng.choice(["outbound", "Inbound", "OUTBOUND", "inbound"])]
+    if rng.random() < 0.3:
+        chosen = rng.sample(_STATUSES, rng.randint(1, 3))
+        flt["to_status"] = [rng.choice([s, s.lower(), s.upper()]) for s in chosen] + ["Delivered"]
+    if rng.random() < 0.2:
+        flt["final_only"] = True
+    return flt
+
+
+def _selects(flt: dict[str, Any], t: Transition) -> bool:
+    """The filter semantics of docs/socket-protocol.md, written independently of Filter.matches."""
+
+    def folded(name: str) -> list[str]:
+        return [x.casefold() for x in flt.get(name, [])]
+
+    return (
+        (not flt.get("final_only") or t.final)
+        and (not flt.get("fax_ids") or t.fax_id in flt["fax_ids"])
+        and (not flt.get("refs") or t.ref in flt["refs"])
+        and (not flt.get("extensions") or t.extension_id in flt["extensions"])
+        and (not flt.get("directions") or t.direction.casefold() in folded("directions"))
+        and (not flt.get("to_status") or t.to_status.casefold() in folded("to_status"))
+    )
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_clients": 200, "client_queue": 100_000}])
+async def test_100_concurrent_clients_with_different_filters_get_exactly_their_events(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 clients with 100 random filters connect and subscribe (half replaying from a random cursor,
+    half live only) while events are being published; each gets exactly the events after its start
+    point that its filter selects, in seq order, with no duplicate."""
+    monkeypatch.setattr(es, "REPLAY_CHUNK", 7)
+    rng = random.Random(100)
+    backend = harness.backend
+
+    def random_transition() -> Transition:
+        return transition(
+            rng.choice("abcdefgh"),
+            rng.choice(_STATUSES),
+            direction=rng.choice(["Outbound", "Inbound"]),
+            extension_id=rng.choice(["111", "222", "333"]),
+            ref=rng.choice([None, "r1", "r2", "r3"]),
+            index=rng.choice([None, 0, 1]),
+        )
+
+    backend.commit([random_transition() for _ in range(200)], publish=False)
+    filters = [_random_filter(rng) for _ in range(100)]
+    cursors = [rng.randrange(0, 201) if i % 2 == 0 else None for i in range(100)]
+    started: list[int] = [0] * 100
+    received: list[list[int]] = [[] for _ in range(100)]
+
+    async def run_client(i: int) -> None:
+        client = await harness.connect()
+        request: dict[str, Any] = {"type": "subscribe", "filter": filters[i], "id": i}
+        if cursors[i] is not None:
+            request["after_seq"] = cursors[i]
+        await client.send(request)
+        markers = sum(1 for t in _END_MARKERS if _selects(filters[i], t))
+        caught_up = False
+        while markers or not caught_up:  # the replay itself may hold the markers
+            message = await client.recv()
+            if message["type"] == "caught_up":
+                assert message["id"] == i
+                caught_up = True
+                cursor = cursors[i]
+                started[i] = cursor if cursor is not None else message["seq"]
+            elif message["type"] == "event":
+                received[i].append(message["seq"])
+                markers -= message["fax_id"] == "end"
+            else:
+                assert message["type"] == "heartbeat", message
+
+    async def publish() -> None:
+        for _ in range(100):
+            backend.commit([random_transition() for _ in range(rng.randint(1, 10))])
+            await asyncio.sleep(0)  # let clients connect, subscribe and replay in between
+        backend.commit(_END_MARKERS)
+
+    async with asyncio.TaskGroup() as tg:
+        for i in range(100):
+            tg.create_task(run_client(i))
+        tg.create_task(publish())
+    assert harness.subscribers() == 100
+    journal = {e.seq: e.transition for e in backend.journal}
+    live_only_started_late = 0
+    for i in range(100):
+        expected = [seq for seq, t in sorted(journal.items()) if seq > started[i] and _selects(filters[i], t)]
+        assert received[i] == expected, (i, filters[i], cursors[i])
+        live_only_started_late += cursors[i] is None and started[i] > 200
+    assert live_only_started_late > 0, "no subscriber joined while events were being published"
 
 
 # ------------------------------------------------------------------------------------------ slow clients
@@ -700,6 +826,26 @@ async def test_send_accepted_and_refused(harness: Harness) -> None:
     }  # fmt: skip
 
 
+async def test_a_ref_being_sent_is_refused_for_a_second_send(harness: Harness) -> None:
+    """While a send with a ref waits for RingCentral, another send with that ref is refused at once."""
+    harness.backend.send_gate = asyncio.Event()
+    first, second = await harness.connect(), await harness.connect()
+    request = {"type": "send", "to": [{"phone": "+15551230000"}], "cover_text": "x", "ref": "dup"}
+    await first.send({**request, "id": 1})
+    await harness.backend.send_started.wait()
+    await second.send({**request, "id": 2})
+    error = await second.recv_type("error")
+    assert (error["code"], error["id"]) == ("bad_request", 2)
+    assert "dup" in error["message"]
+    await second.send({**request, "ref": "other", "id": 3})  # another ref is not held up by the guard
+    harness.backend.send_gate.set()
+    assert (await first.recv_type("accepted"))["ref"] == "dup"
+    assert (await second.recv_type("accepted"))["ref"] == "other"
+    # Once the send has finished, the guard no longer holds the ref (the backend decides from then on).
+    await second.send({**request, "id": 4})
+    assert (await second.recv_type("accepted"))["id"] == 4
+
+
 async def test_backend_bug_is_an_internal_error_not_a_crash(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -795,3 +941,43 @@ async def test_close_says_bye_to_everyone_and_is_bounded(short_dir: Path) -> Non
             await asyncio.open_unix_connection(h.path)
     finally:
         await h.close()
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+
+_REPLIES = {"error", "fax", "faxes", "history", "accepted", "ok", "pong", "caught_up"}
+
+
+@pytest.mark.parametrize("settings_overrides", [{"max_clients": 10_000}])
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(lines=st.lists(request_lines(), min_size=1, max_size=3))
+async def test_fuzz_random_request_lines_never_break_the_server(harness: Harness, lines: list[bytes]) -> None:
+    """Random lines on one connection: each gets one reply (an error with a known code, never
+    ``internal``, or a real reply) and the connection still answers ping after each; the same server
+    serves every example, so one that broke it would fail all the later ones."""
+    if not harness.backend.journal:
+        seed(harness.backend, 3)
+    client = await harness.connect()
+    try:
+        for raw in lines:
+            await client.send(raw)
+            if raw.strip():
+                reply = await client.recv()
+                while reply["type"] in ("event", "heartbeat"):  # a fuzzed subscribe may replay
+                    reply = await client.recv()
+                assert reply["type"] in _REPLIES, reply
+                event(f"reply {reply['type']} {reply.get('code', '')}")
+                if reply["type"] == "error":
+                    assert reply["code"] in ERROR_CODES, reply
+                    assert reply["code"] != "internal", reply
+            await client.send({"type": "ping", "id": "after"})
+            while (message := await client.recv())["type"] != "pong":
+                assert message["type"] in ("event", "heartbeat", "caught_up"), message
+            assert message == {"type": "pong", "id": "after"}
+    finally:
+        harness.clients.remove(client)
+        await client.close()

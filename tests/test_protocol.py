@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from faxd.core.model import Event, EventKind, FaxState, RecipientState, Source, Transition
 from faxd.core.protocol import (
     MAX_DEPTH,
+    REQUEST_TYPES,
     Document,
+    ErrorCode,
     Filter,
     HistoryRequest,
     ListRequest,
     PingRequest,
     ProtocolError,
     Recipient,
+    Request,
     SendRequest,
     StatusRequest,
     SubscribeRequest,
@@ -365,3 +370,98 @@ def test_reply_encoders() -> None:
         "events": [event.to_wire(include_numbers=False)],
     }
     assert json.loads(encode_event(event, include_numbers=True)) == event.to_wire()
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+#
+# Bounded so that CI stays fast; ``HYPOTHESIS_PROFILE=long pytest tests/test_protocol.py
+# tests/test_event_server.py -k fuzz`` runs many more examples by hand.
+
+FUZZ_EXAMPLES = 20_000 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 300
+ERROR_CODES = frozenset(code.value for code in ErrorCode)
+REQUEST_CLASSES = (
+    SubscribeRequest, StatusRequest, ListRequest, HistoryRequest, SendRequest, SyncRequest, PingRequest
+)  # fmt: skip
+
+_FIELDS = (
+    "type", "id", "after_seq", "epoch", "filter", "fax_id", "ref", "active_only", "to", "documents",
+    "cover_text", "resolution", "fax_ids", "refs", "extensions", "directions", "to_status", "final_only",
+    "phone", "name", "content_type", "data",
+)  # fmt: skip
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+    st.sampled_from([*REQUEST_TYPES, "High", "Low", "", "+15551230000", "QUJD", "@@", "\ud800"]),
+)
+_keys = st.one_of(st.sampled_from(_FIELDS), st.text(max_size=8))
+_json_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_keys, inner, max_size=5)),
+    max_leaves=20,
+)
+
+
+@st.composite
+def _request_objects(draw: st.DrawFn) -> dict[str, Any]:
+    """Objects shaped like requests: a (usually) known type and known field names with any values."""
+    obj = draw(st.dictionaries(_keys, _json_values, max_size=6))
+    if draw(st.booleans()):
+        obj["type"] = draw(st.one_of(st.sampled_from(REQUEST_TYPES), _scalars))
+    return obj
+
+
+@st.composite
+def _json_lines(draw: st.DrawFn) -> bytes:
+    value = draw(st.one_of(_request_objects(), _json_values))
+    text = json.dumps(value, ensure_ascii=draw(st.booleans()))
+    mutation = draw(st.sampled_from(["none", "none", "truncate", "splice", "nest"]))
+    if mutation == "truncate" and text:
+        text = text[: draw(st.integers(0, len(text) - 1))]
+    elif mutation == "splice" and text:
+        at = draw(st.integers(0, len(text)))
+        text = (
+            text[:at]
+            + draw(st.sampled_from(['"', "{", "]", ",", ":", "\\", "\x00", "NaN", "1e999"]))
+            + text[at:]
+        )
+    elif mutation == "nest":
+        depth = draw(st.integers(1, 3000))
+        text = "[" * depth + text + "]" * draw(st.integers(0, depth))
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate with ensure_ascii=False
+        data = text.encode("utf-8", "surrogatepass")
+    return data
+
+
+def request_lines() -> st.SearchStrategy[bytes]:
+    """One request line (no inner newline, ending in ``\\n``): JSON-ish, or arbitrary bytes."""
+    return st.one_of(_json_lines(), _json_lines(), st.binary(max_size=200)).map(
+        lambda data: data.replace(b"\n", b" ") + b"\n"
+    )
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=request_lines())
+def test_fuzz_parse_request_returns_a_request_or_a_protocol_error(raw: bytes) -> None:
+    """Whatever the line, parse_request gives a typed request or a ProtocolError with a known code."""
+    outcome: Request | ProtocolError
+    try:
+        outcome = parse_request(raw)
+    except ProtocolError as exc:
+        outcome = exc
+    if isinstance(outcome, ProtocolError):
+        assert outcome.code in ERROR_CODES
+        assert outcome.message
+        assert outcome.request_id is None or isinstance(outcome.request_id, str | int)
+        # The reply must be encodable whatever the line contained.
+        error = json.loads(encode_error(outcome.code, outcome.message, outcome.request_id))
+        assert error["type"] == "error"
+    else:
+        assert isinstance(outcome, REQUEST_CLASSES)
+        assert outcome.id is None or isinstance(outcome.id, str | int)
+        assert json.loads(encode_pong(outcome.id))["type"] == "pong"

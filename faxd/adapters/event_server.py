@@ -59,6 +59,7 @@ log = structlog.get_logger(__name__)
 
 #: Events read from the journal per replay step; the writer drains between steps.
 REPLAY_CHUNK = 500
+_ANY = Filter()
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
@@ -196,6 +197,9 @@ class EventServer:
         self._stop = asyncio.Event()
         self._closing = False
         self._next_id = 0
+        #: Refs of ``send`` requests in progress: a second send with one of them is refused at once,
+        #: before it reaches RingCentral (the backend checks a ref only against faxes it already has).
+        self._sending_refs: set[str] = set()
         #: (st_dev, st_ino) of the socket file this server created, so close() unlinks only its own.
         self._bound: tuple[int, int] | None = None
 
@@ -303,22 +307,36 @@ class EventServer:
     # ------------------------------------------------------------------------------------- publishing
 
     def publish(self, events: Sequence[Event]) -> None:
-        """Hand committed events (in seq order) to every matching subscriber; never blocks."""
-        if not self._subscribers:
+        """Hand committed events (in seq order) to every matching subscriber; never blocks.
+
+        Each event is encoded at most once, however many subscribers get it; each subscriber's writer
+        is woken once per call and writes what it was handed in one go.
+        """
+        if not self._subscribers or not events:
             return
         limit = self._settings.client_queue
-        for event in events:
-            line: bytes | None = None  # encoded once, shared by every subscriber
-            for client in list(self._subscribers):
-                sub = client.subscription
-                if sub is None or not sub.filter.matches(event):
+        numbers = self._settings.include_numbers
+        lines: list[bytes | None] = [None] * len(events)
+        for client in list(self._subscribers):
+            sub = client.subscription
+            if sub is None or client.closed is not None:
+                continue
+            flt = sub.filter
+            every = flt == _ANY  # the common case: no filter, no per-event test
+            queue = client.queue
+            handed = False
+            for i, event in enumerate(events):
+                if not every and not flt.matches(event):
                     continue
-                if len(client.queue) >= limit:
+                if len(queue) >= limit:
                     self._overflow(client)
-                    continue
+                    break
+                line = lines[i]
                 if line is None:
-                    line = encode_event(event, include_numbers=self._settings.include_numbers)
-                client.queue.append((event.seq, line))
+                    line = lines[i] = encode_event(event, include_numbers=numbers)
+                queue.append((event.seq, line))
+                handed = True
+            if handed and client.closed is None:
                 client.wakeup.set()
 
     def _overflow(self, client: _Client) -> None:
@@ -511,12 +529,20 @@ class EventServer:
                     log.warning("sync requested on the socket failed", error=str(exc))
                     return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
                 return encode_ok(rid)
-            case SendRequest():
+            case SendRequest(ref=ref):
+                if ref is not None and ref in self._sending_refs:
+                    message = f"ref {ref!r} is already used by a fax being sent"
+                    return encode_error(ErrorCode.BAD_REQUEST, message, rid)
+                if ref is not None:
+                    self._sending_refs.add(ref)
                 try:
                     state = await b.send(request)
                 except SendError as exc:
                     log.info("send refused", code=exc.code, rc_code=exc.rc_code, **client.log_fields())
                     return encode_error(exc.code, exc.message, rid, rc_code=exc.rc_code)
+                finally:
+                    if ref is not None:
+                        self._sending_refs.discard(ref)
                 log.info(
                     "fax sent for socket client",
                     fax_id=state.fax_id,
@@ -600,6 +626,7 @@ class EventServer:
         sub = client.subscription
         assert sub is not None
         numbers = self._settings.include_numbers
+        every = sub.filter == _ANY
         if sub.after_seq is not None:
             while client.closed is None:
                 last = client.covered
@@ -610,14 +637,15 @@ class EventServer:
                     self._kill(client, "cursor_expired", self._cursor_expired(problem, sub.id))
                     return
                 chunk = self._backend.events_after(last, REPLAY_CHUNK)
-                for event in chunk:
-                    if event.seq <= client.covered:
-                        continue
-                    if sub.filter.matches(event) and not client.send(
-                        encode_event(event, include_numbers=numbers)
-                    ):
-                        return
-                    client.covered = event.seq
+                lines = [
+                    encode_event(event, include_numbers=numbers)
+                    for event in chunk
+                    if event.seq > last and (every or sub.filter.matches(event))
+                ]
+                if lines and not client.send(b"".join(lines)):  # one write per chunk
+                    return
+                if chunk:
+                    client.covered = max(last, chunk[-1].seq)
                 await client.flush()
                 if len(chunk) < REPLAY_CHUNK:
                     break
@@ -628,12 +656,16 @@ class EventServer:
         await client.flush()
 
     async def _send_live(self, client: _Client) -> None:
-        batch = list(client.queue)
-        client.queue.clear()
+        batch = client.queue
+        client.queue = deque()
+        covered = client.covered
+        lines = []
         for seq, line in batch:
-            if seq <= client.covered:
-                continue  # already sent by the replay
-            if not client.send(line):
-                return
-            client.covered = seq
+            if seq > covered:  # else already sent by the replay
+                lines.append(line)
+                covered = seq
+        # One write for the whole batch: a syscall per line would dominate the fan-out's cost.
+        if lines and not client.send(b"".join(lines)):
+            return
+        client.covered = covered
         await client.flush()
