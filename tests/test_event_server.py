@@ -826,26 +826,6 @@ async def test_send_accepted_and_refused(harness: Harness) -> None:
     }  # fmt: skip
 
 
-async def test_a_ref_being_sent_is_refused_for_a_second_send(harness: Harness) -> None:
-    """While a send with a ref waits for RingCentral, another send with that ref is refused at once."""
-    harness.backend.send_gate = asyncio.Event()
-    first, second = await harness.connect(), await harness.connect()
-    request = {"type": "send", "to": [{"phone": "+15551230000"}], "cover_text": "x", "ref": "dup"}
-    await first.send({**request, "id": 1})
-    await harness.backend.send_started.wait()
-    await second.send({**request, "id": 2})
-    error = await second.recv_type("error")
-    assert (error["code"], error["id"]) == ("bad_request", 2)
-    assert "dup" in error["message"]
-    await second.send({**request, "ref": "other", "id": 3})  # another ref is not held up by the guard
-    harness.backend.send_gate.set()
-    assert (await first.recv_type("accepted"))["ref"] == "dup"
-    assert (await second.recv_type("accepted"))["ref"] == "other"
-    # Once the send has finished, the guard no longer holds the ref (the backend decides from then on).
-    await second.send({**request, "id": 4})
-    assert (await second.recv_type("accepted"))["id"] == 4
-
-
 async def test_backend_bug_is_an_internal_error_not_a_crash(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -356,3 +356,17 @@ async def test_the_socat_jq_one_liner_of_the_docs_works(short_dir: Path) -> None
         {"seq": 1, "fax_id": "f1", "to_status": "Queued", "error_code": None},
         {"seq": 2, "fax_id": "f1", "to_status": "SendingFailed", "error_code": "LineBusy"},
     ]
+
+
+async def test_overlapping_sends_with_one_ref_reach_ringcentral_once(
+    sim: Simulator, connect: Connect
+) -> None:
+    """Two clients send with the same ref at the same moment: one fax is sent, the other refused."""
+    first, second = await connect(), await connect()
+    sim.delay_next_requests(1, 0.5)  # the first send is still waiting on RingCentral...
+    request = {"type": "send", "to": [{"phone": "+16505550100"}], "documents": DOCUMENTS, "ref": "twin"}
+    await first.send({**request, "id": "a"})
+    await second.send({**request, "id": "b"})
+    replies = sorted([(await first.reply("a"))["type"], (await second.reply("b"))["type"]])
+    assert replies == ["accepted", "error"]
+    assert len(sim.requests_to("/fax", "POST")) == 1

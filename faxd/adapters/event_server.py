@@ -197,9 +197,6 @@ class EventServer:
         self._stop = asyncio.Event()
         self._closing = False
         self._next_id = 0
-        #: Refs of ``send`` requests in progress: a second send with one of them is refused at once,
-        #: before it reaches RingCentral (the backend checks a ref only against faxes it already has).
-        self._sending_refs: set[str] = set()
         #: (st_dev, st_ino) of the socket file this server created, so close() unlinks only its own.
         self._bound: tuple[int, int] | None = None
 
@@ -529,20 +526,12 @@ class EventServer:
                     log.warning("sync requested on the socket failed", error=str(exc))
                     return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
                 return encode_ok(rid)
-            case SendRequest(ref=ref):
-                if ref is not None and ref in self._sending_refs:
-                    message = f"ref {ref!r} is already used by a fax being sent"
-                    return encode_error(ErrorCode.BAD_REQUEST, message, rid)
-                if ref is not None:
-                    self._sending_refs.add(ref)
+            case SendRequest():
                 try:
                     state = await b.send(request)
                 except SendError as exc:
                     log.info("send refused", code=exc.code, rc_code=exc.rc_code, **client.log_fields())
                     return encode_error(exc.code, exc.message, rid, rc_code=exc.rc_code)
-                finally:
-                    if ref is not None:
-                        self._sending_refs.discard(ref)
                 log.info(
                     "fax sent for socket client",
                     fax_id=state.fax_id,

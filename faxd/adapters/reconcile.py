@@ -128,6 +128,7 @@ class Reconciler:
         self.settings = settings
         self.wall = wall
         self.faxes: dict[str, FaxState] = store.load_faxes()
+        self._sending_refs: set[str] = set()
         # Unsettled Sent (fax or recipient) -> wall time faxd first saw it Sent; survives restarts
         # through the journal.
         self._settle: dict[SettleKey, float] = {}
@@ -352,14 +353,21 @@ class Reconciler:
         resolution: str | None,
     ) -> FaxState:
         """Send a fax and journal RingCentral's answer at once (source ``send``)."""
-        if ref is not None and self.by_ref(ref) is not None:
+        if ref is not None and (ref in self._sending_refs or self.by_ref(ref) is not None):
             raise SendError("bad_request", f"ref {ref!r} is already used by another fax")
+        if ref is not None:
+            # Reserved across the await: two overlapping sends with one ref must not both reach
+            # RingCentral (the second would be sent but could never be journalled with its ref).
+            self._sending_refs.add(ref)
         try:
             record = await self.rc.send_fax(
                 extension_id, to=to, documents=documents, cover_text=cover_text, resolution=resolution
             )
         except ApiError as exc:
             raise SendError("upstream", exc.message or "RingCentral refused the fax", exc.code) from exc
+        finally:
+            if ref is not None:
+                self._sending_refs.discard(ref)
         try:
             state = apply_record(None, record, extension_id=extension_id)
         except RecordError as exc:
