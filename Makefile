@@ -29,5 +29,20 @@ unit: $(STAMP)
 
 test: lint unit
 
+# Every bench script (bench/README.md); one that misses its targets or fails does not stop the others,
+# and make bench fails at the end naming them. soak.py runs its 10-minute profile.
+BENCH_SCRIPTS := latency footprint api_efficiency fanout replay soak
+$(VENV)/.bench-installed: pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	@failed=""; \
+	for s in $(BENCH_SCRIPTS); do \
+		if [ -f bench/$$s.py ]; then echo "== bench/$$s.py"; $(BIN)/python bench/$$s.py || failed="$$failed $$s"; fi; \
+	done; \
+	echo "== bench/scaling.py"; $(BIN)/python bench/scaling.py --plot docs/bench-scaling.png || failed="$$failed scaling"; \
+	if [ -n "$$failed" ]; then echo "bench: missed targets or failed:$$failed"; exit 1; fi
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -528,7 +529,7 @@ class RingCentral:
 
     def _json(self, resp: _Response, endpoint: str) -> Any:
         try:
-            return json.loads(resp.body)
+            return _loads(resp.body)
         except ValueError:
             if resp.status < 300:
                 raise self._bad_body(endpoint, resp.status) from None
@@ -553,13 +554,22 @@ class RingCentral:
 # ---------------------------------------------------------------------- helpers
 
 
+def _loads(data: bytes) -> Any:
+    """``json.loads``, with JSON nested too deeply for the parser reported as the ValueError it is."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _number(value: Any, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         return default
     try:
-        return float(value)
-    except ValueError:
+        number = float(value)
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond float range
         return default
+    return number if math.isfinite(number) else default  # "nan"/"inf" are no number of seconds
 
 
 def _iso(moment: datetime) -> str:
@@ -570,7 +580,7 @@ def _iso(moment: datetime) -> str:
 
 def _maybe_json(resp: _Response) -> Any:
     try:
-        return json.loads(resp.body)
+        return _loads(resp.body)
     except ValueError:
         return None
 
@@ -621,7 +631,7 @@ def _bulk_entries(resp: _Response) -> list[tuple[int, str | None, Any]]:
         return entries
     # The JSON variant (Accept: application/vnd.ringcentral.multipart+json), or a plain array.
     try:
-        doc = json.loads(resp.body)
+        doc = _loads(resp.body)
     except ValueError:
         raise ValueError("neither multipart nor JSON") from None
     if isinstance(doc, dict) and isinstance(doc.get("response"), list):
@@ -642,7 +652,7 @@ def _bulk_entries(resp: _Response) -> list[tuple[int, str | None, Any]]:
 
 def _part_json(data: bytes) -> Any:
     try:
-        return json.loads(data)
+        return _loads(data)
     except ValueError:
         return None
 

@@ -11,6 +11,7 @@ text and the current monotonic time (``now``) and acts on what it returns.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,12 +131,14 @@ class Hint:
 
 def parse_frame(data: str | bytes, *, max_bytes: int | None = None) -> Frame:
     """Decode one WSG text frame; raise :class:`FrameError` for anything unusable."""
-    size = len(data.encode() if isinstance(data, str) else data)
+    # surrogatepass: a str with a lone surrogate can still be measured (it then fails as not_json or
+    # parses to strings faxd never looks into).
+    size = len(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
     if max_bytes is not None and size > max_bytes:
         raise FrameError("too_large", f"{size} bytes")
     try:
         decoded = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise FrameError("not_json", type(exc).__name__) from None
     if not isinstance(decoded, list):
         raise FrameError("not_array", type(decoded).__name__)
@@ -257,7 +260,13 @@ def _opt_num(obj: Mapping[str, Any], key: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise FrameError("bad_body", key)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        raise FrameError("bad_body", key) from None
+    if not math.isfinite(number):  # NaN and Infinity parse as JSON but are no number of seconds
+        raise FrameError("bad_body", key)
+    return number
 
 
 def _opt_int(obj: Mapping[str, Any], key: str) -> int | None:
@@ -361,7 +370,8 @@ def _record_hint(notification: Notification, body: Mapping[str, Any]) -> Hint:
     if body.get("type", "Fax") != "Fax":
         raise FrameError("other_type", "record is not a Fax")
     ident = _id_str(body["id"])
-    assert ident is not None  # "id" is present, and _id_str only returns None for None
+    if ident is None:
+        raise FrameError("bad_body", "record id is null")
     return Hint(_extension_of(notification, body), (ident,), 0)
 
 
