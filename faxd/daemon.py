@@ -75,7 +75,15 @@ class FatalError(Exception):
 
 
 class _Backend:
-    """What the event socket needs from the rest of the daemon (see :class:`Backend`)."""
+    """What the event socket needs from the rest of the daemon (see :class:`Backend`).
+
+    Faxes in flight come from the reconciler's memory; any other fax is read from the store on
+    demand (``status`` and ``history`` by id or ``ref``). ``list`` with ``active_only=false`` answers
+    the :attr:`list_all_limit` newest faxes of the store (by creation time, newest first), not the
+    whole table: a store holds hundreds of thousands of faxes, which would not fit one reply line.
+    """
+
+    list_all_limit = 1000
 
     def __init__(self, store: Store, reconciler: Reconciler, queue: ReconcileQueue, extensions: list[str]):
         self.store = store
@@ -103,12 +111,14 @@ class _Backend:
 
     def fax(self, fax_id: str | None = None, ref: str | None = None) -> FaxState | None:
         if fax_id is not None:
-            return self.reconciler.faxes.get(fax_id)
+            return self.reconciler.fax(fax_id)
         return None if ref is None else self.reconciler.by_ref(ref)
 
     def faxes(self, active_only: bool) -> list[FaxState]:
-        faxes = self.reconciler.faxes.values()
-        return [f for f in faxes if f.in_flight] if active_only else list(faxes)
+        if not active_only:
+            return self.store.recent_faxes(self.list_all_limit)
+        # Newest first, like the store's answer.
+        return sorted(self.reconciler.in_flight(), key=lambda f: (f.created or "", f.fax_id), reverse=True)
 
     def history(self, fax_id: str) -> list[Event]:
         return self.store.history(fax_id)

@@ -36,14 +36,15 @@ def test_busy_key_is_served_within_max_delay(q: KeyedQueue) -> None:
     q.add("e1", "push", now=0.0)
     q.pop(0.0)
     q.done("e1", 0.0, ok=True)
-    t = 0.5
+    t = 0.25
     while t < 20:
         q.add("e1", "push", now=t)
         if q.pop(t) is not None:
             break
-        t += 0.5
-    # first hint of the burst at 0.5, so served by 0.5 + max_delay
-    assert t == pytest.approx(5.5)
+        t += 0.25
+    # A hint every 0.25 s keeps sliding the quiet period; the first of the burst came at 0.25, so the
+    # key is served at 0.25 + max_delay.
+    assert t == pytest.approx(5.25)
 
 
 def test_hint_during_processing_requeues_once_after_done(q: KeyedQueue) -> None:
@@ -82,12 +83,54 @@ def test_keys_are_independent_and_most_overdue_first(q: KeyedQueue) -> None:
     q.add("b", "push", now=0.0)
     q.pop(0.0)
     q.pop(0.0)
-    q.done("a", 0.0, ok=True)
     q.done("b", 0.0, ok=True)
-    q.add("b", "push", now=0.2)  # due 1.2
-    q.add("a", "push", now=0.5)  # due 1.5
+    q.done("a", 0.4, ok=True)
+    q.add("b", "push", now=0.2)  # due 1.0 (b done at 0.0 + debounce)
+    q.add("a", "push", now=0.5)  # due 1.4 (a done at 0.4 + debounce)
     assert q.pop(2.0) == ("b", {"push"})
     assert q.pop(2.0) == ("a", {"push"})
+
+
+def test_a_hint_soon_after_done_waits_only_for_the_rest_of_the_window(q: KeyedQueue) -> None:
+    q.add("e1", "push", now=0.0)
+    q.pop(0.0)
+    q.done("e1", 0.2, ok=True)
+    q.add("e1", "push", now=0.9)
+    assert q.next_deadline() == pytest.approx(1.2)  # last done + debounce, not 0.9 + debounce
+    assert q.pop(1.19) is None  # the rate cap holds: never within debounce of the last reconcile
+    assert q.pop(1.2) == ("e1", {"push"})
+
+
+@pytest.mark.parametrize(
+    ("done_at", "hint_at", "due"),
+    [
+        (0.0, 0.1, 1.0),  # early in the window: most of it is left
+        (0.0, 0.99, 1.0),  # late in the window: almost served at once
+        (0.0, 1.0, 1.0),  # the window is over: leading edge, due now
+        (0.0, 3.0, 3.0),  # long idle: leading edge
+        (2.0, 2.5, 3.0),
+    ],
+)
+def test_first_hint_after_done_is_due_at_last_done_plus_debounce_or_now(
+    q: KeyedQueue, done_at: float, hint_at: float, due: float
+) -> None:
+    q.add("e1", "push", now=0.0)
+    q.pop(0.0)
+    q.done("e1", done_at, ok=True)
+    q.add("e1", "push", now=hint_at)
+    assert q.next_deadline() == pytest.approx(due)
+
+
+def test_later_hints_of_the_burst_still_slide_the_quiet_period_within_max_delay(q: KeyedQueue) -> None:
+    q.add("e1", "push", now=0.0)
+    q.pop(0.0)
+    q.done("e1", 0.0, ok=True)
+    q.add("e1", "push", now=0.5)  # due 1.0
+    q.add("e1", "poll", now=0.8)  # a second hint of the burst: quiet period from it, 1.8
+    assert q.next_deadline() == pytest.approx(1.8)
+    for t in (1.5, 2.3, 3.1, 3.9, 4.7, 5.4):  # each within the quiet period of the one before
+        q.add("e1", "push", now=t)
+    assert q.next_deadline() == pytest.approx(5.5)  # first hint (0.5) + max_delay
 
 
 def test_immediate_skips_the_quiet_period(q: KeyedQueue) -> None:
@@ -189,7 +232,7 @@ def test_shut_down_drops_new_hints_runs_what_is_pending_now_and_retries_nothing(
     q.add("e1", "push", 0.0)
     q.pop(0.0)
     q.done("e1", 0.0, ok=True)
-    q.add("e1", "push", 0.1)  # in its quiet period until 1.1
+    q.add("e1", "push", 0.1)  # done at 0.0: due at 1.0
     q.add("e2", "push", 0.1)
     q.pop(0.1)  # e2 processing
     q.add("e2", "poll", 0.2)  # hint during processing, before the shutdown

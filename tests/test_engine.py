@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client import CollectorRegistry
 
 from faxd import daemon
@@ -484,3 +485,192 @@ async def test_hints_during_a_reconcile_cause_exactly_one_more(sim: Simulator, t
             await e.queue.wait_idle()
         assert len(sim.requests_to("/message-sync")) - before == 2
         await e.until(truth(sim, [fid]))
+
+
+# -- memory holds only what can still change; the rest is read from the store on demand -----------
+
+
+async def test_a_fax_finished_long_ago_is_read_from_the_store_when_it_changes(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    db = tmp_path / "db"
+    fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.05)])
+    await sim.wait_for_status(fid, "Sent")
+    async with engine(sim, db) as e:
+        await e.reconcile("startup")
+        await e.until(truth_after(sim, [fid]))
+        assert fid not in e.reconciler.faxes  # final: dropped from memory once committed
+        first = list(e.events)
+    async with engine(sim, db) as e:
+        assert e.reconciler.faxes == {}  # nothing in flight: nothing loaded at start-up
+        assert e.reconciler.fax(fid) is not None  # but readable on demand
+        # ISync returns the deleted fax as id + availability only: only a known fax can use it.
+        sim.store.delete(sim.store.messages[int(fid)])
+        await e.reconcile("push")
+        await e.until({(fid, None, "availability", "Deleted")})
+        await e.reconcile("push", "poll")  # nothing new: idempotent
+        assert [(x.transition.kind, x.transition.from_status, x.transition.to_status) for x in e.events] == [
+            (EventKind.AVAILABILITY, "Alive", "Deleted")
+        ]
+        assert all(x.seq > first[-1].seq for x in e.events)
+        assert e.reconciler.faxes == {}
+
+
+async def test_a_late_move_of_a_fax_not_in_memory_has_the_right_from_status(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    db = tmp_path / "db"
+    fid = sim.create_outbound_fax(
+        None, [RecipientScript("+16505550100", "Sent", after=0.05, delivered_after=1.0)]
+    )
+    await sim.wait_for_status(fid, "Sent")
+    async with engine(sim, db) as e:
+        await e.reconcile("startup")
+        await e.until(truth_after(sim, [fid]))
+        first = {x.transition.dedup_key for x in e.events}
+    assert sim.message(fid)["to"][0]["messageStatus"] == "Sent", "delivered too early for this test"
+    async with engine(sim, db) as e:
+        assert e.reconciler.faxes == {}
+        await sim.wait_for(lambda: sim.message(fid)["to"][0]["messageStatus"] == "Delivered")
+        e.queue.hint(EXT, "push")
+        await e.until({(fid, 0, "recipient", "Delivered"), (fid, None, "status", "Delivered")})
+        await e.reconcile("startup")  # FSync returns the fax again: nothing repeated
+        moves = {
+            (x.transition.recipient_index, x.transition.from_status, x.transition.to_status) for x in e.events
+        }
+        assert len(e.events) == 2
+        assert moves == {(None, "Sent", "Delivered"), (0, "Sent", "Delivered")}
+        assert not {x.transition.dedup_key for x in e.events} & first
+
+
+async def test_only_in_flight_faxes_are_held_and_the_index_follows_them(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    db = tmp_path / "db"
+    done = [
+        sim.create_outbound_fax(None, [RecipientScript(f"+165055503{i:02d}", "Sent", after=0.05)])
+        for i in range(5)
+    ]
+    slow = sim.create_outbound_fax(None, [RecipientScript("+16505550399", "Sent", after=0.6)])
+    await sim.wait_for(all_final(sim, done))
+    async with engine(sim, db) as e:
+        await e.reconcile("startup")
+        assert set(e.reconciler.faxes) == {slow}
+        assert [f.fax_id for f in e.reconciler.tracked(EXT)] == [slow]
+        assert e.reconciler.active_extensions() == [EXT]
+        assert e.reconciler.in_flight_count() == 1
+        assert e.registry.get_sample_value("faxd_faxes_in_flight") == 1.0
+        await sim.wait_for_status(slow, "Sent")
+        e.queue.hint(EXT, "push")
+        await e.until(truth_after(sim, [slow]))
+        assert e.reconciler.faxes == {}
+        assert e.reconciler.active_extensions() == []
+        assert e.registry.get_sample_value("faxd_faxes_in_flight") == 0.0
+        assert {f.fax_id for f in e.store.recent_faxes(10)} == {*done, slow}
+
+
+async def test_sent_waiting_to_settle_is_held_across_a_restart_and_dropped_once_settled(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    db = tmp_path / "db"
+    fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.05)])
+    await sim.wait_for_status(fid, "Sent")
+    async with engine(sim, db, sent_settle=3600) as e:
+        await e.reconcile("startup")
+        await e.until({(fid, None, "status", "Sent")})
+        assert set(e.reconciler.faxes) == {fid}  # final status, but waiting to settle
+    async with engine(sim, db, sent_settle=0.3) as e:
+        assert set(e.reconciler.faxes) == {fid}  # re-armed from the journal
+        assert e.reconciler.in_flight() == []
+        assert e.reconciler.next_settle() is not None
+        await e.until({(fid, None, "settled", "Sent"), (fid, 0, "settled", "Sent")})
+        assert e.reconciler.faxes == {}
+        assert e.reconciler.next_settle() is None
+
+
+async def test_with_sent_settle_0_start_up_does_not_scan_the_journal(sim: Simulator, tmp_path: Path) -> None:
+    store = Store(tmp_path / "db")
+    store.open()
+
+    def scan() -> list[Any]:
+        raise AssertionError("unsettled_sent() read the journal with sent_settle 0")
+
+    store.unsettled_sent = scan  # type: ignore[method-assign]
+    try:
+        metrics = Metrics(CollectorRegistry())
+        Reconciler(None, store, metrics, lambda _: None, ReconcileSettings())  # type: ignore[arg-type]
+    finally:
+        store.close()
+
+
+async def test_status_history_and_list_of_an_old_fax_over_the_socket_after_a_restart(
+    sim: Simulator, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(sim)
+    async with running(sim, config) as (watcher, _):
+        await ws_subscribed(sim)
+        sent = await ask(
+            config,
+            {
+                "type": "send",
+                "to": [{"phone": "+16505550100"}],
+                "documents": [{"name": "a.txt", "content_type": "text/plain", "data": "aGkK"}],
+                "ref": "old-1",
+            },
+        )
+        assert sent["type"] == "accepted", sent
+        fid = sent["fax_id"]
+        await watcher.until({(fid, None, "status", "Sent"), (fid, 0, "recipient", "Sent")})
+        seqs = [e["seq"] for e in watcher.events if e["fax_id"] == fid]
+        newer = sim.create_outbound_fax(None, [RecipientScript("+16505550101", "Sent", after=0.05)])
+        await watcher.until(truth_after(sim, [newer]))
+    async with running(sim, config):  # a new daemon: the fax is final, so it is not in memory
+        by_id = await ask(config, {"type": "status", "fax_id": fid})
+        by_ref = await ask(config, {"type": "status", "ref": "old-1"})
+        history = await ask(config, {"type": "history", "fax_id": fid})
+        everything = await ask(config, {"type": "list", "active_only": False})
+        monkeypatch.setattr(daemon._Backend, "list_all_limit", 1)
+        newest = await ask(config, {"type": "list", "active_only": False})
+        active = await ask(config, {"type": "list", "active_only": True})
+        unknown = await ask(config, {"type": "status", "fax_id": "404404"})
+    assert by_id["type"] == "fax", by_id
+    assert (by_id["fax"]["status"], by_id["fax"]["ref"], by_id["fax"]["in_flight"]) == (
+        "Sent",
+        "old-1",
+        False,
+    )
+    assert by_ref["fax"] == by_id["fax"]
+    assert [e["seq"] for e in history["events"]] == seqs
+    assert [f["fax_id"] for f in everything["faxes"]] == [newer, fid]  # newest first
+    assert [f["fax_id"] for f in newest["faxes"]] == [newer]  # bounded by list_all_limit
+    assert active["faxes"] == []
+    assert (unknown["type"], unknown["code"]) == ("error", "not_found")
+
+
+async def ask(config: Config, request: dict[str, Any]) -> dict[str, Any]:
+    """One request on a connection of its own; the reply (events and heartbeats are skipped)."""
+    reader, writer = await asyncio.open_unix_connection(config.events.socket, limit=2**22)
+    try:
+        await reader.readline()  # hello
+        writer.write(json.dumps({**request, "id": "q"}).encode() + b"\n")
+        async with asyncio.timeout(20):
+            while True:
+                reply: dict[str, Any] = json.loads(await reader.readline())
+                if reply.get("id") == "q":
+                    return reply
+    finally:
+        writer.close()
+
+
+async def test_a_stall_is_found_by_a_poll_once_not_by_every_push(sim: Simulator, tmp_path: Path) -> None:
+    async with engine(sim, tmp_path / "db", stall_after=0.0) as e:
+        await e.reconcile("startup")  # FSync first (a full sync checks stalls too)
+        fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=60)])
+        e.queue.hint(EXT, "push")
+        await e.until({(fid, None, "status", "Queued")})
+        assert [x for x in e.events if x.transition.kind is EventKind.STALLED] == []
+        await e.reconcile("poll")
+        await e.until({(fid, None, "stalled", "Queued")})
+        await e.reconcile("poll", "push")
+        assert len([x for x in e.events if x.transition.kind is EventKind.STALLED]) == 1
+        assert fid in e.reconciler._stalled  # not checked (nor journalled) again

@@ -85,6 +85,20 @@ async def test_isolated_hint_runs_at_once_and_a_burst_after_it_waits_the_quiet_p
 
 
 @pytest.mark.looptime
+async def test_a_hint_soon_after_a_reconcile_waits_only_for_the_rest_of_the_window(driver: Driver) -> None:
+    start = asyncio.get_running_loop().time()
+    driver.queue.hint("e1", "push")
+    await driver.rec.until(1)
+    await driver.queue.wait_idle()
+    await at(start + 0.7)
+    driver.queue.hint("e1", "push")
+    await driver.rec.until(2)
+    await driver.queue.wait_idle()
+    # Due at the first reconcile + debounce (1.0), not hint + debounce (1.7): same rate, shorter wait.
+    assert [t - start for t in driver.times()] == pytest.approx([0.0, 1.0])
+
+
+@pytest.mark.looptime
 async def test_a_busy_key_is_served_every_max_delay(driver: Driver) -> None:
     start = asyncio.get_running_loop().time()
     driver.queue.hint("e1", "push")

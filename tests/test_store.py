@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from faxd.adapters.store import Journalled, Store, StoreError
+from faxd.adapters.store import MIGRATIONS, Journalled, Store, StoreError
 from faxd.core.model import EventKind, FaxState, RecipientState, Source, Transition
 
 
@@ -147,3 +147,64 @@ def test_unsettled_sent_lists_sent_not_final_without_a_settled_event(store: Stor
     assert [(t.fax_id, t.recipient_index, at) for t, at in store.unsettled_sent()] == [
         ("1", None, "2026-01-01T00:00:00.000Z")
     ]
+
+
+def state(fax_id: str, status: str, created: str | None, ref: str | None = None) -> FaxState:
+    recipients = (RecipientState(0, "+1650", status), RecipientState(1, "+1651", status))
+    return FaxState(fax_id, "200", "Outbound", status, ref=ref, recipients=recipients, created=created)
+
+
+def test_faxes_are_read_by_id_ref_and_batch_with_their_recipients(store: Store) -> None:
+    states = [state(str(n), "Sent", f"2026-01-01T00:{n // 60:02d}:{n % 60:02d}.000Z") for n in range(1200)]
+    store.commit([*states, state("r", "Queued", None, ref="order-1")], [], observed_at="T1")
+    assert store.fax("7") == states[7]
+    assert store.fax("nope") is None
+    assert store.fax_by_ref("order-1") == state("r", "Queued", None, ref="order-1")
+    assert store.fax_by_ref("order-2") is None
+    wanted = [str(n) for n in range(0, 1200, 2)] + ["nope", "7", "7"]  # more than one IN (...) chunk
+    found = store.faxes_by_id(wanted)
+    assert set(found) == {str(n) for n in range(0, 1200, 2)} | {"7"}
+    assert all(found[k] == states[int(k)] for k in found)
+    assert store.faxes_by_id([]) == {}
+    assert store.load_faxes(in_flight_only=True) == {"r": state("r", "Queued", None, ref="order-1")}
+
+
+def test_recent_faxes_are_the_newest_first_and_bounded(store: Store) -> None:
+    store.commit(
+        [
+            state("a", "Sent", "2026-01-02T00:00:00.000Z"),
+            state("b", "Sent", None),
+            state("c", "Sent", "2026-01-03T00:00:00.000Z"),
+            state("d", "Queued", "2026-01-01T00:00:00.000Z"),
+        ],
+        [],
+        observed_at="T1",
+    )
+    assert [f.fax_id for f in store.recent_faxes(10)] == ["c", "a", "d", "b"]
+    assert [f.fax_id for f in store.recent_faxes(2)] == ["c", "a"]
+    assert store.recent_faxes(2)[0].recipients == state("c", "Sent", None).recipients
+    plan = store.db.execute(
+        "EXPLAIN QUERY PLAN SELECT fax_id FROM faxes ORDER BY created DESC, fax_id DESC LIMIT 5"
+    ).fetchall()
+    assert any("faxes_created" in row[-1] for row in plan), plan  # no sort of the whole table
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(f"BEGIN; {MIGRATIONS[0]} PRAGMA user_version = 1; COMMIT;")
+    db.execute(
+        "INSERT INTO faxes (fax_id, extension_id, direction, status, availability, in_flight)"
+        " VALUES ('1', '200', 'Outbound', 'Sent', 'Alive', 0)"
+    )
+    db.close()
+    s = Store(path)
+    s.open()
+    try:
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert s.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'faxes_created'").fetchone()
+        fax_1 = s.fax("1")
+        assert fax_1 is not None
+        assert fax_1.status == "Sent"
+    finally:
+        s.close()

@@ -19,8 +19,16 @@ Three parts, all thin around the core:
      as far as they went and the reconcile raises :class:`BulkIncomplete`, so the queue retries it
      with backoff. What step 2 finds is journalled with source ``poll`` whatever asked: it is what
      push and sync missed, and counts in ``faxd_missed_by_push_total``.
-  3. Without any API call: ``stalled`` events and ``settled`` events (the ``Sent`` settle rule,
+  3. Without any API call: ``stalled`` events (checked when step 2 runs, i.e. at least every
+     ``active_poll_interval`` while faxes are in flight, not on every push; once per fax and process)
+     and ``settled`` events (the ``Sent`` settle rule,
      :func:`faxd.core.status.settled`), committed with step 2's states.
+
+  Memory holds only the faxes that can still produce an event: in flight, or waiting to settle
+  (:attr:`Reconciler.faxes`, indexed per extension). Every other fax lives only in the store: a
+  record that message-sync returns for such a fax is diffed against its stored state, read by id
+  (one batched query per reconcile) before the diff, so nothing is repeated or lost; ``status``,
+  ``history`` and ``by_ref`` read it by primary key (or the UNIQUE ``ref``) on demand.
 
 * :class:`ReconcileQueue` drives a :class:`faxd.core.debounce.KeyedQueue` on the event loop's clock.
 * :func:`poll_forever` asks for a reconcile of every extension every ``poll_interval``, of those with
@@ -34,7 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -106,6 +114,8 @@ class _Batch:
     changed: dict[str, FaxState] = field(default_factory=dict)
     journal: list[Journalled] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
+    #: Stored states of faxes not held in memory that this step's records name (read before diffing).
+    base: dict[str, FaxState] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -127,34 +137,94 @@ class Reconciler:
         self.publish = publish
         self.settings = settings
         self.wall = wall
-        self.faxes: dict[str, FaxState] = store.load_faxes()
+        #: The faxes held in memory: exactly those in flight or waiting to settle (the same states as
+        #: the store's; the store has every fax). Change it only through :meth:`_hold`.
+        self.faxes: dict[str, FaxState] = {}
+        self._held: dict[str, set[str]] = {}  # extension -> ids held
+        self._flying: dict[str, set[str]] = {}  # extension -> ids in flight
+        self._stalled: set[str] = set()  # held faxes whose stall was journalled (not checked again)
         self._sending_refs: set[str] = set()
         # Unsettled Sent (fax or recipient) -> wall time faxd first saw it Sent; survives restarts
-        # through the journal.
+        # through the journal. _settling counts the keys per fax.
         self._settle: dict[SettleKey, float] = {}
-        for t, observed_at in store.unsettled_sent():
-            key = unsettled(t)
-            if key is not None and key[0] in self.faxes:
-                self._settle[key] = parse_time(observed_at) or wall()
+        self._settling: dict[str, int] = {}
+        for state in store.load_faxes(in_flight_only=True).values():
+            self._hold(state)
+        if settings.sent_settle > 0:
+            # With sent_settle 0 every Sent is journalled final: nothing can wait, skip the journal scan.
+            waiting = [(key, at) for t, at in store.unsettled_sent() if (key := unsettled(t)) is not None]
+            known = store.faxes_by_id({key[0] for key, _ in waiting if key[0] not in self.faxes})
+            for key, observed_at in waiting:
+                if key[0] in self.faxes or key[0] in known:
+                    self._settle_add(key, parse_time(observed_at) or wall())
+            for state in known.values():
+                self._hold(state)
         #: Set whenever a timer (settle) may have to fire earlier than :func:`poll_forever` planned.
         self.timers_changed = asyncio.Event()
         self._update_gauges()
 
+    # -- what is held in memory ----------------------------------------------------------------------
+
+    def _drop(self, fax_id: str) -> None:
+        """Forget a held fax (the store keeps it)."""
+        old = self.faxes.pop(fax_id, None)
+        if old is None:
+            return
+        self._stalled.discard(fax_id)
+        for index in (self._held, self._flying):
+            ids = index.get(old.extension_id)
+            if ids is not None:
+                ids.discard(fax_id)
+                if not ids:
+                    del index[old.extension_id]
+
+    def _hold(self, state: FaxState) -> None:
+        """Keep ``state`` in memory if it can still produce an event, else drop it (the store has it)."""
+        fax_id = state.fax_id
+        self._drop(fax_id)
+        if state.in_flight or fax_id in self._settling:
+            self.faxes[fax_id] = state
+            self._held.setdefault(state.extension_id, set()).add(fax_id)
+            if state.in_flight:
+                self._flying.setdefault(state.extension_id, set()).add(fax_id)
+
+    def _settle_add(self, key: SettleKey, since: float) -> None:
+        if key not in self._settle:
+            self._settle[key] = since
+            self._settling[key[0]] = self._settling.get(key[0], 0) + 1
+
+    def _settle_drop(self, key: SettleKey) -> None:
+        if self._settle.pop(key, None) is None:
+            return
+        left = self._settling[key[0]] - 1
+        if left:
+            self._settling[key[0]] = left
+            return
+        del self._settling[key[0]]
+        held = self.faxes.get(key[0])
+        if held is not None:
+            self._hold(held)  # nothing waits on it any more: dropped unless in flight
+
+    def fax(self, fax_id: str) -> FaxState | None:
+        """A fax by id: from memory when held, else from the store."""
+        held = self.faxes.get(fax_id)
+        return held if held is not None else self.store.fax(fax_id)
+
     def in_flight(self, extension_id: str | None = None) -> list[FaxState]:
-        return [
-            f
-            for f in self.faxes.values()
-            if f.in_flight and (extension_id is None or f.extension_id == extension_id)
-        ]
+        if extension_id is not None:
+            return [self.faxes[fax_id] for fax_id in self._flying.get(extension_id, ())]
+        return [self.faxes[fax_id] for ids in self._flying.values() for fax_id in ids]
+
+    def in_flight_count(self) -> int:
+        return sum(len(ids) for ids in self._flying.values())
+
+    def active_extensions(self) -> list[str]:
+        """Extensions with at least one fax in flight."""
+        return sorted(self._flying)
 
     def tracked(self, extension_id: str) -> list[FaxState]:
         """Faxes of ``extension_id`` that can still produce an event: in flight or waiting to settle."""
-        settling = {fax_id for fax_id, _ in self._settle}
-        return [
-            f
-            for f in self.faxes.values()
-            if f.extension_id == extension_id and (f.in_flight or f.fax_id in settling)
-        ]
+        return [self.faxes[fax_id] for fax_id in self._held.get(extension_id, ())]
 
     def next_settle(self) -> tuple[float, str] | None:
         """(wall time, extension) of the earliest ``Sent`` due to settle; None when nothing waits."""
@@ -169,7 +239,11 @@ class Reconciler:
         return best
 
     def by_ref(self, ref: str) -> FaxState | None:
-        return next((f for f in self.faxes.values() if f.ref == ref), None)
+        """The fax sent with ``ref`` (the store's UNIQUE index; held faxes are the same states)."""
+        found = self.store.fax_by_ref(ref)
+        if found is None:
+            return None
+        return self.faxes.get(found.fax_id, found)
 
     async def reconcile(self, extension_id: str, reasons: set[str]) -> None:
         """One reconcile of one extension. Raises :class:`ApiError` on failure (the queue backs off)."""
@@ -211,7 +285,7 @@ class Reconciler:
 
     def _absorb(self, batch: _Batch, extension_id: str, record: Any, how: Source) -> None:
         fax_id = str(record.get("id")) if isinstance(record, dict) else ""
-        old = batch.changed.get(fax_id) or self.faxes.get(fax_id)
+        old = batch.changed.get(fax_id) or self.faxes.get(fax_id) or batch.base.get(fax_id)
         try:
             new = apply_record(old, record, extension_id=extension_id)
         except RecordError as exc:
@@ -237,15 +311,16 @@ class Reconciler:
         events = self.store.commit(
             list(batch.changed.values()), batch.journal, observed_at=_iso(now), sync_tokens=sync_tokens
         )
-        self.faxes.update(batch.changed)
         for event in events:
             key = unsettled(event.transition)
             if key is not None:
-                self._settle.setdefault(key, now)
+                self._settle_add(key, now)
                 self.timers_changed.set()
             elif event.transition.kind is EventKind.SETTLED:
-                self._settle.pop((event.transition.fax_id, event.transition.recipient_index), None)
-        self._account(events)
+                self._settle_drop((event.transition.fax_id, event.transition.recipient_index))
+        for state in batch.changed.values():
+            self._hold(state)
+        self._account(events, batch.changed)
         if events:
             self.publish(events)
         return events
@@ -254,14 +329,23 @@ class Reconciler:
         source = _source(reasons)
         result, full = await self._sync(extension_id)
         synced = _Batch()
-        for record in result.records:
+        # Records of faxes not held (finished long ago, say): diff them against their stored state.
+        records: list[Any] = result.records
+        ids = {str(r.get("id")) for r in records if isinstance(r, dict) and r.get("id") is not None}
+        unheld = [fax_id for fax_id in ids if fax_id not in self.faxes]
+        if unheld:
+            synced.base = self.store.faxes_by_id(unheld)
+        for record in records:
             self._absorb(synced, extension_id, record, source)
         events = self._commit(synced, sync_tokens={extension_id: result.sync_token})
 
         checked = _Batch(seen=set(synced.seen))
         failed: list[str] = []
-        if full or reasons & CHECK_REASONS:
-            missing = [f.fax_id for f in self.tracked(extension_id) if f.fax_id not in synced.seen]
+        check = full or bool(reasons & CHECK_REASONS)
+        if check:
+            tracked = [f for f in self.tracked(extension_id) if f.fax_id not in synced.seen]
+            missing = [f.fax_id for f in tracked]
+            checked.base = {f.fax_id: f for f in tracked}  # in case one is dropped during the GET
             if missing:
                 found = await self.rc.get_messages(extension_id, missing)
                 for fax_id in missing:
@@ -273,17 +357,28 @@ class Reconciler:
                     record = item if item is not None else {"id": fax_id, "availability": "Purged"}
                     # Found without a push hint: record it as a poll find, whatever asked.
                     self._absorb(checked, extension_id, record, Source.POLL)
-        self._timers(checked, extension_id, source)
+        self._timers(checked, extension_id, source, stalls=check)
         events += self._commit(checked)
+        self._stalled.update(
+            j.transition.fax_id
+            for j in checked.journal
+            if j.transition.kind is EventKind.STALLED and j.transition.fax_id in self.faxes
+        )
         if events:
             log.info("reconciled", extension=extension_id, source=source.value, events=len(events))
         if failed:
             raise BulkIncomplete(0, "bulk_incomplete", f"{len(failed)} of the in-flight faxes not read")
 
-    def _timers(self, batch: _Batch, extension_id: str, source: Source) -> None:
-        """Stalled and settled events: rules on time, no API call."""
+    def _timers(self, batch: _Batch, extension_id: str, source: Source, *, stalls: bool) -> None:
+        """Stalled (when ``stalls``) and settled events: rules on time, no API call.
+
+        The stall check walks the extension's faxes in flight, so it runs with the bulk GET (polls,
+        start-up, requests), not on every push; a fax found stalled is not checked again.
+        """
         now = self.wall()
-        for state in self.in_flight(extension_id):
+        for state in self.in_flight(extension_id) if stalls else ():
+            if state.fax_id in self._stalled:
+                continue
             current = batch.changed.get(state.fax_id, state)
             t = stalled(current, now=now, stall_after=self.settings.stall_after)
             if t is not None:
@@ -291,13 +386,13 @@ class Reconciler:
         for key, since in list(self._settle.items()):
             fax = batch.changed.get(key[0]) or self.faxes.get(key[0])
             if fax is None:
-                del self._settle[key]
+                self._settle_drop(key)
                 continue
             if fax.extension_id != extension_id:
                 continue
             verdict = settled(fax, key, since=since, now=now, settle_after=self.settings.sent_settle)
             if verdict == "moot":
-                del self._settle[key]
+                self._settle_drop(key)
             elif verdict != "wait":
                 batch.journal.append(Journalled(verdict, source))
 
@@ -314,13 +409,18 @@ class Reconciler:
         faxes_before = now - max(days, self.settings.fsync_days) * DAY
         rows, gone = self.store.prune(before=_iso(now - days * DAY), faxes_before=faxes_before)
         if gone:
-            self.faxes = self.store.load_faxes()
+            # Pruned faxes are final (never in flight); drop any that still waited to settle.
+            kept = self.store.faxes_by_id(list(self.faxes))
+            for fax_id in [f for f in self.faxes if f not in kept]:
+                for key in [k for k in self._settle if k[0] == fax_id]:
+                    self._settle_drop(key)
+                self._drop(fax_id)
         if rows or gone:
             log.info("journal pruned", rows=rows, faxes=gone, oldest_seq=self.store.oldest_seq())
         self._update_gauges()
         return rows, gone
 
-    def _account(self, events: Sequence[Event]) -> None:
+    def _account(self, events: Sequence[Event], changed: Mapping[str, FaxState]) -> None:
         now = self.wall()
         for event in events:
             t = event.transition
@@ -329,7 +429,7 @@ class Reconciler:
                     self.metrics.missed_by_push.inc()
                 if t.kind is EventKind.STATUS:
                     self.metrics.transitions.labels(t.direction, t.to_status).inc()
-                    fax = self.faxes.get(t.fax_id)
+                    fax = changed.get(t.fax_id) or self.faxes.get(t.fax_id)
                     created = parse_time(fax.created) if fax else None
                     if t.final and t.from_status is not None and created is not None:
                         self.metrics.time_to_final.observe(max(0.0, now - created))
@@ -338,7 +438,7 @@ class Reconciler:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        self.metrics.in_flight.set(len(self.in_flight()))
+        self.metrics.in_flight.set(self.in_flight_count())
         self.metrics.journal_head.set(self.store.head_seq())
         self.metrics.journal_oldest.set(self.store.oldest_seq())
 
@@ -375,7 +475,7 @@ class Reconciler:
         if state is None:
             raise SendError("upstream", "RingCentral's answer was not a fax record")
         state = replace(state, ref=ref)
-        old = self.faxes.get(state.fax_id)
+        old = self.fax(state.fax_id)
         settle = self.settings.sent_settle > 0
         transitions = [Journalled(t, Source.SEND) for t in diff(old, state, settle=settle)]
         self._commit(_Batch(changed={state.fax_id: state}, journal=transitions))
@@ -484,7 +584,7 @@ async def poll_forever(
             next_full = now + settings.poll_interval
             next_active = now + settings.active_poll_interval
         elif now >= next_active:
-            for key in sorted({f.extension_id for f in reconciler.in_flight()}):
+            for key in reconciler.active_extensions():
                 queue.hint(key, "poll")
             next_active = now + settings.active_poll_interval
         wake = min(next_full, next_active, next_prune)

@@ -69,6 +69,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX journal_once ON journal (fax_id, recipient_index, kind, to_status);
     CREATE TABLE sync_tokens (extension_id TEXT PRIMARY KEY, token TEXT NOT NULL);
     """,
+    # 2: `list` with active_only=false reads the newest faxes (Store.recent_faxes) without a sort of
+    # the whole table.
+    """
+    CREATE INDEX faxes_created ON faxes (created);
+    """,
+)
+
+#: Ids per ``IN (...)`` list: far below SQLite's limit on host parameters (999 before 3.32).
+_CHUNK = 500
+_FAX_COLUMNS = (
+    "fax_id, extension_id, direction, status, availability, pages, created, rc_modified, ref, from_phone"
 )
 
 
@@ -166,16 +177,53 @@ class Store:
     # -- reads -------------------------------------------------------------------------------------
 
     def load_faxes(self, *, in_flight_only: bool = False) -> dict[str, FaxState]:
+        """Every fax, or only those in flight (what the reconciler keeps in memory at start-up)."""
         where = " WHERE in_flight = 1" if in_flight_only else ""
-        rows = self.db.execute(
-            "SELECT fax_id, extension_id, direction, status, availability, pages, created,"
-            f" rc_modified, ref, from_phone FROM faxes{where}"
-        ).fetchall()
+        return self._states(f"SELECT {_FAX_COLUMNS} FROM faxes{where}", ())
+
+    def faxes_by_id(self, fax_ids: Iterable[str]) -> dict[str, FaxState]:
+        """The stored faxes among ``fax_ids`` (unknown ids are left out), read in batches."""
+        ids = list(dict.fromkeys(fax_ids))
+        out: dict[str, FaxState] = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            out.update(self._states(f"SELECT {_FAX_COLUMNS} FROM faxes WHERE fax_id IN ({marks})", chunk))
+        return out
+
+    def fax(self, fax_id: str) -> FaxState | None:
+        """One fax by id (primary key), None when unknown."""
+        return self._states(f"SELECT {_FAX_COLUMNS} FROM faxes WHERE fax_id = ?", (fax_id,)).get(fax_id)
+
+    def fax_by_ref(self, ref: str) -> FaxState | None:
+        """The fax sent with ``ref`` (a UNIQUE index), None when unknown."""
+        found = self._states(f"SELECT {_FAX_COLUMNS} FROM faxes WHERE ref = ?", (ref,))
+        return next(iter(found.values()), None)
+
+    def recent_faxes(self, limit: int) -> list[FaxState]:
+        """The ``limit`` newest faxes by ``created`` (RingCentral's creation time), newest first; faxes
+        without a creation time sort last (SQLite's NULLs are the smallest)."""
+        found = self._states(
+            f"SELECT {_FAX_COLUMNS} FROM faxes ORDER BY created DESC, fax_id DESC LIMIT ?",
+            (limit,),
+        )
+        return list(found.values())
+
+    def _states(self, sql: str, params: Sequence[Any]) -> dict[str, FaxState]:
+        """Fax rows selected by ``sql`` (columns :data:`_FAX_COLUMNS`, in that order) with their
+        recipients, in the order of the rows. Recipients are read only for the faxes selected."""
+        rows = self.db.execute(sql, tuple(params)).fetchall()
         recipients: dict[str, list[RecipientState]] = {}
-        for fax_id, idx, phone, status, code in self.db.execute(
-            "SELECT fax_id, idx, phone, status, error_code FROM recipients ORDER BY fax_id, idx"
-        ):
-            recipients.setdefault(fax_id, []).append(RecipientState(idx, phone, status, code))
+        ids = [row[0] for row in rows]
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for fax_id, idx, phone, status, code in self.db.execute(
+                "SELECT fax_id, idx, phone, status, error_code FROM recipients"
+                f" WHERE fax_id IN ({marks}) ORDER BY fax_id, idx",
+                chunk,
+            ):
+                recipients.setdefault(fax_id, []).append(RecipientState(idx, phone, status, code))
         return {
             row[0]: FaxState(
                 fax_id=row[0],
@@ -314,19 +362,19 @@ class Store:
 
     def unsettled_sent(self) -> list[tuple[Transition, str]]:
         """``Sent`` transitions journalled with ``final=false`` that have no ``settled`` event yet, with
-        their ``observed_at``: the settle timers to re-arm after a restart."""
+        their ``observed_at``: the settle timers to re-arm after a restart.
+
+        Filtered in SQL (``final`` read with ``json_extract``), so only the unsettled rows are decoded.
+        Only meaningful with ``sent_settle`` > 0: with 0 every ``Sent`` is journalled final.
+        """
         rows = self.db.execute(
             "SELECT j.observed_at, j.transition FROM journal j WHERE j.to_status = 'Sent'"
-            " AND j.kind IN ('status', 'recipient') AND NOT EXISTS (SELECT 1 FROM journal s"
-            " WHERE s.fax_id = j.fax_id AND s.recipient_index = j.recipient_index AND s.kind = 'settled')"
+            " AND j.kind IN ('status', 'recipient') AND json_extract(j.transition, '$.final') = 0"
+            " AND NOT EXISTS (SELECT 1 FROM journal s WHERE s.fax_id = j.fax_id"
+            " AND s.recipient_index = j.recipient_index AND s.kind = 'settled')"
             " ORDER BY j.seq"
         ).fetchall()
-        out: list[tuple[Transition, str]] = []
-        for observed_at, data in rows:
-            t = _transition_from(json.loads(data))
-            if not t.final:
-                out.append((t, observed_at))
-        return out
+        return [(_transition_from(json.loads(data)), observed_at) for observed_at, data in rows]
 
     def prune(self, *, before: str, faxes_before: float | None = None) -> tuple[int, int]:
         """Retention: delete journal rows observed before ``before`` (ISO time, as ``observed_at`` is

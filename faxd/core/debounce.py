@@ -10,6 +10,10 @@ Rules:
   ``first hint + max_delay``, so a key that keeps getting hints is still served.
 * Leading edge: a hint for a key that has been idle (not pending, not processing, not done within the
   last ``debounce``) is due at once — an isolated change is reported without waiting.
+* Rate cap: a key is not handed out again within ``debounce`` of its last :meth:`KeyedQueue.done`.
+  A first hint for a key done less than ``debounce`` ago is due at ``last done + debounce`` (what is
+  left of the window, not a whole new quiet period from the hint); later hints of the same burst slide
+  it as above.
 * Errors back off per key (``backoff_base * 2**(n-1)``, capped at ``backoff_cap``) and reset on success.
 * Each pending key carries the set of reasons (triggers) that asked for it, merged when coalesced.
 * :meth:`KeyedQueue.flush` makes every pending key due now (for a drain on shutdown).
@@ -65,7 +69,9 @@ class KeyedQueue:
         if pending is None:
             last = self._last_done.get(key)
             idle = last is None or now - last >= self.debounce
-            due = now if immediate or idle else now + self.debounce
+            # Done recently: wait only for the rest of the window (the rate cap). It ends before
+            # now + debounce, hence within first + max_delay (max_delay >= debounce).
+            due = now if immediate or idle or last is None else last + self.debounce
             self._pending[key] = _Pending(due=due, first=now, reasons={reason})
             return True
         pending.reasons.add(reason)
