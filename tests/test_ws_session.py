@@ -275,3 +275,30 @@ async def test_update_filters_puts_on_the_live_subscription() -> None:
         assert await h.hint() == Hint(EXT, (inbound,), 0)
         with pytest.raises(TimeoutError):
             await h.hint(within=5)  # the fax?direction=Inbound filter is gone
+
+
+async def test_absolute_timeout_error_frame_reconnects_with_recovery() -> None:
+    config = SimConfig(seed=3, absolute_timeout=50, default_delay=(1000.0, 1000.0))
+    async with harness(config) as h:
+        await h.resync()
+        await h.until(lambda: h.sample("faxd_ws_disconnects_total", reason="wsg_903") == 1)
+        await h.until(lambda: len(h.connects()) == 2 and h.up())
+        assert "wsc=" in h.connects()[1]
+        assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
+        assert h.subscribes() == [200]  # the subscription survived: no second POST
+
+
+async def test_expired_token_mid_run_refreshes_and_recovery_still_succeeds() -> None:
+    async with harness() as h:
+        await h.resync()
+        assert h.sim.expire_access_tokens() >= 1
+        await h.dropped()
+        await h.until(lambda: len(h.connects()) == 2 and h.up())
+        grants = [r.status for r in h.sim.requests_to("/restapi/oauth/token")]
+        wstokens = [r.status for r in h.sim.requests_to("/restapi/oauth/wstoken")]
+        assert grants == [200, 200]  # the login, then one refresh: no second login
+        assert wstokens == [200, 401, 200]  # the expired token was refused once, then retried
+        # Same OAuth session, so the gateway recovered the WS session: no resubscribe, no resync.
+        assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
+        assert h.subscribes() == [200]
+        assert h.resyncs.empty()
