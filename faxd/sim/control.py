@@ -160,6 +160,14 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         body = await _body(request)
         sim.delay_next_requests(int(body.get("count", 1)), float(body.get("seconds", 5)))
 
+    async def delay_notifications(request: web.Request) -> None:
+        body = await _body(request)
+        sim.delay_notifications(float(body.get("seconds", 5)))
+
+    async def duplicate_notifications(request: web.Request) -> None:
+        body = await _body(request)
+        sim.duplicate_notifications(int(body.get("copies", 2)))
+
     async def storm(request: web.Request) -> None:
         body = await _body(request)
         group = body.get("group")
@@ -198,6 +206,8 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/fail-next-recovery", _wrap(fail_recovery))
     r.add_post("/_sim/faults/fail-requests", _wrap(fail_requests))
     r.add_post("/_sim/faults/delay-requests", _wrap(delay_requests))
+    r.add_post("/_sim/faults/delay-notifications", _wrap(delay_notifications))
+    r.add_post("/_sim/faults/duplicate-notifications", _wrap(duplicate_notifications))
     r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))

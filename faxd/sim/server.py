@@ -242,6 +242,14 @@ class Simulator:
         self.hub.flush()
         self.gateway.paused = True
 
+    def delay_notifications(self, seconds: float) -> None:
+        """Hold every notification ``seconds`` before it is sent (0 ends the fault)."""
+        self.gateway.notification_delay = max(0.0, seconds)
+
+    def duplicate_notifications(self, copies: int) -> None:
+        """Send every notification ``copies`` times (1 ends the fault)."""
+        self.gateway.notification_copies = max(1, copies)
+
     def resume_notifications(self) -> None:
         self.gateway.paused = False
 

@@ -163,6 +163,8 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._next_conn = 1
         self.paused = False
+        self.notification_delay = 0.0  # fault: hold every notification this long (loop seconds)
+        self.notification_copies = 1  # fault: send every notification this many times
         self.stopping = False
         self._fail_next_recovery: str | None = None
         self.base_url = ""
@@ -590,11 +592,18 @@ class Gateway:
         """Send one notification envelope, or buffer it while the session is disconnected."""
         if self.paused:
             return
-        conn = session.connection
-        if conn is None:
-            session.buffer.append(env)  # deque(maxlen): the oldest is dropped
+        if self.notification_delay > 0:
+            self._timers.call_later(self.notification_delay, lambda: self._push_now(session, env))
         else:
-            conn.send(self._notification_frame(env), with_wsc=True)
+            self._push_now(session, env)
+
+    def _push_now(self, session: WsgSession, env: JsonDict) -> None:
+        for _ in range(self.notification_copies):
+            conn = session.connection
+            if conn is None:
+                session.buffer.append(env)  # deque(maxlen): the oldest is dropped
+            else:
+                conn.send(self._notification_frame(env), with_wsc=True)
 
     # -- faults ----------------------------------------------------------------------------
     def drop_all(self) -> int:
