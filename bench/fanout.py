@@ -3,6 +3,7 @@
     .venv/bin/python bench/fanout.py                                   # 1,000 clients, 10,000 events
     .venv/bin/python bench/fanout.py --clients 100 --events 2000       # a quick look
     .venv/bin/python bench/fanout.py --rate 40 --events 2000           # paced: latency below saturation
+    .venv/bin/python bench/fanout.py --batch 1 --events 3000           # one event per publish() call
 
 This process runs only the server (EventServer over an in-memory journal, as the daemon runs it over
 SQLite: publish() after each commit); the clients live in ``--workers`` separate processes, so the CPU

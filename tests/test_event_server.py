@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -666,6 +667,111 @@ async def test_slow_consumer_is_cut_off_with_its_resume_point(short_dir: Path) -
         assert h.subscribers() == 1
     finally:
         await h.close()
+
+
+class _CountingTransport:
+    """Wraps a client's transport on the server side and counts publish()'s direct writes."""
+
+    def __init__(self, inner: asyncio.WriteTransport) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("settings_overrides", [{"client_queue": 100_000}])
+async def test_order_is_kept_when_direct_writes_and_the_queue_alternate(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live client that stops reading mid-stream fills its transport, so publish() switches from
+    writing directly to queueing; as it reads again (with events still being published while the
+    transport and the queue drain), publish() goes back to writing directly. Over several such rounds
+    (1-3 events per publish, the writer running at random points) the client gets every event once,
+    in seq order."""
+    client = await harness.connect(limit=1024)  # the StreamReader stops reading at 2 KiB unread
+    await client.send({"type": "subscribe"})
+    await client.recv_type("caught_up")
+    (server_side,) = harness.server._subscribers
+    # A small kernel buffer: the transport's own buffer fills after a few hundred events.
+    server_side.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    counting = _CountingTransport(server_side.transport)
+    monkeypatch.setattr(server_side, "transport", counting)
+    rng = random.Random(6)
+    backend = harness.backend
+    paths: list[str] = []  # per publish(): "direct" or "queued"
+
+    def publish() -> None:
+        before = counting.writes
+        backend.commit([transition(f"o{backend.head_seq()}", "Queued") for _ in range(rng.randint(1, 3))])
+        paths.append("direct" if counting.writes > before else "queued")
+
+    received: list[int] = []
+    for _ in range(4):
+        # Live and keeping up: every publish is a direct write.
+        for _ in range(20):
+            publish()
+            received += [e["seq"] for e in await client.events_until(backend.head_seq())]
+        assert paths[-20:] == ["direct"] * 20
+        # Stalled: publish until the queue has been in use for 50 publishes in a row.
+        while paths[-50:] != ["queued"] * 50:
+            publish()
+            if rng.random() < 0.3:
+                await asyncio.sleep(0)  # the writer moves the queue into the transport
+        assert server_side.transport.get_write_buffer_size() > 0
+        # Read again, publishing as the transport drains, until publish() writes directly again.
+        while paths[-10:] != ["direct"] * 10:
+            publish()
+            for _ in range(rng.randint(1, 8)):
+                message = await client.recv()
+                assert message["type"] == "event", message
+                received.append(message["seq"])
+        received += [e["seq"] for e in await client.events_until(backend.head_seq())]
+        assert not server_side.queue
+    switches = sum(a != b for a, b in itertools.pairwise(paths))
+    assert switches >= 7, paths
+    assert received == list(range(1, backend.head_seq() + 1))
+    assert harness.disconnects("slow_consumer") == 0
+
+
+@pytest.mark.looptime
+async def test_heartbeats_from_one_timer_only_to_quiet_connections(harness: Harness) -> None:
+    """The server-wide heartbeat timer serves each connection on its own schedule: an idle one every
+    interval, a subscriber receiving events only once it has been quiet for the interval."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    idle = await harness.connect()
+    busy = await harness.connect()
+    await busy.send({"type": "subscribe"})
+    await busy.recv_type("caught_up")
+    got: dict[str, list[tuple[str, float]]] = {"idle": [], "busy": []}
+
+    async def read(name: str, client: SocketClient, count: int) -> None:
+        while len(got[name]) < count:
+            message = await client.recv(within=100)
+            got[name].append((message["type"], round(loop.time() - started, 1)))
+
+    async def publish() -> None:
+        for _ in range(4):  # at 10, 20, 30 and 40 s; then quiet
+            await asyncio.sleep(10)
+            harness.backend.commit([transition("f1", "Sent")])
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(read("idle", idle, 4))
+        tg.create_task(read("busy", busy, 5))
+        tg.create_task(publish())
+    assert got["idle"] == [("heartbeat", 15.0), ("heartbeat", 30.0), ("heartbeat", 45.0), ("heartbeat", 60.0)]
+    assert got["busy"] == [
+        ("event", 10.0),
+        ("event", 20.0),
+        ("event", 30.0),
+        ("event", 40.0),
+        ("heartbeat", 55.0),
+    ]
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -7,6 +7,26 @@ journal COMMIT; every subscriber has a bounded queue and its own writer task, so
 
 This module only moves bytes and enforces connection policy. It must not decide anything about faxes, must
 not hold the journal (the :class:`Backend` does), and must not log phone numbers or document contents.
+
+Fast path. With one event per :meth:`EventServer.publish` call (one per journal COMMIT), waking 1,000
+writer tasks per event costs more than the writes themselves. So ``publish()`` writes a subscriber's lines
+straight to its transport when all of these hold, and hands them to the queue and the writer otherwise:
+
+* the subscriber is *live*: its ``caught_up`` is written (a replay in progress owns the stream);
+* its queue is empty: once anything is queued, everything goes through the queue until the writer has
+  taken it, so lines never overtake each other. The writer moves a whole batch from the queue to the
+  transport without an ``await`` in between, so an empty queue means every earlier line is already in
+  the transport, ahead of the one being written;
+* its transport buffers less than its high-water mark (``get_write_buffer_size()``): a client that is
+  not reading falls back to the queue, which stays bounded (``client_queue``) and overflows into
+  ``slow_consumer`` exactly as before, with ``covered`` (the resume point) advanced by both paths.
+
+``transport.write()`` never blocks (at worst it appends to the transport's buffer), so the publisher still
+never waits on a client. Both paths skip seqs the client has already covered, which keeps the replay/live
+boundary free of duplicates when an event is published after a replay that already sent it.
+
+Heartbeats come from one server-wide timer (:meth:`EventServer._heartbeat`), armed for the earliest
+connection to fall quiet, instead of a timeout on every writer wake-up.
 """
 
 from __future__ import annotations
@@ -59,6 +79,9 @@ log = structlog.get_logger(__name__)
 
 #: Events read from the journal per replay step; the writer drains between steps.
 REPLAY_CHUNK = 500
+#: One heartbeat round also serves connections that fall quiet within this fraction of the interval
+#: (their heartbeat comes that much early), so a round every few seconds serves any number of clients.
+HEARTBEAT_SLACK = 0.05
 _ANY = Filter()
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
@@ -143,6 +166,9 @@ class _Client:
         self.id = cid
         self.reader = reader
         self.writer = writer
+        self.transport = writer.transport
+        #: publish() writes directly only while the transport buffers less than this (its high-water mark).
+        self.direct_limit = self.transport.get_write_buffer_limits()[1]
         self.peer = peer
         self.loop = asyncio.get_running_loop()
         #: Live events (seq, encoded line) not yet written; bounded by the publisher.
@@ -150,6 +176,8 @@ class _Client:
         self.wakeup = asyncio.Event()
         self.subscription: SubscribeRequest | None = None
         self.replay_pending = False
+        #: caught_up is written: live events may bypass the queue (see the module docstring).
+        self.live = False
         #: Every matching event up to this seq has been written (the resume point on overflow).
         self.covered = 0
         #: Why the connection was closed by the server side, once it was.
@@ -168,6 +196,10 @@ class _Client:
     async def flush(self) -> None:
         if self.closed is None:
             await self.writer.drain()
+
+    def idle(self) -> bool:
+        """Nothing of ours is in flight, so a heartbeat cannot come between a replay or queued lines."""
+        return self.closed is None and not self.queue and (self.subscription is None or self.live)
 
     def log_fields(self) -> dict[str, int | None]:
         peer = self.peer
@@ -196,6 +228,7 @@ class EventServer:
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._closing = False
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._next_id = 0
         #: (st_dev, st_ino) of the socket file this server created, so close() unlinks only its own.
         self._bound: tuple[int, int] | None = None
@@ -221,6 +254,9 @@ class EventServer:
         self._closing = True
         if self._server is not None:
             self._server.close()
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+            self._heartbeat_timer = None
         bye = encode_bye(reason)
         for client in list(self._clients):
             self._kill(client, reason, bye)
@@ -306,14 +342,16 @@ class EventServer:
     def publish(self, events: Sequence[Event]) -> None:
         """Hand committed events (in seq order) to every matching subscriber; never blocks.
 
-        Each event is encoded at most once, however many subscribers get it; each subscriber's writer
-        is woken once per call and writes what it was handed in one go.
+        Each event is encoded at most once, however many subscribers get it. A live subscriber with an
+        empty queue and room in its transport gets its lines written at once (one ``write()``); any other
+        gets them queued and its writer woken once (see the module docstring).
         """
         if not self._subscribers or not events:
             return
         limit = self._settings.client_queue
         numbers = self._settings.include_numbers
         lines: list[bytes | None] = [None] * len(events)
+        now: float | None = None
         for client in list(self._subscribers):
             sub = client.subscription
             if sub is None or client.closed is not None:
@@ -321,9 +359,27 @@ class EventServer:
             flt = sub.filter
             every = flt == _ANY  # the common case: no filter, no per-event test
             queue = client.queue
+            covered = client.covered
+            if client.live and not queue and client.transport.get_write_buffer_size() < client.direct_limit:
+                out: list[bytes] = []
+                for i, event in enumerate(events):
+                    if event.seq <= covered or not (every or flt.matches(event)):
+                        continue
+                    line = lines[i]
+                    if line is None:
+                        line = lines[i] = encode_event(event, include_numbers=numbers)
+                    out.append(line)
+                    covered = event.seq
+                if out:
+                    client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                    client.covered = covered
+                    if now is None:
+                        now = client.loop.time()
+                    client.last_write = now
+                continue
             handed = False
             for i, event in enumerate(events):
-                if not every and not flt.matches(event):
+                if event.seq <= covered or not (every or flt.matches(event)):
                     continue
                 if len(queue) >= limit:
                     self._overflow(client)
@@ -399,6 +455,8 @@ class EventServer:
         client = _Client(self._next_id, reader, writer, peer)
         self._clients.add(client)
         log.info("event socket client connected", **client.log_fields())
+        if self._heartbeat_timer is None:
+            self._arm_heartbeat(client.loop.time() + self._settings.heartbeat_interval)
         b = self._backend
         client.send(
             encode_hello(
@@ -590,7 +648,6 @@ class EventServer:
         return None
 
     async def _write_loop(self, client: _Client) -> None:
-        interval = self._settings.heartbeat_interval
         try:
             while client.closed is None:
                 if client.replay_pending:
@@ -600,16 +657,33 @@ class EventServer:
                     await self._send_live(client)
                 else:
                     client.wakeup.clear()
-                    delay = client.last_write + interval - client.loop.time()
-                    if delay <= 0:
-                        client.send(encode_heartbeat(self._backend.head_seq()))
-                        await client.flush()
-                        continue
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(delay):
-                            await client.wakeup.wait()
+                    await client.wakeup.wait()
         except ConnectionError:
             self._kill(client, "reset")
+
+    def _arm_heartbeat(self, when: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._heartbeat_timer = loop.call_at(when, self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        """One round: a heartbeat to every idle connection quiet for the interval, then re-arm."""
+        self._heartbeat_timer = None
+        if self._closing or not self._clients:
+            return  # the next connection arms the timer again
+        interval = self._settings.heartbeat_interval
+        now = asyncio.get_running_loop().time()
+        cutoff = now + interval * HEARTBEAT_SLACK - interval  # quiet since before this: heartbeat now
+        line: bytes | None = None
+        next_due = now + interval
+        for client in self._clients:
+            if client.last_write > cutoff:
+                next_due = min(next_due, client.last_write + interval)
+            elif client.idle():
+                if line is None:
+                    line = encode_heartbeat(self._backend.head_seq())
+                client.send(line)
+            # else: a replay or queued lines are being written; they are the sign of life.
+        self._arm_heartbeat(next_due)
 
     async def _replay(self, client: _Client) -> None:
         sub = client.subscription
@@ -642,6 +716,7 @@ class EventServer:
                 # backlog would otherwise hold the loop for the whole replay.
                 await asyncio.sleep(0)
         client.send(encode_caught_up(client.covered, sub.id))
+        client.live = True
         await client.flush()
 
     async def _send_live(self, client: _Client) -> None:
