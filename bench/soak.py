@@ -136,8 +136,18 @@ def ground_truth(sim: Simulator) -> dict[tuple[str, int], str]:
     return truth
 
 
-def all_final(sim: Simulator) -> bool:
-    return all(status != "Queued" for status in ground_truth(sim).values())
+def scripted_outcome(scripts: list[RecipientScript]) -> dict[int, str]:
+    """What the simulator will end at for an outbound fax: -1 is the fax, 0.. the recipients."""
+    final = {
+        i: "Delivered" if s.outcome == "Sent" and s.delivered_after is not None else s.outcome
+        for i, s in enumerate(scripts)
+    }
+    statuses = set(final.values())
+    if "SendingFailed" in statuses:
+        final[-1] = "SendingFailed"
+    else:
+        final[-1] = "Delivered" if statuses == {"Delivered"} else "Sent"
+    return final
 
 
 class Daemon:
@@ -214,16 +224,23 @@ async def soak(args: argparse.Namespace) -> int:
         storms: list[tuple[float, float]] = []
         fault_log: list[str] = []
         samples: list[bool] = []
+        metric_down = [0]  # samples where faxd itself reported the WebSocket down (or did not answer)
         # A black-holed connection still says "up" until pings notice; count it as down until the
         # daemon opens a new WebSocket.
-        deaf_since: list[float] = []
+        deaf_since: list[int] = []  # index into sim.requests when the last black-hole began
 
         def deaf() -> bool:
             if not deaf_since:
                 return False
-            return not any(r.path == "/ws" and r.time > deaf_since[-1] for r in sim.requests[-200:])
+            if any(r.path == "/ws" for r in sim.requests[deaf_since[-1] :]):
+                deaf_since.clear()  # reconnected: the black-hole is over
+                return False
+            return True
 
         created = 0
+        # Where every fax and recipient will end, from the scripts: a Sent recipient may still become
+        # Delivered well after it stopped being Queued, so "nothing Queued" is not "done".
+        expected: dict[tuple[str, int], str] = {}
         started = time.monotonic()
 
         async def generate() -> None:
@@ -233,9 +250,10 @@ async def soak(args: argparse.Namespace) -> int:
                 await asyncio.sleep(rng.expovariate(per_second))
                 created += 1
                 if rng.random() < 0.2:
-                    sim.create_inbound_fax(
+                    fax_id = sim.create_inbound_fax(
                         None, f"+1415555{rng.randrange(10000):04d}", pages=rng.randint(1, 9)
                     )
+                    expected[(fax_id, -1)] = "Received"
                     continue
                 scripts = []
                 for _ in range(rng.choice((1, 1, 1, 2, 3))):
@@ -245,7 +263,9 @@ async def soak(args: argparse.Namespace) -> int:
                     else:
                         delivered = rng.uniform(1, 20) if rng.random() < 0.2 else None
                         scripts.append(RecipientScript(phone, "Sent", delivered_after=delivered))
-                sim.create_outbound_fax(None, scripts, pages=rng.randint(1, 12))
+                fax_id = sim.create_outbound_fax(None, scripts, pages=rng.randint(1, 12))
+                for index, status in scripted_outcome(scripts).items():
+                    expected[(fax_id, index)] = status
 
         async def inject() -> None:
             n = 0
@@ -261,7 +281,7 @@ async def soak(args: argparse.Namespace) -> int:
                     sim.drop_ws()
                 elif fault == "blackhole":
                     sim.blackhole_ws()
-                    deaf_since.append(loop.time())
+                    deaf_since.append(len(sim.requests))
                 elif fault == "malformed":
                     sim.send_malformed_frame("malformed")
                     sim.send_malformed_frame("oversize")
@@ -285,7 +305,10 @@ async def soak(args: argparse.Namespace) -> int:
             async with aiohttp.ClientSession() as session:
                 await asyncio.sleep(5)  # start-up is not "down"
                 while not stop.is_set():
-                    samples.append(await ws_up(session, url) and not deaf())
+                    metric_up = await ws_up(session, url)
+                    samples.append(metric_up and not deaf())
+                    if not metric_up:
+                        metric_down[0] += 1
                     await asyncio.sleep(1)
 
         async with asyncio.TaskGroup() as tg:
@@ -296,16 +319,13 @@ async def soak(args: argparse.Namespace) -> int:
             print(f"load done after {time.monotonic() - started:.0f} s; waiting for every fax to be final")
             try:
                 async with asyncio.timeout(300):
-                    await sim.wait_for(lambda: all_final(sim))
+                    await sim.wait_for(lambda: ground_truth(sim) == expected)
                 print(f"every fax final after {time.monotonic() - started:.0f} s; waiting for the clients")
             except TimeoutError:
-                print("some faxes are still Queued in the simulator after 300 s")
+                print("the simulator did not reach the scripted outcomes within 300 s")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(300):
-                    # Re-read the truth each time: a Sent recipient may still become Delivered.
-                    while any(
-                        any(c.latest.get(k) != v for k, v in ground_truth(sim).items()) for c in clients
-                    ):
+                    while any(any(c.latest.get(k) != v for k, v in expected.items()) for c in clients):
                         progress.clear()
                         await progress.wait()
             print(f"clients done after {time.monotonic() - started:.0f} s")
@@ -323,13 +343,16 @@ async def soak(args: argparse.Namespace) -> int:
     print(f"faxes created       {created}  (keys checked: {len(truth)})")
     print(f"faults injected     {len(fault_log)}: " + ", ".join(f"{f} x{fault_log.count(f)}" for f in faults))
     print(f"daemon starts       {daemon.starts}; exit on SIGTERM: {code}")
-    print(f"WebSocket up        {up:.2%} of {len(samples)} samples")
+    print(f"WebSocket up        {up:.2%} of {len(samples)} samples ({metric_down[0]} reported down by faxd)")
     print(f"429s outside storms {len(outside)} (all 429s: {len(requests_429)})")
     print()
     print(f"{'client':8} {'events':>7} {'missing':>8} {'dups':>5} {'gaps':>5} {'resumes':>8} {'slow cut':>9}")
     ok = code == 0 and not outside
     for c in clients:
-        missing = sum(1 for k, v in truth.items() if c.latest.get(k) != v)
+        wrong = [(k, v, c.latest.get(k)) for k, v in truth.items() if c.latest.get(k) != v]
+        missing = len(wrong)
+        for k, v, got in wrong[:5]:
+            print(f"  {c.name}: fax {k[0]} recipient {k[1]}: truth {v}, client saw {got}")
         row = (c.name, c.last_seq, missing, c.duplicates, c.gaps, c.reconnects, c.slow_cutoffs)
         print("{:8} {:7} {:8} {:5} {:5} {:8} {:9}".format(*row))
         ok = ok and missing == 0 and c.duplicates == 0 and c.gaps == 0
