@@ -302,3 +302,15 @@ async def test_expired_token_mid_run_refreshes_and_recovery_still_succeeds() -> 
         assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
         assert h.subscribes() == [200]
         assert h.resyncs.empty()
+
+
+async def test_cancelled_mid_subscribe_leaves_no_task_behind() -> None:
+    async with harness() as h:
+        await h.resync()
+        h.sim.fail_next_recovery()  # the reconnect must subscribe again...
+        h.sim.rate_limit_storm("Medium", 600)  # ...and its POST keeps getting 429s
+        await h.dropped()
+        await h.until(lambda: 429 in h.subscribes())
+    # The harness cancelled run() while the subscribe was waiting out Retry-After.
+    leftovers = [t for t in asyncio.all_tasks() if t.get_name().startswith("ws-") and not t.done()]
+    assert leftovers == []

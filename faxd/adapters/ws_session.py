@@ -203,23 +203,23 @@ class WsSession:
                 )
             self._ws = ws
             reader = asyncio.create_task(self._read(ws), name="ws-reader")
+            sub: asyncio.Task[None] | None = None
             try:
                 if survived and self._subscribed_filters == self._filters:
                     self._up()
                 else:
                     sub = asyncio.create_task(self._subscribe(ws, survived=survived), name="ws-subscribe")
                     done, _ = await asyncio.wait({reader, sub}, return_when=asyncio.FIRST_COMPLETED)
-                    if reader in done:
-                        sub.cancel()
-                        await asyncio.gather(sub, return_exceptions=True)
-                    else:
+                    if sub in done:
                         sub.result()  # re-raises what ended the subscribe (e.g. no reply)
                 return await reader
             finally:
-                if not reader.done():
-                    reader.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await reader
+                # Both helpers end with this connection, however it ends (also when run() is
+                # cancelled mid-subscribe): none may outlive it or die unobserved.
+                helpers = [t for t in (sub, reader) if t is not None]
+                for task in helpers:
+                    task.cancel()
+                await asyncio.gather(*helpers, return_exceptions=True)
 
     async def _connection_details(
         self, ws: ClientConnection, *, presented_wsc: bool
