@@ -262,35 +262,32 @@ class MessageStore:
         return message
 
     def create_inbound(self, extension_id: str, from_phone: str, *, pages: int = 1) -> Message:
-        now = self._wall()
-        self.revision += 1
-        party = self.extension_party(extension_id)
-        message = Message(
-            id=self._new_id(),
-            extension_id=extension_id,
-            type="Fax",
-            direction="Inbound",
-            creation_time=now,
-            last_modified=now,
-            revision=self.revision,
-            from_party={"phoneNumber": from_phone},
-            recipients=[Recipient("", party["phoneNumber"], party["name"], "Received")],
-            fixed_status="Received",
-            page_count=pages,
-            resolution="High",
-            subject=from_phone,
-            attachments=[self._attachment(TINY_PDF, "application/pdf", None)],
-        )
-        return self._add(message)
+        pdf = self._attachment(TINY_PDF, "application/pdf", None)
+        return self._receive(extension_id, "Fax", from_phone, from_phone, pdf, page_count=pages)
 
     def create_sms(self, extension_id: str, from_phone: str, text: str) -> Message:
+        body = self._attachment(text.encode(), "text/plain", None)
+        body.type = "Text"
+        return self._receive(extension_id, "SMS", from_phone, text, body)
+
+    def _receive(
+        self,
+        extension_id: str,
+        message_type: str,
+        from_phone: str,
+        subject: str,
+        attachment: Attachment,
+        *,
+        page_count: int = 1,
+    ) -> Message:
+        """A message that arrives for ``extension_id`` already in its final status, Received."""
         now = self._wall()
         self.revision += 1
         party = self.extension_party(extension_id)
         message = Message(
             id=self._new_id(),
             extension_id=extension_id,
-            type="SMS",
+            type=message_type,
             direction="Inbound",
             creation_time=now,
             last_modified=now,
@@ -298,10 +295,10 @@ class MessageStore:
             from_party={"phoneNumber": from_phone},
             recipients=[Recipient("", party["phoneNumber"], party["name"], "Received")],
             fixed_status="Received",
-            subject=text,
-            attachments=[self._attachment(text.encode(), "text/plain", None)],
+            page_count=page_count,
+            subject=subject,
+            attachments=[attachment],
         )
-        message.attachments[0].type = "Text"
         return self._add(message)
 
     # -- lifecycle -------------------------------------------------------------------------
