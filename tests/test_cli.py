@@ -135,3 +135,18 @@ async def test_simulate_takes_its_own_options_and_serves(short_dir: Path) -> Non
         await proc.communicate()
     assert info["extensions"] == ["200000001"]
     assert proc.returncode == 0
+
+
+async def test_demo_shows_every_kind_of_outcome_and_exits_0() -> None:
+    code, out, err = await faxd("demo", "--timeout", "45")
+    assert code == 0, err
+    assert "all faxes final; the daemon stopped cleanly." in out
+    lines = out.splitlines()
+    # Each kind of outcome the demo promises, as a socket client printed it.
+    assert any("Queued → Sent" in line and "final" in line for line in lines)
+    assert any("SendingFailed" in line and "LineBusy (busy, retryable)" in line for line in lines)
+    assert any("SendingFailed" in line and "NoAnswer" in line for line in lines)
+    assert any("Sent → Delivered" in line for line in lines)
+    assert any("inbound fax" in line and "Received" in line for line in lines)
+    seqs = [int(word[1:]) for line in lines for word in line.split() if word.startswith("#")]
+    assert seqs == list(range(1, len(seqs) + 1)), "seq strictly increasing, no gaps"
