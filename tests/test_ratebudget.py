@@ -145,3 +145,21 @@ def test_parse_retry_after(value: str | None, expected: float | None) -> None:
 def test_share_validated() -> None:
     with pytest.raises(ValueError, match="share"):
         RateBudget(0)
+
+
+def test_own_requests_filling_the_share_wait_only_for_the_oldest_to_leave() -> None:
+    # RingCentral's Auth group: 5 a minute, faxd's share 4. The server's Remaining counts only ours.
+    b = RateBudget(0.8)
+    for t, remaining in ((0.0, 4), (20.0, 3), (30.0, 2), (40.0, 1)):
+        b.spent(AUTH, t)
+        b.observed(AUTH, t, limit=5, remaining=remaining, window=60)
+    assert b.delay(AUTH, 41.0) == pytest.approx(19.0)  # the send at t=0 leaves at t=60, not t=100
+
+
+def test_others_in_the_window_block_a_full_window_once_the_share_is_gone() -> None:
+    b = RateBudget(0.8)
+    b.spent(AUTH, 0.0)
+    # One request of ours, yet only one left: someone else spent three, and we can't know when
+    # theirs leave the window.
+    b.observed(AUTH, 0.0, limit=5, remaining=1, window=60)
+    assert b.delay(AUTH, 1.0) == pytest.approx(59.0)

@@ -132,9 +132,13 @@ class RateBudget:
             g.window = window
         if remaining is not None:
             # Others (another process of the same app and user) may have used part of the window:
-            # the server's count is the truth. Once our share is gone, wait a full window.
+            # the server's count is the truth. When only our own requests fill it, the sliding window
+            # in ``delay`` already knows when the next may go. When others' requests are in it too,
+            # we cannot know when theirs leave: once our share is gone, wait a full window.
+            self._expire(g, now)
             reserve = g.limit - self.allowed(group)
-            if remaining <= reserve:
+            others = (g.limit - remaining) - len(g.sent)
+            if remaining <= reserve and others > 0:
                 g.blocked_until = max(g.blocked_until, now + g.window)
 
     def penalty(self, group: str, now: float, retry_after: float | None = None) -> None:
