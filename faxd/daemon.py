@@ -175,6 +175,7 @@ async def _watchdog(notifier: Notifier, metrics: Metrics, live: _Live) -> NoRetu
     interval = notifier.watchdog_interval or 5.0
     while True:
         notifier.watchdog()
+        live.refresh_oldest_in_flight()
         live.refresh_status()
         before = loop.time()
         await asyncio.sleep(interval)
@@ -293,15 +294,19 @@ class _Live:
     def status_line(self) -> str:
         state = self.ws_state()
         ws = "up" if state == "up" else f"down ({state})"
-        in_flight = len(self.reconciler.in_flight()) if self.reconciler is not None else 0
+        in_flight = self.reconciler.in_flight_count() if self.reconciler is not None else 0
         last = _clock(self.metrics.last_sync_time())
         text = f"WebSocket {ws}; {in_flight} faxes in flight; last sync {last}"
         return f"{text}; {self.problem}" if self.problem else text
 
-    def refresh_status(self) -> None:
+    def refresh_oldest_in_flight(self) -> None:
+        """The stuck-Queued alert's gauge; walks every fax in flight, so only on the watchdog's tick."""
         if self.reconciler is not None:
             created = [_unix(f.created) for f in self.reconciler.in_flight()]
             self.metrics.oldest_in_flight.set(min((c for c in created if c), default=0.0))
+
+    def refresh_status(self) -> None:
+        """STATUS= when it changed; cheap enough to call after every publish."""
         if not self.stopping:
             self.notifier.status(self.status_line())
 
