@@ -394,12 +394,22 @@ class RingCentralConfig:
 class WebSocketConfig:
     heartbeat_interval: float = _opt(60.0, _duration(positive=True))
     """Seconds between WSG Heartbeat frames we send; also how long silence is tolerated."""
-    ping_interval: float = _opt(15.0, _duration(positive=True))
-    """Seconds between WebSocket pings."""
+    ping_interval: float = _opt(1.0, _duration(positive=True))
+    """Seconds between WebSocket pings (a few bytes each way)."""
+    ping_timeout_min: float = _opt(0.5, _duration(positive=True))
+    """Shortest wait for a pong, in seconds: the timeout follows measured round trips, never below this."""
     ping_timeout: float = _opt(10.0, _duration(positive=True))
-    """Seconds to wait for a pong before the connection is considered dead."""
+    """Longest wait for a pong, in seconds, and the wait before any round trip is measured."""
     max_message_bytes: int = _opt(1048576, _integer(1))
     """Largest WebSocket message accepted, in bytes."""
+
+    def _problems(self) -> list[str]:
+        if self.ping_timeout >= self.ping_timeout_min:
+            return []
+        return [
+            f"websocket.ping_timeout: must be >= websocket.ping_timeout_min ({self.ping_timeout_min:g}),"
+            f" got {self.ping_timeout:g}"
+        ]
 
 
 @dataclass(frozen=True, kw_only=True)

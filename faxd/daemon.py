@@ -254,6 +254,7 @@ def _ws_settings(config: Config) -> WsSettings:
     return WsSettings(
         heartbeat_interval=ws.heartbeat_interval,
         ping_interval=ws.ping_interval,
+        ping_timeout_min=ws.ping_timeout_min,
         ping_timeout=ws.ping_timeout,
         max_message_bytes=ws.max_message_bytes,
     )

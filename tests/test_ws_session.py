@@ -104,6 +104,7 @@ async def harness(
             rate_share=1.0,
         )
         h: Harness
+        states: list[str] = []
         session = WsSession(
             rc,
             filters=event_filters([EXT]),
@@ -111,10 +112,10 @@ async def harness(
             metrics=metrics,
             on_hint=lambda hint: h.hints.put_nowait(hint),
             on_resync=lambda: h.resyncs.put_nowait(None),
-            on_state=lambda text: h.states.append(text),
+            on_state=states.append,
             delays=quick_delays,
         )
-        h = Harness(sim, rc, metrics, session)
+        h = Harness(sim, rc, metrics, session, states=states)
         task = asyncio.create_task(session.run())
         try:
             yield h
@@ -254,14 +255,51 @@ async def test_idle_timeout_error_frame_reconnects_with_recovery() -> None:
         assert h.subscribes() == [200]
 
 
-async def test_blackhole_is_detected_by_pings() -> None:
-    async with harness(settings=WsSettings(ping_interval=5, ping_timeout=5, heartbeat_interval=60)) as h:
+async def test_blackhole_is_noticed_within_interval_plus_floor_and_resynced() -> None:
+    async with harness() as h:  # defaults: a ping a second, pong timeout >= 0.5 s on a fast path
         await h.resync()
+        await h.until(lambda: h.sample("faxd_ws_ping_rtt_seconds_count") >= 3)
+        assert h.sample("faxd_ws_ping_timeout_seconds") == 0.5  # loopback: the floor
+        loop = asyncio.get_running_loop()
         assert h.sim.blackhole_ws() == 1
-        await h.until(lambda: len(h.connects()) == 2 and h.up())
+        went_deaf = loop.time()
+        lost = h.sim.create_outbound_fax(EXT, [RecipientScript("+16505550100", after=1000)])
+        await h.until(lambda: len(h.connects()) == 2 and h.up(), within=10)
+        reconnected = next(r.time for r in h.sim.requests if r.path == "/ws" and "wsc=" in r.raw_path)
+        assert reconnected - went_deaf <= 1.0 + 0.5 + 0.1  # ping_interval + ping_timeout_min + token
         assert h.sample("faxd_ws_disconnects_total", reason="ping_timeout") == 1
+        assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
+        # The hint for `lost` went into the dead socket and the recovery cannot replay it: the
+        # session asks for a reconcile even though the subscription survived.
+        await h.resync()
+        assert h.subscribes() == [200]
+        assert h.hints.empty(), f"the black-holed hint for {lost} must not come back by itself"
         fax = h.sim.create_outbound_fax(EXT, [RecipientScript("+16505550100", after=1000)])
         assert await h.hint() == Hint(EXT, (fax,), 0)
+
+
+async def test_a_path_turning_slow_and_jittery_costs_one_reconnect_at_most() -> None:
+    async with harness() as h:
+        await h.resync()
+        h.sim.delay_pongs(0.2, 0.9)
+        await h.until(lambda: h.sample("faxd_ws_ping_rtt_seconds_count") >= 100, within=300)
+        # The estimate had learnt loopback (a 0.5 s timeout); the first slow pongs may cost one
+        # reconnect, then the timeout follows the path above its slowest pongs.
+        assert h.disconnects() <= 1
+        assert h.sample("faxd_ws_ping_timeout_seconds") > 0.9
+        before = h.disconnects()
+        assert h.sim.blackhole_ws() == 1
+        await h.until(lambda: h.disconnects() > before, within=12)
+        assert h.sample("faxd_ws_disconnects_total", reason="ping_timeout") == before + 1
+
+
+async def test_a_fixed_short_timeout_makes_the_same_path_flap() -> None:
+    """The counterpart of the test above: without adaptation the path is torn down again and again."""
+    fixed = WsSettings(ping_timeout_min=0.5, ping_timeout=0.5)
+    async with harness(settings=fixed) as h:
+        await h.resync()
+        h.sim.delay_pongs(0.2, 0.9)
+        await h.until(lambda: h.sample("faxd_ws_disconnects_total", reason="ping_timeout") >= 3, within=300)
 
 
 async def test_update_filters_puts_on_the_live_subscription() -> None:

@@ -168,6 +168,17 @@ class Metrics:
         for reason in WS_BAD_FRAME_REASONS:
             self.ws_bad_frames.labels(reason)
         self.ws_hints = Counter("faxd_ws_hints_total", "Fax change notifications received.", registry=r)
+        self.ws_ping_rtt = Histogram(
+            "faxd_ws_ping_rtt_seconds",
+            "Round trip of WebSocket pings (what the pong timeout adapts to).",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.ws_ping_timeout = Gauge(
+            "faxd_ws_ping_timeout_seconds",
+            "How long the next pong may take before the connection is called dead.",
+            registry=r,
+        )
 
         # Auth
         self.token_expiry = Gauge(

@@ -4,8 +4,9 @@ One connection at a time, one subscription holding every event filter. Each conn
 fresh ws token; a reconnect inside the announced ``recoveryTimeout`` presents ``wsc`` so the
 gateway replays what was missed. Whenever hints may have been lost (first subscribe, fresh
 connect, failed recovery) ``on_resync`` is called so the daemon reconciles everything. A quiet
-connection gets an app-level Heartbeat; WS pings detect dead TCP; every close, error frame or
-failure leads to a backed-off reconnect.
+connection gets an app-level Heartbeat; WS pings, answered within a timeout that follows the
+measured round trips (``faxd.core.roundtrip``), detect a dead path in about a second; every close,
+error frame or failure leads to a backed-off reconnect.
 
 This module must not decide anything about faxes (it only hands :class:`Hint` values on), must
 not parse frames itself (``faxd.core.wsg`` does), and must never log a token or the ws URL query.
@@ -22,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote
 
 import structlog
@@ -35,6 +36,7 @@ from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral
 from faxd.core import wsg
 from faxd.core.backoff import backoff
 from faxd.core.ratebudget import parse_retry_after
+from faxd.core.roundtrip import RoundTrip
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +58,8 @@ def redact(text: str) -> str:
 @dataclass(frozen=True)
 class WsSettings:
     heartbeat_interval: float = 60
-    ping_interval: float = 15
+    ping_interval: float = 1
+    ping_timeout_min: float = 0.5
     ping_timeout: float = 10
     max_message_bytes: int = 1048576
     connect_timeout: float = 30
@@ -102,6 +105,10 @@ class WsSession:
         self._on_state = on_state
         self._delays = delays
         self._wsg = wsg.WsgSession()
+        self._roundtrip = RoundTrip()
+        # The gateway went on "delivering" into a dead path until the ping timed out, and a
+        # Successful recovery replays only what it knows it did not send: hints may be gone.
+        self._deaf = False
         self._ws: ClientConnection | None = None
         self._pending: dict[str, asyncio.Future[wsg.ClientResponse]] = {}
         self._subscribe_ids: set[str] = set()
@@ -176,8 +183,8 @@ class WsSession:
         async with connect(
             url,
             open_timeout=s.connect_timeout,
-            ping_interval=s.ping_interval,
-            ping_timeout=s.ping_timeout,
+            ping_interval=None,  # _keepalive pings, with a timeout that follows the path
+            ping_timeout=None,
             close_timeout=5,
             # Frames above the soft limit are ignored in the codec; only far bigger ones (4x)
             # make the library drop the connection.
@@ -203,20 +210,29 @@ class WsSession:
                 )
             self._ws = ws
             reader = asyncio.create_task(self._read(ws), name="ws-reader")
+            pinger = asyncio.create_task(self._keepalive(ws), name="ws-keepalive")
             sub: asyncio.Task[None] | None = None
             try:
+                watched: set[asyncio.Task[Any]] = {reader, pinger}
                 if survived and self._subscribed_filters == self._filters:
                     self._up()
+                    if self._deaf:
+                        self._resync()
                 else:
                     sub = asyncio.create_task(self._subscribe(ws, survived=survived), name="ws-subscribe")
-                    done, _ = await asyncio.wait({reader, sub}, return_when=asyncio.FIRST_COMPLETED)
-                    if sub in done:
-                        sub.result()  # re-raises what ended the subscribe (e.g. no reply)
-                return await reader
+                    watched.add(sub)
+                while True:
+                    done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                    for helper in (pinger, sub):
+                        if helper in done:
+                            helper.result()  # re-raises what ended it (no pong, no subscribe reply)
+                            watched.discard(helper)
+                    if reader in done:
+                        return reader.result()
             finally:
-                # Both helpers end with this connection, however it ends (also when run() is
+                # The helpers end with this connection, however it ends (also when run() is
                 # cancelled mid-subscribe): none may outlive it or die unobserved.
-                helpers = [t for t in (sub, reader) if t is not None]
+                helpers = [t for t in (sub, pinger, reader) if t is not None]
                 for task in helpers:
                     task.cancel()
                 await asyncio.gather(*helpers, return_exceptions=True)
@@ -269,7 +285,7 @@ class WsSession:
                 self._subscribed_filters = filters
                 log.info("ws.subscribed", method="PUT" if existing else "POST", filters=len(filters))
                 self._up()
-                if existing is None:
+                if existing is None or self._deaf:
                     self._resync()
                 return
             retry_after = parse_retry_after(reply.headers.get("Retry-After")) if reply.status == 429 else None
@@ -324,6 +340,38 @@ class WsSession:
             if not future.done():
                 future.set_exception(_Closed("closed"))
         self._pending.clear()
+
+    # ------------------------------------------------------------------ liveness
+
+    async def _keepalive(self, ws: ClientConnection) -> None:
+        """Ping every ``ping_interval``; a pong later than the path's timeout ends the connection.
+
+        Returns when the connection closes for another reason (the reader says why); raises
+        :class:`_Closed` ("ping_timeout") after aborting the socket, because a dead path would
+        not answer a close handshake either.
+        """
+        loop = asyncio.get_running_loop()
+        s = self._settings
+        try:
+            while True:
+                timeout = self._roundtrip.timeout(s.ping_timeout_min, s.ping_timeout)
+                self._metrics.ws_ping_timeout.set(timeout)
+                sent = loop.time()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await (await ws.ping())
+                except TimeoutError:
+                    log.warning("ws.ping_timeout", waited=round(timeout, 3), srtt=self._roundtrip.srtt)
+                    self._roundtrip.timed_out()
+                    self._deaf = True
+                    ws.transport.abort()
+                    raise _Closed("ping_timeout") from None
+                rtt = loop.time() - sent
+                self._roundtrip.observe(rtt)
+                self._metrics.ws_ping_rtt.observe(rtt)
+                await asyncio.sleep(max(0.0, sent + s.ping_interval - loop.time()))
+        except ConnectionClosed:
+            return
 
     # ------------------------------------------------------------------ reading
 
@@ -413,6 +461,7 @@ class WsSession:
 
     def _resync(self) -> None:
         log.info("ws.resync")
+        self._deaf = False
         try:
             self._on_resync()
         except Exception as exc:  # noqa: BLE001 - a consumer bug must not close the session
@@ -438,8 +487,6 @@ class WsSession:
 def _close_reason(exc: ConnectionClosed) -> str:
     if exc.rcvd is not None:
         return "closed" if exc.rcvd.code in (1000, 1001) else "closed_abnormal"
-    if exc.sent is not None and exc.sent.code == 1011:
-        return "ping_timeout"  # websockets closes with 1011 when a ping goes unanswered
     if exc.sent is not None and exc.sent.code == 1009:
         return "too_large"
     return "connection_lost"

@@ -178,6 +178,10 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     async def blackhole(_: web.Request) -> JsonDict:
         return {"blackholed": sim.blackhole_ws()}
 
+    async def delay_pongs(request: web.Request) -> None:
+        body = await _body(request)
+        sim.delay_pongs(float(body.get("min", 0)), float(body.get("max", 0)))
+
     async def malformed(request: web.Request) -> JsonDict:
         body = await _body(request)
         kind = str(body.get("kind", "malformed"))
@@ -210,5 +214,6 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/duplicate-notifications", _wrap(duplicate_notifications))
     r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
+    r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))
     r.add_post("/_sim/faults/foreign-notification", _wrap(foreign))

@@ -284,6 +284,11 @@ class Simulator:
         """Open sockets go silent (no frames, no pongs, no replies) without closing."""
         return self.gateway.blackhole_all()
 
+    def delay_pongs(self, low: float, high: float) -> None:
+        """Every pong goes out a random ``low``..``high`` seconds late (in order, delays
+        overlapping), like a slow or jittery path; ``delay_pongs(0, 0)`` ends it."""
+        self.gateway.delay_pongs(low, high)
+
     def send_malformed_frame(self, kind: str = "malformed", *, size: int = 5 * 1024 * 1024) -> int:
         """Send a broken frame on every socket: ``malformed`` (not a JSON array),
         ``oversize`` (a ``size``-byte frame, above the usual client limits)."""

@@ -15,8 +15,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
+import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +93,7 @@ class _Outgoing:
     raw: str | None = None
     with_wsc: bool = False
     close_code: int | None = None
+    pong: bytes | None = None
     #: (method, route template, raw path) of the ClientRequest this frame answers
     request: tuple[str, str, str] | None = None
 
@@ -108,6 +111,7 @@ class Connection:
     idle: asyncio.TimerHandle | None = None
     absolute: asyncio.TimerHandle | None = None
     blackholed: bool = False
+    pong_due: float = 0.0  # when the last delayed pong goes out (delay_pongs fault)
     detached: bool = False  # taken over by a newer connection of the same session
     closing: bool = False
 
@@ -165,6 +169,8 @@ class Gateway:
         self.paused = False
         self.notification_delay = 0.0  # fault: hold every notification this long (loop seconds)
         self.notification_copies = 1  # fault: send every notification this many times
+        self.pong_delay = (0.0, 0.0)  # fault: every pong [low, high] seconds late
+        self._rng = random.Random(config.seed)
         self.stopping = False
         self._fail_next_recovery: str | None = None
         self.base_url = ""
@@ -324,7 +330,19 @@ class Gateway:
                 self._arm_idle(conn)
                 self._on_frame(conn, msg.data)
             elif msg.type == WSMsgType.PING:
-                if not conn.blackholed:
+                if conn.blackholed:
+                    continue
+                low, high = self.pong_delay
+                if high > 0:
+                    # A slow path: each pong is late by its own delay (they overlap, as on a real
+                    # path) but never overtakes an earlier one.
+                    due = max(self._timers.now() + self._rng.uniform(low, high), conn.pong_due)
+                    conn.pong_due = due
+                    pong = _Outgoing(pong=msg.data)
+                    self._timers.call_later(
+                        due - self._timers.now(), functools.partial(conn.queue.put_nowait, pong)
+                    )
+                else:
                     await ws.pong(msg.data)
             elif msg.type in (WSMsgType.PONG, WSMsgType.BINARY):
                 continue
@@ -345,6 +363,9 @@ class Gateway:
                     return
                 if item.raw is not None:
                     await ws.send_str(item.raw)
+                    continue
+                if item.pong is not None:
+                    await ws.pong(item.pong)
                     continue
                 assert item.payload is not None
                 if item.with_wsc:
@@ -630,6 +651,11 @@ class Gateway:
 
     def fail_next_recovery(self, code: str = RECOVERY_EXPIRED) -> None:
         self._fail_next_recovery = code
+
+    def delay_pongs(self, low: float, high: float) -> None:
+        if not 0 <= low <= high:
+            raise ValueError("need 0 <= low <= high")
+        self.pong_delay = (low, high)
 
     def send_raw_all(self, text: str) -> int:
         conns = list(self.connections.values())

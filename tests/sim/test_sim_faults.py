@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import websockets
 from sim_helpers import (
     EXT,
     FAX_FILTER,
@@ -18,6 +19,7 @@ from sim_helpers import (
     next_notification,
     recv,
     subscribe,
+    ws_token,
 )
 
 from faxd.sim import Simulator
@@ -224,3 +226,25 @@ async def test_foreign_notification(sim: Simulator, http: aiohttp.ClientSession)
     ]
     assert sim.message(body["id"])["type"] == "SMS"
     await ws.close()
+
+
+@pytest.mark.looptime
+async def test_delay_pongs_holds_each_pong_in_order(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    wst = await ws_token(http, sim, tok)
+    async with websockets.connect(f"{wst['uri']}?access_token={wst['ws_access_token']}") as ws:
+        await ws.recv()  # ConnectionDetails
+        status, body = await control(http, sim, "POST", "faults/delay-pongs", {"min": 2, "max": 3})
+        assert (status, body) == (200, {"ok": True})
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        first, second = await ws.ping(), await ws.ping()
+        latency = await first
+        assert 2 <= latency <= 3.1
+        await second  # never before the first: a path delivers in order
+        assert loop.time() - sent <= 3.1  # the delays overlap; they do not add up
+        await control(http, sim, "POST", "faults/delay-pongs", {"max": 0})
+        assert await (await ws.ping()) < 0.5
+    status, body = await control(http, sim, "POST", "faults/delay-pongs", {"min": 3, "max": 1})
+    assert status == 400
+    assert "low <= high" in body["error"]

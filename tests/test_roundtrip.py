@@ -1,0 +1,89 @@
+"""Pong timeout from measured round trips (RFC 6298 rules), on numbers passed in."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from faxd.core.roundtrip import RoundTrip
+
+
+def test_nothing_known_waits_the_ceiling() -> None:
+    assert RoundTrip().timeout(0.5, 10) == 10
+
+
+def test_first_sample_sets_srtt_and_half_of_it_as_variation() -> None:
+    rt = RoundTrip()
+    rt.observe(0.2)
+    assert (rt.srtt, rt.rttvar) == (0.2, 0.1)
+    assert rt.timeout(0.5, 10) == pytest.approx(0.6)  # 0.2 + 4 * 0.1
+
+
+def test_later_samples_update_variation_with_the_old_srtt() -> None:
+    rt = RoundTrip()
+    rt.observe(0.2)
+    rt.observe(0.6)
+    assert rt.rttvar == pytest.approx(0.75 * 0.1 + 0.25 * 0.4)  # |0.2 - 0.6|, not |0.25 - 0.6|
+    assert rt.srtt == pytest.approx(0.875 * 0.2 + 0.125 * 0.6)
+
+
+@pytest.mark.parametrize(
+    ("samples", "floor", "ceiling", "expected"),
+    [
+        ([0.001] * 20, 0.5, 10, 0.5),  # loopback: the floor
+        ([0.05] * 50, 0.5, 10, 0.5),  # a steady internet path: still the floor
+        ([3.0] * 50, 0.5, 10, 3.0),  # a slow but steady path: its round trip
+        ([9.0, 1.0] * 10, 0.5, 10, 10),  # wild jitter: capped by the ceiling
+    ],
+)
+def test_timeout_is_clamped(samples: list[float], floor: float, ceiling: float, expected: float) -> None:
+    rt = RoundTrip()
+    for s in samples:
+        rt.observe(s)
+    assert rt.timeout(floor, ceiling) == pytest.approx(expected, rel=0.01)
+
+
+def test_a_jittery_path_gets_more_than_its_slowest_recent_pong() -> None:
+    rng = random.Random(7)
+    rt = RoundTrip()
+    samples = [rng.uniform(0.1, 0.9) for _ in range(200)]
+    for s in samples:
+        rt.observe(s)
+    assert rt.timeout(0.5, 10) > max(samples[-20:])
+
+
+def test_the_estimate_forgets_an_old_slow_path() -> None:
+    rt = RoundTrip()
+    for _ in range(20):
+        rt.observe(2.0)
+    assert rt.timeout(0.5, 10) > 2
+    for _ in range(60):
+        rt.observe(0.01)
+    assert rt.timeout(0.5, 10) == 0.5
+
+
+def test_a_timeout_doubles_the_wait_until_a_pong_is_measured() -> None:
+    rt = RoundTrip()
+    for _ in range(10):
+        rt.observe(0.01)
+    assert rt.timeout(0.5, 10) == 0.5
+    rt.timed_out()
+    assert rt.timeout(0.5, 10) == 1.0
+    rt.timed_out()
+    assert rt.timeout(0.5, 10) == 2.0
+    for _ in range(10):
+        rt.timed_out()
+    assert rt.timeout(0.5, 10) == 10
+    rt.observe(0.8)  # the path is slower now: the estimate moves, the doubling ends
+    assert rt.backoffs == 0
+    assert 0.5 < rt.timeout(0.5, 10) < 2.0
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        RoundTrip().observe(-1)
+    with pytest.raises(ValueError, match="above ceiling"):
+        RoundTrip().timeout(5, 1)
+    assert math.isfinite(RoundTrip(srtt=0.1).timeout(0.5, 0.5))
