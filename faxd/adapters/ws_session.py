@@ -21,7 +21,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
@@ -357,15 +357,20 @@ class WsSession:
                 timeout = self._roundtrip.timeout(s.ping_timeout_min, s.ping_timeout)
                 self._metrics.ws_ping_timeout.set(timeout)
                 sent = loop.time()
+                pong: Awaitable[float] | None = None
                 try:
                     async with asyncio.timeout(timeout):
-                        await (await ws.ping())
+                        pong = await ws.ping()
+                        await pong
                 except TimeoutError:
-                    log.warning("ws.ping_timeout", waited=round(timeout, 3), srtt=self._roundtrip.srtt)
-                    self._roundtrip.timed_out()
-                    self._deaf = True
-                    ws.transport.abort()
-                    raise _Closed("ping_timeout") from None
+                    # A pong read in the same loop turn the timer fired (our own loop was busy)
+                    # is late, not missing.
+                    if not (isinstance(pong, asyncio.Future) and pong.done() and not pong.cancelled()):
+                        log.warning("ws.ping_timeout", waited=round(timeout, 3), srtt=self._roundtrip.srtt)
+                        self._roundtrip.timed_out()
+                        self._deaf = True
+                        ws.transport.abort()
+                        raise _Closed("ping_timeout") from None
                 rtt = loop.time() - sent
                 self._roundtrip.observe(rtt)
                 self._metrics.ws_ping_rtt.observe(rtt)
