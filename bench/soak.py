@@ -282,9 +282,14 @@ async def soak(args: argparse.Namespace) -> int:
                     expected[(fax_id, index)] = status
 
         async def inject() -> None:
+            # Each fault lands at a random point of its second, so it keeps no fixed phase with
+            # faxd's once-a-second pings (phase-locked, every black-hole would be found equally
+            # fast or equally slow).
+            phase = random.Random(args.seed + 1)
             n = 0
             while time.monotonic() - started < duration:
-                await asyncio.sleep(args.fault_every)
+                due = started + (n + 1) * args.fault_every + phase.random()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
                 fault = faults[n % len(faults)]
                 n += 1
                 fault_log.append(fault)
