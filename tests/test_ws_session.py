@@ -89,10 +89,16 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def harness(
-    config: SimConfig | None = None, settings: WsSettings | None = None
+    config: SimConfig | None = None, settings: WsSettings | None = None, sim: Simulator | None = None
 ) -> AsyncIterator[Harness]:
-    config = config or SimConfig(seed=3, default_delay=(1000.0, 1000.0))
-    async with Simulator(config) as sim, aiohttp.ClientSession() as http:
+    """A WsSession against ``sim`` (one started here from ``config`` when not given)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if sim is None:
+            sim = await stack.enter_async_context(
+                Simulator(config or SimConfig(seed=3, default_delay=(1000.0, 1000.0)))
+            )
+        config = sim.config
+        http = await stack.enter_async_context(aiohttp.ClientSession())
         metrics = Metrics(CollectorRegistry())
         rc = RingCentral(
             http,
