@@ -299,6 +299,44 @@ async def test_a_path_turning_slow_and_jittery_costs_one_reconnect_at_most() -> 
         assert h.sample("faxd_ws_disconnects_total", reason="ping_timeout") == before + 1
 
 
+async def spend_auth_budget(h: Harness) -> float:
+    """Use up the Auth group (5 a minute at rate_share 1.0) with ws tokens; returns when it frees."""
+    loop = asyncio.get_running_loop()
+    while h.rc.ws_token_wait() == 0:
+        await h.rc.ws_token()
+    assert [r.status for r in h.sim.requests if r.group == "Auth"] == [200] * 5
+    return loop.time() + h.rc.ws_token_wait()
+
+
+@pytest.mark.parametrize("budget_left", [True, False])
+async def test_a_path_turning_slow_is_not_cut_while_no_replacement_is_affordable(budget_left: bool) -> None:
+    async with harness() as h:
+        await h.resync()
+        await h.until(lambda: h.sample("faxd_ws_ping_timeout_seconds") == 0.5)
+        if not budget_left:
+            await spend_auth_budget(h)
+        h.sim.delay_pongs(0.8, 0.8)
+        pings = h.sample("faxd_ws_ping_rtt_seconds_count")
+        await h.until(lambda: h.sample("faxd_ws_ping_rtt_seconds_count") >= pings + 10)
+        slow = h.sample("faxd_ws_ping_rtt_seconds_count") - h.sample("faxd_ws_ping_rtt_seconds_bucket", le="0.5")
+        assert slow >= 9
+        # With a ws token at hand the first 0.8 s pong costs one recovered reconnect; without one,
+        # cutting the connection would have left faxd deaf until the budget freed (~a minute).
+        assert h.disconnects() == (1 if budget_left else 0)
+
+
+async def test_a_blackhole_is_still_replaced_as_soon_as_the_budget_allows() -> None:
+    async with harness() as h:
+        await h.resync()
+        await h.until(lambda: h.sample("faxd_ws_ping_timeout_seconds") == 0.5)
+        frees_at = await spend_auth_budget(h)
+        assert h.sim.blackhole_ws() == 1
+        await h.until(lambda: len(h.connects()) == 2 and h.up(), within=120)
+        reconnected = h.sim.requests_to("/restapi/oauth/wstoken", "POST")[-1].time
+        assert frees_at <= reconnected <= frees_at + 0.5
+        assert h.sample("faxd_ws_disconnects_total", reason="ping_timeout") == 1
+
+
 async def test_a_fixed_short_timeout_makes_the_same_path_flap() -> None:
     """The counterpart of the test above: without adaptation the path is torn down again and again."""
     fixed = WsSettings(ping_timeout_min=0.5, ping_timeout=0.5)

@@ -266,6 +266,10 @@ class RingCentral:
             raise self._bad_body("wstoken", resp.status)
         return WsToken(uri=uri, token=token, expires_in=_number(body.get("expires_in"), 30.0))
 
+    def ws_token_wait(self) -> float:
+        """Seconds before :meth:`ws_token` could be sent (the Auth group's budget); 0: now."""
+        return self.budget.delay(ratebudget.AUTH, asyncio.get_running_loop().time())
+
     async def aclose(self) -> None:
         """Revoke the session's token, best effort: errors are logged and ignored (PROTOCOL §1.4)."""
         tokens, self._tokens = self._tokens, None

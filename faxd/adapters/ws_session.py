@@ -361,12 +361,18 @@ class WsSession:
                 try:
                     async with asyncio.timeout(timeout):
                         pong = await ws.ping()
-                        await pong
+                        await asyncio.shield(pong)  # the pong may still be awaited after the timeout
                 except TimeoutError:
-                    # A pong read in the same loop turn the timer fired (our own loop was busy)
-                    # is late, not missing.
-                    if not (isinstance(pong, asyncio.Future) and pong.done() and not pong.cancelled()):
-                        log.warning("ws.ping_timeout", waited=round(timeout, 3), srtt=self._roundtrip.srtt)
+                    # A replacement needs a ws token from the Auth group (5 a minute). While none
+                    # can be had, cutting a connection that may only be slow would leave us with
+                    # nothing: the pong may take as long as a replacement would (up to the ceiling).
+                    grace = min(self._rc.ws_token_wait(), s.ping_timeout - timeout)
+                    if not await _answered(pong, grace):
+                        log.warning(
+                            "ws.ping_timeout",
+                            waited=round(timeout + max(grace, 0), 3),
+                            srtt=self._roundtrip.srtt,
+                        )
                         self._roundtrip.timed_out()
                         self._deaf = True
                         ws.transport.abort()
@@ -487,6 +493,21 @@ class WsSession:
     @staticmethod
     def _message_id() -> str:
         return str(uuid.uuid4())
+
+
+async def _answered(pong: Awaitable[float] | None, grace: float) -> bool:
+    """Whether a pong whose wait timed out came after all (within ``grace`` more seconds).
+
+    A pong read in the loop turn its timer fired (faxd's own loop was busy) counts: the path is
+    alive, only late.
+    """
+    if not isinstance(pong, asyncio.Future):
+        return False
+    if not pong.done() and grace > 0:
+        with contextlib.suppress(TimeoutError, ConnectionClosed):
+            async with asyncio.timeout(grace):
+                await asyncio.shield(pong)
+    return pong.done() and not pong.cancelled() and pong.exception() is None
 
 
 def _close_reason(exc: ConnectionClosed) -> str:
