@@ -40,6 +40,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from faxd.sim import RecipientScript, SimConfig, Simulator
 
@@ -188,6 +189,18 @@ async def ws_up(session: aiohttp.ClientSession, url: str) -> bool:
     except (aiohttp.ClientError, TimeoutError):
         return False
     return 'faxd_ws_state{faxd_ws_state="up"} 1.0' in text
+
+
+async def disconnects_by_reason(url: str) -> dict[str, float]:
+    """faxd's own count of lost WebSocket connections (since its last start), by reason."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        text = await response.text()
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "faxd_ws_disconnects_total" and sample.value
+    }
 
 
 async def soak(args: argparse.Namespace) -> int:
@@ -349,6 +362,7 @@ async def soak(args: argparse.Namespace) -> int:
                         progress.clear()
                         await progress.wait()
             print(f"clients done after {time.monotonic() - started:.0f} s")
+            lost = await disconnects_by_reason(f"http://127.0.0.1:{metrics_port}/metrics")
             stop.set()
             sampler.cancel()
         code = await daemon.stop()
@@ -377,6 +391,8 @@ async def soak(args: argparse.Namespace) -> int:
             f"black-holes         {len(noticed)}, replaced after median {statistics.median(noticed):.2f} s,"
             f" max {noticed[-1]:.2f} s"
         )
+    reasons = ", ".join(f"{reason} {count:g}" for reason, count in sorted(lost.items()))
+    print(f"ws disconnects      {reasons or 'none'} (faxd's count since its last start)")
     print(f"429s outside storms {len(outside)} (all 429s: {len(requests_429)})")
     print()
     print(f"{'client':8} {'events':>7} {'missing':>8} {'dups':>5} {'gaps':>5} {'resumes':>8} {'slow cut':>9}")
