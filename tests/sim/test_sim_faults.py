@@ -8,7 +8,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import websockets
 from sim_helpers import (
     EXT,
     FAX_FILTER,
@@ -232,19 +231,29 @@ async def test_foreign_notification(sim: Simulator, http: aiohttp.ClientSession)
 async def test_delay_pongs_holds_each_pong_in_order(sim: Simulator, http: aiohttp.ClientSession) -> None:
     tok = await login(http, sim)
     wst = await ws_token(http, sim, tok)
-    async with websockets.connect(f"{wst['uri']}?access_token={wst['ws_access_token']}") as ws:
-        await ws.recv()  # ConnectionDetails
+    # autoping=False: the client sees every PONG frame, in the order it arrived.
+    async with http.ws_connect(f"{wst['uri']}?access_token={wst['ws_access_token']}", autoping=False) as ws:
+        await recv(ws)  # ConnectionDetails
         status, body = await control(http, sim, "POST", "faults/delay-pongs", {"min": 2, "max": 3})
         assert (status, body) == (200, {"ok": True})
         loop = asyncio.get_running_loop()
         sent = loop.time()
-        first, second = await ws.ping(), await ws.ping()
-        latency = await first
-        assert 2 <= latency <= 3.1
-        await second  # never before the first: a path delivers in order
-        assert loop.time() - sent <= 3.1  # the delays overlap; they do not add up
+        for payload in (b"1", b"2", b"3"):
+            await ws.ping(payload)
+        arrived = []
+        for _ in range(3):
+            msg = await ws.receive(timeout=10)
+            assert msg.type == aiohttp.WSMsgType.PONG
+            arrived.append((msg.data, loop.time() - sent))
+        assert [data for data, _ in arrived] == [b"1", b"2", b"3"]  # a path delivers in order
+        assert 2 <= arrived[0][1] <= 3.1
+        assert arrived[-1][1] <= 3.1  # the delays overlap; they do not add up
         await control(http, sim, "POST", "faults/delay-pongs", {"max": 0})
-        assert await (await ws.ping()) < 0.5
+        before = loop.time()
+        await ws.ping(b"4")
+        msg = await ws.receive(timeout=10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.PONG, b"4")
+        assert loop.time() - before < 0.5
     status, body = await control(http, sim, "POST", "faults/delay-pongs", {"min": 3, "max": 1})
     assert status == 400
     assert "low <= high" in body["error"]
