@@ -193,8 +193,14 @@ async def ws_up(session: aiohttp.ClientSession, url: str) -> bool:
 
 async def disconnects_by_reason(url: str) -> dict[str, float]:
     """faxd's own count of lost WebSocket connections (since its last start), by reason."""
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        text = await response.text()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r,
+        ):
+            text = await r.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return {}  # only a report: faxd not answering shows as "none" here and as down samples above
     return {
         sample.labels["reason"]: sample.value
         for family in text_string_to_metric_families(text)
