@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_support import running  # noqa: F401 - the shared in-process daemon fixture
 from fidelity.plugin import rc_spec_validation  # noqa: F401 - every simulator body is checked against the spec
 
 from faxd.config import Config, parse_config
@@ -53,8 +54,8 @@ def sim_config() -> SimConfig:
 
 @pytest.fixture
 async def sim(sim_config: SimConfig) -> AsyncIterator[Simulator]:
-    async with Simulator(sim_config) as running:
-        yield running
+    async with Simulator(sim_config) as simulator:
+        yield simulator
 
 
 @pytest.fixture

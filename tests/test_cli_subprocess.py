@@ -14,16 +14,12 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
+from daemon_support import RunningDaemon
 
-from faxd import daemon
-from faxd.config import Config
-from faxd.sim import SimConfig, Simulator
+from faxd.sim import SimConfig
 from faxd.sim.store import TINY_PDF
 
 TIMEOUT = 30
@@ -58,31 +54,6 @@ def sim_config() -> SimConfig:
     return SimConfig(seed=3, default_delay=(0.2, 0.6))
 
 
-@dataclass
-class Running:
-    socket: str
-    stop: asyncio.Event
-    task: asyncio.Task[int]
-
-
-@pytest.fixture
-async def running(sim: Simulator, make_config: Callable[..., Config]) -> AsyncIterator[Running]:
-    config = make_config(sim)
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    task = asyncio.create_task(
-        daemon.run(config, registry=CollectorRegistry(), stop=stop, on_ready=ready.set)
-    )
-    await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-    assert ready.is_set(), "daemon did not start"
-    try:
-        yield Running(config.events.socket, stop, task)
-    finally:
-        stop.set()
-        async with asyncio.timeout(20):
-            assert await task == 0
-
-
 @pytest.fixture
 def pdf(short_dir: Path) -> str:
     path = short_dir / "report.pdf"
@@ -90,7 +61,7 @@ def pdf(short_dir: Path) -> str:
     return str(path)
 
 
-async def test_send_wait_success_then_status_and_history(running: Running, pdf: str) -> None:
+async def test_send_wait_success_then_status_and_history(running: RunningDaemon, pdf: str) -> None:
     """send --wait exits 0 when every recipient succeeds; status and history show the fax."""
     code, out, err = await faxd(
         "send", "--socket", running.socket, "--to", "+16505550100", "--to", "+16505550004",
@@ -133,7 +104,7 @@ async def test_send_wait_success_then_status_and_history(running: Running, pdf: 
     assert all(f"fax {fax_id}" in line and "ref=cli-ok" in line for line in out.splitlines())
 
 
-async def test_send_wait_failure_exits_1_with_the_reason(running: Running, pdf: str) -> None:
+async def test_send_wait_failure_exits_1_with_the_reason(running: RunningDaemon, pdf: str) -> None:
     code, out, err = await faxd(
         "send", "--socket", running.socket, "--to", "+16505550100", "--to", "+16505550001", "--wait", pdf
     )
@@ -149,7 +120,7 @@ async def test_send_wait_failure_exits_1_with_the_reason(running: Running, pdf: 
     assert (code, out, err) == (0, "no faxes in flight\n", "")
 
 
-async def test_send_errors_are_one_line(running: Running, pdf: str, short_dir: Path) -> None:
+async def test_send_errors_are_one_line(running: RunningDaemon, pdf: str, short_dir: Path) -> None:
     # RingCentral refuses the number: upstream, with its code.
     code, out, err = await faxd("send", "--socket", running.socket, "--to", "12", pdf)
     assert (code, out) == (1, "")
@@ -165,7 +136,7 @@ async def test_send_errors_are_one_line(running: Running, pdf: str, short_dir: P
     assert (code, out, err) == (1, "", "faxd status: not_found: no fax 999\n")
 
 
-async def test_watch_follows_live_and_reports_the_shutdown(running: Running, pdf: str) -> None:
+async def test_watch_follows_live_and_reports_the_shutdown(running: RunningDaemon, pdf: str) -> None:
     """watch prints replayed and live events (NDJSON or aligned lines) until the daemon stops; then it
     exits 1 with the seq to resume after."""
     env = _env()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from daemon_support import RunningDaemon
 from prometheus_client import CollectorRegistry
 
 from faxd import daemon
@@ -51,31 +52,6 @@ async def connect(path: str) -> tuple[Client, dict[str, Any]]:
     return client, hello
 
 
-@dataclass
-class Running:
-    socket: str
-    registry: CollectorRegistry
-    stop: asyncio.Event
-    task: asyncio.Task[int]
-
-
-@pytest.fixture
-async def running(sim: Simulator, make_config: Callable[..., Config]) -> AsyncIterator[Running]:
-    config = make_config(sim)
-    registry = CollectorRegistry()
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    task = asyncio.create_task(daemon.run(config, registry=registry, stop=stop, on_ready=ready.set))
-    await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-    assert ready.is_set(), "daemon did not start"
-    try:
-        yield Running(config.events.socket, registry, stop, task)
-    finally:
-        stop.set()
-        async with asyncio.timeout(20):
-            assert await task == 0
-
-
 def key(event: dict[str, Any]) -> tuple[str, int | None]:
     recipient = event["recipient"]
     return event["fax_id"], None if recipient is None else recipient["index"]
@@ -97,7 +73,7 @@ async def collect_until_final(
 
 
 async def test_outcomes_reach_a_socket_client_exactly_and_replay_resumes(
-    sim: Simulator, running: Running
+    sim: Simulator, running: RunningDaemon
 ) -> None:
     client, hello = await connect(running.socket)
     assert hello["proto"] == 1
@@ -178,7 +154,7 @@ async def test_outcomes_reach_a_socket_client_exactly_and_replay_resumes(
     )
 
 
-async def test_a_stale_epoch_is_refused_with_cursor_expired(running: Running) -> None:
+async def test_a_stale_epoch_is_refused_with_cursor_expired(running: RunningDaemon) -> None:
     client, _ = await connect(running.socket)
     await client.send({"type": "subscribe", "after_seq": 0, "epoch": "not-this-journal"})
     reply = await client.next_of("error")

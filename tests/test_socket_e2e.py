@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
+from daemon_support import RunningDaemon
 from test_event_server import EPOCH, Harness, MemoryBackend, seed, start_harness, transition
 
-from faxd import daemon
-from faxd.config import Config
 from faxd.core.model import FINAL_STATUSES, Event
 from faxd.sim import SimConfig, Simulator
 from faxd.sim.store import TINY_PDF
@@ -78,32 +76,8 @@ class Client:
 Connect = Callable[[], Awaitable[Client]]
 
 
-@dataclass
-class Running:
-    socket: str
-    config: Config
-
-
 @pytest.fixture
-async def running(sim: Simulator, make_config: Callable[..., Config]) -> AsyncIterator[Running]:
-    config = make_config(sim)
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    task = asyncio.create_task(
-        daemon.run(config, registry=CollectorRegistry(), stop=stop, on_ready=ready.set)
-    )
-    await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-    assert ready.is_set(), "daemon did not start"
-    try:
-        yield Running(config.events.socket, config)
-    finally:
-        stop.set()
-        async with asyncio.timeout(20):
-            assert await task == 0
-
-
-@pytest.fixture
-async def connect(running: Running) -> AsyncIterator[Connect]:
+async def connect(running: RunningDaemon) -> AsyncIterator[Connect]:
     """``await connect()``: a client of the running daemon, closed at teardown even if the test fails."""
     clients: list[Client] = []
 
