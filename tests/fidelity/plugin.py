@@ -42,7 +42,7 @@ def rc_spec_validation() -> Iterator[SpecValidator]:
         shown = "\n  ".join(violations[:20])
         more = f"\n  … and {len(violations) - 20} more" if len(violations) > 20 else ""
         pytest.fail(
-            f"the simulator served {len(violations)} JSON bodies that violate rc-public-openapi.yml:\n"
+            f"the simulator served {len(violations)} JSON bodies that violate RingCentral's OpenAPI spec:\n"
             f"  {shown}{more}",
             pytrace=False,
         )

@@ -1,8 +1,10 @@
 """RingCentral's official OpenAPI spec as a validator of what the simulator serves.
 
-``rc-public-openapi.yml`` (OpenAPI 3.0.3) lives in ``../shared/ringcentral/`` beside the repository
-(``FAXD_RC_SPEC`` overrides the path). It is loaded once per process (yaml CSafeLoader), its
-OpenAPI 3.0 dialect turned into JSON Schema Draft 4 (``nullable``), and each body is validated
+The spec is ``tests/fidelity/data/rc-openapi-trimmed.yml``: the operations faxd and the simulator
+use, cut from RingCentral's full public spec (OpenAPI 3.0.3) by ``tools/trim_openapi.py``; its
+origin, licence and hashes are in ``tests/fidelity/data/ORIGIN.md``. ``FAXD_RC_SPEC`` points
+the tests at another copy (the full spec, say). It is loaded once per process, its OpenAPI 3.0
+dialect turned into JSON Schema Draft 4 (``nullable``), and each body is validated
 against the schema of the operation's response for that status, found through the spec itself
 (``paths → operation → responses → status → content → schema``, ``$ref`` resolved by
 ``referencing``). Statuses an operation does not list use the spec's shared
@@ -31,8 +33,8 @@ from referencing.jsonschema import DRAFT4
 
 from faxd.sim.observe import ServedJson
 
-REPO = Path(__file__).resolve().parents[2]
-SPEC_NAME = "rc-public-openapi.yml"
+#: The trimmed spec, in the repository (tests/fidelity/data/ORIGIN.md).
+TRIMMED_SPEC = Path(__file__).resolve().parent / "data" / "rc-openapi-trimmed.yml"
 BASE = "urn:rc-public-openapi"
 
 #: Status -> the spec's shared response for endpoints that do not list that status.
@@ -59,16 +61,23 @@ class SpecMissing(Exception):
 
 
 def spec_path() -> Path:
-    """Where the spec is: ``$FAXD_RC_SPEC``, else ``<repo>/../shared/ringcentral/``."""
+    """Where the spec is: ``$FAXD_RC_SPEC`` if set, else the trimmed copy in the repository."""
     override = os.environ.get("FAXD_RC_SPEC")
-    path = Path(override) if override else REPO.parent / "shared" / "ringcentral" / SPEC_NAME
+    path = Path(override) if override else TRIMMED_SPEC
     if not path.is_file():
+        where = "FAXD_RC_SPEC names" if override else "the repository should hold"
         raise SpecMissing(
-            f"RingCentral's OpenAPI spec is missing: expected {path} (the repository's sibling "
-            f"../shared/ringcentral/{SPEC_NAME}, or set FAXD_RC_SPEC). The simulator's fidelity "
-            "tests cannot run without it."
+            f"RingCentral's OpenAPI spec is missing: expected {path} ({where} it). The simulator's "
+            "fidelity tests cannot run without it."
         )
     return path
+
+
+def load_spec() -> dict[str, Any]:
+    """The spec as parsed YAML, unconverted and unpatched (see :func:`load_validator`)."""
+    with spec_path().open("rb") as fh:
+        spec: dict[str, Any] = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return spec
 
 
 # -- OpenAPI 3.0 -> JSON Schema Draft 4 ---------------------------------------------------------
@@ -109,7 +118,7 @@ def _schema(spec: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _erratum_vm_side_recipients(spec: dict[str, Any]) -> None:
     # GetSingleMessageInfoResponse requires vmSideRecipients (minItems 1), a voicemail-only field:
-    # a fax record cannot have it (PROTOCOL.md §4.2/§4.3 and every documented fax sample lack it).
+    # a fax record cannot have it (docs/ringcentral.md §4 and every documented fax sample lack it).
     for part in _schema(spec, "GetSingleMessageInfoResponse")["allOf"]:
         part.pop("required", None)
 
@@ -327,10 +336,7 @@ def _local_schemas(spec: dict[str, Any]) -> None:
 @functools.cache
 def load_validator() -> SpecValidator:
     """The validator (the spec is parsed once per process). Raises :class:`SpecMissing`."""
-    path = spec_path()
-    with path.open("rb") as fh:
-        raw = yaml.load(fh, Loader=yaml.CSafeLoader)
-    spec: dict[str, Any] = _convert(raw)
+    spec: dict[str, Any] = _convert(load_spec())
     for erratum in ERRATA:
         erratum(spec)
     _local_schemas(spec)
