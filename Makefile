@@ -19,8 +19,8 @@ demo: $(STAMP)
 	$(BIN)/faxd demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check faxd tests bench
-	$(BIN)/ruff format --check faxd tests bench
+	$(BIN)/ruff check faxd tests bench tools
+	$(BIN)/ruff format --check faxd tests bench tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

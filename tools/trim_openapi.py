@@ -36,13 +36,13 @@ from typing import Any, Final
 import yaml
 
 #: (method, path): what the simulator serves (REST, and the subscription API tunnelled as WSG
-#: ClientRequests) and what faxd calls. tests/fidelity/test_trimmed_spec.py checks the
-#: simulator's route table against this file's output.
+#: ClientRequests), which covers what faxd calls, plus subscription renewal, which faxd's rate
+#: budget knows. tests/fidelity/test_trimmed_spec.py checks the simulator's route table against
+#: this script's output.
 OPERATIONS: Final[tuple[tuple[str, str], ...]] = (
     ("post", "/restapi/oauth/token"),
     ("post", "/restapi/oauth/revoke"),
     ("post", "/restapi/oauth/wstoken"),
-    ("get", "/restapi/v1.0/account/{accountId}/extension/{extensionId}"),
     ("post", "/restapi/v1.0/account/{accountId}/extension/{extensionId}/fax"),
     ("get", "/restapi/v1.0/account/{accountId}/extension/{extensionId}/message-store"),
     ("get", "/restapi/v1.0/account/{accountId}/extension/{extensionId}/message-store/{messageId}"),
