@@ -33,7 +33,7 @@ EXIT_UNAVAILABLE = 2
 
 #: Largest server line the client accepts (a ``list`` of many faxes can be big).
 MAX_REPLY_LINE = 64 * 1024 * 1024
-#: The request line limit for ``send`` (DESIGN.md §6); checked here to give a clear error early.
+#: The request line limit for ``send`` (docs/socket-protocol.md); checked here to give a clear error early.
 MAX_SEND_LINE = 72 * 1024 * 1024
 
 

@@ -1,7 +1,7 @@
 """faxd's configuration: the schema of config.yaml, its validation, and where secrets come from.
 
 `load_config` reads one YAML file into frozen dataclasses, one per section, whose field names are the
-YAML keys (DESIGN.md §5). Every problem is collected before `ConfigError` is raised, so that
+YAML keys (config.yaml documents each). Every problem is collected before `ConfigError` is raised, so that
 `faxd check-config` can name them all at once, each with its dotted key. Relative paths in the file
 are relative to the file's own directory. Secrets are read here, once, from a file, from
 `$CREDENTIALS_DIRECTORY` or from the environment, and are held in `Secret`.
@@ -371,7 +371,7 @@ def _render_mode(mode: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The schema. Field names are the YAML keys; keep the order of DESIGN.md §5 and config.yaml.
+# The schema. Field names are the YAML keys; keep the order of config.yaml.
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "contrib" / "prometheus"
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")
 
-# DESIGN.md §7, family by family.
+# Every family faxd exports (docs/operations.md §5).
 FAMILIES = {
     "faxd_build": "info",
     "faxd_ws_state": "stateset",

@@ -1,4 +1,4 @@
-"""The event socket: NDJSON over a Unix stream socket for local programs (DESIGN.md §6).
+"""The event socket: NDJSON over a Unix stream socket for local programs (docs/socket-protocol.md).
 
 Each connection gets ``hello``, may subscribe (replay from a cursor, then live events) and may send
 requests (status, list, history, send, sync, ping). The daemon calls :meth:`EventServer.publish` after each

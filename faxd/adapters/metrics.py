@@ -1,8 +1,9 @@
 """Prometheus metrics of faxd, built against an injected registry, and the HTTP app that serves them.
 
-Every family of DESIGN.md §7 lives here so that names, help texts, units and label sets are decided in
-one place. Labels are bounded: no fax ids, phone numbers or extension ids, and label children that are
-known in advance are created up front so a scrape shows zeros instead of missing series.
+Every family faxd exports (docs/operations.md §5) lives here so that names, help texts, units and
+label sets are decided in one place. Labels are bounded: no fax ids, phone numbers or extension ids,
+and label children that are known in advance are created up front so a scrape shows zeros instead of
+missing series.
 This module must not decide anything about faxes; adapters call its methods when things happen.
 """
 

@@ -271,7 +271,7 @@ class RingCentral:
         return self.budget.delay(ratebudget.AUTH, asyncio.get_running_loop().time())
 
     async def aclose(self) -> None:
-        """Revoke the session's token, best effort: errors are logged and ignored (PROTOCOL §1.4)."""
+        """Revoke the session's token, best effort: errors are logged and ignored (docs/ringcentral.md §1)."""
         tokens, self._tokens = self._tokens, None
         if tokens is None:
             return

@@ -129,7 +129,7 @@ class Event:
     source: Source
 
     def to_wire(self, *, include_numbers: bool = True) -> dict[str, Any]:
-        """The ``event`` object of the socket protocol (DESIGN.md §6)."""
+        """The ``event`` object of the socket protocol (docs/socket-protocol.md)."""
         t = self.transition
         recipient: dict[str, Any] | None = None
         if t.recipient_index is not None:

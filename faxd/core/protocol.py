@@ -1,4 +1,4 @@
-"""Codec of the event socket protocol, version 1 (DESIGN.md §6, docs/socket-protocol.md).
+"""Codec of the event socket protocol, version 1 (docs/socket-protocol.md).
 
 Turns one request line (bytes) into a typed request or a :class:`ProtocolError`, matches events against a
 subscription :class:`Filter`, and encodes every server message as one compact NDJSON line. It is shared by

@@ -1,4 +1,4 @@
-"""Client-side rate budget per RingCentral throttling group (PROTOCOL.md §5).
+"""Client-side rate budget per RingCentral throttling group (docs/ringcentral.md §5).
 
 Classifies a request into its group (Light, Medium, Heavy, Auth), counts what faxd sent in the
 sliding window, learns the real limits from ``X-Rate-Limit-*`` headers, and answers "how long
@@ -39,7 +39,7 @@ _SUBSCRIPTION_ITEM = re.compile(r"/subscription/[^/]+$")
 
 
 def classify(method: str, path: str) -> str:
-    """The throttling group of a request (PROTOCOL.md §5.2); unknown requests count as Medium."""
+    """The throttling group of a request (docs/ringcentral.md §5.2); unknown requests count as Medium."""
     method = method.upper()
     path = path.split("?", 1)[0].rstrip("/")
     if path.startswith("/restapi/oauth/"):

@@ -1,6 +1,6 @@
 """Sans-I/O codec and session bookkeeping for RingCentral's WebSocket gateway (WSG).
 
-Turns text frames into typed frames (PROTOCOL.md §2.3), encodes the few frames faxd sends
+Turns text frames into typed frames (docs/ringcentral.md §2.3), encodes the few frames faxd sends
 (subscription ClientRequests, Heartbeat), extracts fax hints from notifications (§3), keeps the
 newest ``wsc`` session token (§2.4) and decides whether a reconnect may try session recovery.
 
@@ -447,7 +447,7 @@ def subscription_id_of(response: ClientResponse) -> str:
 def newer_wsc(stored: Wsc | None, incoming: Wsc | None, *, recovery_details: bool = False) -> Wsc | None:
     """The wsc to keep: the incoming one when none is stored, when it comes with a
     ConnectionDetails that has ``recoveryState`` (a new session context), or when its sequence
-    is higher; otherwise the stored one (PROTOCOL.md §2.4)."""
+    is higher; otherwise the stored one (docs/ringcentral.md §2.4)."""
     if incoming is None:
         return stored
     if stored is None or recovery_details or incoming.sequence > stored.sequence:

@@ -1,6 +1,6 @@
 """A RingCentral simulator for faxd's tests and demo: a real aiohttp server on loopback.
 
-It speaks the protocol documented in ``shared/ringcentral/PROTOCOL.md`` (OAuth, the WSG
+It speaks the protocol described in ``docs/ringcentral.md`` (OAuth, the WSG
 WebSocket with session recovery, message store, message-sync, fax send, rate limits) and
 adds a control API under ``/_sim/`` for scripting faxes and injecting faults.
 See ``docs/simulator.md``.

@@ -1,4 +1,4 @@
-"""Per-group request rate limiting as RingCentral documents it (``docs/basics/rate-limits.md``).
+"""Per-group request rate limiting as RingCentral documents it (docs/ringcentral.md §5).
 
 Sliding window per throttling group (Light/Medium/Heavy/Auth): at most ``limit`` requests in
 any ``window`` seconds. Going over starts a ``penalty``; every request made during the penalty

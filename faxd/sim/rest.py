@@ -1,6 +1,6 @@
 """The REST half of the simulator: OAuth endpoints and the message store API (aiohttp).
 
-Routes (PROTOCOL.md §1, §4): ``/restapi/oauth/{token,revoke,wstoken}``; under
+Routes (docs/ringcentral.md §1, §4): ``/restapi/oauth/{token,revoke,wstoken}``; under
 ``/restapi/v1.0/account/{accountId}/extension/{extensionId}``: ``message-store`` list,
 ``message-store/{id}`` single and bulk (207) GET and DELETE, attachment content,
 ``message-sync`` FSync/ISync and ``fax`` send. A middleware records every request, applies

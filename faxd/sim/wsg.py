@@ -1,6 +1,6 @@
 """The WebSocket gateway (WSG): connections, WSG sessions, subscriptions, notifications.
 
-Implements PROTOCOL.md §2: ``GET /ws?access_token=…[&wsc=…]``, ``ConnectionDetails`` as the
+Implements docs/ringcentral.md §2: ``GET /ws?access_token=…[&wsc=…]``, ``ConnectionDetails`` as the
 first frame, ``ClientRequest`` subscription create/update/delete tunnelled over the socket,
 ``ServerNotification`` frames with an increasing ``wsc.sequence``, ``Heartbeat`` echo,
 ``Error`` frames (WSG-400, WSG-902 idle, WSG-903 absolute timeout) and session recovery:

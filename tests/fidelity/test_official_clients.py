@@ -134,7 +134,7 @@ async def test_rc_ex_ws_recovers_a_dropped_session_and_gets_the_missed_notificat
         first, second = ws_connects(sim)
         assert "wsc=" not in first.raw_path
         assert "wsc=" in second.raw_path
-        # @rc-ex/ws reuses its cached ws token for the reconnect (PROTOCOL.md §2.1)
+        # @rc-ex/ws reuses its cached ws token for the reconnect (docs/ringcentral.md §2.1)
         assert len(sim.requests_to("/restapi/oauth/wstoken")) == 1
         assert first.raw_path.split("&")[0] == second.raw_path.split("&")[0]
 
