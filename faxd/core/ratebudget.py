@@ -99,16 +99,27 @@ class RateBudget:
         while g.sent and g.sent[0] <= now - g.window:
             g.sent.popleft()
 
-    def delay(self, group: str, now: float) -> float:
-        """Seconds to wait before the next request of ``group`` may be sent (0: send now)."""
+    def delay(self, group: str, now: float, n: int = 1) -> float:
+        """Seconds to wait before the next ``n`` requests of ``group`` may be sent (0: send now;
+        infinite when ``n`` is more than the share of a whole window)."""
         g = self._group(group)
         self._expire(g, now)
         wait = max(0.0, g.penalty_until - now, g.blocked_until - now)
         allowed = self.allowed(group)
-        if len(g.sent) >= allowed:
-            # The request may go once enough of the oldest sends have left the window.
-            wait = max(wait, g.sent[len(g.sent) - allowed] + g.window - now)
+        if n > allowed:
+            return math.inf
+        if len(g.sent) + n > allowed:
+            # The requests may go once enough of the oldest sends have left the window.
+            wait = max(wait, g.sent[len(g.sent) + n - 1 - allowed] + g.window - now)
         return wait
+
+    def room(self, group: str, now: float) -> int:
+        """Requests of ``group`` that may be sent now without waiting (0 during a penalty or block)."""
+        g = self._group(group)
+        self._expire(g, now)
+        if g.penalty_until > now or g.blocked_until > now:
+            return 0
+        return max(0, self.allowed(group) - len(g.sent))
 
     def spent(self, group: str, now: float) -> None:
         g = self._group(group)
