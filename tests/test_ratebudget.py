@@ -178,3 +178,15 @@ def test_delay_for_several_requests_and_room() -> None:
     b.penalty(LIGHT, 38.0, 5.0)
     assert b.room(LIGHT, 38.0) == 0
     assert b.room(LIGHT, 43.0) == 2
+
+
+@pytest.mark.parametrize("sent_at", [0.3, 0.1, 0.7, 1e-3, 12345.678])
+def test_waiting_the_delay_always_frees_the_slot(sent_at: float) -> None:
+    # 0.3 + 60 is 60.3, but 60.3 - 60 is 0.29999999999999716: the send would still count there.
+    b = RateBudget(0.02)  # Light: 1 a minute
+    b.spent(LIGHT, sent_at)
+    now = sent_at + 60.0
+    wait = b.delay(LIGHT, now)
+    assert wait >= 0
+    assert b.delay(LIGHT, now + wait) == 0
+    assert b.room(LIGHT, now + wait) == 1

@@ -110,8 +110,17 @@ class RateBudget:
             return math.inf
         if len(g.sent) + n > allowed:
             # The requests may go once enough of the oldest sends have left the window.
-            wait = max(wait, g.sent[len(g.sent) + n - 1 - allowed] + g.window - now)
+            wait = max(wait, self._leaves(g, g.sent[len(g.sent) + n - 1 - allowed]) - now)
         return wait
+
+    @staticmethod
+    def _leaves(g: _Group, sent_at: float) -> float:
+        """The first time at which ``_expire`` drops a send made at ``sent_at``: ``sent_at + window``,
+        nudged past float rounding (60.3 - 60 < 0.3), so that waiting ``delay`` always frees the slot."""
+        t = sent_at + g.window
+        while sent_at > t - g.window:
+            t = math.nextafter(t, math.inf)
+        return t
 
     def room(self, group: str, now: float) -> int:
         """Requests of ``group`` that may be sent now without waiting (0 during a penalty or block)."""
