@@ -224,12 +224,18 @@ def test_push_hints_debounce_like_the_keyed_queue() -> None:
     assert g.waited == pytest.approx(5.0)
 
 
-def test_settle_work_is_due_at_its_time() -> None:
+def test_settle_work_is_due_at_its_time_and_apart_from_earlier_work() -> None:
     s = sched()
     s.submit(work(A, Priority.SETTLE, "settle"), 0.0, at=30.0)
+    s.submit(work(A, Priority.PUSH, "push"), 1.0)
+    push = grant_now(s, 1.0)
+    assert push.reasons == {"push"}  # the settle check is not due yet: not merged
+    run(s, push, 1.5)
     assert s.next(29.9) is None
-    assert s.next_wake(0.0) == 30.0
-    assert grant_now(s, 30.0).key == A
+    assert s.next_wake(2.0) == 30.0
+    g = grant_now(s, 30.0)
+    assert (g.key, g.reasons) == (A, frozenset({"settle"}))
+    assert not s.is_idle()
 
 
 # ---------------------------------------------------------------------- reserves and pacing
@@ -594,10 +600,10 @@ def test_close_hands_out_only_what_fits_now_and_retries_nothing() -> None:
     s.submit(work(C, Priority.SETTLE, "settle"), 0.0, at=50.0)
     s.submit(work(ext_key("late"), Priority.PUSH), 0.0)
     dropped = s.close(0.5)
-    assert {w.key for w in dropped} == {A, B}
+    assert {w.key for w in dropped} == {A, B, C}  # C's settle check was not due yet
     assert not s.submit(work(ext_key("new"), Priority.USER), 0.5)
-    # The pending push and the settle check are due now (no quiet period, no waiting for 50 s).
-    assert {grant_now(s, 0.5).key, grant_now(s, 0.5).key} == {C, ext_key("late")}
+    # The pending push is due now (its quiet period would have ended at 1.0).
+    assert grant_now(s, 0.5).key == ext_key("late")
     assert s.next_wake(0.5) is None
     run(s, failing, 0.6, Outcome.error())
     assert s.due_at(ext_key("busy")) is None  # not retried

@@ -20,7 +20,8 @@ Priorities and coalescing
 * Push hints are debounced as :mod:`faxd.core.debounce` does: an idle key is due at once (leading
   edge) unless the budget is scarce; a burst slides the quiet period ``debounce``, never past
   ``max_delay`` after its first hint; a key is not handed out again within ``debounce`` of its last
-  grant's end. ``USER``, ``RESYNC`` and poll work is due at once; ``SETTLE`` work at its ``at``.
+  grant's end. Other work is due at once; work submitted with a future ``at`` (a settle timer) is
+  submitted at that time, so it neither merges into earlier work nor claims budget before.
 
 Budget: pacing and reserves on the rate budget
 * :class:`faxd.core.ratebudget.RateBudget` stays the ground truth: our own requests in the sliding
@@ -80,6 +81,7 @@ monotonic time), and the driver owns the clock and the waiting.
 from __future__ import annotations
 
 import enum
+import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -292,6 +294,7 @@ class Scheduler:
         self._poll_cost = poll_cost
         self._pending: dict[Key, _Item] = {}
         self._again: dict[Key, _Item] = {}  # work for a key that is running
+        self._scheduled: list[tuple[float, int, Work]] = []  # (at, seq, work) submitted with a future at
         self._running: dict[int, _Running] = {}
         self._running_keys: dict[Key, int] = {}
         self._buckets: dict[str, _Bucket] = {}
@@ -335,27 +338,32 @@ class Scheduler:
         self.budget.observed(group, now, limit=limit, remaining=remaining, window=window)
 
     def submit(self, work: Work, now: float, *, at: float | None = None) -> bool:
-        """Ask for ``work`` (not before ``at`` when given). False once closed: nothing was queued."""
+        """Ask for ``work``; with ``at`` in the future, it is submitted then (a settle timer), so it
+        neither merges into earlier work nor claims budget before its time. False once closed."""
         if not work.cost or any(n < 1 for n in work.cost.values()):
             raise ValueError("a work item costs at least one request of some group")
         if self._closed:
             return False
+        if at is not None and at > now:
+            self._seq += 1
+            heapq.heappush(self._scheduled, (at, self._seq, work))
+            return True
         key = work.key
         if key in self._running_keys:
             again = self._again.get(key)
             if again is None:
-                self._again[key] = self._new_item(work, now, at)
+                self._again[key] = self._new_item(work, now)
             else:
-                self._merge(again, work, now, at)
+                self._merge(again, work, now)
             return True
         item = self._pending.get(key)
         if item is None:
-            self._pending[key] = self._new_item(work, now, at)
+            self._pending[key] = self._new_item(work, now)
         else:
-            self._merge(item, work, now, at)
+            self._merge(item, work, now)
         return True
 
-    def _new_item(self, work: Work, now: float, at: float | None) -> _Item:
+    def _new_item(self, work: Work, now: float) -> _Item:
         self._seq += 1
         return _Item(
             key=work.key,
@@ -364,24 +372,24 @@ class Scheduler:
             reasons=set(work.reasons),
             cost=dict(work.cost),
             first=now,
-            due=self._due(work, now, at),
+            due=self._due(work, now),
             burst=now,
             seq=self._seq,
         )
 
-    def _due(self, work: Work, now: float, at: float | None) -> float:
+    def _due(self, work: Work, now: float) -> float:
         """When new work of this kind for this key is due."""
-        due = now
-        if work.priority is Priority.PUSH:
-            d = self.settings.debounce
-            last = self._last_done.get(work.key)
-            if last is not None and now - last < d:
-                due = last + d  # the rate cap: what is left of the quiet period after the last grant
-            elif any(self.effective_debounce(now, g, exclude=work.key) > d for g in work.cost):
-                due = now + d  # scarce: let the burst coalesce instead of spending a token on its start
-        return due if at is None else max(due, at)
+        if work.priority is not Priority.PUSH:
+            return now
+        d = self.settings.debounce
+        last = self._last_done.get(work.key)
+        if last is not None and now - last < d:
+            return last + d  # the rate cap: what is left of the quiet period after the last grant
+        if any(self.effective_debounce(now, g, exclude=work.key) > d for g in work.cost):
+            return now + d  # scarce: let the burst coalesce instead of spending a token on its start
+        return now
 
-    def _merge(self, item: _Item, work: Work, now: float, at: float | None) -> None:
+    def _merge(self, item: _Item, work: Work, now: float) -> None:
         item.reasons |= work.reasons
         item.priorities.add(work.priority)
         for g, n in work.cost.items():
@@ -392,19 +400,19 @@ class Scheduler:
             item.priority, item.first, item.burst = p, now, now
         if item.backoff:
             if p in IMMEDIATE:
-                item.due, item.backoff = max(now, at if at is not None else now), False
+                item.due, item.backoff = now, False
             elif p is Priority.PUSH and self._answered_since_failure(item):
                 item.due = min(item.due, now + self.settings.backoff_cap)
             return
         if raised:
-            item.due = min(item.due, self._due(work, now, at))
+            item.due = min(item.due, self._due(work, now))
         elif p == item.priority:
             if p is Priority.PUSH:
                 if item.due > now:  # in the quiet period: slide it, within the bound
                     s = self.settings
                     item.due = max(item.due, min(now + s.debounce, item.burst + s.max_delay))
             else:
-                item.due = min(item.due, max(now, at if at is not None else now))
+                item.due = min(item.due, now)
 
     def _answered_since_failure(self, item: _Item) -> bool:
         failed = self._failed_at.get(item.key)
@@ -538,9 +546,12 @@ class Scheduler:
             blocked |= groups
         return None, heads
 
-    def _poll_tick(self, now: float) -> None:
+    def _tick(self, now: float) -> None:
+        """Work whose time has come: scheduled submissions, polls the schedule says are due."""
         if self._closed:
             return
+        while self._scheduled and self._scheduled[0][0] <= now:
+            self.submit(heapq.heappop(self._scheduled)[2], now)
         for item in self._pending.values():
             if item.priority is Priority.SAFETY_POLL and now - item.first >= self.settings.poll_interval:
                 # Aging: a safety poll that waited a whole interval queues with the active polls, by
@@ -557,7 +568,7 @@ class Scheduler:
         ``accept``: the driver's filter (say, "sends only" while a reconcile runs); work it refuses
         still holds back lower work of its groups.
         """
-        self._poll_tick(now)
+        self._tick(now)
         item, _ = self._scan(now, accept)
         if item is None:
             return None
@@ -594,6 +605,8 @@ class Scheduler:
         if item is not None:
             return now
         times = [i.due for i in self._pending.values() if i.due > now]
+        if self._scheduled:
+            times.append(self._scheduled[0][0])
         times += [now + wait + _SLACK for _, wait in heads if math.isfinite(wait)]
         poll = self.polls.next_wake()
         if poll is not None:
@@ -701,7 +714,8 @@ class Scheduler:
         if self._closed:
             return []
         self._closed = True
-        dropped: list[Work] = []
+        dropped = [w for _, _, w in sorted(self._scheduled)]
+        self._scheduled.clear()
         for table in (self._pending, self._again):
             for key, item in list(table.items()):
                 if item.priority in DRAINED and not item.backoff:
@@ -718,12 +732,15 @@ class Scheduler:
     def abandon(self) -> list[Work]:
         """Forget everything still pending (the end of a drain) and return it, e.g. to fail waiters."""
         left = [i.view() for i in [*self._pending.values(), *self._again.values()]]
+        left += [w for _, _, w in sorted(self._scheduled)]
         self._pending.clear()
         self._again.clear()
+        self._scheduled.clear()
         return left
 
     def is_idle(self) -> bool:
-        return not self._pending and not self._again and not self._running
+        """Nothing pending, scheduled or running."""
+        return not self._pending and not self._again and not self._running and not self._scheduled
 
     # ------------------------------------------------------------------ observability
 
