@@ -498,6 +498,27 @@ def test_user_and_resync_work_end_a_backoff() -> None:
     assert g.priority is Priority.PUSH  # it keeps its place as a push
 
 
+def test_failed_work_is_not_retried() -> None:
+    s = sched()
+    send = ("send", "r1")
+    s.submit(Work(send, Priority.USER, cost={HEAVY: 1}), 0.0)
+    g = grant_now(s, 0.0)
+    assert s.take(g, HEAVY, 0.0)
+    s.done(g, 0.1, Outcome.failed())  # a send that RingCentral refused: the client hears of it
+    assert s.pending(send) is None
+    assert s.failures(send) == 0
+    assert s.is_idle()
+
+
+def test_finished_one_off_keys_do_not_pile_up() -> None:
+    s = sched(debounce=1.0)
+    for i in range(1000):
+        now = 10.0 * i  # within Heavy's share
+        s.submit(Work(("send", str(i)), Priority.USER, cost={HEAVY: 1}), now)
+        run(s, grant_now(s, now), now)
+    assert len(s._last_done) <= 65
+
+
 def test_a_429_stops_the_whole_group_until_the_penalty_ends() -> None:
     s = sched()
     s.submit(work(A, Priority.PUSH), 0.0)
@@ -690,6 +711,7 @@ OPS = st.one_of(
 )
 OUTCOMES = {
     Result.OK: Outcome.ok(),
+    Result.FAILED: Outcome.failed(),
     Result.ERROR: Outcome.error(retry_after=5.0),
     Result.RATE_LIMITED: Outcome.rate_limited(LIGHT, 7.0),
     Result.DEFERRED: Outcome.deferred(),

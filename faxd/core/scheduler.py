@@ -29,13 +29,15 @@ Budget: pacing and reserves on the rate budget
   (``observed``), 429 penalties. A grant reserves its cost; a grant's request counts in the window
   when it is taken, and the window, counting reserved requests too, is never allowed past the share.
 * Pacing: in a paced group (Light, Medium) a token bucket of ``burst`` tokens refills at
-  ``(share - burst) / window``, so bucket and window together admit at most the share in any window
-  and the share is spread evenly instead of spent in a burst followed by a blind minute.
-  ``burst = max(2, ceil(share * burst_fraction))``; groups with only user work (Heavy, Auth) are not
-  paced (the window alone).
+  ``(allowed - burst) / window`` (``allowed``: faxd's share of a window, 40 for Light by default), so
+  the bucket alone admits at most ``allowed`` in any window, and the share is spread evenly instead
+  of spent in a burst followed by a blind minute. ``burst = max(2, ceil(allowed * burst_fraction))``
+  (4 for Light: one token every 1.7 s); Heavy and Auth carry only user work and are not paced (the
+  window alone).
 * Reserves: work below ``PUSH`` never takes the last ``push_reserve`` tokens of a group, nor those
   that pending push hints still in their quiet period will need: polls, resyncs and settle checks
-  spend only the headroom, and a push hint finds budget at once or within one refill interval.
+  spend only the headroom, and a push hint finds budget at once or waits only for the hinted work
+  ahead of it (one refill interval each).
   While push is down (:meth:`Scheduler.set_push`), ``SETTLE`` and ``ACTIVE_POLL`` may spend the push
   reserve, and the poll schedule polls keys with faxes in flight every ``outage_poll_interval``.
 * A grant's cost is capped at what the group can ever hold for that priority; a grant that needs
@@ -66,13 +68,16 @@ Errors
 
 Shutdown
 * After :meth:`Scheduler.close` nothing is submitted and nothing that would have to wait is handed
-  out: polls, resyncs and work in backoff are dropped at once (returned); ``USER``, ``PUSH`` and
-  ``SETTLE`` work becomes due and goes only if the budget allows it now; failures are not retried.
-  ``next_wake`` is None. Start-up redoes every extension anyway.
+  out: polls, resyncs, work in backoff and work scheduled for later are dropped at once (returned);
+  ``USER``, ``PUSH`` and ``SETTLE`` work becomes due and goes only if the budget allows it now;
+  failures are not retried; ``next_wake`` is None. Start-up redoes every extension anyway.
 
 Observability, as plain data: :meth:`Scheduler.snapshot` (queue depth per priority, budget left per
 group, effective debounce, poll staleness, one STATUS phrase such as ``rate-limited: Light, next slot
 in 4 s``); every grant carries how long its work waited.
+
+The driver calls ``next`` again after every ``submit``, ``done``, ``set_push`` and ``configure``, and
+otherwise sleeps until ``next_wake`` (None: until one of those happens). docs/scheduler.md shows it.
 
 This module must not do I/O, sleep, read clocks or import asyncio: ``now`` is passed in (the loop's
 monotonic time), and the driver owns the clock and the waiting.
@@ -126,14 +131,15 @@ _POLLS: Final = frozenset({Priority.ACTIVE_POLL, Priority.SAFETY_POLL})
 
 class Result(enum.Enum):
     OK = "ok"
-    ERROR = "error"  # transient: 5xx, connection error, unreadable body
-    RATE_LIMITED = "rate_limited"  # 429
+    ERROR = "error"  # transient (5xx, connection error, unreadable body): retried after a backoff
+    FAILED = "failed"  # failed and must not be retried here (a send: its caller reports the error)
+    RATE_LIMITED = "rate_limited"  # 429: retried once the group's penalty ends
     DEFERRED = "deferred"  # needed more budget than ``take`` allowed; nothing failed
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a grant ended. Build with :meth:`ok`, :meth:`error`, :meth:`rate_limited`, :meth:`deferred`."""
+    """How a grant ended; build it with the class methods."""
 
     result: Result
     retry_after: float | None = None
@@ -146,6 +152,10 @@ class Outcome:
     @classmethod
     def error(cls, retry_after: float | None = None) -> Outcome:
         return cls(Result.ERROR, retry_after=retry_after)
+
+    @classmethod
+    def failed(cls) -> Outcome:
+        return cls(Result.FAILED)
 
     @classmethod
     def rate_limited(cls, group: str, retry_after: float | None = None) -> Outcome:
@@ -651,12 +661,17 @@ class Scheduler:
                 bucket = self._bucket(g, now)
                 if bucket is not None:
                     bucket.tokens += left  # clipped to the bucket size at the next refill
-        self._last_done[key] = now
+        self._remember_done(key, now)
         again = self._again.pop(key, None)
         result = outcome.result
-        if result is Result.OK:
+        if result in (Result.OK, Result.FAILED):
             self._failures.pop(key, None)
             self._failed_at.pop(key, None)
+        if result is Result.FAILED:
+            if again is not None:
+                self._requeue(again, now)
+            return
+        if result is Result.OK:
             for g in grant.cost:
                 self._answered[g] = now
             if grant.checks:
@@ -692,6 +707,14 @@ class Scheduler:
             if again.priority < item.priority:
                 item.priority, item.first = again.priority, again.first
         self._pending[key] = item
+
+    def _remember_done(self, key: Key, now: float) -> None:
+        """For the rate cap; entries older than the quiet period no longer matter (one-off keys such
+        as sends would otherwise pile up)."""
+        self._last_done[key] = now
+        if len(self._last_done) > 2 * (len(self._pending) + len(self._running)) + 64:
+            horizon = now - self.settings.debounce
+            self._last_done = {k: t for k, t in self._last_done.items() if t > horizon}
 
     def _requeue(self, again: _Item, now: float) -> None:
         """Work that came in while its key was running, now that the grant succeeded."""
