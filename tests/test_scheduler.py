@@ -380,6 +380,27 @@ def test_a_burst_of_demand_is_spread_not_spent_at_once() -> None:
     assert max(b - a for a, b in itertools.pairwise(light)) == pytest.approx(TICK, abs=1e-3)
 
 
+def test_start_up_of_40_extensions_leaves_room_for_push() -> None:
+    """Issue 12's report: 40 extensions' start-up syncs and polls took the whole minute's budget and
+    faxd reported nothing more that minute. Now the syncs spread over the headroom and hints go first."""
+    s = sched(poll_interval=20.0, active_poll_interval=10.0)
+    keys = [ext_key(str(i)) for i in range(40)]
+    s.set_extensions(keys, 0.0)
+    d = Driver(s)
+    for key in keys:
+        d.at(0.0, work(key, Priority.RESYNC, "startup"))
+    rng = random.Random(3)
+    for i in range(16):  # 16 faxes on random extensions over 40 s
+        d.at(2.5 * i + rng.uniform(0, 2), work(rng.choice(keys), Priority.PUSH, "push"))
+    d.run(120.0)
+    assert max(d.hint_delays()) <= 2 * TICK + 0.5
+    synced = {g.key: g.granted_at for g in d.grants if "startup" in g.reasons}
+    assert set(synced) == set(keys)
+    # 40 syncs and 16 pushes at one token each, less the bucket's 4 and the hints that met a sync.
+    assert max(synced.values()) <= 56 * TICK
+    assert most_in_any_window(d.light_times()) <= 40
+
+
 # ---------------------------------------------------------------------- fairness and adaptive debounce
 
 
@@ -701,6 +722,7 @@ OPS = st.one_of(
         cost=st.integers(1, 6),
     ),
     st.builds(Op, kind=st.just("next"), step=st.floats(0, 5)),
+    st.builds(Op, kind=st.just("push"), step=st.floats(0, 1), key=st.integers(0, 1)),
     st.builds(
         Op,
         kind=st.just("done"),
@@ -731,7 +753,14 @@ def test_never_more_than_the_share_in_any_window(
     """Whatever is asked, granted, taken as extras, failed or deferred: Light requests stay within
     the share in every window, nothing goes during a 429 penalty, no key runs twice at once, and
     next_wake never asks for a busy loop."""
-    s = Scheduler(RateBudget(share), SchedulerSettings(push_reserve=reserve, burst_fraction=burst))
+    s = Scheduler(
+        RateBudget(share),
+        SchedulerSettings(
+            push_reserve=reserve, burst_fraction=burst, poll_interval=20.0, active_poll_interval=4.0
+        ),
+    )
+    s.set_extensions([ext_key(str(k)) for k in range(6)], 0.0)
+    s.set_active([ext_key("0"), ext_key("1")])
     allowed = s.budget.allowed(LIGHT)
     now = 0.0
     sent: list[float] = []
@@ -741,6 +770,8 @@ def test_never_more_than_the_share_in_any_window(
         now += op.step
         if op.kind == "submit":
             s.submit(Work(ext_key(str(op.key)), op.priority, frozenset(), {LIGHT: op.cost}), now)
+        elif op.kind == "push":
+            s.set_push(bool(op.key))
         elif op.kind == "next":
             while (g := s.next(now)) is not None:
                 assert g.key not in {r.key for r in running}
