@@ -76,6 +76,33 @@ def test_groups_are_independent() -> None:
     assert b.delay(LIGHT, 1) == 0
 
 
+def test_delay_for_several_requests_and_room() -> None:
+    b = RateBudget(0.8)  # Light: 40 a minute
+    for i in range(38):
+        b.spent(LIGHT, float(i))
+    assert b.room(LIGHT, 38.0) == 2
+    assert b.delay(LIGHT, 38.0, n=2) == 0
+    # Three need the oldest send (t=0) to leave the window; four need t=1 to leave too.
+    assert b.delay(LIGHT, 38.0, n=3) == pytest.approx(22.0)
+    assert b.delay(LIGHT, 38.0, n=4) == pytest.approx(23.0)
+    assert b.delay(LIGHT, 38.0, n=41) == float("inf")
+    b.penalty(LIGHT, 38.0, 5.0)
+    assert b.room(LIGHT, 38.0) == 0
+    assert b.room(LIGHT, 43.0) == 2
+
+
+@pytest.mark.parametrize("sent_at", [0.3, 0.1, 0.7, 1e-3, 12345.678])
+def test_waiting_the_delay_always_frees_the_slot(sent_at: float) -> None:
+    # 0.3 + 60 is 60.3, but 60.3 - 60 is 0.29999999999999716: the send would still count there.
+    b = RateBudget(0.02)  # Light: 1 a minute
+    b.spent(LIGHT, sent_at)
+    now = sent_at + 60.0
+    wait = b.delay(LIGHT, now)
+    assert wait >= 0
+    assert b.delay(LIGHT, now + wait) == 0
+    assert b.room(LIGHT, now + wait) == 1
+
+
 @pytest.mark.parametrize(
     ("headers", "expected_limit", "expected_window", "delay_after"),
     [
@@ -163,30 +190,3 @@ def test_others_in_the_window_block_a_full_window_once_the_share_is_gone() -> No
     # theirs leave the window.
     b.observed(AUTH, 0.0, limit=5, remaining=1, window=60)
     assert b.delay(AUTH, 1.0) == pytest.approx(59.0)
-
-
-def test_delay_for_several_requests_and_room() -> None:
-    b = RateBudget(0.8)  # Light: 40 a minute
-    for i in range(38):
-        b.spent(LIGHT, float(i))
-    assert b.room(LIGHT, 38.0) == 2
-    assert b.delay(LIGHT, 38.0, n=2) == 0
-    # Three need the oldest send (t=0) to leave the window; four need t=1 to leave too.
-    assert b.delay(LIGHT, 38.0, n=3) == pytest.approx(22.0)
-    assert b.delay(LIGHT, 38.0, n=4) == pytest.approx(23.0)
-    assert b.delay(LIGHT, 38.0, n=41) == float("inf")
-    b.penalty(LIGHT, 38.0, 5.0)
-    assert b.room(LIGHT, 38.0) == 0
-    assert b.room(LIGHT, 43.0) == 2
-
-
-@pytest.mark.parametrize("sent_at", [0.3, 0.1, 0.7, 1e-3, 12345.678])
-def test_waiting_the_delay_always_frees_the_slot(sent_at: float) -> None:
-    # 0.3 + 60 is 60.3, but 60.3 - 60 is 0.29999999999999716: the send would still count there.
-    b = RateBudget(0.02)  # Light: 1 a minute
-    b.spent(LIGHT, sent_at)
-    now = sent_at + 60.0
-    wait = b.delay(LIGHT, now)
-    assert wait >= 0
-    assert b.delay(LIGHT, now + wait) == 0
-    assert b.room(LIGHT, now + wait) == 1
