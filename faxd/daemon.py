@@ -148,6 +148,13 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext:
     return ctx
 
 
+def http_session(tls: ssl.SSLContext) -> aiohttp.ClientSession:
+    """The HTTP session of every RingCentral REST call, the daemon's and ``faxd doctor``'s alike, so
+    that how faxd reaches RingCentral (TLS, proxy, headers) is decided in one place."""
+    connector = aiohttp.TCPConnector(ssl=tls)
+    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"faxd/{__version__}"})
+
+
 async def _login(rc: RingCentral, live: _Live) -> None:
     """Log in, retrying transient failures with backoff; wrong credentials are fatal."""
     delays = backoff(initial=2.0, cap=60.0)
@@ -375,8 +382,7 @@ async def _run(
         stack.callback(store.close)
 
         tls = ssl_context(rc_cfg.ca_file)
-        connector = aiohttp.TCPConnector(ssl=tls)
-        session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"faxd/{__version__}"})
+        session = http_session(tls)
         stack.push_async_callback(session.close)
         rc = RingCentral(
             session,
