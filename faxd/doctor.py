@@ -16,6 +16,7 @@ phone number or a person's name); it revokes its token before it exits.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import ssl
@@ -36,10 +37,10 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral
-from faxd.adapters.ws_session import WsSettings, gateway_connect
+from faxd.adapters.ws_session import gateway_connect
 from faxd.config import EX_CONFIG, Config, ConfigError, Secret, load_config
 from faxd.core import ratebudget, wsg
-from faxd.daemon import http_session, ssl_context
+from faxd.daemon import http_session, ssl_context, ws_settings
 
 PASS: Final = "pass"
 WARN: Final = "warn"
@@ -162,7 +163,7 @@ async def run_checks(config_path: str, *, environ: Mapping[str, str] | None = No
         )
         _skip_rest(report, "needs a connection to the server", config)
         return report
-    async with http_session(tls) as session:
+    async with http_session(config.ringcentral, tls) as session:
         await _Doctor(report, config, session, tls).run()
     return report
 
@@ -234,7 +235,10 @@ def _describe_secret(key: str, secret: Secret) -> tuple[str, bool]:
     """How ``secret`` is kept, and whether that deserves a warning."""
     kind, ref = secret.source or ("?", "?")
     if kind == "file":
-        st = os.stat(ref, follow_symlinks=False)
+        try:
+            st = os.stat(ref, follow_symlinks=False)
+        except OSError:  # read a moment ago, gone now: the next start will say so
+            return f"{key}: file {ref}", False
         return f"{key}: file {ref} (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid})", False
     if kind == "env":
         return f"{key}: environment variable {ref}", True
@@ -626,9 +630,7 @@ class _Doctor:
             self.add("subscription", FAIL, f"POST /restapi/oauth/wstoken failed: {exc}", fix)
             return
         filters = wsg.event_filters(extensions)
-        settings = WsSettings(
-            connect_timeout=WS_TIMEOUT, max_message_bytes=self.config.websocket.max_message_bytes
-        )
+        settings = dataclasses.replace(ws_settings(self.config), connect_timeout=WS_TIMEOUT)
         try:
             async with asyncio.timeout(WS_TIMEOUT * 3):
                 async with gateway_connect(token, wsc=None, settings=settings, ssl_context=self.tls) as ws:

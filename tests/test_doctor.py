@@ -241,6 +241,17 @@ async def test_an_untrusted_certificate_fails_the_connection(https_sim: Simulato
     assert https_sim.requests == [], "nothing reaches a server that failed verification"
 
 
+async def test_a_ca_file_that_is_no_pem_bundle_fails_the_connection(sim: Simulator, short_dir: Path) -> None:
+    (short_dir / "ca.pem").write_text("not a certificate\n")
+    report = await doctor(write_config(short_dir, sim, ca_file="ca.pem"))
+    connection = check(report, "connection")
+    assert connection.status == "fail"
+    assert "cannot be used" in connection.detail
+    assert "PEM bundle" in connection.fix
+    assert skipped_after(report, "connection") == []
+    assert sim.requests == []
+
+
 # ---------------------------------------------------------------------------------------------- clock
 
 
