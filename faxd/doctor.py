@@ -194,15 +194,13 @@ def _check_config(report: Report, path: str, environ: Mapping[str, str] | None) 
         secret = [p for p in exc.problems if p.startswith(_SECRET_KEYS)]
         other = [p for p in exc.problems if not p.startswith(_SECRET_KEYS)]
         if other:
-            report.checks.append(
-                Check(
-                    "config",
-                    FAIL,
-                    "; ".join(other),
-                    f"edit {path} (config.yaml in faxd's repository documents every key); "
-                    f"faxd check-config -c {path} checks it again",
-                )
+            fix = (
+                "write the config there, or name the right file with -c or $FAXD_CONFIG"
+                if any("cannot read the config file" in p for p in other)
+                else f"edit {path} (config.yaml in faxd's repository documents every key); "
+                f"faxd check-config -c {path} checks it again"
             )
+            report.checks.append(Check("config", FAIL, "; ".join(other), fix))
         else:
             report.checks.append(Check("config", PASS, f"{path} is valid apart from its secrets"))
         if secret:

@@ -159,6 +159,15 @@ async def test_an_invalid_config_exits_78_and_contacts_nobody(sim: Simulator, sh
     assert sim.requests == []
 
 
+async def test_a_missing_config_file_says_where_doctor_looked(short_dir: Path) -> None:
+    report = await doctor(str(short_dir / "nope.yaml"))
+    config = check(report, "config")
+    assert config.status == "fail"
+    assert "nope.yaml: cannot read the config file" in config.detail
+    assert "$FAXD_CONFIG" in config.fix
+    assert report.exit_code == EX_CONFIG
+
+
 async def test_a_secret_readable_by_others_fails_the_secrets_check(sim: Simulator, short_dir: Path) -> None:
     config = write_config(short_dir, sim)
     (short_dir / "jwt").chmod(0o644)
