@@ -671,7 +671,12 @@ class _Doctor:
                 _SUBSCRIPTION_FIXES.get(code, "see the error code in RingCentral's API reference"),
             )
         disabled = wsg.disabled_filters_of(reply)
-        subscription_id = wsg.subscription_id_of(reply)
+        try:
+            subscription_id = wsg.subscription_id_of(reply)
+        except wsg.FrameError:
+            raise _GatewayError(
+                "the subscription reply carries no id", "report this (with the reply) as a faxd bug"
+            ) from None
         mid = str(uuid.uuid4())
         self._ws_request("DELETE", f"{wsg.SUBSCRIPTION_PATH}/{subscription_id}")
         deleted = await _send_and_wait(ws, mid, wsg.encode_unsubscribe(mid, subscription_id))
