@@ -53,6 +53,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from faxd import doctor
+    from faxd.logs import configure_logging
+
+    # The report is the output; the REST client's own log lines would only repeat it (on stderr).
+    configure_logging(level="error", fmt="console", redact_phi=True, stream=sys.stderr)
+    return asyncio.run(doctor.main(_config_path(args), json_out=args.json, out=sys.stdout))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from faxd import demo
 
@@ -127,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate the config and print it with secrets masked")
     with_config(p)
     p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("doctor", help="preflight: check the config, network, credentials and permissions")
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("demo", help="simulator + daemon on loopback, sample faxes, live transitions")
     p.add_argument("--timeout", type=float, default=90.0, help="give up after this many seconds")

@@ -49,7 +49,7 @@ from faxd.adapters.reconcile import (
 from faxd.adapters.rest import ApiError, AuthFailed, Document, RingCentral
 from faxd.adapters.store import Store
 from faxd.adapters.ws_session import WsSession, WsSettings
-from faxd.config import Config, ConfigError, load_config, split_host_port
+from faxd.config import Config, ConfigError, RingCentralConfig, load_config, split_host_port
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, FaxState
@@ -146,6 +146,14 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+def http_session(rc_cfg: RingCentralConfig, tls: ssl.SSLContext) -> aiohttp.ClientSession:
+    """The HTTP session of every RingCentral REST call, the daemon's and ``faxd doctor``'s alike, so
+    that how faxd reaches RingCentral (TLS, proxy, headers) is decided in one place; connection
+    settings of ``rc_cfg`` beyond TLS (a proxy) belong here."""
+    connector = aiohttp.TCPConnector(ssl=tls)
+    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"faxd/{__version__}"})
 
 
 async def _login(rc: RingCentral, live: _Live) -> None:
@@ -249,7 +257,8 @@ def _reconcile_settings(config: Config) -> ReconcileSettings:
     )
 
 
-def _ws_settings(config: Config) -> WsSettings:
+def ws_settings(config: Config) -> WsSettings:
+    """The WebSocket settings of ``config`` (the daemon's session and ``faxd doctor``'s test)."""
     ws = config.websocket
     return WsSettings(
         heartbeat_interval=ws.heartbeat_interval,
@@ -375,8 +384,7 @@ async def _run(
         stack.callback(store.close)
 
         tls = ssl_context(rc_cfg.ca_file)
-        connector = aiohttp.TCPConnector(ssl=tls)
-        session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"faxd/{__version__}"})
+        session = http_session(rc_cfg, tls)
         stack.push_async_callback(session.close)
         rc = RingCentral(
             session,
@@ -508,7 +516,7 @@ async def _run(
             live.ws = WsSession(
                 rc,
                 filters=event_filters(extensions),
-                settings=_ws_settings(live.config),
+                settings=ws_settings(live.config),
                 metrics=metrics,
                 on_hint=on_hint,
                 on_resync=on_resync,
@@ -546,7 +554,7 @@ async def _run(
                 rc.budget.share = effective.reconcile.rate_share
                 poll_changed.set()
             if live.ws is not None and effective.websocket != old.websocket:
-                live.ws.update_settings(_ws_settings(effective))
+                live.ws.update_settings(ws_settings(effective))
             if backend.connected.is_set() and effective.ringcentral.extensions != old.ringcentral.extensions:
                 wanted = resolve(effective.ringcentral.extensions)
                 added = [key for key in wanted if key not in extensions]

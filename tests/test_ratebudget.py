@@ -37,6 +37,8 @@ EXT = "/restapi/v1.0/account/~/extension/200000001"
         ("GET", "/restapi/v1.0/subscription/abc", LIGHT),
         ("POST", "/restapi/v1.0/subscription/abc/renew", LIGHT),
         ("GET", "/restapi/v1.0/dictionary/fax-cover-page", LIGHT),
+        ("GET", EXT, LIGHT),  # readExtension (faxd doctor)
+        ("PUT", EXT, MEDIUM),
         ("GET", "/restapi/v1.0/something-else", MEDIUM),
     ],
 )

@@ -142,6 +142,11 @@ class RingCentral:
         # Single flight: whoever holds the lock grants; the others wait and reuse its result.
         self._auth_lock = asyncio.Lock()
         self.owner_id: str | None = None
+        #: The app permissions of the current token (its ``scope``, space-separated); None: not told.
+        self.scope: str | None = None
+        #: Called with (method, path, status, headers) of every HTTP response (``faxd doctor``
+        #: counts requests and reads Date and X-Rate-Limit-* from them); must not raise.
+        self.on_response: Callable[[str, str, int, Mapping[str, str]], None] | None = None
 
     # ------------------------------------------------------------------ auth
 
@@ -226,6 +231,8 @@ class RingCentral:
         owner = body.get("owner_id")
         if owner is not None:
             self.owner_id = str(owner)
+        scope = body.get("scope")
+        self.scope = scope if isinstance(scope, str) else None
         self._metrics.token_expiry.set(now + expires_in)
 
     def _needs_refresh(self, tokens: _Tokens | None) -> bool:
@@ -384,6 +391,26 @@ class RingCentral:
                 log.warning("api.bulk_item_failed", status=status, code=error_code_of(body))
         return result
 
+    async def extension_info(self, extension_id: str) -> dict[str, Any]:
+        """``GET …/extension/{id}`` (Light): the extension's id, number, name, type and status."""
+        resp, body = await self._call("GET", self._ext(extension_id), endpoint="extension-get")
+        if not isinstance(body, dict):
+            raise self._bad_body("extension-get", resp.status)
+        return body
+
+    async def latest_messages(
+        self, extension_id: str, *, message_type: str = "Fax", per_page: int = 1
+    ) -> list[dict[str, Any]]:
+        """``GET …/message-store`` (Light): the newest records of one type (of the last 24 h)."""
+        params = [("messageType", message_type), ("perPage", str(per_page))]
+        resp, body = await self._call(
+            "GET", f"{self._ext(extension_id)}/message-store", endpoint="message-list", params=params
+        )
+        records = body.get("records") if isinstance(body, dict) else None
+        if not isinstance(records, list):
+            raise self._bad_body("message-list", resp.status)
+        return [r for r in records if isinstance(r, dict)]
+
     # ------------------------------------------------------------------ fax
 
     async def send_fax(
@@ -500,6 +527,8 @@ class RingCentral:
             self._count(endpoint, "connection", started)
             raise ApiError(0, "connection", f"{endpoint}: {type(exc).__name__}") from None
         self._count(endpoint, str(resp.status), started)
+        if self.on_response is not None:
+            self.on_response(method, path, resp.status, resp.headers)
         limit, remaining, window = ratebudget.parse_headers(resp.headers)
         # On a 429 the server's Retry-After governs; its "Remaining: 0" would add a whole window.
         observed_remaining = None if resp.status == 429 else remaining

@@ -32,7 +32,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from faxd import __version__
 from faxd.adapters.metrics import Metrics, ws_disconnect_reason
-from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral
+from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral, WsToken
 from faxd.core import wsg
 from faxd.core.backoff import backoff
 from faxd.core.ratebudget import parse_retry_after
@@ -71,6 +71,31 @@ class _Closed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def gateway_connect(
+    token: WsToken, *, wsc: str | None, settings: WsSettings, ssl_context: ssl.SSLContext | None
+) -> connect:
+    """Open a WebSocket to the gateway with ``token`` (and ``wsc`` to recover a session): the one
+    place where faxd (the daemon and ``faxd doctor``) decides how it reaches the WSG."""
+    url = f"{token.uri}?access_token={quote(token.token, safe='')}"
+    if wsc is not None:
+        url += f"&wsc={quote(wsc, safe='')}"
+    return connect(
+        url,
+        open_timeout=settings.connect_timeout,
+        ping_interval=None,  # the caller pings, with a timeout that follows the path
+        ping_timeout=None,
+        close_timeout=5,
+        # Frames above the soft limit are ignored in the codec; only far bigger ones (4x)
+        # make the library drop the connection.
+        max_size=settings.max_message_bytes * 4,
+        compression=None,
+        proxy=None,
+        user_agent_header=f"faxd/{__version__}",
+        logger=_WS_LOGGER,
+        ssl=ssl_context if url.startswith("wss:") else None,
+    )
 
 
 def default_delays() -> Iterator[float]:
@@ -176,25 +201,7 @@ class WsSession:
         wsc = self._wsg.recovery_token(loop.time())
         self._set_state("connecting", "recovering session" if wsc else "")
         token = await self._rc.ws_token()
-        url = f"{token.uri}?access_token={quote(token.token, safe='')}"
-        if wsc is not None:
-            url += f"&wsc={quote(wsc, safe='')}"
-        s = self._settings
-        async with connect(
-            url,
-            open_timeout=s.connect_timeout,
-            ping_interval=None,  # _keepalive pings, with a timeout that follows the path
-            ping_timeout=None,
-            close_timeout=5,
-            # Frames above the soft limit are ignored in the codec; only far bigger ones (4x)
-            # make the library drop the connection.
-            max_size=s.max_message_bytes * 4,
-            compression=None,
-            proxy=None,
-            user_agent_header=f"faxd/{__version__}",
-            logger=_WS_LOGGER,
-            ssl=self._ssl if url.startswith("wss:") else None,
-        ) as ws:
+        async with gateway_connect(token, wsc=wsc, settings=self._settings, ssl_context=self._ssl) as ws:
             details = await self._connection_details(ws, presented_wsc=wsc is not None)
             survived = self._wsg.connected(details, presented_wsc=wsc is not None)
             self._connected = True

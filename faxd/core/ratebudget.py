@@ -36,6 +36,7 @@ DEFAULT_RETRY_AFTER: Final = 30.0
 _MESSAGE = re.compile(r"/message-store/[^/]+$")
 _CONTENT = re.compile(r"/message-store/[^/]+/content/")
 _SUBSCRIPTION_ITEM = re.compile(r"/subscription/[^/]+$")
+_EXTENSION = re.compile(r"/extension/[^/]+$")
 
 
 def classify(method: str, path: str) -> str:
@@ -56,6 +57,8 @@ def classify(method: str, path: str) -> str:
         return LIGHT if method == "GET" else MEDIUM
     if path.endswith(("/renew", "/dictionary/fax-cover-page")):
         return LIGHT
+    if _EXTENSION.search(path):
+        return LIGHT if method == "GET" else MEDIUM  # readExtension (faxd doctor)
     return MEDIUM
 
 

@@ -193,6 +193,34 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         mid = sim.send_foreign_notification(str(body.get("type", "SMS")), body.get("extensionId"))
         return {"id": mid}
 
+    def _ids(body: JsonDict) -> list[str]:
+        ids = body.get("extensionIds", [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ControlError("'extensionIds' must be a list of extension ids")
+        return ids
+
+    async def skew_date(request: web.Request) -> None:
+        body = await _body(request)
+        sim.skew_date(float(body.get("seconds", 0)))
+
+    async def token_scope(request: web.Request) -> None:
+        body = await _body(request)
+        scope = body.get("scope")
+        if not isinstance(scope, str):
+            raise ControlError("'scope' (space-separated permissions) is required")
+        sim.set_token_scope(scope)
+
+    async def deny_reads(request: web.Request) -> None:
+        sim.deny_message_reads(_ids(await _body(request)))
+
+    async def refuse_subscriptions(request: web.Request) -> None:
+        body = await _body(request)
+        code = body.get("code")
+        sim.refuse_subscriptions(None if code is None else str(code))
+
+    async def disable_filters(request: web.Request) -> None:
+        sim.disable_filters(_ids(await _body(request)))
+
     r = app.router
     r.add_get("/_sim/info", _wrap(info))
     r.add_post("/_sim/faxes/outbound", _wrap(outbound))
@@ -217,3 +245,8 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))
     r.add_post("/_sim/faults/foreign-notification", _wrap(foreign))
+    r.add_post("/_sim/faults/skew-date", _wrap(skew_date))
+    r.add_post("/_sim/faults/token-scope", _wrap(token_scope))
+    r.add_post("/_sim/faults/deny-message-reads", _wrap(deny_reads))
+    r.add_post("/_sim/faults/refuse-subscriptions", _wrap(refuse_subscriptions))
+    r.add_post("/_sim/faults/disable-filters", _wrap(disable_filters))

@@ -15,7 +15,8 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -57,6 +58,7 @@ GROUPS: dict[tuple[str, str], str] = {
     ("POST", "/restapi/oauth/token"): "Auth",
     ("POST", "/restapi/oauth/revoke"): "Auth",
     ("POST", "/restapi/oauth/wstoken"): "Auth",
+    ("GET", EXT): "Light",
     ("GET", EXT + "/message-store"): "Light",
     ("GET", EXT + "/message-store/{messageId}"): "Light",
     ("DELETE", EXT + "/message-store/{messageId}"): "Medium",
@@ -85,6 +87,10 @@ class Faults:
     fail_html: bool = False
     delay_next: int = 0
     delay_seconds: float = 0.0
+    #: the ``Date`` header of every REST response is off by this many seconds
+    date_skew: float = 0.0
+    #: extensions whose message store and message-sync GETs answer 403 CMN-408 (no ReadMessages)
+    unreadable: frozenset[str] = frozenset()
 
 
 class RestApi:
@@ -119,6 +125,8 @@ class RestApi:
         app.router.add_post("/restapi/oauth/token", self.token)
         app.router.add_post("/restapi/oauth/revoke", self.revoke)
         app.router.add_post("/restapi/oauth/wstoken", self.wstoken)
+        app.router.add_get("/restapi", self.api_versions)
+        app.router.add_get(EXT, self.extension_info)
         app.router.add_get(EXT + "/message-store", self.list_messages)
         app.router.add_get(EXT + "/message-store/{messageId}", self.get_messages)
         app.router.add_delete(EXT + "/message-store/{messageId}", self.delete_message)
@@ -126,6 +134,14 @@ class RestApi:
         app.router.add_get(EXT + "/message-sync", self.message_sync)
         app.router.add_post(EXT + "/fax", self.send_fax)
         app.router.add_get("/ws", self.ws_handler)
+        app.on_response_prepare.append(self._date_header)
+
+    async def _date_header(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The skew_date fault: a server clock that is off (aiohttp keeps a Date already set)."""
+        skew = self.faults.date_skew
+        if skew and not request.path.startswith("/_sim/"):
+            moment = self.wall() + timedelta(seconds=skew)
+            response.headers[hdrs.DATE] = format_datetime(moment.astimezone(UTC), usegmt=True)
 
     # -- middleware ------------------------------------------------------------------------
     @web.middleware
@@ -251,6 +267,19 @@ class RestApi:
             raise not_found("extensionId")
         return ext
 
+    def _readable(self, request: web.Request, at: AccessToken) -> str:
+        """``_extension``, for reading its messages: the deny_message_reads fault answers 403."""
+        ext = self._extension(request, at)
+        if ext in self.faults.unreadable:
+            message = (
+                "In order to call this API endpoint, user needs to have [ReadMessages] permission"
+                " for requested resource."
+            )
+            body = api_error("CMN-408", message)
+            body["permissionName"] = body["errors"][0]["permissionName"] = "ReadMessages"
+            raise ApiError(403, body)
+        return ext
+
     @staticmethod
     async def _form(request: web.Request) -> dict[str, str]:
         data: dict[str, str] = {}
@@ -313,10 +342,50 @@ class RestApi:
         await request.read()  # any (or no) body and content type is fine
         return json_response(self.tokens.issue_ws_token(at, self.ws_url()))
 
+    # -- API info and extensions -----------------------------------------------------------
+    async def api_versions(self, request: web.Request) -> web.Response:
+        """``GET /restapi`` (readAPIVersions, not throttled; the spec's OAuth security applies)."""
+        self._auth(request)
+        base = self.store.base_url
+        return json_response(
+            {
+                "uri": f"{base}/restapi",
+                "apiVersions": [
+                    {
+                        "uri": f"{base}/restapi/v1.0",
+                        "versionString": "1.0.56",
+                        "releaseDate": "2023-09-01T00:00:00.000Z",
+                        "uriString": "v1.0",
+                    }
+                ],
+                "serverVersion": "faxd-sim",
+                "serverRevision": "0",
+            }
+        )
+
+    async def extension_info(self, request: web.Request) -> web.Response:
+        """``GET …/extension/{extensionId}`` (readExtension): the few fields a client looks at."""
+        at = self._auth(request)
+        ext = self._extension(request, at)
+        account = self.config.account_id
+        base = f"{self.store.base_url}/restapi/v1.0/account/{account}"
+        index = self.config.extensions.index(ext)
+        return json_response(
+            {
+                "uri": f"{base}/extension/{ext}",
+                "id": int(ext) if ext.isdigit() else ext,
+                "extensionNumber": str(101 + index),
+                "name": self.store.extension_party(ext)["name"],
+                "type": "User",
+                "status": "Enabled",
+                "account": {"uri": base, "id": account},
+            }
+        )
+
     # -- message store ---------------------------------------------------------------------
     async def list_messages(self, request: web.Request) -> web.Response:
         at = self._auth(request)
-        ext = self._extension(request, at)
+        ext = self._readable(request, at)
         q = request.query
         types = self._enum_list(q, "messageType", MESSAGE_TYPES)
         directions = self._enum_list(q, "direction", DIRECTIONS)
@@ -367,7 +436,7 @@ class RestApi:
 
     async def get_messages(self, request: web.Request) -> web.StreamResponse:
         at = self._auth(request)
-        ext = self._extension(request, at)
+        ext = self._readable(request, at)
         ids = [i.strip() for i in request.match_info["messageId"].split(",")]
         if any(not i for i in ids):
             raise invalid_parameter("messageId")
@@ -449,7 +518,7 @@ class RestApi:
     # -- message-sync ----------------------------------------------------------------------
     async def message_sync(self, request: web.Request) -> web.Response:
         at = self._auth(request)
-        ext = self._extension(request, at)
+        ext = self._readable(request, at)
         q = request.query
         token = q.get("syncToken")
         sync_type = q.get("syncType") or ("ISync" if token else "FSync")

@@ -301,6 +301,30 @@ class Simulator:
             raise ValueError("kind must be 'malformed' or 'oversize'")
         return self.gateway.send_raw_all(text)
 
+    def skew_date(self, seconds: float) -> None:
+        """The ``Date`` header of every REST response is ``seconds`` off the simulator's clock
+        (a server, or a local clock, that is wrong); 0 ends it."""
+        self.rest.faults.date_skew = seconds
+
+    def set_token_scope(self, scope: str) -> None:
+        """Token replies carry this ``scope`` (the app's permissions, space-separated)."""
+        self.tokens.scope = scope
+
+    def deny_message_reads(self, extension_ids: Sequence[str]) -> None:
+        """GETs of these extensions' message store and message-sync answer 403 ``CMN-408``
+        (the JWT user lacks the ReadMessages permission for them); ``[]`` ends it."""
+        self.rest.faults.unreadable = frozenset(self.store.resolve_extension(e) for e in extension_ids)
+
+    def refuse_subscriptions(self, code: str | None) -> None:
+        """Every subscription create/update is refused with 403 ``code`` (``SUB-405`` another
+        extension, ``SUB-528`` no WebSocket subscription permission); None ends it."""
+        self.gateway.refuse_subscriptions(code)
+
+    def disable_filters(self, extension_ids: Sequence[str]) -> None:
+        """Subscriptions are created, but the filters of these extensions come back in
+        ``disabledFilters`` and deliver nothing; ``[]`` ends it (for new subscriptions)."""
+        self.gateway.disable_filters({self.store.resolve_extension(e) for e in extension_ids})
+
     def send_foreign_notification(self, message_type: str = "SMS", extension_id: str | None = None) -> str:
         """An inbound SMS arrives and its notification goes to every subscription,
         whatever its filters say (type filter not honoured)."""
