@@ -76,7 +76,7 @@ INCLUDED: Final[Mapping[str, frozenset[str]]] = {
 _CLIENT_AUTH_CODES: Final = frozenset({"OAU-120", "OAU-123", "OAU-134", "OAU-146", "invalid_client"})
 _GROUP_NAMES: Final = {g.lower(): g for g in ratebudget.GROUPS}
 _RATE_HEADERS: Final = ("X-Rate-Limit-Limit", "X-Rate-Limit-Remaining", "X-Rate-Limit-Window")
-NO_THROTTLING: Final = "NoThrottling"  # the spec's group of GET /restapi (readAPIVersions)
+NO_THROTTLING: Final = ratebudget.NO_THROTTLING
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ MEDIUM: Final = "Medium"
 HEAVY: Final = "Heavy"
 AUTH: Final = "Auth"
 GROUPS: Final = (LIGHT, MEDIUM, HEAVY, AUTH)
+#: The API's version and server info (``GET /restapi``): counted in no group, never waits.
+NO_THROTTLING: Final = "NoThrottling"
 
 #: (limit, window seconds) when the server has not told us yet (RingCentral's defaults).
 DEFAULT_LIMITS: Final[Mapping[str, tuple[int, float]]] = {
@@ -43,6 +45,8 @@ def classify(method: str, path: str) -> str:
     """The throttling group of a request (docs/ringcentral.md §5.2); unknown requests count as Medium."""
     method = method.upper()
     path = path.split("?", 1)[0].rstrip("/")
+    if method == "GET" and path in ("/restapi", "/restapi/v1.0"):
+        return NO_THROTTLING
     if path.startswith("/restapi/oauth/"):
         return AUTH
     if _CONTENT.search(path):
@@ -104,6 +108,8 @@ class RateBudget:
 
     def delay(self, group: str, now: float) -> float:
         """Seconds to wait before the next request of ``group`` may be sent (0: send now)."""
+        if group == NO_THROTTLING:
+            return 0.0
         g = self._group(group)
         self._expire(g, now)
         wait = max(0.0, g.penalty_until - now, g.blocked_until - now)
@@ -114,6 +120,8 @@ class RateBudget:
         return wait
 
     def spent(self, group: str, now: float) -> None:
+        if group == NO_THROTTLING:
+            return
         g = self._group(group)
         self._expire(g, now)
         g.sent.append(now)
