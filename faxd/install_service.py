@@ -5,18 +5,20 @@ Two halves. The planning half is pure (no file system, no environment): :func:`r
 texts into the files to write, with ``ExecStart=`` naming the ``faxd`` executable of the running
 installation, and :func:`plan` decides, from what is already on disk, what to do with each file. The I/O
 half (:func:`find_faxd_executable`, :func:`survey`, :func:`apply`) reads and writes files and nothing
-else; :mod:`faxd.cli` wires the two and talks to the administrator.
+else; :func:`install` wires the two and reports to the administrator.
 
-Files faxd owns (units, sysusers, rules, guide) are rewritten only when they already hold exactly what
-would be written (then they are "unchanged") or with ``--force``: any other content means an
-administrator edited them or another faxd version wrote them. The config is the administrator's: it is
-written only where none exists, never overwritten, not even with ``--force``.
+Each file faxd owns (units, sysusers, rules, guide) is written with a stamp: the sha256 of the rest of
+the file. On a later run a file holding exactly what would be written is "unchanged"; a file whose stamp
+still matches its content was written by some faxd and left alone since, so an upgrade "updates" it; any
+other content is an administrator's edit, which only ``--force`` overwrites. The config is the
+administrator's: written only where none exists, never overwritten, not even with ``--force``.
 """
 
 from __future__ import annotations
 
 import difflib
 import enum
+import hashlib
 import os
 import re
 import sys
@@ -42,13 +44,14 @@ HIDDEN_FROM_SERVICE = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")
 
 UNIT_HEADER = (
     "# Installed by `faxd install-service` from the faxd package. Running it again after an upgrade\n"
-    "# refreshes this file; it refuses to overwrite local edits unless given --force, so put local\n"
-    "# changes in a drop-in instead (systemctl edit {name}).\n"
+    "# updates this file unless it was edited: keep local changes in a drop-in (systemctl edit {name}).\n"
 )
 FILE_HEADER = (
     "# Installed by `faxd install-service` from the faxd package. Running it again after an upgrade\n"
-    "# refreshes this file; it refuses to overwrite local edits unless given --force.\n"
+    "# updates this file unless it was edited.\n"
 )
+STAMP = "faxd-install-service sha256:"
+_STAMP_LINE = re.compile(r"^(?:# |<!-- )faxd-install-service sha256:([0-9a-f]{64})(?: -->)?\n", re.M)
 
 
 class InstallError(Exception):
@@ -63,6 +66,7 @@ class Kind(enum.Enum):
 class Verdict(enum.Enum):
     CREATE = "created"
     UNCHANGED = "unchanged"
+    UPDATE = "updated"  # written by an earlier faxd and not edited since
     OVERWRITE = "replaced"  # --force over a file that differed
     CONFLICT = "differs"
     KEEP = "kept"  # the config exists: it is never overwritten
@@ -95,7 +99,7 @@ class Action:
 
     @property
     def writes(self) -> bool:
-        return self.verdict in (Verdict.CREATE, Verdict.OVERWRITE)
+        return self.verdict in (Verdict.CREATE, Verdict.UPDATE, Verdict.OVERWRITE)
 
     def diff(self) -> str:
         """The change this action's file would undergo, as a unified diff (installed -> packaged)."""
@@ -162,6 +166,25 @@ def set_documentation(unit: str, guide: PurePosixPath) -> str:
     )
 
 
+def _digest(body: str) -> str:
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def stamped(header: str, body: str) -> str:
+    """``header``, the stamp line (the sha256 of ``body``), then ``body``."""
+    return f"{header}# {STAMP}{_digest(body)}\n{body}"
+
+
+def stamped_markdown(body: str) -> str:
+    return f"<!-- {STAMP}{_digest(body)} -->\n{body}"
+
+
+def pristine(text: str) -> bool:
+    """True if ``text`` carries a stamp that matches what follows it: nobody edited it since faxd wrote it."""
+    match = _STAMP_LINE.search(text)
+    return match is not None and _digest(text[match.end() :]) == match[1]
+
+
 def render(sources: Mapping[str, str], executable: str, layout: Layout) -> list[FileToWrite]:
     """The files to install, from the shipped texts (keyed by their path in faxd/shipped.py)."""
     guide = layout.doc_dir / "operations.md"
@@ -170,7 +193,7 @@ def render(sources: Mapping[str, str], executable: str, layout: Layout) -> list[
         text = set_documentation(sources[f"systemd/{name}"], guide)
         if name == "faxd.service":
             text = set_exec_start(text, executable)
-        return UNIT_HEADER.format(name=name) + text
+        return stamped(UNIT_HEADER.format(name=name), text)
 
     def owned(path: PurePosixPath, source: str, content: str) -> FileToWrite:
         return FileToWrite(path, content, Kind.OWNED, source)
@@ -181,16 +204,16 @@ def render(sources: Mapping[str, str], executable: str, layout: Layout) -> list[
         owned(
             layout.sysusers_dir / "faxd.conf",
             "systemd/sysusers.d/faxd.conf",
-            FILE_HEADER + sources["systemd/sysusers.d/faxd.conf"],
+            stamped(FILE_HEADER, sources["systemd/sysusers.d/faxd.conf"]),
         ),
         FileToWrite(layout.config_path, sources["config.yaml"], Kind.SEED, "config.yaml"),
         owned(
             layout.share_dir / "faxd-rules.yml",
             "contrib/prometheus/faxd-rules.yml",
-            FILE_HEADER + sources["contrib/prometheus/faxd-rules.yml"],
+            stamped(FILE_HEADER, sources["contrib/prometheus/faxd-rules.yml"]),
         ),
-        # Markdown: no header, the file is read as a page.
-        owned(guide, "docs/operations.md", sources["docs/operations.md"]),
+        # Markdown: the stamp is an HTML comment, invisible on the rendered page.
+        owned(guide, "docs/operations.md", stamped_markdown(sources["docs/operations.md"])),
     ]
 
 
@@ -205,6 +228,8 @@ def plan(files: Iterable[FileToWrite], existing: Mapping[PurePosixPath, str | No
             verdict = Verdict.KEEP
         elif current == f.content:
             verdict = Verdict.UNCHANGED
+        elif pristine(current):
+            verdict = Verdict.UPDATE
         else:
             verdict = Verdict.OVERWRITE if force else Verdict.CONFLICT
         actions.append(Action(f, verdict, current))
@@ -361,8 +386,8 @@ def install(
         if the_plan.conflicts:
             for action in the_plan.conflicts:
                 err.write(
-                    f"faxd install-service: {under_root(target_root, action.file.path)} differs from what "
-                    f"faxd {version} would write (edited, or written by another version):\n"
+                    f"faxd install-service: {under_root(target_root, action.file.path)} has local changes "
+                    f"(it is not as faxd install-service left it); faxd {version} would change it so:\n"
                     f"{action.diff()}  -> {_advice(action)}\n"
                 )
             err.write("faxd install-service: nothing was written.\n")

@@ -1,9 +1,11 @@
 """``faxd install-service``: the pure planning (what goes where, what differs) tested directly, then the
-command itself writing into temporary roots: a fresh install, an idempotent second run, an edited file
-refused and replaced with --force, a config that is never overwritten."""
+command itself writing into temporary roots: a fresh install, an idempotent second run, an upgrade over
+files nobody edited, an edited file refused and replaced with --force, a config that is never
+overwritten."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
@@ -24,6 +26,7 @@ from faxd.install_service import (
     hidden_from_service,
     load_sources,
     plan,
+    pristine,
     render,
     set_exec_start,
     systemd_quote,
@@ -131,6 +134,30 @@ def test_plan_verdicts(existing: str | None, force: bool, owned: Verdict, seed: 
     assert verdicts == [owned, seed]
 
 
+def stamp(body: str) -> str:
+    """A file as an earlier faxd install-service left it: its stamp line, then the body it hashes."""
+    return f"# old header\n# faxd-install-service sha256:{hashlib.sha256(body.encode()).hexdigest()}\n{body}"
+
+
+def test_a_stamped_file_is_pristine_until_someone_edits_it() -> None:
+    assert pristine(stamp("[Service]\nRestartSec=30s\n"))
+    assert not pristine(stamp("[Service]\nRestartSec=30s\n").replace("30s", "5s"))
+    assert not pristine(stamp("[Service]\n").replace("sha256:", "sha256:0"))
+    assert not pristine("[Service]\nRestartSec=30s\n")
+    body = "# Operating faxd\n"
+    assert pristine(
+        f"<!-- faxd-install-service sha256:{hashlib.sha256(body.encode()).hexdigest()} -->\n{body}"
+    )
+
+
+def test_plan_updates_what_an_earlier_faxd_wrote_and_nobody_edited() -> None:
+    earlier = stamp("written by an older faxd\n")
+    assert plan([OWNED], {OWNED.path: earlier}, force=False).actions[0].verdict is Verdict.UPDATE
+    edited = earlier.replace("older", "edited")
+    assert plan([OWNED], {OWNED.path: edited}, force=False).actions[0].verdict is Verdict.CONFLICT
+    assert plan([SEED], {SEED.path: stamp("example\n")}, force=True).actions[0].verdict is Verdict.KEEP
+
+
 def test_plan_writes_nothing_while_any_file_conflicts() -> None:
     fresh = FileToWrite(PurePosixPath("/u/faxd.socket"), "socket\n", Kind.OWNED, "systemd/faxd.socket")
     conflicted = plan([OWNED, fresh], {OWNED.path: "edited\n", fresh.path: None}, force=False)
@@ -215,7 +242,7 @@ def test_an_edited_file_is_refused_until_force_and_nothing_is_half_installed(
     code, out, err = install(root, capsys=capsys)
     assert code == 1
     assert out == ""
-    assert f"{root / UNIT} differs from what faxd" in err
+    assert f"{root / UNIT} has local changes" in err
     assert "-RestartSec=5s\n+RestartSec=30s" in err
     assert "systemctl edit faxd.service" in err
     assert "--force" in err
@@ -228,6 +255,30 @@ def test_an_edited_file_is_refused_until_force_and_nothing_is_half_installed(
     assert lines_of(out)[UNIT] == "replaced"
     assert lines_of(out)[RULES] == "created"
     assert (root / UNIT).read_text() == packaged_unit
+
+
+def test_an_upgrade_updates_files_nobody_edited(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert install(root, capsys=capsys)[0] == 0
+    packaged_unit = (root / UNIT).read_text()
+    packaged_rules = (root / RULES).read_text()
+    # As an earlier faxd would have left them: other content, a stamp that matches it.
+    (root / UNIT).write_text(stamp("[Unit]\nDescription=faxd 0.0.9\n"))
+    (root / RULES).write_text(stamp("groups: []\n"))
+    code, out, err = install(root, capsys=capsys)
+    assert (code, err) == (0, "")
+    assert lines_of(out)[UNIT] == "updated"
+    assert lines_of(out)[RULES] == "updated"
+    assert (root / UNIT).read_text() == packaged_unit
+    assert (root / RULES).read_text() == packaged_rules
+
+
+def test_a_unit_copied_by_hand_counts_as_local(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The old install steps copied systemd/faxd.service as is: no stamp, so it is not faxd's to replace."""
+    (root / UNIT).parent.mkdir(parents=True)
+    (root / UNIT).write_text((REPO / "systemd/faxd.service").read_text())
+    code, _, err = install(root, capsys=capsys)
+    assert code == 1
+    assert f"{root / UNIT} has local changes" in err
 
 
 def test_the_config_is_never_overwritten_not_even_with_force(
