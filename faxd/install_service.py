@@ -59,7 +59,7 @@ class InstallError(Exception):
 
 
 class Kind(enum.Enum):
-    OWNED = "owned"  # faxd's file: refreshed when unchanged, kept when edited unless --force
+    OWNED = "owned"  # faxd's file: updated while nobody edits it; an edited one only with --force
     SEED = "seed"  # the administrator's file once written: written only where none exists
 
 
@@ -88,7 +88,6 @@ class FileToWrite:
     path: PurePosixPath  # on the target system
     content: str
     kind: Kind
-    source: str  # the shipped file it comes from
 
 
 @dataclass(frozen=True)
@@ -195,25 +194,23 @@ def render(sources: Mapping[str, str], executable: str, layout: Layout) -> list[
             text = set_exec_start(text, executable)
         return stamped(UNIT_HEADER.format(name=name), text)
 
-    def owned(path: PurePosixPath, source: str, content: str) -> FileToWrite:
-        return FileToWrite(path, content, Kind.OWNED, source)
+    def owned(path: PurePosixPath, content: str) -> FileToWrite:
+        return FileToWrite(path, content, Kind.OWNED)
 
     return [
-        owned(layout.unit_dir / "faxd.service", "systemd/faxd.service", unit("faxd.service")),
-        owned(layout.unit_dir / "faxd.socket", "systemd/faxd.socket", unit("faxd.socket")),
+        owned(layout.unit_dir / "faxd.service", unit("faxd.service")),
+        owned(layout.unit_dir / "faxd.socket", unit("faxd.socket")),
         owned(
             layout.sysusers_dir / "faxd.conf",
-            "systemd/sysusers.d/faxd.conf",
             stamped(FILE_HEADER, sources["systemd/sysusers.d/faxd.conf"]),
         ),
-        FileToWrite(layout.config_path, sources["config.yaml"], Kind.SEED, "config.yaml"),
+        FileToWrite(layout.config_path, sources["config.yaml"], Kind.SEED),
         owned(
             layout.share_dir / "faxd-rules.yml",
-            "contrib/prometheus/faxd-rules.yml",
             stamped(FILE_HEADER, sources["contrib/prometheus/faxd-rules.yml"]),
         ),
         # Markdown: the stamp is an HTML comment, invisible on the rendered page.
-        owned(guide, "docs/operations.md", stamped_markdown(sources["docs/operations.md"])),
+        owned(guide, stamped_markdown(sources["docs/operations.md"])),
     ]
 
 

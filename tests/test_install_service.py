@@ -114,8 +114,8 @@ def test_home_and_tmp_are_hidden_from_the_hardened_unit() -> None:
     assert hidden_from_service("/homestead/bin/faxd") is None
 
 
-OWNED = FileToWrite(PurePosixPath("/u/faxd.service"), "packaged\n", Kind.OWNED, "systemd/faxd.service")
-SEED = FileToWrite(PurePosixPath("/etc/faxd/config.yaml"), "example\n", Kind.SEED, "config.yaml")
+OWNED = FileToWrite(PurePosixPath("/u/faxd.service"), "packaged\n", Kind.OWNED)
+SEED = FileToWrite(PurePosixPath("/etc/faxd/config.yaml"), "example\n", Kind.SEED)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_plan_updates_what_an_earlier_faxd_wrote_and_nobody_edited() -> None:
 
 
 def test_plan_writes_nothing_while_any_file_conflicts() -> None:
-    fresh = FileToWrite(PurePosixPath("/u/faxd.socket"), "socket\n", Kind.OWNED, "systemd/faxd.socket")
+    fresh = FileToWrite(PurePosixPath("/u/faxd.socket"), "socket\n", Kind.OWNED)
     conflicted = plan([OWNED, fresh], {OWNED.path: "edited\n", fresh.path: None}, force=False)
     assert [a.verdict for a in conflicted.actions] == [Verdict.CONFLICT, Verdict.CREATE]
     assert conflicted.writes == ()

@@ -1,7 +1,8 @@
 """The install path of an administrator with no source tree: build the sdist and a wheel from it (as
 ``make dist`` does), install the wheel into a fresh venv outside the repository, run that venv's
-``faxd install-service`` into a temporary root, check the installed units with ``systemd-analyze verify``
-and the sysusers file with ``systemd-sysusers``, and run ``faxd demo`` from that venv.
+``faxd install-service`` into a temporary root, check the installed units with ``systemd-analyze verify``,
+the sysusers file with ``systemd-sysusers`` and the alert rules with ``promtool``, and run ``faxd demo``
+from that venv.
 
 Slow (a build and a venv with faxd's dependencies): marked ``slow``; ``make test`` runs it.
 """
@@ -176,6 +177,10 @@ def test_install_service_from_the_wheel_into_a_root(installed: Installed) -> Non
     sysusers = run([require_tool("systemd-sysusers"), f"--root={root}"], cwd=installed.work)
     assert sysusers.returncode == 0, sysusers.stderr
     assert re.search(r"^faxd-clients:x:\d+:", (root / "etc/group").read_text(), re.M)
+
+    rules = root / "usr/local/share/faxd/faxd-rules.yml"
+    checked = run([require_tool("promtool"), "check", "rules", rules], cwd=installed.work)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_demo_runs_from_the_installed_wheel(installed: Installed) -> None:
