@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", help="install under this directory instead of / (staging, images, tests)")
     p.add_argument(
-        "--force", action="store_true", help="overwrite files that differ from faxd's (never the config)"
+        "--force", action="store_true", help="also replace files with local changes (never the config)"
     )
     p.add_argument(
         "--unit-dir",
