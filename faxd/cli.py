@@ -116,6 +116,22 @@ def _cmd_send(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_install_service(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from faxd import install_service
+
+    return install_service.install(
+        root=Path(args.root) if args.root else None,
+        unit_dir=args.unit_dir,
+        sysusers_dir=args.sysusers_dir,
+        force=args.force,
+        version=__version__,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faxd", description="Fax-status daemon for RingCentral.")
     parser.add_argument("--version", action="version", version=f"faxd {__version__}")
@@ -146,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=90.0, help="give up after this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "install-service",
+        help="install the systemd units, sysusers file, example config and alert rules from this package",
+    )
+    p.add_argument("--root", help="install under this directory instead of / (staging, images, tests)")
+    p.add_argument(
+        "--force", action="store_true", help="also replace files with local changes (never the config)"
+    )
+    p.add_argument(
+        "--unit-dir",
+        default="/usr/local/lib/systemd/system",
+        help="where the units go (default: %(default)s; /etc/systemd/system also works)",
+    )
+    p.add_argument("--sysusers-dir", help="where faxd.conf goes (default: the sysusers.d beside --unit-dir)")
+    p.set_defaults(func=_cmd_install_service)
 
     # Listed for --help; main() hands its arguments to faxd.sim.cli before argparse sees them.
     sub.add_parser("simulate", help="run the RingCentral simulator alone (faxd simulate --help)")
