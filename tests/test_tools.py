@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 from tools import require_tool
 
 ABSENT = "faxd-no-such-tool"
