@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from faxd.core.proxy import Proxy, ProxyError, parse_proxy_url
+
 EX_CONFIG = 78
 """Exit status for a bad configuration (sysexits.h); the unit sets RestartPreventExitStatus=78."""
 
@@ -370,6 +372,55 @@ def _render_mode(mode: int) -> str:
     return f"{mode:04o}"
 
 
+@dataclass(frozen=True)
+class ProxySetting:
+    """A set `ringcentral.proxy`: this proxy, or none at all (not even the environment's)."""
+
+    proxy: Proxy | None
+    source: tuple[str, str] | None = None
+    """Where a URL with a password came from, e.g. ``("credential", "proxy-url")``."""
+
+
+_PROXY_FORMS = f'http://HOST:PORT, "none", or a URL with a password as {_SECRET_FORMS}'
+
+
+def _proxy(value: object, ctx: _Context) -> ProxySetting | None:
+    """`ringcentral.proxy`. No reason quotes a URL: one with a password in it would leak it."""
+    if value is None:
+        return None  # the environment's proxy, as curl finds it
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return ProxySetting(None)  # curl's --proxy "": no proxy, whatever the environment says
+    if isinstance(value, Mapping):
+        secret = _secret(value, ctx)
+        try:
+            return ProxySetting(parse_proxy_url(secret.reveal()), secret.source)
+        except ProxyError as e:
+            kind, ref = secret.source or ("secret", "?")
+            raise _Invalid(f"the URL from {{{kind}: {ref}}}: {e}") from None
+    if not isinstance(value, str):
+        raise _Invalid(f"expected {_PROXY_FORMS}, got {_show(value)}")
+    try:
+        proxy = parse_proxy_url(value)
+    except ProxyError as e:
+        raise _Invalid(str(e)) from None
+    if proxy.password:
+        raise _Invalid(
+            "the proxy's password is a secret and secrets don't live in config files; give the "
+            f"whole URL as {_SECRET_FORMS}"
+        )
+    return ProxySetting(proxy)
+
+
+def _render_proxy(setting: ProxySetting | None) -> object:
+    if setting is None:
+        return None
+    if setting.proxy is None:
+        return "none"
+    if setting.source is not None:
+        return {setting.source[0]: setting.source[1]}
+    return setting.proxy.display
+
+
 # ---------------------------------------------------------------------------------------------------
 # The schema. Field names are the YAML keys; keep the order of config.yaml.
 
@@ -388,6 +439,8 @@ class RingCentralConfig:
     """Extension ids whose fax boxes are tracked; "~" is the JWT user's own extension."""
     ca_file: str | None = _opt(None, _ca_file)
     """PEM bundle to trust instead of the system's CAs (for a proxy or the simulator); None: system."""
+    proxy: ProxySetting | None = _opt(None, _proxy, render=_render_proxy)  # noqa: RUF009 - a field()
+    """HTTP proxy for REST and WebSocket; None: the environment's (HTTPS_PROXY, NO_PROXY, ...)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -601,14 +654,16 @@ def _render(obj: object) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):  # type: ignore[arg-type]
         value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
+        if "render" in f.metadata:  # before the dataclass case: a field's own renderer hides secrets
+            out[f.name] = f.metadata["render"](value)
+        elif dataclasses.is_dataclass(value):
             out[f.name] = _render(value)
         elif isinstance(value, Secret):
             out[f.name] = {value.source[0]: value.source[1]} if value.source else "[REDACTED]"
         elif isinstance(value, tuple):
             out[f.name] = list(value)
         else:
-            out[f.name] = f.metadata.get("render", lambda v: v)(value)
+            out[f.name] = value
     return out
 
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -49,7 +50,16 @@ from faxd.adapters.reconcile import (
 from faxd.adapters.rest import ApiError, AuthFailed, Document, RingCentral
 from faxd.adapters.store import Store
 from faxd.adapters.ws_session import WsSession, WsSettings
-from faxd.config import Config, ConfigError, RingCentralConfig, load_config, split_host_port
+from faxd.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    ProxySetting,
+    RingCentralConfig,
+    load_config,
+    split_host_port,
+)
+from faxd.core import proxy
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, FaxState
@@ -154,6 +164,13 @@ def http_session(rc_cfg: RingCentralConfig, tls: ssl.SSLContext) -> aiohttp.Clie
     settings of ``rc_cfg`` beyond TLS (a proxy) belong here."""
     connector = aiohttp.TCPConnector(ssl=tls)
     return aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"faxd/{__version__}"})
+
+
+def proxy_policy(setting: ProxySetting | None, environ: Mapping[str, str]) -> proxy.ProxyPolicy:
+    """``ringcentral.proxy`` if set (``none``: no proxy at all), else the environment's, as curl reads it."""
+    if setting is None:
+        return proxy.policy(None, environ, use_environment=True)
+    return proxy.policy(setting.proxy, environ, use_environment=False)
 
 
 async def _login(rc: RingCentral, live: _Live) -> None:
@@ -383,6 +400,13 @@ async def _run(
             raise FatalError(f"store: {exc}") from exc
         stack.callback(store.close)
 
+        proxies = proxy_policy(rc_cfg.proxy, os.environ)
+        try:
+            rest_proxy = proxies.proxy_for(rc_cfg.server)
+        except proxy.ProxyError as exc:
+            raise FatalError(f"proxy: {exc}", EX_CONFIG) from None
+        if rest_proxy is not None:
+            log.info("RingCentral through a proxy", proxy=rest_proxy.url, origin=proxies.origin)
         tls = ssl_context(rc_cfg.ca_file)
         session = http_session(rc_cfg, tls)
         stack.push_async_callback(session.close)
@@ -394,6 +418,7 @@ async def _run(
             jwt=rc_cfg.jwt.reveal(),
             metrics=metrics,
             rate_share=config.reconcile.rate_share,
+            proxy=rest_proxy,
         )
         stack.push_async_callback(rc.aclose)
 
@@ -522,6 +547,7 @@ async def _run(
                 on_resync=on_resync,
                 on_state=on_state,
                 ssl_context=tls,
+                proxies=proxies,
             )
             live.refresh_status()
             try:

@@ -40,7 +40,8 @@ from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral
 from faxd.adapters.ws_session import gateway_connect
 from faxd.config import EX_CONFIG, Config, ConfigError, Secret, load_config
 from faxd.core import ratebudget, wsg
-from faxd.daemon import http_session, ssl_context, ws_settings
+from faxd.core.proxy import Proxy, ProxyError
+from faxd.daemon import http_session, proxy_policy, ssl_context, ws_settings
 
 PASS: Final = "pass"
 WARN: Final = "warn"
@@ -281,6 +282,13 @@ class _Doctor:
         self.headroom: dict[str, _Headroom] = {}
         rc_cfg = config.ringcentral
         self.server = urlsplit(rc_cfg.server)
+        # The daemon's proxy decision; an unusable proxy variable fails the connection check.
+        self.proxies = proxy_policy(rc_cfg.proxy, os.environ)
+        try:
+            self.proxy: Proxy | None = self.proxies.proxy_for(rc_cfg.server)
+            self.proxy_error: str | None = None
+        except ProxyError as exc:
+            self.proxy, self.proxy_error = None, str(exc)
         self.rc = RingCentral(
             session,
             server=rc_cfg.server,
@@ -291,6 +299,7 @@ class _Doctor:
             # Doctor sends a handful of requests once; holding back a share for others (as the daemon
             # does) would only make it wait while the server still has room.
             rate_share=1.0,
+            proxy=self.proxy,
         )
         self.rc.on_response = self._response
 
@@ -346,10 +355,30 @@ class _Doctor:
         """
         url = self.config.ringcentral.server + "/restapi"
         host = f"{self.server.hostname}:{self.server.port or (443 if self.server.scheme == 'https' else 80)}"
+        if self.proxy_error is not None:
+            self.add(
+                "connection",
+                FAIL,
+                f"the proxy setting is unusable: {self.proxy_error}",
+                "fix or unset the proxy environment variable named above, or set ringcentral.proxy",
+            )
+            return None
+        headers = {"Accept": "application/json"}
+        proxy_headers: dict[str, str] | None = None
+        if self.proxy is not None and (auth := self.proxy.authorization()) is not None:
+            if self.server.scheme == "https":
+                proxy_headers = {"Proxy-Authorization": auth}  # on the CONNECT only
+            else:
+                headers["Proxy-Authorization"] = auth  # a forwarded plain-http request
         sent = time.time()
         try:
             async with self.session.get(
-                url, timeout=PROBE_TIMEOUT, allow_redirects=False, headers={"Accept": "application/json"}
+                url,
+                timeout=PROBE_TIMEOUT,
+                allow_redirects=False,
+                headers=headers,
+                proxy=self.proxy.url if self.proxy is not None else None,
+                proxy_headers=proxy_headers,
             ) as resp:
                 await resp.read()
                 received = time.time()
@@ -631,7 +660,10 @@ class _Doctor:
         settings = dataclasses.replace(ws_settings(self.config), connect_timeout=WS_TIMEOUT)
         try:
             async with asyncio.timeout(WS_TIMEOUT * 3):
-                async with gateway_connect(token, wsc=None, settings=settings, ssl_context=self.tls) as ws:
+                proxy = self.proxies.proxy_for(token.uri)
+                async with gateway_connect(
+                    token, wsc=None, settings=settings, ssl_context=self.tls, proxy=proxy
+                ) as ws:
                     await self._subscribe(ws, filters, len(extensions))
         except InvalidStatus as exc:
             self.add(

@@ -5,9 +5,13 @@ JWT grant again only when a refresh is rejected, because a new OAuth session bre
 recovery and spends the 5/min Auth budget), paces every request through the per-group rate
 budget, and turns RingCentral's answers into records or typed :class:`ApiError` exceptions.
 
+Requests go through the HTTP proxy it is given (CONNECT for https://; a plain http:// URL, only
+ever on loopback, is forwarded by the proxy), with the proxy's credentials on the CONNECT only, never
+inside the tunnel to RingCentral. A proxy's refusal is an ``ApiError`` with code ``proxy_<status>``.
+
 It must not retry on its own beyond the one retry after a 401 (callers own retry policy), must
-not create its own HTTP session, and must never log or raise with a token, secret, JWT or ws URL
-query in it.
+not create its own HTTP session, must not read proxy settings from the environment (the caller
+decides), and must never log or raise with a token, secret, JWT, proxy password or ws URL query in it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from multidict import CIMultiDictProxy
 
 from faxd.adapters.metrics import Metrics
 from faxd.core import ratebudget
+from faxd.core.proxy import Proxy
 from faxd.core.ratebudget import RateBudget
 from faxd.core.wsg import error_code_of
 
@@ -129,9 +134,16 @@ class RingCentral:
         metrics: Metrics,
         rate_share: float = 0.8,
         wall: Callable[[], float] = time.time,
+        proxy: Proxy | None = None,
     ) -> None:
         self._http = session
         self._server = server.rstrip("/")
+        self._proxy = proxy
+        self._proxy_headers: dict[str, str] = {}  # on the CONNECT to the proxy
+        self._forward_headers: dict[str, str] = {}  # on each request a proxy forwards (plain http)
+        if proxy is not None and (auth := proxy.authorization()) is not None:
+            tunnelled = self._server.lower().startswith("https:")
+            (self._proxy_headers if tunnelled else self._forward_headers)["Proxy-Authorization"] = auth
         self._basic = "Basic " + base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
         self._jwt = jwt
         self._metrics = metrics
@@ -512,20 +524,29 @@ class RingCentral:
             async with self._http.request(
                 method,
                 self._server + path,
-                headers=dict(headers),
+                headers={**headers, **self._forward_headers},
                 params=list(params) if params is not None else None,
                 data=data,
                 timeout=client_timeout,
                 allow_redirects=False,
+                proxy=self._proxy.url if self._proxy is not None else None,
+                proxy_headers=self._proxy_headers or None,
             ) as r:
                 body = await r.read()
                 resp = _Response(r.status, r.headers, body)
         except TimeoutError:
             self._count(endpoint, "timeout", started)
             raise ApiError(0, "timeout", f"{endpoint} timed out") from None
+        except aiohttp.ClientHttpProxyError as exc:
+            raise self._proxy_refused(endpoint, exc.status, exc.message, started) from None
+        except aiohttp.ClientProxyConnectionError:
+            self._count(endpoint, "connection", started)
+            raise ApiError(0, "connection", f"{endpoint}: cannot connect to the proxy") from None
         except aiohttp.ClientError as exc:
             self._count(endpoint, "connection", started)
             raise ApiError(0, "connection", f"{endpoint}: {type(exc).__name__}") from None
+        if resp.status == 407:  # only a proxy says this: one that forwards plain http
+            raise self._proxy_refused(endpoint, 407, "", started)
         self._count(endpoint, str(resp.status), started)
         if self.on_response is not None:
             self.on_response(method, path, resp.status, resp.headers)
@@ -555,6 +576,18 @@ class RingCentral:
             log.warning("api.server_error", endpoint=endpoint, status=resp.status)
             raise ApiError(resp.status, f"http_{resp.status}", _message_of(_maybe_json(resp)))
         return resp
+
+    def _proxy_refused(self, endpoint: str, status: int, reason: str, started: float) -> ApiError:
+        """The proxy would not connect us; status 0, as a 4xx would read as RingCentral's verdict."""
+        code = f"proxy_{status}"
+        self._count(endpoint, code, started)
+        detail = (reason or "").strip()[:80] or {407: "Proxy Authentication Required"}.get(status, "")
+        log.warning("api.proxy_refused", endpoint=endpoint, status=status, proxy=self._proxy_url())
+        message = f"{endpoint}: the proxy refused the connection: HTTP {status} {detail}"
+        return ApiError(0, code, message.rstrip())
+
+    def _proxy_url(self) -> str | None:
+        return self._proxy.url if self._proxy is not None else None
 
     def _count(self, endpoint: str, code: str, started: float) -> None:
         self._metrics.api_requests.labels(endpoint, code).inc()
