@@ -165,7 +165,7 @@ async def run_checks(config_path: str, *, environ: Mapping[str, str] | None = No
         _skip_rest(report, "needs a connection to the server", config)
         return report
     async with http_session(config.ringcentral, tls) as session:
-        await _Doctor(report, config, session, tls).run()
+        await _Doctor(report, config, session, tls, os.environ if environ is None else environ).run()
     return report
 
 
@@ -273,7 +273,12 @@ class _Headroom:
 
 class _Doctor:
     def __init__(
-        self, report: Report, config: Config, session: aiohttp.ClientSession, tls: ssl.SSLContext
+        self,
+        report: Report,
+        config: Config,
+        session: aiohttp.ClientSession,
+        tls: ssl.SSLContext,
+        environ: Mapping[str, str],
     ) -> None:
         self.report = report
         self.config = config
@@ -283,7 +288,7 @@ class _Doctor:
         rc_cfg = config.ringcentral
         self.server = urlsplit(rc_cfg.server)
         # The daemon's proxy decision; an unusable proxy variable fails the connection check.
-        self.proxies = proxy_policy(rc_cfg.proxy, os.environ)
+        self.proxies = proxy_policy(rc_cfg.proxy, environ)
         try:
             self.proxy: Proxy | None = self.proxies.proxy_for(rc_cfg.server)
             self.proxy_error: str | None = None

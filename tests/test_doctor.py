@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 import trustme
 import yaml
+from connect_proxy import ConnectProxy
 
 from faxd.doctor import EX_CONFIG, EX_FAILED, EX_OK, Report, check_names, clock_skew, run_checks
 from faxd.sim import SimConfig, Simulator
@@ -526,3 +527,27 @@ async def test_the_command_exits_78_on_an_invalid_config(short_dir: Path) -> Non
     assert report["checks"][0]["name"] == "config"
     assert report["checks"][0]["status"] == "fail"
     assert report["requests"] == {}
+
+
+# ------------------------------------------------------------------------------------------ proxy
+
+
+async def test_every_check_goes_through_the_configured_proxy(sim: Simulator, short_dir: Path) -> None:
+    """REST and the test subscription's WebSocket both ride the proxy the daemon would use."""
+    async with ConnectProxy() as proxy:
+        report = await doctor(write_config(short_dir, sim, proxy=proxy.url))
+        # Plain HTTP is a warning of its own (only the simulator speaks it); all else passes.
+        assert {s for n, s in statuses(report).items() if n != "connection"} == {"pass"}, report.render()
+        assert check(report, "connection").status == "warn"
+        # A plain-http loopback server: REST requests are forwarded, the WebSocket is tunnelled.
+        assert proxy.seen, "doctor bypassed the proxy"
+        assert any(t.method == "CONNECT" for t in proxy.seen), "the WebSocket bypassed the proxy"
+
+
+async def test_an_unusable_proxy_variable_fails_the_connection(sim: Simulator, short_dir: Path) -> None:
+    path = write_config(short_dir, sim)
+    async with asyncio.timeout(TIMEOUT):
+        report = await run_checks(path, environ={"HTTP_PROXY": "socks5://h:1"})
+    assert check(report, "connection").status == "fail"
+    assert "HTTP_PROXY" in check(report, "connection").detail
+    assert not sim.requests, "doctor contacted the server despite the unusable proxy"
