@@ -37,7 +37,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from faxd import __version__
-from faxd.adapters.event_server import EventServer, EventServerSettings
+from faxd.adapters.event_server import EventServer, EventServerSettings, SocketSetupError
 from faxd.adapters.metrics import Metrics, add_process_collectors, metrics_app
 from faxd.adapters.notify import Notifier, listen_fds
 from faxd.adapters.reconcile import (
@@ -49,7 +49,7 @@ from faxd.adapters.reconcile import (
 from faxd.adapters.rest import ApiError, AuthFailed, Document, RingCentral
 from faxd.adapters.store import Store
 from faxd.adapters.ws_session import WsSession, WsSettings
-from faxd.config import Config, ConfigError, load_config, split_host_port
+from faxd.config import EX_CONFIG, Config, ConfigError, load_config, split_host_port
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, FaxState
@@ -427,7 +427,10 @@ async def _run(
         if activated is not None:
             log.info("event socket passed by systemd (socket activation)", path=ev.socket)
             activated.setblocking(False)
-        await server.start(sock=activated)
+        try:
+            await server.start(sock=activated)
+        except SocketSetupError as exc:
+            raise FatalError(str(exc), EX_CONFIG) from exc
         stack.push_async_callback(server.close)
 
         async def ready() -> tuple[bool, str]:
