@@ -339,3 +339,22 @@ def test_restore_refuses_what_is_not_a_faxd_store(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match=reason):
             restore(tmp_path / bad, tmp_path / "faxd.db")
     assert not (tmp_path / "faxd.db").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_restore_as_root_keeps_the_stores_owner(tmp_path: Path) -> None:
+    """The admin restores as root; faxd (its own user) must still be able to open the store."""
+    path = tmp_path / "faxd.db"
+    store = Store(path)
+    store.open()
+    store.close()
+    backup(path, tmp_path / "b.db")
+    os.chown(path, 4242, 4343)
+    restore(tmp_path / "b.db", path)
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, mode(path)) == (4242, 4343, 0o600)
+    (tmp_path / "new").mkdir()
+    os.chown(tmp_path / "new", 4244, 4345)  # no store yet: the state directory's owner
+    restore(tmp_path / "b.db", tmp_path / "new" / "faxd.db")
+    st = (tmp_path / "new" / "faxd.db").stat()
+    assert (st.st_uid, st.st_gid) == (4244, 4345)

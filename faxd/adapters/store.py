@@ -577,7 +577,8 @@ def _refuse_if_in_use(database: Path) -> None:
 def restore(backup_file: str | Path, database: str | Path) -> tuple[Snapshot, Snapshot]:
     """Replace the store at ``database`` by the backup at ``backup_file``, under a new epoch.
 
-    Refused while faxd (or anything) has the store open. The restored journal hands out seqs that
+    The restored file keeps the owner of the one it replaces. Refused while faxd (or anything) has
+    the store open. The restored journal hands out seqs that
     clients already saw before the restore; the new epoch makes every old cursor ``cursor_expired``.
     Returns (the backup as written, the store as restored).
     """
@@ -595,7 +596,12 @@ def restore(backup_file: str | Path, database: str | Path) -> tuple[Snapshot, Sn
         if db_path.exists():
             _refuse_if_in_use(db_path)
         db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Run as root, the copy must still belong to faxd's user (the owner of the file it replaces, or
+        # of the state directory): systemd does not chown inside a StateDirectory= it already owns.
+        owner = (db_path if db_path.exists() else db_path.parent).stat()
         with _private_temp(db_path) as temp:
+            if os.geteuid() == 0:
+                os.chown(temp, owner.st_uid, owner.st_gid)
             target = _copy(source, temp)
             try:
                 restored = Snapshot(str(uuid.uuid4()), written.head_seq)
