@@ -172,11 +172,17 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 
 def _store_path(args: argparse.Namespace) -> str:
-    """--db, else store.path of the config (only its `store` section is read), else the default."""
+    """--db, else store.path of the config (only its `store` section is read). Never a default
+    path: a restore must not land in a store no config names."""
     if args.db:
         return str(args.db)
     store = _section(args, StoreConfig, "store", "--db PATH")
-    return (store or StoreConfig()).path
+    if store is None:
+        raise _UnusableConfig(
+            f"faxd store: there is no {DEFAULT_CONFIG_PATH}: name the config with -c FILE"
+            " or the store with --db PATH"
+        )
+    return store.path
 
 
 def _cmd_store_backup(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from faxd.sim import Simulator
@@ -237,3 +238,27 @@ async def test_run_without_its_credentials_still_exits_78(short_dir: Path) -> No
     assert code == 78
     assert "ringcentral.jwt: {credential: ringcentral-jwt} needs $CREDENTIALS_DIRECTORY" in err
     assert not (short_dir / "faxd.db").exists(), "nothing starts on a config that failed"
+
+
+async def test_store_commands_need_a_config_or_db_and_read_only_the_store_section(short_dir: Path) -> None:
+    env = {**no_credentials(), "FAXD_CONFIG": str(short_dir / "absent.yaml")}
+    code, out, err = await run_faxd("store", "backup", str(short_dir / "b.db"), env=env)
+    assert (code, out) == (78, "")
+    assert f"cannot take the store from {short_dir / 'absent.yaml'}" in err
+    config = short_dir / "config.yaml"
+    config.write_text(yaml.safe_dump({**CREDENTIAL_CONFIG, "websocket": {"ping_interval": "x"}}))
+    code, out, err = await run_faxd("store", "backup", "-c", str(config), str(short_dir / "b.db"), env=env)
+    assert (code, out) == (1, "")
+    assert err == f"faxd store backup: no store at {short_dir / 'faxd.db'}\n"
+
+
+@pytest.mark.skipif(
+    os.path.lexists("/etc/faxd/config.yaml"), reason="this machine has an /etc/faxd/config.yaml"
+)
+async def test_store_commands_never_fall_back_to_a_default_store(short_dir: Path) -> None:
+    code, out, err = await run_faxd("store", "restore", str(short_dir / "b.db"), env=no_credentials())
+    assert (code, out) == (78, "")
+    assert err == (
+        "faxd store: there is no /etc/faxd/config.yaml: name the config with -c FILE"
+        " or the store with --db PATH\n"
+    )
