@@ -38,7 +38,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from faxd import __version__
-from faxd.adapters.event_server import EventServer, EventServerSettings
+from faxd.adapters.event_server import EventServer, EventServerSettings, SocketSetupError
 from faxd.adapters.metrics import Metrics, add_process_collectors, metrics_app
 from faxd.adapters.notify import Notifier, listen_fds
 from faxd.adapters.reconcile import (
@@ -460,7 +460,10 @@ async def _run(
         if activated is not None:
             log.info("event socket passed by systemd (socket activation)", path=ev.socket)
             activated.setblocking(False)
-        await server.start(sock=activated)
+        try:
+            await server.start(sock=activated)
+        except SocketSetupError as exc:
+            raise FatalError(str(exc), EX_CONFIG) from exc
         stack.push_async_callback(server.close)
 
         async def ready() -> tuple[bool, str]:

@@ -34,6 +34,7 @@ from faxd.shipped import SHIPPED, ShippedFileMissing, read_shipped
 
 UNIT_DIR = PurePosixPath("/usr/local/lib/systemd/system")
 SYSUSERS_DIR = PurePosixPath("/usr/local/lib/sysusers.d")
+TMPFILES_DIR = PurePosixPath("/usr/local/lib/tmpfiles.d")
 CONFIG_PATH = PurePosixPath("/etc/faxd/config.yaml")
 SHARE_DIR = PurePosixPath("/usr/local/share/faxd")
 DOC_DIR = PurePosixPath("/usr/local/share/doc/faxd")
@@ -78,6 +79,7 @@ class Layout:
 
     unit_dir: PurePosixPath = UNIT_DIR
     sysusers_dir: PurePosixPath = SYSUSERS_DIR
+    tmpfiles_dir: PurePosixPath = TMPFILES_DIR
     config_path: PurePosixPath = CONFIG_PATH
     share_dir: PurePosixPath = SHARE_DIR
     doc_dir: PurePosixPath = DOC_DIR
@@ -137,6 +139,13 @@ def sysusers_dir_for(unit_dir: PurePosixPath) -> PurePosixPath:
             f"cannot tell which sysusers.d goes with the unit directory {unit_dir}: pass --sysusers-dir"
         )
     return unit_dir.parent.parent / "sysusers.d"
+
+
+def tmpfiles_dir_for(unit_dir: PurePosixPath) -> PurePosixPath:
+    """The tmpfiles.d of the same tree as the units (/etc/tmpfiles.d, /usr/local/lib/tmpfiles.d)."""
+    if unit_dir.parts[-2:] != ("systemd", "system"):
+        return TMPFILES_DIR
+    return unit_dir.parent.parent / "tmpfiles.d"
 
 
 def systemd_quote(word: str) -> str:
@@ -204,6 +213,10 @@ def render(sources: Mapping[str, str], executable: str, layout: Layout) -> list[
             layout.sysusers_dir / "faxd.conf",
             stamped(FILE_HEADER, sources["systemd/sysusers.d/faxd.conf"]),
         ),
+        owned(
+            layout.tmpfiles_dir / "faxd.conf",
+            stamped(FILE_HEADER, sources["systemd/tmpfiles.d/faxd.conf"]),
+        ),
         FileToWrite(layout.config_path, sources["config.yaml"], Kind.SEED),
         owned(
             layout.share_dir / "faxd-rules.yml",
@@ -248,6 +261,7 @@ def next_steps(layout: Layout, executable: str) -> str:
     return f"""\
 Next steps (the guide: {layout.doc_dir / "operations.md"}):
   1. systemd-sysusers        # creates the group faxd-clients, whose members may use the event socket
+     systemd-tmpfiles --create faxd.conf   # creates /run/faxd for the socket (at boot systemd does it)
   2. $EDITOR {config}  # at least ringcentral.client_id
   3. the app's two secrets, encrypted for the unit (guide, section 2):
        install -d -m 0700 {store}
@@ -369,6 +383,7 @@ def install(
         layout = Layout(
             unit_dir=units,
             sysusers_dir=PurePosixPath(sysusers_dir) if sysusers_dir else sysusers_dir_for(units),
+            tmpfiles_dir=tmpfiles_dir_for(units),
         )
         executable = find_faxd_executable()
         hidden = hidden_from_service(executable)

@@ -1,4 +1,4 @@
-"""The files faxd ships beside its code: the systemd units, the sysusers file, the example config, the
+"""The files faxd ships beside its code: the systemd units, the sysusers and tmpfiles files, the example config, the
 Prometheus alert rules and the operations guide.
 
 Their single source is the repository's top level (``systemd/``, ``config.yaml``, ...). setup.py copies
@@ -20,6 +20,7 @@ SHIPPED: tuple[str, ...] = (
     "systemd/faxd.service",
     "systemd/faxd.socket",
     "systemd/sysusers.d/faxd.conf",
+    "systemd/tmpfiles.d/faxd.conf",
     "config.yaml",
     "contrib/prometheus/faxd-rules.yml",
     "docs/operations.md",

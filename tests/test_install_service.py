@@ -39,10 +39,11 @@ EXE = "/opt/faxd/venv/bin/faxd"
 UNIT = "usr/local/lib/systemd/system/faxd.service"
 SOCKET = "usr/local/lib/systemd/system/faxd.socket"
 SYSUSERS = "usr/local/lib/sysusers.d/faxd.conf"
+TMPFILES = "usr/local/lib/tmpfiles.d/faxd.conf"
 CONFIG = "etc/faxd/config.yaml"
 RULES = "usr/local/share/faxd/faxd-rules.yml"
 GUIDE = "usr/local/share/doc/faxd/operations.md"
-ALL = (UNIT, SOCKET, SYSUSERS, CONFIG, RULES, GUIDE)
+ALL = (UNIT, SOCKET, SYSUSERS, TMPFILES, CONFIG, RULES, GUIDE)
 
 
 def exec_start(unit: str) -> str:
@@ -69,6 +70,7 @@ def test_render_points_execstart_at_the_given_faxd_and_keeps_its_arguments() -> 
             "/usr/local/lib/systemd/system/faxd.service",
             "/usr/local/lib/systemd/system/faxd.socket",
             "/usr/local/lib/sysusers.d/faxd.conf",
+            "/usr/local/lib/tmpfiles.d/faxd.conf",
             "/etc/faxd/config.yaml",
             "/usr/local/share/faxd/faxd-rules.yml",
             "/usr/local/share/doc/faxd/operations.md",
@@ -215,7 +217,8 @@ def test_fresh_install_writes_every_file_readable_by_the_service(
     assert (root / CONFIG).read_text() == (REPO / "config.yaml").read_text()
     assert (root / RULES).read_text().endswith((REPO / "contrib/prometheus/faxd-rules.yml").read_text())
     assert (root / SYSUSERS).read_text().endswith((REPO / "systemd/sysusers.d/faxd.conf").read_text())
-    for step in ("systemd-sysusers", "systemctl daemon-reload", "systemctl enable --now", "check-config"):
+    assert (root / TMPFILES).read_text().endswith((REPO / "systemd/tmpfiles.d/faxd.conf").read_text())
+    for step in ("systemd-sysusers", "systemd-tmpfiles --create", "systemctl daemon-reload", "systemctl enable --now", "check-config"):
         assert step in out
     assert "systemd-creds encrypt" in out
     assert not list(root.rglob(".*.*")), "no temporary file may be left behind"
@@ -300,6 +303,7 @@ def test_units_in_etc_take_sysusers_to_etc(root: Path, capsys: pytest.CaptureFix
     assert (code, err) == (0, "")
     assert (root / "etc/systemd/system/faxd.service").is_file()
     assert (root / "etc/sysusers.d/faxd.conf").is_file()
+    assert (root / "etc/tmpfiles.d/faxd.conf").is_file()
     assert not (root / "usr/local/lib/systemd").exists()
 
 

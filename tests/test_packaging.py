@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -176,7 +177,14 @@ def test_install_service_from_the_wheel_into_a_root(installed: Installed) -> Non
     # systemd-sysusers reads.
     sysusers = run([require_tool("systemd-sysusers"), f"--root={root}"], cwd=installed.work)
     assert sysusers.returncode == 0, sysusers.stderr
-    assert re.search(r"^faxd-clients:x:\d+:", (root / "etc/group").read_text(), re.M)
+    group = re.search(r"^faxd-clients:x:(\d+):", (root / "etc/group").read_text(), re.M)
+    assert group
+
+    # Then the directory of the event socket, from the installed tmpfiles file: root:faxd-clients 3770.
+    tmpfiles = run([require_tool("systemd-tmpfiles"), f"--root={root}", "--create"], cwd=installed.work)
+    assert tmpfiles.returncode == 0, tmpfiles.stderr
+    st = (root / "run/faxd").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o3770, 0, int(group[1]))
 
     rules = root / "usr/local/share/faxd/faxd-rules.yml"
     checked = run([require_tool("promtool"), "check", "rules", rules], cwd=installed.work)

@@ -21,6 +21,7 @@ import pytest
 from daemon_support import RunningDaemon
 from test_event_server import EPOCH, Harness, MemoryBackend, seed, start_harness, transition
 
+from faxd.config import DEFAULT_EVENT_SOCKET
 from faxd.core.model import FINAL_STATUSES, Event
 from faxd.sim import SimConfig, Simulator
 from faxd.sim.store import TINY_PDF
@@ -243,7 +244,7 @@ async def test_concurrent_sends_with_one_ref_give_one_fax(sim: Simulator, connec
 # ------------------------------------------------------------------------------------------ the docs' clients
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "socket-protocol.md"
-DOC_SOCKET = "/run/faxd/events.sock"
+DOC_SOCKET = DEFAULT_EVENT_SOCKET  # the docs' clients use the default path
 
 
 def doc_block(language: str, after: str) -> str:
