@@ -1,5 +1,5 @@
-"""The files faxd ships beside its code: the systemd units, the sysusers and tmpfiles files, the example config, the
-Prometheus alert rules and the operations guide.
+"""The files faxd ships beside its code: the systemd units, the sysusers and tmpfiles files, the example
+config, the Prometheus alert rules and the operations guide.
 
 Their single source is the repository's top level (``systemd/``, ``config.yaml``, ...). setup.py copies
 them into the package (``faxd/_shipped/``, same relative paths) when it builds a wheel, so an installed

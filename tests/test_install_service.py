@@ -218,7 +218,8 @@ def test_fresh_install_writes_every_file_readable_by_the_service(
     assert (root / RULES).read_text().endswith((REPO / "contrib/prometheus/faxd-rules.yml").read_text())
     assert (root / SYSUSERS).read_text().endswith((REPO / "systemd/sysusers.d/faxd.conf").read_text())
     assert (root / TMPFILES).read_text().endswith((REPO / "systemd/tmpfiles.d/faxd.conf").read_text())
-    for step in ("systemd-sysusers", "systemd-tmpfiles --create", "systemctl daemon-reload", "systemctl enable --now", "check-config"):
+    steps = ("systemd-sysusers", "systemd-tmpfiles --create", "systemctl daemon-reload", "check-config")
+    for step in (*steps, "systemctl enable --now"):
         assert step in out
     assert "systemd-creds encrypt" in out
     assert not list(root.rglob(".*.*")), "no temporary file may be left behind"

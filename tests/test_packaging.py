@@ -146,7 +146,7 @@ def test_install_service_from_the_wheel_into_a_root(installed: Installed) -> Non
     root.mkdir()
     first = run([installed.faxd, "install-service", "--root", root], cwd=installed.work)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count("  created  ") == 6, first.stdout
+    assert first.stdout.count("  created  ") == 7, first.stdout
     unit_dir = root / "usr/local/lib/systemd/system"
     service = (unit_dir / "faxd.service").read_text()
     assert re.search(rf"^ExecStart={re.escape(str(installed.faxd))} run ", service, re.M)
@@ -155,7 +155,7 @@ def test_install_service_from_the_wheel_into_a_root(installed: Installed) -> Non
     again = run([installed.faxd, "install-service", "--root", root], cwd=installed.work)
     assert again.returncode == 0, again.stderr
     assert "created" not in again.stdout
-    assert again.stdout.count("  unchanged  ") == 5, again.stdout
+    assert again.stdout.count("  unchanged  ") == 6, again.stdout
 
     verify = run(
         [
