@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +291,14 @@ class Engine:
 
 
 @asynccontextmanager
-async def engine(sim: Simulator, db: Path, *, backoff: float = 2.0, **settings: Any) -> AsyncIterator[Engine]:
+async def engine(
+    sim: Simulator,
+    db: Path,
+    *,
+    backoff: float = 2.0,
+    wall: Callable[[], float] | None = None,
+    **settings: Any,
+) -> AsyncIterator[Engine]:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     events: list[Event] = []
@@ -320,7 +328,7 @@ async def engine(sim: Simulator, db: Path, *, backoff: float = 2.0, **settings: 
         store = Store(db)
         store.open()
         s = ReconcileSettings(**{"debounce": 0.05, "max_delay": 0.2, **settings})
-        reconciler = Reconciler(rc, store, metrics, publish, s)
+        reconciler = Reconciler(rc, store, metrics, publish, s, **({"wall": wall} if wall else {}))
         queue = ReconcileQueue(
             KeyedQueue(debounce=s.debounce, max_delay=s.max_delay, backoff_base=backoff, backoff_cap=5.0),
             reconciler,
@@ -674,3 +682,35 @@ async def test_a_stall_is_found_by_a_poll_once_not_by_every_push(sim: Simulator,
         await e.reconcile("poll", "push")
         assert len([x for x in e.events if x.transition.kind is EventKind.STALLED]) == 1
         assert fid in e.reconciler._stalled  # not checked (nor journalled) again
+
+
+class Wall:
+    """One wall clock for the simulator (creation times) and the reconciler; the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def sim(self) -> datetime:
+        return self.now
+
+    def faxd(self) -> float:
+        return self.now.timestamp()
+
+
+async def test_isync_keeps_the_frame_of_the_full_sync(tmp_path: Path) -> None:
+    """An ISync sends the token alone: a dateFrom of "now - fsync_days" would move the frame's start
+    (the message-sync guide: dateFrom on an ISync modifies the sync frame) and drop changes to faxes
+    older than that."""
+    wall = Wall()
+    async with Simulator(SimConfig(seed=7), wall_clock=wall.sim) as sim:
+        async with engine(sim, tmp_path / "db", wall=wall.faxd) as e:
+            fid = sim.create_inbound_fax(None, "+14155550123")
+            await e.reconcile("startup")
+            assert {(fid, None, "status", "Received")} <= e.keys()
+            wall.now += timedelta(days=8)  # the fax is now older than fsync_days (7)
+            sim.store.delete(sim.store.messages[int(fid)])
+            await e.reconcile("push")
+            assert {(fid, None, "availability", "Deleted")} <= e.keys()
+        isyncs = [r.raw_path for r in sim.requests_to("/message-sync") if "syncType=ISync" in r.raw_path]
+        assert isyncs
+        assert all("dateFrom" not in raw for raw in isyncs)

@@ -9,6 +9,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import aiohttp
 import pytest
@@ -159,6 +160,9 @@ async def test_message_sync_fsync_isync_and_stale(env: Env) -> None:
     assert "recordCount=" in raw[0]
     assert "syncType=ISync" in raw[1]
     assert "syncToken=" in raw[1]
+    assert "dateFrom" not in raw[1]  # the token carries the frame; dateFrom would redefine it
+    with pytest.raises(ValueError, match="full sync only"):
+        await env.rc.message_sync(EXT, inc.sync_token, date_from=datetime.now(UTC))
     env.sim.stale_sync_tokens()
     with pytest.raises(SyncTokenStale) as info:
         await env.rc.message_sync(EXT, inc.sync_token)

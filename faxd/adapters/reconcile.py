@@ -4,7 +4,8 @@ Three parts, all thin around the core:
 
 * :class:`Reconciler` reads the message store for one extension and commits what it found:
 
-  1. message-sync: ISync with the stored token; FSync when there is none or it went stale (MSG-333).
+  1. message-sync: ISync with the stored token alone (the token carries the sync frame); FSync
+     (from ``fsync_days`` ago) when there is none or it went stale (MSG-333).
      When an FSync answers ``olderRecordsExist`` (the frame's ``recordCount`` was too small) it is
      repeated with a larger ``recordCount`` (times 4, up to ``fsync_max_record_count``); what is still left
      out is logged, and any of it faxd already tracks is read by id in step 2. The records are diffed
@@ -262,12 +263,14 @@ class Reconciler:
     async def _sync(self, extension_id: str) -> tuple[SyncResult, bool]:
         """message-sync: ISync, or FSync (returned True) when there is no token or it went stale."""
         token = self.store.sync_token(extension_id)
-        date_from = datetime.fromtimestamp(self.wall(), UTC) - timedelta(days=self.settings.fsync_days)
         if token is not None:
             try:
-                return await self.rc.message_sync(extension_id, token, date_from=date_from), False
+                # The token alone: it carries the frame the full sync set up (no dateFrom, which
+                # would move the frame's start and drop changes to older faxes).
+                return await self.rc.message_sync(extension_id, token), False
             except SyncTokenStale:
                 log.info("sync token stale, running a full sync", extension=extension_id)
+        date_from = datetime.fromtimestamp(self.wall(), UTC) - timedelta(days=self.settings.fsync_days)
         count = self.settings.fsync_record_count
         while True:
             result = await self.rc.message_sync(extension_id, None, date_from=date_from, record_count=count)

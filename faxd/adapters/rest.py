@@ -302,17 +302,23 @@ class RingCentral:
         date_from: datetime | None = None,
         record_count: int = 250,
     ) -> SyncResult:
-        """ISync with ``sync_token``; FSync of the Fax box when there is none.
+        """ISync with ``sync_token``; FSync of the Fax box from ``date_from`` when there is none.
+
+        An ISync sends only ``syncType`` and ``syncToken``: the token carries the sync frame, and a
+        ``dateFrom`` (or ``recordCount``) on an ISync would redefine that frame (RingCentral's
+        message-sync guide, "ISync Request"), so ``date_from`` with a token is refused.
 
         Raises :class:`SyncTokenStale` on MSG-333 (the caller then runs FSync).
         """
         params: list[tuple[str, str]]
         if sync_token is None:
             params = [("syncType", "FSync"), ("messageType", "Fax"), ("recordCount", str(record_count))]
+            if date_from is not None:
+                params.append(("dateFrom", _iso(date_from)))
+        elif date_from is not None:
+            raise ValueError("date_from applies to a full sync only; an ISync keeps the token's frame")
         else:
             params = [("syncType", "ISync"), ("syncToken", sync_token)]
-        if date_from is not None:
-            params.append(("dateFrom", _iso(date_from)))
         resp, body = await self._call(
             "GET", f"{self._ext(extension_id)}/message-sync", endpoint="message-sync", params=params
         )

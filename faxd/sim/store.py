@@ -493,6 +493,10 @@ class MessageStore:
                     "Invalid message synchronisation request: full synchronization is required",
                 ),
             )
+        # The token carries the frame. A dateFrom on an ISync redefines it (the message-sync guide,
+        # "ISync Request": dateFrom/dateTo "modify the time range of SyncFrame"): a later start
+        # shrinks it, so changes to older messages are no longer reported; an earlier start widens
+        # it, and the messages of the added range come back in full, like an FSync of that range.
         start = date_from if date_from is not None else frame.date_from
         changed = [
             m
@@ -504,6 +508,7 @@ class MessageStore:
                 date_from=start,
             )
             if m.revision > frame.revision
+            or (m.creation_time < frame.date_from and m.availability == "Alive")
         ]
         new_frame = SyncFrame(extension_id, frame.types, frame.directions, start, self.revision)
         return changed, self._new_sync_token(new_frame)
