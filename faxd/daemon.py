@@ -298,7 +298,9 @@ class _Live:
         in_flight = self.reconciler.in_flight_count() if self.reconciler is not None else 0
         last = _clock(self.metrics.last_sync_time())
         text = f"WebSocket {ws}; {in_flight} faxes in flight; last sync {last}"
-        return f"{text}; {self.problem}" if self.problem else text
+        problems = [self.problem] if self.problem else []
+        problems += self.reconciler.problems() if self.reconciler is not None else []
+        return "; ".join([text, *problems])
 
     def refresh_oldest_in_flight(self) -> None:
         """The stuck-Queued alert's gauge; walks every fax in flight, so only on the watchdog's tick."""

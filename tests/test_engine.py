@@ -714,3 +714,61 @@ async def test_isync_keeps_the_frame_of_the_full_sync(tmp_path: Path) -> None:
         isyncs = [r.raw_path for r in sim.requests_to("/message-sync") if "syncType=ISync" in r.raw_path]
         assert isyncs
         assert all("dateFrom" not in raw for raw in isyncs)
+
+
+def syncs_since(sim: Simulator, start: int) -> list[tuple[str, int]]:
+    """(syncType, status) of every message-sync served since request ``start``."""
+    return [
+        ("ISync" if "syncType=ISync" in r.raw_path else "FSync", r.status)
+        for r in sim.requests[start:]
+        if r.path.endswith("/message-sync")
+    ]
+
+
+@pytest.mark.parametrize("code", ["CMN-101", "MSG-333"])
+async def test_a_refused_sync_token_is_dropped_for_one_full_sync(
+    sim: Simulator, tmp_path: Path, code: str
+) -> None:
+    """RingCentral refuses a sync token with MSG-333 or CMN-101 "Parameter [syncToken] value is
+    invalid": either way the token is dropped and one full sync runs (no retrying the same token)."""
+    async with engine(sim, tmp_path / "db", backoff=0.2) as e:
+        fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.1)])
+        await e.reconcile("startup")
+        await sim.wait_for_status(fid, "Sent")
+        assert sim.stale_sync_tokens(code) == 1
+        start = len(sim.requests)
+        await e.reconcile("push")
+        await e.until(truth_after(sim, [fid]))
+        assert syncs_since(sim, start) == [("ISync", 400), ("FSync", 200)]
+        assert e.registry.get_sample_value("faxd_sync_token_resets_total", {"code": code}) == 1
+        await e.reconcile("push")  # the new token works
+        assert syncs_since(sim, start)[2:] == [("ISync", 200)]
+        assert e.registry.get_sample_value("faxd_full_sync_failing") == 0
+
+
+async def test_when_the_full_sync_fails_too_it_backs_off_and_is_counted(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    async with engine(sim, tmp_path / "db", backoff=0.2) as e:
+        await e.reconcile("startup")
+        sim.stale_sync_tokens("CMN-101")
+        sim.fail_next_requests(3, status=503, match="syncType=FSync")
+        start = len(sim.requests)
+        e.queue.hint(EXT, "push")
+        async with asyncio.timeout(20):
+            # The second refused full sync is only sent after faxd handled the first one.
+            await sim.wait_for(lambda: syncs_since(sim, start).count(("FSync", 503)) >= 2)
+        assert e.registry.get_sample_value("faxd_full_sync_failing") == 1
+        assert e.reconciler.problems() == ["full sync failing for 1 extension(s)"]
+        async with asyncio.timeout(20):
+            await sim.wait_for(lambda: ("FSync", 200) in syncs_since(sim, start))
+            await e.queue.wait_idle()
+        # The refused token was presented once; then full syncs only, further and further apart.
+        assert syncs_since(sim, start) == [("ISync", 400)] + [("FSync", 503)] * 3 + [("FSync", 200)]
+        fsyncs = [r.time for r in sim.requests[start:] if "syncType=FSync" in r.raw_path]
+        gaps = [b - a for a, b in itertools.pairwise(fsyncs)]
+        assert gaps[0] >= 0.2 - 0.01
+        assert gaps[1] >= 0.4 - 0.01
+        assert gaps[2] >= 0.8 - 0.01
+        assert e.registry.get_sample_value("faxd_full_sync_failing") == 0
+        assert e.reconciler.problems() == []

@@ -53,6 +53,8 @@ FAMILIES = {
     "faxd_oldest_in_flight_fax_timestamp_seconds": "gauge",
     "faxd_time_to_final_seconds": "histogram",
     "faxd_last_sync_timestamp_seconds": "gauge",
+    "faxd_sync_token_resets": "counter",
+    "faxd_full_sync_failing": "gauge",
     "faxd_missed_by_push": "counter",
     "faxd_socket_subscribers": "gauge",
     "faxd_socket_disconnects": "counter",

@@ -168,6 +168,17 @@ async def test_message_sync_fsync_isync_and_stale(env: Env) -> None:
         await env.rc.message_sync(EXT, inc.sync_token)
     assert (info.value.status, info.value.code) == (400, "MSG-333")
     assert env.sample("faxd_api_requests_total", endpoint="message-sync", code="400") == 1
+    # CMN-101 "Parameter [syncToken] value is invalid" means the same: the token is no good.
+    again = await env.rc.message_sync(EXT, None)
+    env.sim.stale_sync_tokens("CMN-101")
+    with pytest.raises(SyncTokenStale) as info:
+        await env.rc.message_sync(EXT, again.sync_token)
+    assert (info.value.status, info.value.code) == (400, "CMN-101")
+    # A 400 of a full sync is not about a token: a plain ApiError.
+    env.sim.fail_next_requests(1, status=400)
+    with pytest.raises(ApiError) as plain:
+        await env.rc.message_sync(EXT, None)
+    assert type(plain.value) is ApiError
 
 
 async def test_get_messages_single_bulk_and_missing(env: Env) -> None:

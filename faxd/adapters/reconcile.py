@@ -5,7 +5,10 @@ Three parts, all thin around the core:
 * :class:`Reconciler` reads the message store for one extension and commits what it found:
 
   1. message-sync: ISync with the stored token alone (the token carries the sync frame); FSync
-     (from ``fsync_days`` ago) when there is none or it went stale (MSG-333).
+     (from ``fsync_days`` ago) when there is none or the ISync was refused (any 400: MSG-333,
+     CMN-101 "Parameter [syncToken] value is invalid", ...). A refused token is dropped at once, so
+     it is presented once; a full sync that fails too is retried with the queue's backoff and
+     counted in ``faxd_full_sync_failing`` (an alert) until it succeeds.
      When an FSync answers ``olderRecordsExist`` (the frame's ``recordCount`` was too small) it is
      repeated with a larger ``recordCount`` (times 4, up to ``fsync_max_record_count``); what is still left
      out is logged, and any of it faxd already tracks is read by id in step 2. The records are diffed
@@ -50,7 +53,7 @@ from typing import Any
 
 import structlog
 
-from faxd.adapters.metrics import Metrics
+from faxd.adapters.metrics import SYNC_RESET_CODES, Metrics
 from faxd.adapters.rest import ApiError, Document, RingCentral, SyncResult, SyncTokenStale
 from faxd.adapters.store import Journalled, Store
 from faxd.core.debounce import KeyedQueue
@@ -145,6 +148,7 @@ class Reconciler:
         self._flying: dict[str, set[str]] = {}  # extension -> ids in flight
         self._stalled: set[str] = set()  # held faxes whose stall was journalled (not checked again)
         self._sending_refs: set[str] = set()
+        self._fsync_failing: set[str] = set()  # extensions whose last full sync failed
         # Unsettled Sent (fax or recipient) -> wall time faxd first saw it Sent; survives restarts
         # through the journal. _settling counts the keys per fax.
         self._settle: dict[SettleKey, float] = {}
@@ -239,6 +243,13 @@ class Reconciler:
                 best = (due, fax.extension_id)
         return best
 
+    def problems(self) -> list[str]:
+        """Short phrases for the STATUS= line about extensions faxd cannot track now; no ids."""
+        out: list[str] = []
+        if self._fsync_failing:
+            out.append(f"full sync failing for {len(self._fsync_failing)} extension(s)")
+        return out
+
     def by_ref(self, ref: str) -> FaxState | None:
         """The fax sent with ``ref`` (the store's UNIQUE index; held faxes are the same states)."""
         found = self.store.fax_by_ref(ref)
@@ -261,15 +272,46 @@ class Reconciler:
         self.metrics.last_sync.set(self.wall())
 
     async def _sync(self, extension_id: str) -> tuple[SyncResult, bool]:
-        """message-sync: ISync, or FSync (returned True) when there is no token or it went stale."""
+        """message-sync: ISync, or FSync (returned True) when there is no token or it was refused.
+
+        A refused ISync (any 400: MSG-333, CMN-101, ...) drops the token at once, so the token is
+        presented once: if the full sync fails too, the queue's retries go straight to a full sync.
+        Extensions whose full sync fails are counted (``faxd_full_sync_failing``) until one succeeds.
+        """
         token = self.store.sync_token(extension_id)
         if token is not None:
             try:
                 # The token alone: it carries the frame the full sync set up (no dateFrom, which
                 # would move the frame's start and drop changes to older faxes).
                 return await self.rc.message_sync(extension_id, token), False
-            except SyncTokenStale:
-                log.info("sync token stale, running a full sync", extension=extension_id)
+            except SyncTokenStale as exc:
+                code = exc.code if exc.code in SYNC_RESET_CODES else "other"
+                self.metrics.sync_token_resets.labels(code).inc()
+                # MSG-333 is RingCentral's routine "full sync required"; anything else is worth a look.
+                level = log.info if exc.code == "MSG-333" else log.warning
+                level("sync token refused, running a full sync", extension=extension_id, code=exc.code)
+                self.store.commit([], [], observed_at=_iso(self.wall()), sync_tokens={extension_id: None})
+        try:
+            result = await self._full_sync(extension_id)
+        except ApiError as exc:
+            if extension_id not in self._fsync_failing:
+                log.warning(
+                    "full sync failed; retried with backoff",
+                    extension=extension_id,
+                    code=exc.code,
+                    status=exc.status,
+                )
+                self._fsync_failing.add(extension_id)
+                self.metrics.full_sync_failing.set(len(self._fsync_failing))
+            raise
+        if extension_id in self._fsync_failing:
+            log.info("full sync works again", extension=extension_id)
+            self._fsync_failing.discard(extension_id)
+            self.metrics.full_sync_failing.set(len(self._fsync_failing))
+        return result, True
+
+    async def _full_sync(self, extension_id: str) -> SyncResult:
+        """FSync of the Fax box from ``fsync_days`` ago, widened while the frame is too small."""
         date_from = datetime.fromtimestamp(self.wall(), UTC) - timedelta(days=self.settings.fsync_days)
         count = self.settings.fsync_record_count
         while True:
@@ -284,7 +326,7 @@ class Reconciler:
                 extension=extension_id,
                 record_count=count,
             )
-        return result, True
+        return result
 
     def _absorb(self, batch: _Batch, extension_id: str, record: Any, how: Source) -> None:
         fax_id = str(record.get("id")) if isinstance(record, dict) else ""

@@ -66,7 +66,12 @@ class RateLimited(ApiError):
 
 
 class SyncTokenStale(ApiError):
-    """MSG-333: the syncToken is no longer valid; a full sync (FSync) is required."""
+    """An incremental sync was refused with 400: the syncToken is no longer usable, a full sync is due.
+
+    RingCentral says so with ``MSG-333`` (full synchronization is required) or ``CMN-101``
+    ("Parameter [syncToken] value is invalid"); its own web client treats both alike. Any other 400
+    on an ISync means the same to faxd: the ISync carries nothing but the token.
+    """
 
 
 class AuthFailed(ApiError):
@@ -308,7 +313,8 @@ class RingCentral:
         ``dateFrom`` (or ``recordCount``) on an ISync would redefine that frame (RingCentral's
         message-sync guide, "ISync Request"), so ``date_from`` with a token is refused.
 
-        Raises :class:`SyncTokenStale` on MSG-333 (the caller then runs FSync).
+        Raises :class:`SyncTokenStale` when an ISync is refused with 400, whatever the code
+        (MSG-333, CMN-101, ...): the caller then drops the token and runs FSync.
         """
         params: list[tuple[str, str]]
         if sync_token is None:
@@ -319,9 +325,14 @@ class RingCentral:
             raise ValueError("date_from applies to a full sync only; an ISync keeps the token's frame")
         else:
             params = [("syncType", "ISync"), ("syncToken", sync_token)]
-        resp, body = await self._call(
-            "GET", f"{self._ext(extension_id)}/message-sync", endpoint="message-sync", params=params
-        )
+        try:
+            resp, body = await self._call(
+                "GET", f"{self._ext(extension_id)}/message-sync", endpoint="message-sync", params=params
+            )
+        except ApiError as exc:
+            if sync_token is not None and exc.status == 400:
+                raise SyncTokenStale(exc.status, exc.code, exc.message) from None
+            raise
         if not isinstance(body, dict):
             raise self._bad_body("message-sync", resp.status)
         records, info = body.get("records"), body.get("syncInfo")
@@ -556,8 +567,6 @@ class RingCentral:
         code = error_code_of(body) or f"http_{resp.status}"
         message = _message_of(body)
         log.info("api.error", endpoint=endpoint, status=resp.status, code=code)
-        if code == "MSG-333":
-            raise SyncTokenStale(resp.status, code, message)
         raise ApiError(resp.status, code, message)
 
 

@@ -138,8 +138,9 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     async def expire_tokens(_: web.Request) -> JsonDict:
         return {"expired": sim.expire_access_tokens()}
 
-    async def stale_sync(_: web.Request) -> JsonDict:
-        return {"staled": sim.stale_sync_tokens()}
+    async def stale_sync(request: web.Request) -> JsonDict:
+        body = await _body(request)
+        return {"staled": sim.stale_sync_tokens(str(body.get("code", "MSG-333")))}
 
     async def fail_recovery(request: web.Request) -> None:
         body = await _body(request)
@@ -150,10 +151,12 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
 
     async def fail_requests(request: web.Request) -> None:
         body = await _body(request)
+        match = body.get("match")
         sim.fail_next_requests(
             int(body.get("count", 1)),
             status=int(body.get("status", 503)),
             html=bool(body.get("html", False)),
+            match=None if match is None else str(match),
         )
 
     async def delay_requests(request: web.Request) -> None:

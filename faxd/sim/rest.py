@@ -83,6 +83,7 @@ class Faults:
     fail_next: int = 0
     fail_status: int = 503
     fail_html: bool = False
+    fail_match: str | None = None  # only requests whose path_qs contains this
     delay_next: int = 0
     delay_seconds: float = 0.0
 
@@ -151,7 +152,7 @@ class RestApi:
         if faults.delay_next > 0:
             faults.delay_next -= 1
             await asyncio.sleep(faults.delay_seconds)
-        if faults.fail_next > 0:
+        if faults.fail_next > 0 and (faults.fail_match is None or faults.fail_match in request.path_qs):
             faults.fail_next -= 1
             record(faults.fail_status)
             failure = self._failure(faults.fail_status, faults.fail_html)

@@ -257,19 +257,24 @@ class Simulator:
         """Every access token issued so far is expired now (OAU-128); refresh still works."""
         return self.tokens.expire_access_tokens()
 
-    def stale_sync_tokens(self) -> int:
-        """Every sync token issued so far now gets 400 MSG-333."""
-        return self.store.stale_sync_tokens()
+    def stale_sync_tokens(self, code: str = "MSG-333") -> int:
+        """Every sync token issued so far now gets 400 ``code``: ``MSG-333`` (full synchronization is
+        required) or ``CMN-101`` ("Parameter [syncToken] value is invalid")."""
+        return self.store.stale_sync_tokens(code)
 
     def fail_next_recovery(self, code: str = RECOVERY_EXPIRED) -> None:
         """The next ``wsc`` reconnect gets ``recoveryState: Failed`` with ``code``."""
         self.gateway.fail_next_recovery(code)
 
-    def fail_next_requests(self, count: int, *, status: int = 503, html: bool = False) -> None:
-        """Answer the next ``count`` REST requests with ``status`` (JSON CMN-201 or HTML)."""
+    def fail_next_requests(
+        self, count: int, *, status: int = 503, html: bool = False, match: str | None = None
+    ) -> None:
+        """Answer the next ``count`` REST requests with ``status`` (JSON CMN-201 or HTML); with
+        ``match``, only requests whose path and query contain it (``"syncType=FSync"``)."""
         self.rest.faults.fail_next = count
         self.rest.faults.fail_status = status
         self.rest.faults.fail_html = html
+        self.rest.faults.fail_match = match
 
     def delay_next_requests(self, count: int, seconds: float) -> None:
         """Hold each of the next ``count`` REST requests for ``seconds`` (loop time)."""

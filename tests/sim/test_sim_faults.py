@@ -142,6 +142,14 @@ async def test_fail_requests_json_and_html(sim: Simulator, http: aiohttp.ClientS
         assert resp.status == 503
         assert resp.content_type == "text/html"
     assert [r.status for r in sim.requests[-4:]] == [503, 503, 200, 503]
+    # With "match", only the requests that contain it fail; the others pass untouched.
+    await control(http, sim, "POST", "faults/fail-requests", {"count": 1, "match": "syncType=FSync"})
+    async with http.get(sim.url + EXT + "/message-store", headers=bearer(tok)) as resp:
+        assert resp.status == 200
+    sync = sim.url + EXT + "/message-sync"
+    for expected in (503, 200):
+        async with http.get(sync, params={"syncType": "FSync"}, headers=bearer(tok)) as resp:
+            assert resp.status == expected
 
 
 @pytest.mark.looptime

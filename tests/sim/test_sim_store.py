@@ -246,6 +246,20 @@ async def test_message_sync_stale_token_msg_333(
     )
     assert status == 400
     assert body["errorCode"] == "MSG-333"
+    # The other way RingCentral refuses a token (ringcentral-js-widgets handles both alike).
+    _, full, _ = await get(http, sim, token, "/message-sync", syncType="FSync")
+    assert sim.stale_sync_tokens("CMN-101") == 1
+    status, body, _ = await get(
+        http, sim, token, "/message-sync", syncType="ISync", syncToken=full["syncInfo"]["syncToken"]
+    )
+    assert status == 400
+    assert body["errors"][0] == {
+        "errorCode": "CMN-101",
+        "message": "Parameter [syncToken] value is invalid",
+        "parameterName": "syncToken",
+    }
+    with pytest.raises(ValueError, match="code must be one of"):
+        sim.stale_sync_tokens("CMN-999")
 
 
 class _Wall:
