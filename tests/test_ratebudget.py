@@ -163,3 +163,24 @@ def test_others_in_the_window_block_a_full_window_once_the_share_is_gone() -> No
     # theirs leave the window.
     b.observed(AUTH, 0.0, limit=5, remaining=1, window=60)
     assert b.delay(AUTH, 1.0) == pytest.approx(59.0)
+
+
+NOW = 1_445_412_460.0  # Wed, 21 Oct 2015 07:27:40 GMT
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 20.0),  # RFC 9110's example, 20 s ahead
+        ("Wed, 21 Oct 2015 07:28:00 -0000", 20.0),
+        ("Wed, 21 Oct 2015 07:00:00 GMT", 0.0),  # already past: go now
+        ("Wed, 99 Foo 2015 07:28:00 GMT", None),
+        ("30", 30.0),
+    ],
+)
+def test_parse_retry_after_http_date(value: str, expected: float | None) -> None:
+    assert parse_retry_after(value, NOW) == expected
+
+
+def test_an_http_date_needs_the_wall_clock() -> None:
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None

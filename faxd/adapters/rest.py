@@ -41,28 +41,36 @@ BULK_MAX: Final = 50
 DEFAULT_TIMEOUT: Final = aiohttp.ClientTimeout(total=30, connect=10, sock_read=30)
 SEND_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=120)
 REVOKE_TIMEOUT: Final = aiohttp.ClientTimeout(total=5, connect=3)
+#: Longest a 5xx's Retry-After holds a group back (the reconcile queue's own backoff cap): a broken or
+#: hostile value must not silence faxd for hours.
+MAX_SERVER_RETRY_AFTER: Final = 300.0
 
 
 class ApiError(Exception):
     """A RingCentral request failed. ``code`` is RingCentral's errorCode or a short local code
-    (``http_503``, ``bad_body``, ``connection``, ``timeout``)."""
+    (``http_503``, ``bad_body``, ``connection``, ``timeout``). ``retry_after``: seconds the server
+    asked for (a 5xx's ``Retry-After``), already applied to the request's rate-limit group."""
 
-    def __init__(self, status: int, code: str | None, message: str = "") -> None:
+    def __init__(
+        self, status: int, code: str | None, message: str = "", *, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status} {code or '-'}: {message}" if message else f"{status} {code or '-'}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class RateLimited(ApiError):
     """HTTP 429: nothing more goes to ``group`` for ``retry_after`` seconds."""
 
+    retry_after: float
+
     def __init__(
         self, status: int, code: str | None, message: str, *, group: str, retry_after: float
     ) -> None:
-        super().__init__(status, code, message)
+        super().__init__(status, code, message, retry_after=retry_after)
         self.group = group
-        self.retry_after = retry_after
 
 
 class SyncTokenStale(ApiError):
@@ -526,7 +534,7 @@ class RingCentral:
         if limit is not None:
             self._metrics.rate_limit.labels(group).set(limit)
         if resp.status == 429:
-            retry_after = ratebudget.parse_retry_after(resp.headers.get("Retry-After"))
+            retry_after = ratebudget.parse_retry_after(resp.headers.get("Retry-After"), self._wall())
             self.budget.penalty(group, loop.time(), retry_after)
             self._metrics.rate_429.labels(group).inc()
             seconds = ratebudget.DEFAULT_RETRY_AFTER if retry_after is None else retry_after
@@ -540,8 +548,17 @@ class RingCentral:
                 retry_after=seconds,
             )
         if resp.status >= 500:
-            log.warning("api.server_error", endpoint=endpoint, status=resp.status)
-            raise ApiError(resp.status, f"http_{resp.status}", _message_of(_maybe_json(resp)))
+            # RingCentral's errors doc: Retry-After "should always be obeyed if provided" (its
+            # /oauth/token 503s carry it). Nothing more goes to this group until then; the callers'
+            # own backoff comes on top.
+            after = ratebudget.parse_retry_after(resp.headers.get("Retry-After"), self._wall())
+            if after is not None:
+                after = min(after, MAX_SERVER_RETRY_AFTER)
+                self.budget.penalty(group, loop.time(), after)
+            log.warning("api.server_error", endpoint=endpoint, status=resp.status, retry_after=after)
+            raise ApiError(
+                resp.status, f"http_{resp.status}", _message_of(_maybe_json(resp)), retry_after=after
+            )
         return resp
 
     def _count(self, endpoint: str, code: str, started: float) -> None:

@@ -11,11 +11,13 @@ This module must not sleep, read clocks or do I/O: ``now`` is passed in (a monot
 
 from __future__ import annotations
 
+import email.utils
 import math
 import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Final
 
 LIGHT: Final = "Light"
@@ -176,12 +178,23 @@ def parse_headers(headers: Mapping[str, str]) -> tuple[int | None, int | None, f
     )
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds (the delta form; an HTTP date is not used by RingCentral)."""
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After in seconds: delta-seconds, or an HTTP-date (RFC 9110 §10.2.3) when ``now`` (the
+    wall clock, Unix seconds) is given to measure it against; a date in the past is 0. None when
+    absent or unreadable."""
     if value is None:
         return None
+    text = value.strip()
     try:
-        seconds = float(value.strip())
+        seconds = float(text)
     except ValueError:
-        return None
+        if now is None:
+            return None
+        try:
+            moment = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if moment.tzinfo is None:  # "-0000": UTC by RFC 5322
+            moment = moment.replace(tzinfo=UTC)
+        return max(0.0, moment.timestamp() - now)
     return seconds if math.isfinite(seconds) and seconds >= 0 else None

@@ -152,11 +152,15 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     async def fail_requests(request: web.Request) -> None:
         body = await _body(request)
         match = body.get("match")
+        retry_after = body.get("retryAfter", "1")
+        if retry_after is not None and not isinstance(retry_after, str | int | float):
+            raise ControlError("'retryAfter' must be seconds, a string or null")
         sim.fail_next_requests(
             int(body.get("count", 1)),
             status=int(body.get("status", 503)),
             html=bool(body.get("html", False)),
             match=None if match is None else str(match),
+            retry_after=retry_after,
         )
 
     async def delay_requests(request: web.Request) -> None:

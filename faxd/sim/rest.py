@@ -84,6 +84,7 @@ class Faults:
     fail_status: int = 503
     fail_html: bool = False
     fail_match: str | None = None  # only requests whose path_qs contains this
+    fail_retry_after: str | None = "1"  # the Retry-After header of the failures; None: none
     delay_next: int = 0
     delay_seconds: float = 0.0
 
@@ -155,7 +156,7 @@ class RestApi:
         if faults.fail_next > 0 and (faults.fail_match is None or faults.fail_match in request.path_qs):
             faults.fail_next -= 1
             record(faults.fail_status)
-            failure = self._failure(faults.fail_status, faults.fail_html)
+            failure = self._failure(faults.fail_status, faults.fail_html, faults.fail_retry_after)
             self._observe(request, template, failure)
             return failure
         verdict: Verdict | None = self.limiter.check(group) if group is not None else None
@@ -225,8 +226,8 @@ class RestApi:
                 )
 
     @staticmethod
-    def _failure(status: int, html: bool) -> web.Response:
-        headers = {"Retry-After": "1"}
+    def _failure(status: int, html: bool, retry_after: str | None) -> web.Response:
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
         if html:
             return web.Response(
                 status=status,

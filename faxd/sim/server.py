@@ -267,14 +267,26 @@ class Simulator:
         self.gateway.fail_next_recovery(code)
 
     def fail_next_requests(
-        self, count: int, *, status: int = 503, html: bool = False, match: str | None = None
+        self,
+        count: int,
+        *,
+        status: int = 503,
+        html: bool = False,
+        match: str | None = None,
+        retry_after: str | float | None = "1",
     ) -> None:
         """Answer the next ``count`` REST requests with ``status`` (JSON CMN-201 or HTML); with
-        ``match``, only requests whose path and query contain it (``"syncType=FSync"``)."""
+        ``match``, only requests whose path and query contain it (``"syncType=FSync"``).
+
+        ``retry_after`` is their ``Retry-After`` header: seconds, or a string sent as it is (an
+        HTTP-date); None sends none. RingCentral's 503s carry one (its errors doc; /oauth/token)."""
         self.rest.faults.fail_next = count
         self.rest.faults.fail_status = status
         self.rest.faults.fail_html = html
         self.rest.faults.fail_match = match
+        if isinstance(retry_after, int | float):
+            retry_after = f"{retry_after:g}"
+        self.rest.faults.fail_retry_after = retry_after
 
     def delay_next_requests(self, count: int, seconds: float) -> None:
         """Hold each of the next ``count`` REST requests for ``seconds`` (loop time)."""
