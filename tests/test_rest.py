@@ -367,3 +367,33 @@ async def test_retry_after_of_a_token_503_is_obeyed_and_bounded(env: Env) -> Non
     await env.rc.message_sync(EXT, None)
     sync = env.sim.requests_to("/message-sync")
     assert sync[3].time - sync[2].time < 1
+
+
+@pytest.mark.looptime
+async def test_the_servers_rate_limit_group_wins_over_the_local_table() -> None:
+    """RingCentral's rate-limit doc: the X-Rate-Limit-Group header names the group a request was
+    counted in, and groups may change. Here the server counts message-sync in Heavy (our table:
+    Light): its 429 must hold back Heavy (the fax send), not Light."""
+    async for env in make_env(SimConfig(seed=1)):
+        await env.rc.login()
+        env.sim.set_rate_limit_group("GET", "/message-sync", "Heavy")
+        await env.rc.message_sync(EXT, None)
+        assert env.sample("faxd_rate_limit_limit", group="Heavy") == 10
+        assert env.rc.budget.limits("Light") == (50, 60.0)  # not taught Heavy's limit
+        env.sim.rate_limit_storm("Heavy", 30)
+        with pytest.raises(RateLimited) as info:
+            await env.rc.message_sync(EXT, None)
+        assert info.value.group == "Heavy"
+        assert env.sample("faxd_rate_limited_total", group="Heavy") == 1
+        assert env.sample("faxd_rate_limited_total", group="Light") == 0
+        refused = env.sim.requests[-1]
+        await env.rc.get_messages(EXT, ["999999999"])  # Light: not held back
+        await env.rc.send_fax(
+            EXT, to=["+16505550100"], documents=[Document("a.pdf", "application/pdf", b"%PDF")]
+        )
+        assert [r.status for r in env.sim.requests if r.status == 429] == [429]  # no second one
+        get, send = env.sim.requests_to("/message-store/{messageId}")[0], env.sim.requests_to("/fax")[0]
+        assert get.time - refused.time < 1
+        assert send.time - refused.time >= 30 - 0.05
+        # Later message-syncs are paced in Heavy from the start (learned from the header).
+        assert env.rc._group_of("GET", "message-sync", "/message-sync") == "Heavy"

@@ -155,6 +155,8 @@ class RingCentral:
         # Single flight: whoever holds the lock grants; the others wait and reuse its result.
         self._auth_lock = asyncio.Lock()
         self.owner_id: str | None = None
+        #: (method, endpoint) -> the group RingCentral's X-Rate-Limit-Group last named for it.
+        self._server_groups: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ auth
 
@@ -281,7 +283,8 @@ class RingCentral:
 
     def ws_token_wait(self) -> float:
         """Seconds before :meth:`ws_token` could be sent (the Auth group's budget); 0: now."""
-        return self.budget.delay(ratebudget.AUTH, asyncio.get_running_loop().time())
+        group = self._group_of("POST", "wstoken", "/restapi/oauth/wstoken")
+        return self.budget.delay(group, asyncio.get_running_loop().time())
 
     async def aclose(self) -> None:
         """Revoke the session's token, best effort: errors are logged and ignored (PROTOCOL §1.4)."""
@@ -498,14 +501,14 @@ class RingCentral:
         wait_budget: bool = True,
     ) -> _Response:
         """One HTTP exchange, paced by the rate budget; 429 and 5xx raised, rest returned."""
-        group = ratebudget.classify(method, path)
+        group = self._group_of(method, endpoint, path)
         loop = asyncio.get_running_loop()
         if wait_budget:
             while (delay := self.budget.delay(group, loop.time())) > 0:
                 log.debug("api.rate_wait", group=group, seconds=round(delay, 3))
                 await asyncio.sleep(delay)
-        self.budget.spent(group, loop.time())
         started = loop.time()
+        self.budget.spent(group, started)
         try:
             async with self._http.request(
                 method,
@@ -525,6 +528,16 @@ class RingCentral:
             self._count(endpoint, "connection", started)
             raise ApiError(0, "connection", f"{endpoint}: {type(exc).__name__}") from None
         self._count(endpoint, str(resp.status), started)
+        # The server says which group it counted the request in (header names are case-insensitive
+        # here, values are matched case-insensitively): that wins over the local table, for this
+        # response's accounting and for the next request of this endpoint.
+        server_group = ratebudget.group_name(resp.headers.get("X-Rate-Limit-Group"))
+        if server_group is not None:
+            if server_group != group:
+                log.info("api.rate_group", endpoint=endpoint, ours=group, server=server_group)
+                self.budget.moved(group, server_group, started)
+                group = server_group
+            self._server_groups[(method, endpoint)] = server_group
         limit, remaining, window = ratebudget.parse_headers(resp.headers)
         # On a 429 the server's Retry-After governs; its "Remaining: 0" would add a whole window.
         observed_remaining = None if resp.status == 429 else remaining
@@ -560,6 +573,10 @@ class RingCentral:
                 resp.status, f"http_{resp.status}", _message_of(_maybe_json(resp)), retry_after=after
             )
         return resp
+
+    def _group_of(self, method: str, endpoint: str, path: str) -> str:
+        """The group a request is paced in: the one the server last named for it, else the table's."""
+        return self._server_groups.get((method, endpoint)) or ratebudget.classify(method, path)
 
     def _count(self, endpoint: str, code: str, started: float) -> None:
         self._metrics.api_requests.labels(endpoint, code).inc()

@@ -1,8 +1,9 @@
 """Client-side rate budget per RingCentral throttling group (PROTOCOL.md §5).
 
-Classifies a request into its group (Light, Medium, Heavy, Auth), counts what faxd sent in the
-sliding window, learns the real limits from ``X-Rate-Limit-*`` headers, and answers "how long
-must the next request of this group wait". faxd spends at most ``share`` of each window, so other
+Classifies a request into its group (Light, Medium, Heavy, Auth; the server's ``X-Rate-Limit-Group``
+header wins over this table), counts what faxd sent in the sliding window, learns the real limits
+from ``X-Rate-Limit-*`` headers, and answers "how long must the next request of this group wait".
+faxd spends at most ``share`` of each window, so other
 users of the same app and user keep some room, and after a 429 it sends nothing to that group
 until Retry-After has passed (each request during a penalty would restart it).
 
@@ -11,6 +12,8 @@ This module must not sleep, read clocks or do I/O: ``now`` is passed in (a monot
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import email.utils
 import math
 import re
@@ -40,8 +43,26 @@ _CONTENT = re.compile(r"/message-store/[^/]+/content/")
 _SUBSCRIPTION_ITEM = re.compile(r"/subscription/[^/]+$")
 
 
+_GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+_KNOWN = {g.lower(): g for g in GROUPS}
+
+
+def group_name(header: str | None) -> str | None:
+    """The group an ``X-Rate-Limit-Group`` value names: a known group in any case ("light" is
+    Light), another plausible name as sent (RingCentral: group names may change), None when absent
+    or not a name."""
+    if header is None:
+        return None
+    value = header.strip()
+    if not _GROUP_NAME.match(value):
+        return None
+    return _KNOWN.get(value.lower(), value)
+
+
 def classify(method: str, path: str) -> str:
-    """The throttling group of a request (PROTOCOL.md §5.2); unknown requests count as Medium."""
+    """The throttling group of a request (PROTOCOL.md §5.2); unknown requests count as Medium.
+
+    The local table: a response's ``X-Rate-Limit-Group`` header, when present, overrides it."""
     method = method.upper()
     path = path.split("?", 1)[0].rstrip("/")
     if path.startswith("/restapi/oauth/"):
@@ -116,6 +137,16 @@ class RateBudget:
         g = self._group(group)
         self._expire(g, now)
         g.sent.append(now)
+
+    def moved(self, old: str, new: str, sent_at: float) -> None:
+        """The request sent at ``sent_at`` and counted in ``old`` belongs to ``new`` (the server's
+        ``X-Rate-Limit-Group`` said so)."""
+        if old == new:
+            return
+        with contextlib.suppress(ValueError):
+            self._group(old).sent.remove(sent_at)
+        sent = self._group(new).sent
+        sent.insert(bisect.bisect_right(sent, sent_at), sent_at)
 
     def observed(
         self,

@@ -182,6 +182,13 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
             raise ControlError(f"'group' must be one of {sorted(sim.config.rate_limits)}")
         sim.rate_limit_storm(group, float(body.get("seconds", 60)))
 
+    async def rate_limit_group(request: web.Request) -> None:
+        body = await _body(request)
+        method, path, group = body.get("method"), body.get("path"), body.get("group")
+        if not isinstance(method, str) or not isinstance(path, str) or not isinstance(group, str):
+            raise ControlError("'method', 'path' (a route suffix) and 'group' are required")
+        sim.set_rate_limit_group(method, path, group)
+
     async def blackhole(_: web.Request) -> JsonDict:
         return {"blackholed": sim.blackhole_ws()}
 
@@ -220,6 +227,7 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/delay-notifications", _wrap(delay_notifications))
     r.add_post("/_sim/faults/duplicate-notifications", _wrap(duplicate_notifications))
     r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
+    r.add_post("/_sim/faults/rate-limit-group", _wrap(rate_limit_group))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
     r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))

@@ -116,6 +116,9 @@ class RestApi:
         self.ws_handler = ws_handler
         self.faults = Faults()
         self.observers = observers or ObserverSet()
+        #: (method, route-template suffix, group): the server counts those requests in that group,
+        #: whatever GROUPS (the spec's x-throttling-group) says.
+        self.group_overrides: list[tuple[str, str, str]] = []
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/restapi/oauth/token", self.token)
@@ -141,7 +144,7 @@ class RestApi:
             return await handler(request)
         resource = request.match_info.route.resource
         template = resource.canonical if resource is not None else path
-        group = GROUPS.get((request.method, template))
+        group = self.group_of(request.method, template)
         now = self.timers.now()
 
         def record(status: int) -> None:
@@ -178,6 +181,13 @@ class RestApi:
         record(response.status)
         self._observe(request, template, response)
         return response
+
+    def group_of(self, method: str, template: str) -> str | None:
+        """The throttling group the server counts a request in: an override, else the spec's."""
+        for override_method, suffix, group in reversed(self.group_overrides):
+            if override_method == method and template.endswith(suffix):
+                return group
+        return GROUPS.get((method, template))
 
     def _observe(self, request: web.Request, template: str, response: web.StreamResponse) -> None:
         """Show every JSON body of ``response`` (and of its multipart parts) to the observers."""

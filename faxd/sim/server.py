@@ -297,6 +297,16 @@ class Simulator:
         """Answer every request of throttling ``group`` with 429 for ``seconds``."""
         self.limiter.storm(group, seconds)
 
+    def set_rate_limit_group(self, method: str, path_suffix: str, group: str) -> None:
+        """Count ``method`` requests whose route template ends with ``path_suffix`` in throttling
+        ``group`` (limits and the ``X-Rate-Limit-Group`` header), not in the spec's group.
+
+        RingCentral's rate-limit doc: group names and assignments may change and limits can be
+        customised per app; the header says which group a response was counted in."""
+        if group not in self.config.rate_limits:
+            raise ValueError(f"group must be one of {sorted(self.config.rate_limits)}")
+        self.rest.group_overrides.append((method.upper(), path_suffix, group))
+
     def blackhole_ws(self) -> int:
         """Open sockets go silent (no frames, no pongs, no replies) without closing."""
         return self.gateway.blackhole_all()
