@@ -397,3 +397,29 @@ async def test_the_servers_rate_limit_group_wins_over_the_local_table() -> None:
         assert send.time - refused.time >= 30 - 0.05
         # Later message-syncs are paced in Heavy from the start (learned from the header).
         assert env.rc._group_of("GET", "message-sync", "/message-sync") == "Heavy"
+
+
+async def test_bulk_parts_are_filed_by_their_own_id_never_by_position(env: Env) -> None:
+    """Bulk GET bodies that come in another order than their status entries: nothing is filed
+    under the wrong id; the parts that prove no id are a bad body (counted), asked again later."""
+    ids = [
+        env.sim.create_outbound_fax(EXT, [RecipientScript(f"+1650555010{i}", after=1000)]) for i in range(2)
+    ]
+    env.sim.bulk_get_fault("shuffle")
+    found = await env.rc.get_messages(EXT, ids)
+    assert all(record is None or str(record["id"]) == key for key, record in found.items())
+    assert found == {}  # both records sat next to the other id's href: neither proves its id
+    assert env.sample("faxd_api_bad_bodies_total", endpoint="message-bulk-get") == 1
+    found = await env.rc.get_messages(EXT, ids)  # the fault is over: everything reads
+    assert {key: str(record["id"]) for key, record in found.items() if record} == {i: i for i in ids}
+
+
+async def test_a_bulk_part_for_an_id_not_asked_is_a_bad_body(env: Env) -> None:
+    ids = [
+        env.sim.create_outbound_fax(EXT, [RecipientScript(f"+1650555010{i}", after=1000)]) for i in range(3)
+    ]
+    env.sim.bulk_get_fault("unasked")
+    found = await env.rc.get_messages(EXT, [*ids[:2], "999999999"])
+    assert set(found) == set(ids[:2])  # 999999999 was answered with a fax not asked: left out
+    assert all(record is not None and str(record["id"]) == key for key, record in found.items())
+    assert env.sample("faxd_api_bad_bodies_total", endpoint="message-bulk-get") == 1

@@ -362,7 +362,10 @@ class RingCentral:
         """Records by id: ``None`` for ids RingCentral does not know (404).
 
         Ids whose bulk entry failed otherwise (5xx per item) are left out of the result, so the
-        caller asks again later. One id is a plain GET; more are bulk GETs of at most 50 ids.
+        caller asks again later; so are ids whose part cannot be proven theirs (a record whose ``id``
+        differs from its status entry's href, or that was not asked: a bad body, counted). Every
+        record returned is filed under its own ``id``. One id is a plain GET; more are bulk GETs of
+        at most 50 ids.
         """
         unique = list(dict.fromkeys(str(i) for i in ids))
         result: dict[str, dict[str, Any] | None] = {}
@@ -383,7 +386,7 @@ class RingCentral:
             if exc.status == 404:
                 return {message_id: None}
             raise
-        if not isinstance(body, dict):
+        if not isinstance(body, dict) or str(body.get("id")) != message_id:
             raise self._bad_body("message-get", resp.status)
         return {message_id: body}
 
@@ -396,20 +399,34 @@ class RingCentral:
             log.warning("api.bad_bulk_body", reason=str(exc), status=resp.status)
             raise self._bad_body("message-bulk-get", resp.status) from None
         result: dict[str, dict[str, Any] | None] = {}
-        for position, (status, resource_id, body) in enumerate(entries):
-            ident = resource_id
-            if ident is None and isinstance(body, dict) and body.get("id") is not None:
-                ident = str(body["id"])
-            if ident is None and position < len(chunk):
-                ident = chunk[position]  # parts come in request order
-            if ident is None or ident not in chunk:
+        asked = set(chunk)
+        mismatched = 0
+        for status, named, body in entries:
+            # A part is filed by the id it proves: a record by its own "id" (which the status entry's
+            # href, when there is one, must name too); an error part, which carries no id, by the
+            # href of its status entry (RingCentral documents the entries and the parts in the same
+            # order). Anything else is a bad body: never filed, so the id is asked again later.
+            body_id = str(body["id"]) if isinstance(body, dict) and body.get("id") is not None else None
+            ident = body_id if 200 <= status < 300 else named
+            if (
+                ident is None
+                or ident not in asked
+                or ident in result
+                or (body_id is not None and named is not None and body_id != named)
+                or (200 <= status < 300 and not isinstance(body, dict))
+            ):
+                mismatched += 1
+                log.warning("api.bulk_part_mismatch", status=status, named=named, body_id=body_id)
                 continue
-            if 200 <= status < 300 and isinstance(body, dict):
+            if 200 <= status < 300:
+                assert isinstance(body, dict)
                 result[ident] = body
             elif status == 404:
                 result[ident] = None
             else:
                 log.warning("api.bulk_item_failed", status=status, code=error_code_of(body))
+        if mismatched:
+            self._metrics.api_bad_bodies.labels("message-bulk-get").inc()
         return result
 
     # ------------------------------------------------------------------ fax

@@ -182,6 +182,10 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
             raise ControlError(f"'group' must be one of {sorted(sim.config.rate_limits)}")
         sim.rate_limit_storm(group, float(body.get("seconds", 60)))
 
+    async def bulk_get(request: web.Request) -> None:
+        body = await _body(request)
+        sim.bulk_get_fault(str(body.get("mode", "shuffle")), int(body.get("count", 1)))
+
     async def rate_limit_group(request: web.Request) -> None:
         body = await _body(request)
         method, path, group = body.get("method"), body.get("path"), body.get("group")
@@ -228,6 +232,7 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/duplicate-notifications", _wrap(duplicate_notifications))
     r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
     r.add_post("/_sim/faults/rate-limit-group", _wrap(rate_limit_group))
+    r.add_post("/_sim/faults/bulk-get", _wrap(bulk_get))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
     r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))

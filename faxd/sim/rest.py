@@ -85,6 +85,8 @@ class Faults:
     fail_html: bool = False
     fail_match: str | None = None  # only requests whose path_qs contains this
     fail_retry_after: str | None = "1"  # the Retry-After header of the failures; None: none
+    bulk_next: int = 0  # bulk GETs still to get bulk_mode
+    bulk_mode: str = "shuffle"
     delay_next: int = 0
     delay_seconds: float = 0.0
 
@@ -397,6 +399,9 @@ class RestApi:
                 parts.append((mid, 404, not_found("messageId").body))
             else:
                 parts.append((mid, 200, self.store.record(message)))
+        if self.faults.bulk_next > 0:
+            self.faults.bulk_next -= 1
+            parts = self._bulk_fault(ext, ids, parts, self.faults.bulk_mode)
         if MULTIPART_JSON in request.headers.get(hdrs.ACCEPT, ""):
             body = [{"resourceId": mid, "status": st, "body": b} for mid, st, b in parts]
             return web.Response(
@@ -405,6 +410,24 @@ class RestApi:
                 headers={"Content-Type": MULTIPART_JSON},
             )
         return self._multipart_mixed(ext, parts)
+
+    def _bulk_fault(
+        self, ext: str, ids: list[str], parts: list[tuple[str, int, JsonDict]], mode: str
+    ) -> list[tuple[str, int, JsonDict]]:
+        """The bulk-get fault: ``shuffle`` keeps the ids and statuses in request order but hands the
+        bodies out in reverse order (among parts of one status, so each still fits its status);
+        ``unasked`` answers the last id with a message of the extension that was not asked."""
+        if mode == "unasked":
+            extra = next((m for m in self.store.select(ext, availabilities=()) if str(m.id) not in ids), None)
+            if extra is None:
+                return parts
+            return [*parts[:-1], (str(extra.id), 200, self.store.record(extra))]
+        out = list(parts)
+        for status in {st for _, st, _ in parts}:
+            where = [i for i, (_, st, _) in enumerate(parts) if st == status]
+            for i, j in zip(where, reversed(where), strict=True):
+                out[i] = (parts[i][0], status, parts[j][2])
+        return out
 
     def _multipart_mixed(self, ext: str, parts: list[tuple[str, int, JsonDict]]) -> web.Response:
         boundary = f"Boundary_{secrets.randbelow(10**6)}_{secrets.randbelow(10**9)}"

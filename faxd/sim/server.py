@@ -297,6 +297,17 @@ class Simulator:
         """Answer every request of throttling ``group`` with 429 for ``seconds``."""
         self.limiter.storm(group, seconds)
 
+    def bulk_get_fault(self, mode: str, count: int = 1) -> None:
+        """The next ``count`` bulk GETs (207) answer out of step: ``shuffle`` (the records come in
+        another order than the status entries that name them) or ``unasked`` (the last id is answered
+        with a message that was not asked). RingCentral's batch-request guide documents the status
+        entries and the parts, not an order a client could file records by: a record carries its
+        own id, an error part only its place next to its status entry."""
+        if mode not in ("shuffle", "unasked"):
+            raise ValueError("mode must be 'shuffle' or 'unasked'")
+        self.rest.faults.bulk_mode = mode
+        self.rest.faults.bulk_next = count
+
     def set_rate_limit_group(self, method: str, path_suffix: str, group: str) -> None:
         """Count ``method`` requests whose route template ends with ``path_suffix`` in throttling
         ``group`` (limits and the ``X-Rate-Limit-Group`` header), not in the spec's group.

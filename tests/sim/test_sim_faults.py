@@ -178,6 +178,29 @@ async def test_storm_and_expire_and_stale_endpoints(sim: Simulator, http: aiohtt
     assert body == {"staled": 0}
     status, _ = await control(http, sim, "POST", "faults/fail-next-recovery", {"code": "WSG-1009"})
     assert status == 200
+    status, _ = await control(http, sim, "POST", "faults/bulk-get", {"mode": "sideways"})
+    assert status == 400
+
+
+async def test_bulk_get_faults(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    ids = [sim.create_inbound_fax(None, f"+1415555010{i}") for i in range(3)]
+    status, _ = await control(http, sim, "POST", "faults/bulk-get", {"mode": "shuffle"})
+    assert status == 200
+    accept = {"Accept": "application/vnd.ringcentral.multipart+json"}
+    path = sim.url + EXT + "/message-store/" + ",".join([*ids, "1"])
+    async with http.get(path, headers={**bearer(tok), **accept}) as resp:
+        entries = json.loads(await resp.text())
+    # ids and statuses in request order; the records of one status in reverse order
+    assert [(e["resourceId"], e["status"]) for e in entries] == [(i, 200) for i in ids] + [("1", 404)]
+    assert [e["body"]["id"] for e in entries[:3]] == [int(i) for i in reversed(ids)]
+    await control(http, sim, "POST", "faults/bulk-get", {"mode": "unasked"})
+    async with http.get(sim.url + EXT + "/message-store/" + ",".join(ids[:2]), headers=bearer(tok)) as resp:
+        text = await resp.text()
+    assert resp.status == 207
+    assert f"/message-store/{ids[2]}" in text  # the last id answered by the one not asked
+    async with http.get(path, headers={**bearer(tok), **accept}) as resp:  # count 1: over
+        assert [e["body"].get("id") for e in json.loads(await resp.text())][:3] == [int(i) for i in ids]
 
 
 @pytest.mark.looptime
