@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from faxd import daemon
 from faxd.adapters.metrics import Metrics
@@ -31,6 +32,8 @@ from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind
 from faxd.core.status import parse_time
 from faxd.sim import RecipientScript, SimConfig, Simulator
+from faxd.sim.common import RecordedRequest
+from faxd.sim.observe import ServedJson
 
 EXT = "200000001"
 Key = tuple[str, int | None, str, str]  # (fax, recipient, kind, to_status)
@@ -772,3 +775,52 @@ async def test_when_the_full_sync_fails_too_it_backs_off_and_is_counted(
         assert gaps[2] >= 0.8 - 0.01
         assert e.registry.get_sample_value("faxd_full_sync_failing") == 0
         assert e.reconciler.problems() == []
+
+
+@pytest.mark.looptime
+async def test_a_deleted_extension_purges_nothing_and_is_retried_slowly(tmp_path: Path) -> None:
+    """404 CMN-102 naming extensionId (the extension was deleted, or is mistyped) is a configuration
+    problem: the extension's faxes in flight stay in flight (a 404 naming the message would be
+    "Purged"), it is logged once, counted, named in STATUS= and retried every 10 minutes."""
+    armed = False
+
+    def delete_after_the_sync(served: ServedJson) -> None:
+        nonlocal armed
+        if armed and served.path.endswith("/message-sync"):
+            armed = False
+            sim.remove_extension(EXT)  # between the sync and the GET of the faxes in flight
+
+    sim = Simulator(SimConfig(seed=7), response_observer=delete_after_the_sync)
+    async with sim, engine(sim, tmp_path / "db") as e:
+        fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=3600)])
+        await e.reconcile("startup")
+        assert [f.fax_id for f in e.reconciler.in_flight()] == [fid]
+        armed = True
+
+        def refused() -> list[RecordedRequest]:
+            return [r for r in sim.requests if r.status == 404]
+
+        with capture_logs() as logs:
+            e.queue.hint(EXT, "poll", immediate=True)
+            async with asyncio.timeout(700):
+                await sim.wait_for(lambda: len(refused()) == 1)
+                # ... and again, ten minutes later: now the sync itself is refused
+                await sim.wait_for(lambda: len(refused()) == 2)
+            assert e.registry.get_sample_value("faxd_extensions_not_found") == 1
+            assert e.reconciler.problems() == ["1 configured extension(s) not found by RingCentral"]
+            sim.remove_extension(EXT, restore=True)
+            async with asyncio.timeout(700):
+                await sim.wait_for(lambda: sim.requests[-1].time > refused()[-1].time)
+                await e.queue.wait_idle()
+        assert sim.requests[-1].status == 200
+        refusals = refused()
+        assert refusals[0].path.endswith("/message-store/{messageId}")
+        assert refusals[1].path.endswith("/message-sync")
+        assert refusals[1].time - refusals[0].time >= 600 - 0.05
+        assert [f.fax_id for f in e.reconciler.in_flight()] == [fid]
+        assert not [x for x in e.events if x.transition.kind is EventKind.AVAILABILITY]
+        assert e.registry.get_sample_value("faxd_extensions_not_found") == 0
+        assert e.reconciler.problems() == []
+        errors = [entry for entry in logs if entry["log_level"] == "error"]
+        assert len(errors) == 1  # logged once, not on every retry
+        assert errors[0]["extension"] == EXT

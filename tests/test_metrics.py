@@ -55,6 +55,7 @@ FAMILIES = {
     "faxd_last_sync_timestamp_seconds": "gauge",
     "faxd_sync_token_resets": "counter",
     "faxd_full_sync_failing": "gauge",
+    "faxd_extensions_not_found": "gauge",
     "faxd_missed_by_push": "counter",
     "faxd_socket_subscribers": "gauge",
     "faxd_socket_disconnects": "counter",

@@ -22,6 +22,7 @@ from faxd.adapters.rest import (
     ApiError,
     AuthFailed,
     Document,
+    ExtensionNotFound,
     RateLimited,
     RingCentral,
     SyncTokenStale,
@@ -423,3 +424,25 @@ async def test_a_bulk_part_for_an_id_not_asked_is_a_bad_body(env: Env) -> None:
     assert set(found) == set(ids[:2])  # 999999999 was answered with a fax not asked: left out
     assert all(record is not None and str(record["id"]) == key for key, record in found.items())
     assert env.sample("faxd_api_bad_bodies_total", endpoint="message-bulk-get") == 1
+
+
+async def test_a_404_naming_the_extension_is_not_a_missing_message(env: Env) -> None:
+    """404 CMN-102 "Resource for parameter [extensionId] is not found" (deleted or mistyped) raises
+    ExtensionNotFound from every read; a 404 naming the message still reads as None (purged)."""
+    ids = [
+        env.sim.create_outbound_fax(EXT, [RecipientScript(f"+1650555010{i}", after=1000)]) for i in range(2)
+    ]
+    assert await env.rc.get_messages(EXT, ["999999999"]) == {"999999999": None}
+    for extension in ("299999999",):  # never existed (a typo)
+        with pytest.raises(ExtensionNotFound):
+            await env.rc.message_sync(extension, None)
+    env.sim.remove_extension(EXT)  # deleted
+    with pytest.raises(ExtensionNotFound) as info:
+        await env.rc.get_messages(EXT, ids[:1])
+    assert (info.value.status, info.value.code) == (404, "CMN-102")
+    with pytest.raises(ExtensionNotFound):
+        await env.rc.get_messages(EXT, ids)
+    with pytest.raises(ExtensionNotFound):
+        await env.rc.message_sync(EXT, None)
+    env.sim.remove_extension(EXT, restore=True)
+    assert set(await env.rc.get_messages(EXT, ids)) == set(ids)

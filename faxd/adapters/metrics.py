@@ -268,6 +268,11 @@ class Metrics:
             "Extensions whose last full sync failed; each is retried with backoff.",
             registry=r,
         )
+        self.extensions_not_found = Gauge(
+            "faxd_extensions_not_found",
+            "Configured extensions RingCentral answers 404 CMN-102 (extensionId) for: deleted or mistyped.",
+            registry=r,
+        )
         self.queue_depth = Gauge("faxd_queue_depth", "Extensions waiting to be reconciled.", registry=r)
         self.last_sync = Gauge(
             "faxd_last_sync_timestamp_seconds",

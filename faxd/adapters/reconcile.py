@@ -18,11 +18,14 @@ Three parts, all thin around the core:
      id + availability only become ``availability`` events.
   2. When a poll, start-up, resync, client request or settle timer asked (not for a plain push hint),
      or after an FSync: a bulk GET (chunks of 50) of the faxes still in flight (or waiting to settle)
-     that step 1 did not return. A 404 means RingCentral dropped the message: the fax becomes
-     ``Purged`` (one ``availability`` event, final). Ids whose entry failed otherwise are committed
-     as far as they went and the reconcile raises :class:`BulkIncomplete`, so the queue retries it
-     with backoff. What step 2 finds is journalled with source ``poll`` whatever asked: it is what
-     push and sync missed, and counts in ``faxd_missed_by_push_total``.
+     that step 1 did not return. A 404 naming the message means RingCentral dropped it: the fax
+     becomes ``Purged`` (one ``availability`` event, final). A 404 naming the *extension*
+     (``CMN-102`` ``extensionId``: deleted or mistyped) purges nothing: the reconcile fails, the
+     extension is counted in ``faxd_extensions_not_found`` (logged once, in STATUS=) and retried
+     every ``missing_extension_retry`` until RingCentral knows it again. Ids whose entry failed
+     otherwise are committed as far as they went and the reconcile raises :class:`BulkIncomplete`,
+     so the queue retries it with backoff. What step 2 finds is journalled with source ``poll``
+     whatever asked: it is what push and sync missed, and counts in ``faxd_missed_by_push_total``.
   3. Without any API call: ``stalled`` events (checked when step 2 runs, i.e. at least every
      ``active_poll_interval`` while faxes are in flight, not on every push; once per fax and process)
      and ``settled`` events (the ``Sent`` settle rule,
@@ -54,7 +57,14 @@ from typing import Any
 import structlog
 
 from faxd.adapters.metrics import SYNC_RESET_CODES, Metrics
-from faxd.adapters.rest import ApiError, Document, RingCentral, SyncResult, SyncTokenStale
+from faxd.adapters.rest import (
+    ApiError,
+    Document,
+    ExtensionNotFound,
+    RingCentral,
+    SyncResult,
+    SyncTokenStale,
+)
 from faxd.adapters.store import Journalled, Store
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind, FaxState, Source
@@ -93,6 +103,9 @@ class ReconcileSettings:
     fsync_days: float = 7.0  # how far back the first full sync looks
     fsync_record_count: int = 250
     fsync_max_record_count: int = 4000
+    #: Retry interval of an extension RingCentral does not know (404 CMN-102 extensionId): a
+    #: configuration problem that a fast retry would not fix.
+    missing_extension_retry: float = 600.0
 
 
 class BulkIncomplete(ApiError):
@@ -149,6 +162,7 @@ class Reconciler:
         self._stalled: set[str] = set()  # held faxes whose stall was journalled (not checked again)
         self._sending_refs: set[str] = set()
         self._fsync_failing: set[str] = set()  # extensions whose last full sync failed
+        self._not_found: set[str] = set()  # extensions RingCentral answered 404 extensionId for
         # Unsettled Sent (fax or recipient) -> wall time faxd first saw it Sent; survives restarts
         # through the journal. _settling counts the keys per fax.
         self._settle: dict[SettleKey, float] = {}
@@ -248,6 +262,8 @@ class Reconciler:
         out: list[str] = []
         if self._fsync_failing:
             out.append(f"full sync failing for {len(self._fsync_failing)} extension(s)")
+        if self._not_found:
+            out.append(f"{len(self._not_found)} configured extension(s) not found by RingCentral")
         return out
 
     def by_ref(self, ref: str) -> FaxState | None:
@@ -263,10 +279,28 @@ class Reconciler:
         trigger = next(iter(sorted(reasons))) if len(reasons) == 1 else _source(reasons).value
         try:
             await self._reconcile(extension_id, reasons)
+        except ExtensionNotFound as exc:
+            self.metrics.reconciles.labels(trigger, "error").inc()
+            if extension_id not in self._not_found:
+                # Once per episode: it is retried every missing_extension_retry until it is back.
+                log.error(
+                    "RingCentral does not know this extension (deleted, or mistyped in"
+                    " ringcentral.extensions); its faxes are not tracked until it is back",
+                    extension=extension_id,
+                    code=exc.code,
+                    retry_s=self.settings.missing_extension_retry,
+                )
+                self._not_found.add(extension_id)
+                self.metrics.extensions_not_found.set(len(self._not_found))
+            raise
         except ApiError as exc:
             self.metrics.reconciles.labels(trigger, "error").inc()
             log.warning("reconcile failed", extension=extension_id, code=exc.code, status=exc.status)
             raise
+        if extension_id in self._not_found:
+            log.info("extension found again", extension=extension_id)
+            self._not_found.discard(extension_id)
+            self.metrics.extensions_not_found.set(len(self._not_found))
         self.metrics.reconciles.labels(trigger, "ok").inc()
         self.metrics.reconcile_duration.observe(time.perf_counter() - started)
         self.metrics.last_sync.set(self.wall())
@@ -293,6 +327,8 @@ class Reconciler:
                 self.store.commit([], [], observed_at=_iso(self.wall()), sync_tokens={extension_id: None})
         try:
             result = await self._full_sync(extension_id)
+        except ExtensionNotFound:
+            raise  # not a sync problem: counted as a missing extension
         except ApiError as exc:
             if extension_id not in self._fsync_failing:
                 log.warning(
@@ -577,13 +613,16 @@ class ReconcileQueue:
             key, reasons = item
             self.metrics.queue_depth.set(self.queue.depth)
             ok = False
+            at_least = 0.0
             try:
                 await self.reconciler.reconcile(key, reasons)
                 ok = True
+            except ExtensionNotFound:
+                at_least = self.reconciler.settings.missing_extension_retry
             except ApiError:
                 pass  # logged and counted by the reconciler; the queue backs off
             finally:
-                delay = self.queue.done(key, self._now(), ok=ok)
+                delay = self.queue.done(key, self._now(), ok=ok, at_least=at_least)
                 if delay is not None:
                     log.info("reconcile will be retried", extension=key, delay=round(delay, 2))
                 self.metrics.queue_depth.set(self.queue.depth)

@@ -82,6 +82,12 @@ class SyncTokenStale(ApiError):
     """
 
 
+class ExtensionNotFound(ApiError):
+    """404 ``CMN-102`` naming ``extensionId``: RingCentral does not know a configured extension
+    (deleted, or mistyped in the config). A configuration problem, not a missing message: the
+    extension's faxes are not purged."""
+
+
 class AuthFailed(ApiError):
     """The app's credentials (client id/secret or JWT) were rejected: fatal for the daemon."""
 
@@ -383,7 +389,8 @@ class RingCentral:
                 "GET", f"{self._ext(extension_id)}/message-store/{message_id}", endpoint="message-get"
             )
         except ApiError as exc:
-            if exc.status == 404:
+            # A 404 naming the message: RingCentral dropped it. One naming the extension is raised.
+            if exc.status == 404 and not isinstance(exc, ExtensionNotFound):
                 return {message_id: None}
             raise
         if not isinstance(body, dict) or str(body.get("id")) != message_id:
@@ -421,6 +428,8 @@ class RingCentral:
             if 200 <= status < 300:
                 assert isinstance(body, dict)
                 result[ident] = body
+            elif status == 404 and _parameter_of(body) == "extensionId":
+                raise ExtensionNotFound(status, error_code_of(body), _message_of(body))
             elif status == 404:
                 result[ident] = None
             else:
@@ -618,6 +627,8 @@ class RingCentral:
         code = error_code_of(body) or f"http_{resp.status}"
         message = _message_of(body)
         log.info("api.error", endpoint=endpoint, status=resp.status, code=code)
+        if resp.status == 404 and _parameter_of(body) == "extensionId":
+            raise ExtensionNotFound(resp.status, code, message)
         raise ApiError(resp.status, code, message)
 
 
@@ -670,6 +681,22 @@ def _message_of(body: Any) -> str:
     return ""
 
 
+def _parameter_of(body: Any) -> str | None:
+    """The parameter an error body names (``parameterName``, or ``[name]`` in its message)."""
+    if not isinstance(body, dict):
+        return None
+    errors = body.get("errors")
+    first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+    for named in (first.get("parameterName"), body.get("parameterName")):
+        if isinstance(named, str) and named:
+            return named
+    for text in (first.get("message"), body.get("message")):
+        if isinstance(text, str) and (found := _BRACKETED.search(text)):
+            return found.group(1)
+    return None
+
+
+_BRACKETED = re.compile(r"\[([A-Za-z]+)\]")
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 

@@ -182,6 +182,13 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
             raise ControlError(f"'group' must be one of {sorted(sim.config.rate_limits)}")
         sim.rate_limit_storm(group, float(body.get("seconds", 60)))
 
+    async def remove_extension(request: web.Request) -> None:
+        body = await _body(request)
+        extension = body.get("extensionId")
+        if not isinstance(extension, str):
+            raise ControlError("'extensionId' is required")
+        sim.remove_extension(extension, restore=bool(body.get("restore", False)))
+
     async def bulk_get(request: web.Request) -> None:
         body = await _body(request)
         sim.bulk_get_fault(str(body.get("mode", "shuffle")), int(body.get("count", 1)))
@@ -233,6 +240,7 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
     r.add_post("/_sim/faults/rate-limit-group", _wrap(rate_limit_group))
     r.add_post("/_sim/faults/bulk-get", _wrap(bulk_get))
+    r.add_post("/_sim/faults/remove-extension", _wrap(remove_extension))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
     r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))

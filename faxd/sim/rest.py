@@ -121,6 +121,8 @@ class RestApi:
         #: (method, route-template suffix, group): the server counts those requests in that group,
         #: whatever GROUPS (the spec's x-throttling-group) says.
         self.group_overrides: list[tuple[str, str, str]] = []
+        #: Extensions deleted from the account (the remove-extension fault): 404 CMN-102 extensionId.
+        self.removed_extensions: set[str] = set()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/restapi/oauth/token", self.token)
@@ -260,8 +262,10 @@ class RestApi:
             raise not_found("accountId")
         ext = request.match_info["extensionId"]
         if ext == "~":
-            return self.tokens.owner_of(at)
-        if ext not in self.config.extensions:
+            ext = self.tokens.owner_of(at)
+        elif ext not in self.config.extensions:
+            raise not_found("extensionId")
+        if ext in self.removed_extensions:
             raise not_found("extensionId")
         return ext
 

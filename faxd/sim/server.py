@@ -297,6 +297,16 @@ class Simulator:
         """Answer every request of throttling ``group`` with 429 for ``seconds``."""
         self.limiter.storm(group, seconds)
 
+    def remove_extension(self, extension_id: str, *, restore: bool = False) -> None:
+        """The extension is deleted from the account (``restore``: it is back): every REST request
+        naming it, its messages included, gets 404 ``CMN-102`` "Resource for parameter
+        [extensionId] is not found" (what RingCentral answers for an unknown extension id)."""
+        ext = self.store.resolve_extension(extension_id)
+        if restore:
+            self.rest.removed_extensions.discard(ext)
+        else:
+            self.rest.removed_extensions.add(ext)
+
     def bulk_get_fault(self, mode: str, count: int = 1) -> None:
         """The next ``count`` bulk GETs (207) answer out of step: ``shuffle`` (the records come in
         another order than the status entries that name them) or ``unasked`` (the last id is answered

@@ -288,3 +288,21 @@ async def test_delay_pongs_holds_each_pong_in_order(sim: Simulator, http: aiohtt
     status, body = await control(http, sim, "POST", "faults/delay-pongs", {"min": 3, "max": 1})
     assert status == 400
     assert "low <= high" in body["error"]
+
+
+async def test_remove_extension(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    mid = sim.create_inbound_fax(None, "+14155550100")
+    ext = sim.config.extensions[0]
+    status, _ = await control(http, sim, "POST", "faults/remove-extension", {"extensionId": ext})
+    assert status == 200
+    for path in ("/message-sync", f"/message-store/{mid}"):
+        async with http.get(sim.url + EXT + path, headers=bearer(tok)) as resp:
+            assert resp.status == 404
+            error = (await resp.json())["errors"][0]
+            assert (error["errorCode"], error["parameterName"]) == ("CMN-102", "extensionId")
+    await control(http, sim, "POST", "faults/remove-extension", {"extensionId": ext, "restore": True})
+    async with http.get(sim.url + EXT + f"/message-store/{mid}", headers=bearer(tok)) as resp:
+        assert resp.status == 200
+    status, _ = await control(http, sim, "POST", "faults/remove-extension", {"extensionId": "1"})
+    assert status == 400
