@@ -85,8 +85,16 @@ class _Backend:
 
     list_all_limit = 1000
 
-    def __init__(self, store: Store, reconciler: Reconciler, queue: ReconcileQueue, extensions: list[str]):
+    def __init__(
+        self,
+        store: Store,
+        reconciler: Reconciler,
+        queue: ReconcileQueue,
+        extensions: list[str],
+        cover_index: int | None = 0,
+    ):
         self.store = store
+        self.cover_index = cover_index  # send.cover_index: for a send that names no cover page
         self.reconciler = reconciler
         self.queue = queue
         self.extensions = extensions
@@ -138,6 +146,7 @@ class _Backend:
             ref=request.ref,
             cover_text=request.cover_text,
             resolution=request.resolution,
+            cover_index=self.cover_index if request.cover_index is None else request.cover_index,
         )
 
 
@@ -408,7 +417,7 @@ async def _run(
             metrics,
         )
         ev = config.events
-        backend = _Backend(store, reconciler, queue, extensions)
+        backend = _Backend(store, reconciler, queue, extensions, config.send.cover_index)
         server = EventServer(
             EventServerSettings(
                 path=ev.socket,

@@ -34,6 +34,7 @@ from faxd.sim import RecipientScript, SimConfig, Simulator
 
 EXT = "200000001"
 TOKEN = "/restapi/oauth/token"
+PDF = Document("a.pdf", "application/pdf", b"%PDF-1.4 a")
 
 
 @dataclass
@@ -228,7 +229,13 @@ async def test_send_fax_multipart(env: Env) -> None:
     stored = env.sim.message(str(record["id"]))
     assert stored["coverPageText"] == "Hi"
     assert stored["faxResolution"] == "High"
-    assert env.calls("/fax", "POST") == [200]
+    assert stored["coverIndex"] == 1  # none asked: the account's default cover page
+    record = await env.rc.send_fax(EXT, to=["+16505550123"], documents=[PDF], cover_index=0)
+    assert env.sim.message(str(record["id"]))["coverIndex"] == 0
+    # The spec's fax request requires an attachment: refused here, before any request.
+    with pytest.raises(ValueError, match="at least one document"):
+        await env.rc.send_fax(EXT, to=["+16505550123"], documents=[], cover_text="a cover page alone")
+    assert env.calls("/fax", "POST") == [200, 200]
     assert env.sim.requests_to("/fax", "POST")[0].group == "Heavy"
 
 

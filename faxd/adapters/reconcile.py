@@ -532,17 +532,35 @@ class Reconciler:
         ref: str | None,
         cover_text: str | None,
         resolution: str | None,
+        cover_index: int | None = None,
     ) -> FaxState:
-        """Send a fax and journal RingCentral's answer at once (source ``send``)."""
+        """Send a fax and journal RingCentral's answer at once (source ``send``).
+
+        ``cover_index`` 0 means no cover page, so a ``cover_text`` (printed on the cover page) with it
+        is refused rather than silently dropped.
+        """
         if ref is not None and (ref in self._sending_refs or self.by_ref(ref) is not None):
             raise SendError("bad_request", f"ref {ref!r} is already used by another fax")
+        if not documents:
+            raise SendError("bad_request", "a fax needs at least one document")
+        if cover_text is not None and cover_index == 0:
+            raise SendError(
+                "bad_request",
+                "cover_text is printed on a cover page, but cover_index is 0 (no cover page):"
+                " give cover_index 1-13, or set send.cover_index",
+            )
         if ref is not None:
             # Reserved across the await: two overlapping sends with one ref must not both reach
             # RingCentral (the second would be sent but could never be journalled with its ref).
             self._sending_refs.add(ref)
         try:
             record = await self.rc.send_fax(
-                extension_id, to=to, documents=documents, cover_text=cover_text, resolution=resolution
+                extension_id,
+                to=to,
+                documents=documents,
+                cover_text=cover_text,
+                resolution=resolution,
+                cover_index=cover_index,
             )
         except ApiError as exc:
             raise SendError("upstream", exc.message or "RingCentral refused the fax", exc.code) from exc

@@ -448,11 +448,21 @@ class RingCentral:
         documents: Sequence[Document],
         cover_text: str | None = None,
         resolution: str | None = None,
+        cover_index: int | None = None,
     ) -> dict[str, Any]:
-        """``POST …/fax`` (Heavy): the new fax record, normally ``Queued``."""
+        """``POST …/fax`` (Heavy): the new fax record, normally ``Queued``.
+
+        ``cover_index``: 0 = no cover page, 1-13 = one of the account's; None leaves the choice to
+        the account's default cover page. Raises ValueError, before any request, without documents:
+        the spec's fax request requires an ``attachment``.
+        """
+        if not documents:
+            raise ValueError("a fax needs at least one document (RingCentral requires an attachment)")
         envelope: dict[str, Any] = {"to": [{"phoneNumber": p} for p in to]}
         if resolution is not None:
             envelope["faxResolution"] = resolution
+        if cover_index is not None:
+            envelope["coverIndex"] = cover_index
         if cover_text is not None:
             envelope["coverPageText"] = cover_text
 

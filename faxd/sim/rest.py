@@ -549,7 +549,10 @@ class RestApi:
         resolution = options.get("faxResolution", "Low")
         if resolution not in ("High", "Low"):
             raise invalid_parameter("faxResolution")
-        cover_index: int | None = None
+        # Without coverIndex the account's default cover page is attached (the spec: "If not
+        # specified, the default cover page is attached (which is configured in 'Outbound Fax
+        # Settings')").
+        cover_index: int | None = self.config.default_cover_index
         if options.get("coverIndex") is not None:
             try:
                 cover_index = int(options["coverIndex"])
