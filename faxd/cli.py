@@ -174,6 +174,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
             ref=args.ref,
             cover_text=args.cover_text,
             resolution=args.resolution,
+            cover_index=args.cover_index,
             wait=args.wait,
             out=sys.stdout,
         )
@@ -329,7 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", action="append", required=True, help="recipient number, E.164 (repeatable)")
     p.add_argument("files", nargs="+", help="documents to send (PDF, TIFF, ...)")
     p.add_argument("--ref", help="your own reference, carried by every event of this fax")
-    p.add_argument("--cover-text", help="cover page text")
+    p.add_argument("--cover-text", help="cover page text (needs a cover page: --cover-index 1-13)")
+    p.add_argument(
+        "--cover-index",
+        type=int,
+        metavar="N",
+        help="cover page: 0 = none, 1-13 = one of the account's cover pages (default: send.cover_index)",
+    )
     p.add_argument("--resolution", choices=["High", "Low"])
     p.add_argument("--wait", action="store_true", help="follow the fax to its final status")
     p.set_defaults(func=_cmd_send)

@@ -187,6 +187,17 @@ def _integer(minimum: int) -> _Parser:
     return parse
 
 
+def _cover_index(value: object, _: _Context) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+        raise _Invalid(
+            "expected a cover page index (0 = no cover page, 1-13 = one of the account's cover"
+            f" pages) or null (the account's default cover page), got {_show(value)}"
+        )
+    return value
+
+
 def _share(value: object, _: _Context) -> float:
     if not _is_number(value):
         raise _Invalid(f"expected a number in (0, 1], got {_show(value)}")
@@ -573,6 +584,14 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SendConfig:
+    cover_index: int | None = _opt(0, _cover_index)
+    """Cover page of faxes sent through faxd when the request names none: 0 = none, 1-13 = one of the
+    account's cover pages (GET /restapi/v1.0/dictionary/fax-cover-page), null = the account's
+    default cover page (Outbound Fax Settings)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     ringcentral: RingCentralConfig = field(metadata={"section": RingCentralConfig})
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig, metadata={"section": WebSocketConfig})
@@ -581,6 +600,7 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig, metadata={"section": EventsConfig})
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"section": MetricsConfig})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"section": LoggingConfig})
+    send: SendConfig = field(default_factory=SendConfig, metadata={"section": SendConfig})
 
 
 # ---------------------------------------------------------------------------------------------------

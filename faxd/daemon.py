@@ -95,8 +95,16 @@ class _Backend:
 
     list_all_limit = 1000
 
-    def __init__(self, store: Store, reconciler: Reconciler, queue: ReconcileQueue, extensions: list[str]):
+    def __init__(
+        self,
+        store: Store,
+        reconciler: Reconciler,
+        queue: ReconcileQueue,
+        extensions: list[str],
+        cover_index: int | None = 0,
+    ):
         self.store = store
+        self.cover_index = cover_index  # send.cover_index: for a send that names no cover page
         self.reconciler = reconciler
         self.queue = queue
         self.extensions = extensions
@@ -148,6 +156,7 @@ class _Backend:
             ref=request.ref,
             cover_text=request.cover_text,
             resolution=request.resolution,
+            cover_index=self.cover_index if request.cover_index is None else request.cover_index,
         )
 
 
@@ -324,7 +333,9 @@ class _Live:
         in_flight = self.reconciler.in_flight_count() if self.reconciler is not None else 0
         last = _clock(self.metrics.last_sync_time())
         text = f"WebSocket {ws}; {in_flight} faxes in flight; last sync {last}"
-        return f"{text}; {self.problem}" if self.problem else text
+        problems = [self.problem] if self.problem else []
+        problems += self.reconciler.problems() if self.reconciler is not None else []
+        return "; ".join([text, *problems])
 
     def refresh_oldest_in_flight(self) -> None:
         """The stuck-Queued alert's gauge; walks every fax in flight, so only on the watchdog's tick."""
@@ -439,7 +450,7 @@ async def _run(
             metrics,
         )
         ev = config.events
-        backend = _Backend(store, reconciler, queue, extensions)
+        backend = _Backend(store, reconciler, queue, extensions, config.send.cover_index)
         server = EventServer(
             EventServerSettings(
                 path=ev.socket,

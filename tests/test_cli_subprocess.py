@@ -131,6 +131,16 @@ async def test_send_errors_are_one_line(running: RunningDaemon, pdf: str, short_
     code, out, err = await faxd("send", "--socket", running.socket, "--to", "+16505550100", "nope.pdf")
     assert (code, out) == (2, "")
     assert err == "faxd send: cannot read nope.pdf: No such file or directory\n"
+    # A cover text with no cover page (send.cover_index 0 and no --cover-index) would be lost.
+    code, out, err = await faxd(
+        "send", "--socket", running.socket, "--to", "+16505550100", "--cover-text", "x", pdf
+    )
+    assert (code, out) == (1, "")
+    assert err.startswith("faxd send: send failed: bad_request: cover_text is printed on a cover page")
+    # No document: argparse refuses before anything is sent.
+    code, out, err = await faxd("send", "--socket", running.socket, "--to", "+16505550100")
+    assert (code, out) == (2, "")
+    assert "the following arguments are required: files" in err
     # Unknown fax.
     code, out, err = await faxd("status", "--socket", running.socket, "999")
     assert (code, out, err) == (1, "", "faxd status: not_found: no fax 999\n")

@@ -180,6 +180,9 @@ BAD_VALUES = [
         "/nonexistent/ca.pem",
         "CA file /nonexistent/ca.pem does not exist or is not a regular file",
     ),
+    ("send.cover_index", -1, "expected a cover page index (0 = no cover page, 1-13"),
+    ("send.cover_index", "none", "expected a cover page index (0 = no cover page, 1-13"),
+    ("send.cover_index", True, "expected a cover page index (0 = no cover page, 1-13"),
 ]
 
 
@@ -211,6 +214,12 @@ def test_mode_forms(value: str, expected: int) -> None:
 )
 def test_group_forms(value: object, expected: object) -> None:
     assert expected == parse_config(with_values(events__group=value), environ=ENV).events.group
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, 0), (3, 3), (None, None)])
+def test_cover_index_forms(value: object, expected: object) -> None:
+    assert parse_config(with_values(send__cover_index=value), environ=ENV).send.cover_index == expected
+    assert parse_config(MINIMAL, environ=ENV).send.cover_index == 0  # by default: no cover page
 
 
 def test_extension_ids_may_be_numbers_in_yaml() -> None:

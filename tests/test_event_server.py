@@ -1012,7 +1012,13 @@ async def test_close_says_bye_to_everyone_and_is_bounded(short_dir: Path) -> Non
     await subscribed.recv_type("caught_up")
     idle = await h.connect()
     stuck = await h.connect()
-    await stuck.send({"type": "send", "to": [{"phone": "+1555"}], "cover_text": "x"})
+    await stuck.send(
+        {
+            "type": "send",
+            "to": [{"phone": "+1555"}],
+            "documents": [{"name": "a.txt", "content_type": "text/plain", "data": "aGVsbG8="}],
+        }
+    )
     await h.backend.send_started.wait()
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -422,3 +422,26 @@ async def test_events_group_that_does_not_exist_is_a_clear_error(short_dir: Path
         line.get("reason") == "events.group: there is no group named 'no-such-faxd-group' on this system"
         for line in faxd.lines
     ), faxd.raw[-5:]
+
+
+async def test_status_names_extensions_ringcentral_does_not_know(sim: Simulator, short_dir: Path) -> None:
+    """A mistyped (or deleted) extension: RingCentral answers 404 CMN-102 extensionId. STATUS= says so,
+    faxd keeps running and the other extension is tracked."""
+    config = write_config(short_dir, sim, ringcentral={"extensions": ["~", "299999999"]})
+    notify = NotifySocket(short_dir / "notify")
+    try:
+        async with asyncio.timeout(30), daemon(config, env={"NOTIFY_SOCKET": str(notify.path)}) as faxd:
+            line = await notify.wait_for(
+                lambda m: "1 configured extension(s) not found by RingCentral" in (status_of(m) or "")
+            )
+            faxd.signal(signal.SIGTERM)
+            assert await faxd.wait() == 0
+    finally:
+        notify.close()
+    assert (status_of(line) or "").startswith("WebSocket ")
+    refused = [r for r in sim.requests_to("/message-sync") if "/extension/299999999/" in r.raw_path]
+    assert refused
+    assert {r.status for r in refused} == {404}
+    assert any(
+        r.status == 200 and "/extension/200000001/" in r.raw_path for r in sim.requests_to("/message-sync")
+    )

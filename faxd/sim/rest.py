@@ -85,6 +85,10 @@ class Faults:
     fail_next: int = 0
     fail_status: int = 503
     fail_html: bool = False
+    fail_match: str | None = None  # only requests whose path_qs contains this
+    fail_retry_after: str | None = "1"  # the Retry-After header of the failures; None: none
+    bulk_next: int = 0  # bulk GETs still to get bulk_mode
+    bulk_mode: str = "shuffle"
     delay_next: int = 0
     delay_seconds: float = 0.0
     #: the ``Date`` header of every REST response is off by this many seconds
@@ -120,6 +124,11 @@ class RestApi:
         self.ws_handler = ws_handler
         self.faults = Faults()
         self.observers = observers or ObserverSet()
+        #: (method, route-template suffix, group): the server counts those requests in that group,
+        #: whatever GROUPS (the spec's x-throttling-group) says.
+        self.group_overrides: list[tuple[str, str, str]] = []
+        #: Extensions deleted from the account (the remove-extension fault): 404 CMN-102 extensionId.
+        self.removed_extensions: set[str] = set()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/restapi/oauth/token", self.token)
@@ -155,7 +164,7 @@ class RestApi:
             return await handler(request)
         resource = request.match_info.route.resource
         template = resource.canonical if resource is not None else path
-        group = GROUPS.get((request.method, template))
+        group = self.group_of(request.method, template)
         now = self.timers.now()
 
         def record(status: int) -> None:
@@ -167,10 +176,10 @@ class RestApi:
         if faults.delay_next > 0:
             faults.delay_next -= 1
             await asyncio.sleep(faults.delay_seconds)
-        if faults.fail_next > 0:
+        if faults.fail_next > 0 and (faults.fail_match is None or faults.fail_match in request.path_qs):
             faults.fail_next -= 1
             record(faults.fail_status)
-            failure = self._failure(faults.fail_status, faults.fail_html)
+            failure = self._failure(faults.fail_status, faults.fail_html, faults.fail_retry_after)
             self._observe(request, template, failure)
             return failure
         verdict: Verdict | None = self.limiter.check(group) if group is not None else None
@@ -192,6 +201,13 @@ class RestApi:
         record(response.status)
         self._observe(request, template, response)
         return response
+
+    def group_of(self, method: str, template: str) -> str | None:
+        """The throttling group the server counts a request in: an override, else the spec's."""
+        for override_method, suffix, group in reversed(self.group_overrides):
+            if override_method == method and template.endswith(suffix):
+                return group
+        return GROUPS.get((method, template))
 
     def _observe(self, request: web.Request, template: str, response: web.StreamResponse) -> None:
         """Show every JSON body of ``response`` (and of its multipart parts) to the observers."""
@@ -240,8 +256,8 @@ class RestApi:
                 )
 
     @staticmethod
-    def _failure(status: int, html: bool) -> web.Response:
-        headers = {"Retry-After": "1"}
+    def _failure(status: int, html: bool, retry_after: str | None) -> web.Response:
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
         if html:
             return web.Response(
                 status=status,
@@ -262,8 +278,10 @@ class RestApi:
             raise not_found("accountId")
         ext = request.match_info["extensionId"]
         if ext == "~":
-            return self.tokens.owner_of(at)
-        if ext not in self.config.extensions:
+            ext = self.tokens.owner_of(at)
+        elif ext not in self.config.extensions:
+            raise not_found("extensionId")
+        if ext in self.removed_extensions:
             raise not_found("extensionId")
         return ext
 
@@ -454,6 +472,9 @@ class RestApi:
                 parts.append((mid, 404, not_found("messageId").body))
             else:
                 parts.append((mid, 200, self.store.record(message)))
+        if self.faults.bulk_next > 0:
+            self.faults.bulk_next -= 1
+            parts = self._bulk_fault(ext, ids, parts, self.faults.bulk_mode)
         if MULTIPART_JSON in request.headers.get(hdrs.ACCEPT, ""):
             body = [{"resourceId": mid, "status": st, "body": b} for mid, st, b in parts]
             return web.Response(
@@ -462,6 +483,24 @@ class RestApi:
                 headers={"Content-Type": MULTIPART_JSON},
             )
         return self._multipart_mixed(ext, parts)
+
+    def _bulk_fault(
+        self, ext: str, ids: list[str], parts: list[tuple[str, int, JsonDict]], mode: str
+    ) -> list[tuple[str, int, JsonDict]]:
+        """The bulk-get fault: ``shuffle`` keeps the ids and statuses in request order but hands the
+        bodies out in reverse order (among parts of one status, so each still fits its status);
+        ``unasked`` answers the last id with a message of the extension that was not asked."""
+        if mode == "unasked":
+            extra = next((m for m in self.store.select(ext, availabilities=()) if str(m.id) not in ids), None)
+            if extra is None:
+                return parts
+            return [*parts[:-1], (str(extra.id), 200, self.store.record(extra))]
+        out = list(parts)
+        for status in {st for _, st, _ in parts}:
+            where = [i for i, (_, st, _) in enumerate(parts) if st == status]
+            for i, j in zip(where, reversed(where), strict=True):
+                out[i] = (parts[i][0], status, parts[j][2])
+        return out
 
     def _multipart_mixed(self, ext: str, parts: list[tuple[str, int, JsonDict]]) -> web.Response:
         boundary = f"Boundary_{secrets.randbelow(10**6)}_{secrets.randbelow(10**9)}"
@@ -579,7 +618,10 @@ class RestApi:
         resolution = options.get("faxResolution", "Low")
         if resolution not in ("High", "Low"):
             raise invalid_parameter("faxResolution")
-        cover_index: int | None = None
+        # Without coverIndex the account's default cover page is attached (the spec: "If not
+        # specified, the default cover page is attached (which is configured in 'Outbound Fax
+        # Settings')").
+        cover_index: int | None = self.config.default_cover_index
         if options.get("coverIndex") is not None:
             try:
                 cover_index = int(options["coverIndex"])
