@@ -1,12 +1,13 @@
 # Two commands set everything up on a fresh machine with Python >= 3.11 and make:
 #   make demo   - the simulator and the daemon on loopback, sample faxes, live transitions
 #   make test   - lint, types, layering, and the whole test suite
+#   make dist   - the sdist and the wheel, into dist/ (installing them: README.md, "Install")
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench clean
+.PHONY: demo test lint unit dist bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "faxd needs Python >= 3.11, found " + sys.version)'
@@ -19,8 +20,8 @@ demo: $(STAMP)
 	$(BIN)/faxd demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check faxd tests bench tools
-	$(BIN)/ruff format --check faxd tests bench tools
+	$(BIN)/ruff check faxd tests bench tools setup.py
+	$(BIN)/ruff format --check faxd tests bench tools setup.py
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -28,6 +29,12 @@ unit: $(STAMP)
 	$(BIN)/pytest
 
 test: lint unit
+
+# The sdist and a wheel built from it (python -m build), into dist/. A stale faxd.egg-info would add the
+# files its SOURCES.txt lists to the sdist whatever MANIFEST.in says, so it goes first.
+dist: $(STAMP)
+	rm -rf dist build faxd.egg-info
+	$(BIN)/python -m build --outdir dist .
 
 # Every bench script (bench/README.md); one that misses its targets or fails does not stop the others,
 # and make bench fails at the end naming them. soak.py runs its 10-minute profile.
@@ -45,4 +52,4 @@ bench: $(VENV)/.bench-installed
 	if [ -n "$$failed" ]; then echo "bench: missed targets or failed:$$failed"; exit 1; fi
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
+	rm -rf $(VENV) dist build faxd.egg-info .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

@@ -1,6 +1,15 @@
 """faxd: a fax-status daemon for RingCentral.
 
-Importing the package has no side effects; the entry point is :func:`faxd.cli.main`.
+Importing the package has no side effects; the entry point is :func:`faxd.cli.main`. The version has one
+source, pyproject.toml, read here from the installed package's metadata.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("faxd")
+except PackageNotFoundError:
+    # A checkout put on sys.path by hand, never installed: say so rather than guess a number.
+    __version__ = "0+unknown"
+
+del PackageNotFoundError, version

@@ -11,11 +11,26 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import TypeVar
 
 from faxd import __version__
-from faxd.config import EX_CONFIG, Config, ConfigError, default_config_path, load_config, render_effective
+from faxd.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_EVENT_SOCKET,
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    EventsConfig,
+    StoreConfig,
+    default_config_path,
+    deferred_credentials,
+    load_config,
+    load_section,
+    render_effective,
+)
 
 EX_USAGE = 64
+_T = TypeVar("_T")
 
 
 def _config_path(args: argparse.Namespace) -> str:
@@ -26,14 +41,36 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(_config_path(args))
 
 
+class _UnusableConfig(Exception):
+    """A client command cannot use the config it was given; the message says what to do instead."""
+
+
+def _section(args: argparse.Namespace, section: type[_T], what: str, flag: str) -> _T | None:
+    """Only `section` of the config (a client never reads the daemon's secrets); None when no
+    config was named and the default file does not exist. A config that cannot be used is an error
+    that says how to do without it (`flag`)."""
+    path = _config_path(args)
+    implicit = not args.config and path == DEFAULT_CONFIG_PATH
+    if implicit and not os.path.lexists(path):
+        return None
+    try:
+        return load_section(path, section)
+    except ConfigError as exc:
+        raise _UnusableConfig(
+            f"faxd {args.command}: cannot take the {what} from {path}:\n"
+            + "".join(f"  {problem}\n" for problem in exc.problems)
+            + f"fix the config or name the {what} with {flag}"
+        ) from None
+
+
 def _socket_path(args: argparse.Namespace) -> str:
+    """--socket, else $FAXD_SOCKET, else events.socket of the config, else the default."""
     if args.socket:
         return str(args.socket)
-    try:
-        return _load(args).events.socket
-    except ConfigError:
-        # A client must work without reading the daemon's secrets: fall back to the default path.
-        return "/run/faxd/events.sock"
+    if env := os.environ.get("FAXD_SOCKET"):
+        return env
+    events = _section(args, EventsConfig, "event socket", "--socket PATH or $FAXD_SOCKET")
+    return DEFAULT_EVENT_SOCKET if events is None else events.socket
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -47,10 +84,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(daemon.run(config, config_path=_config_path(args)))
 
 
+def _faxd_argv() -> list[str]:
+    """How systemd-run can start this same faxd (its PATH does not include a venv's bin)."""
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(script) == "faxd" and os.access(script, os.X_OK):
+        return [script]
+    return [sys.executable, "-m", "faxd"]
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args)
+    from faxd import credentials
+
+    # From a shell there is no $CREDENTIALS_DIRECTORY: check everything else and say what was not.
+    config = load_config(_config_path(args), defer_credentials=True)
     print(render_effective(config), end="")
+    deferred = deferred_credentials(config)
+    if not deferred:
+        return 0
+    found = []
+    print("faxd check-config: the config is valid, but these credentials were not checked:", file=sys.stderr)
+    for key, name in deferred:
+        file, note = credentials.inspect(name)
+        found.append((name, file))
+        print(f"  {key}: {{credential: {name}}}: {note}", file=sys.stderr)
+    command = credentials.systemd_run_command(found, os.path.abspath(_config_path(args)), _faxd_argv())
+    print(
+        "$CREDENTIALS_DIRECTORY is set only inside the unit. To check them as faxd.service loads them"
+        f" (LoadCredentialEncrypted= needs systemd >= {credentials.MIN_SYSTEMD_ENCRYPTED}), as root:\n"
+        f"  {command}",
+        file=sys.stderr,
+    )
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from faxd import doctor
+    from faxd.logs import configure_logging
+
+    # The report is the output; the REST client's own log lines would only repeat it (on stderr).
+    configure_logging(level="error", fmt="console", redact_phi=True, stream=sys.stderr)
+    return asyncio.run(doctor.main(_config_path(args), json_out=args.json, out=sys.stdout))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -101,10 +174,70 @@ def _cmd_send(args: argparse.Namespace) -> int:
             ref=args.ref,
             cover_text=args.cover_text,
             resolution=args.resolution,
+            cover_index=args.cover_index,
             wait=args.wait,
             out=sys.stdout,
         )
     )
+
+
+def _cmd_install_service(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from faxd import install_service
+
+    return install_service.install(
+        root=Path(args.root) if args.root else None,
+        unit_dir=args.unit_dir,
+        sysusers_dir=args.sysusers_dir,
+        force=args.force,
+        version=__version__,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+
+
+def _store_path(args: argparse.Namespace) -> str:
+    """--db, else store.path of the config (only its `store` section is read). Never a default
+    path: a restore must not land in a store no config names."""
+    if args.db:
+        return str(args.db)
+    store = _section(args, StoreConfig, "store", "--db PATH")
+    if store is None:
+        raise _UnusableConfig(
+            f"faxd store: there is no {DEFAULT_CONFIG_PATH}: name the config with -c FILE"
+            " or the store with --db PATH"
+        )
+    return store.path
+
+
+def _cmd_store_backup(args: argparse.Namespace) -> int:
+    from faxd.adapters.store import StoreError, backup
+
+    database = _store_path(args)
+    try:
+        snapshot = backup(database, args.file)
+    except (StoreError, OSError) as exc:
+        print(f"faxd store backup: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up {database} to {args.file}: epoch {snapshot.epoch}, head seq {snapshot.head_seq}")
+    return 0
+
+
+def _cmd_store_restore(args: argparse.Namespace) -> int:
+    from faxd.adapters.store import StoreError, restore
+
+    database = _store_path(args)
+    try:
+        written, restored = restore(args.file, database)
+    except (StoreError, OSError) as exc:
+        print(f"faxd store restore: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"restored {args.file} (head seq {written.head_seq}) to {database} under the new epoch"
+        f" {restored.epoch}: clients resuming an older cursor get cursor_expired"
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,13 +261,51 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.set_defaults(func=_cmd_check_config)
 
+    p = sub.add_parser("doctor", help="preflight: check the config, network, credentials and permissions")
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_doctor)
+
     p = sub.add_parser("demo", help="simulator + daemon on loopback, sample faxes, live transitions")
     p.add_argument("--timeout", type=float, default=90.0, help="give up after this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser(
+        "install-service",
+        help="install the systemd units, sysusers file, example config and alert rules from this package",
+    )
+    p.add_argument("--root", help="install under this directory instead of / (staging, images, tests)")
+    p.add_argument(
+        "--force", action="store_true", help="also replace files with local changes (never the config)"
+    )
+    p.add_argument(
+        "--unit-dir",
+        default="/usr/local/lib/systemd/system",
+        help="where the units go (default: %(default)s; /etc/systemd/system also works)",
+    )
+    p.add_argument("--sysusers-dir", help="where faxd.conf goes (default: the sysusers.d beside --unit-dir)")
+    p.set_defaults(func=_cmd_install_service)
+
     # Listed for --help; main() hands its arguments to faxd.sim.cli before argparse sees them.
     sub.add_parser("simulate", help="run the RingCentral simulator alone (faxd simulate --help)")
+
+    p = sub.add_parser("store", help="back up or restore the store (the journal and fax states)")
+    store_sub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    for name, func, text, file_help in (
+        ("backup", _cmd_store_backup, "copy the store to FILE (0600), safely while faxd runs", "the copy"),
+        (
+            "restore",
+            _cmd_store_restore,
+            "replace the store by FILE under a new epoch (faxd stopped)",
+            "a backup",
+        ),
+    ):
+        action = store_sub.add_parser(name, help=text, description=text)
+        with_config(action)
+        action.add_argument("--db", help="the store's database (default: store.path of the config)")
+        action.add_argument("file", help=file_help)
+        action.set_defaults(func=func)
 
     p = sub.add_parser("watch", help="follow transitions as they happen")
     with_socket(p)
@@ -159,7 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", action="append", required=True, help="recipient number, E.164 (repeatable)")
     p.add_argument("files", nargs="+", help="documents to send (PDF, TIFF, ...)")
     p.add_argument("--ref", help="your own reference, carried by every event of this fax")
-    p.add_argument("--cover-text", help="cover page text")
+    p.add_argument("--cover-text", help="cover page text (needs a cover page: --cover-index 1-13)")
+    p.add_argument(
+        "--cover-index",
+        type=int,
+        metavar="N",
+        help="cover page: 0 = none, 1-13 = one of the account's cover pages (default: send.cover_index)",
+    )
     p.add_argument("--resolution", choices=["High", "Low"])
     p.add_argument("--wait", action="store_true", help="follow the fax to its final status")
     p.set_defaults(func=_cmd_send)
@@ -179,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"faxd: invalid configuration ({_config_path(args)}):\n{exc}", file=sys.stderr)
+        return EX_CONFIG
+    except _UnusableConfig as exc:
+        print(exc, file=sys.stderr)
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130

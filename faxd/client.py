@@ -431,6 +431,7 @@ async def send(
     ref: str | None = None,
     cover_text: str | None = None,
     resolution: str | None = None,
+    cover_index: int | None = None,
     wait: bool = False,
     out: TextIO,
     err: TextIO = sys.stderr,
@@ -441,12 +442,20 @@ async def send(
     the reason for a failure go to ``err``.
     """
     try:
+        if not files:
+            raise ClientError("a fax needs at least one document", 2)
         request: dict[str, Any] = {
             "type": "send",
             "to": [{"phone": phone} for phone in to],
             "documents": await _read_documents(files),
         }
-        for key, value in (("ref", ref), ("cover_text", cover_text), ("resolution", resolution)):
+        options = (
+            ("ref", ref),
+            ("cover_text", cover_text),
+            ("resolution", resolution),
+            ("cover_index", cover_index),
+        )
+        for key, value in options:
             if value is not None:
                 request[key] = value
         if len(encode_line(request)) > MAX_SEND_LINE:

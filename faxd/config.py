@@ -9,6 +9,12 @@ are relative to the file's own directory. Secrets are read here, once, from a fi
 This module must not log (logging is configured from its result), put a secret's value into any
 message, repr or rendering, accept a secret written literally in the YAML, or do any I/O beyond
 reading the config file and the secret files and checking that the CA file exists.
+
+`load_section` reads one section only (the socket clients need `events`, `faxd store` needs `store`):
+nothing else in the file is validated and no secret is read. `load_config(..., defer_credentials=True)`
+is for `faxd check-config` from a shell, where `$CREDENTIALS_DIRECTORY` is unset: each
+`{credential: NAME}` becomes a placeholder instead of a problem (`deferred_credentials` lists them), and
+such a config must never run the daemon.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 import difflib
 import errno
 import hmac
+import ipaddress
 import json
 import math
 import os
@@ -29,10 +36,14 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from faxd.core.proxy import Proxy, ProxyError, parse_proxy_url
+
 EX_CONFIG = 78
 """Exit status for a bad configuration (sysexits.h); the unit sets RestartPreventExitStatus=78."""
 
 DEFAULT_CONFIG_PATH = "/etc/faxd/config.yaml"
+DEFAULT_EVENT_SOCKET = "/run/faxd/events.sock"
+"""`events.socket`'s default, and faxd.socket's ListenStream= (tests pin that they agree)."""
 _MAX_SECRET_BYTES = 1 << 20  # systemd's limit for all credentials of a unit
 _SECRET_FORMS = "{credential: NAME}, {file: PATH} or {env: NAME}"
 
@@ -51,13 +62,17 @@ class Secret:
     `source` says where it came from, e.g. ``("file", "/etc/faxd/jwt")``, for `render_effective`.
     """
 
-    __slots__ = ("_value", "source")
+    __slots__ = ("_value", "deferred", "source")
 
-    def __init__(self, value: str, source: tuple[str, str] | None = None) -> None:
+    def __init__(self, value: str, source: tuple[str, str] | None = None, *, deferred: bool = False) -> None:
         self._value = value
         self.source = source
+        #: True for a `{credential: NAME}` that `faxd check-config` could not read (no value).
+        self.deferred = deferred
 
     def reveal(self) -> str:
+        if self.deferred:
+            raise RuntimeError("a credential deferred by check-config has no value")
         return self._value
 
     def __repr__(self) -> str:
@@ -83,6 +98,7 @@ class _Invalid(Exception):
 class _Context:
     environ: Mapping[str, str]
     base_dir: str
+    defer_credentials: bool = False
 
 
 _Parser = Callable[[object, _Context], Any]
@@ -171,6 +187,17 @@ def _integer(minimum: int) -> _Parser:
     return parse
 
 
+def _cover_index(value: object, _: _Context) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+        raise _Invalid(
+            "expected a cover page index (0 = no cover page, 1-13 = one of the account's cover"
+            f" pages) or null (the account's default cover page), got {_show(value)}"
+        )
+    return value
+
+
 def _share(value: object, _: _Context) -> float:
     if not _is_number(value):
         raise _Invalid(f"expected a number in (0, 1], got {_show(value)}")
@@ -201,10 +228,25 @@ def _text(value: object, _: _Context) -> str:
     return value.strip()
 
 
-def _url(value: object, _: _Context) -> str:
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _server_url(value: object, _: _Context) -> str:
     parts = urlsplit(value) if isinstance(value, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise _Invalid(f"expected an http(s) URL like https://platform.ringcentral.com, got {_show(value)}")
+    # The client secret and the JWT go to this server: in clear text only if it never leaves the host.
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise _Invalid(
+            "plain http:// would send the client secret and the JWT in clear text; use https:// "
+            f"(http:// is accepted only for a loopback host: 127.0.0.0/8, ::1, localhost), got {_show(value)}"
+        )
     return str(value).rstrip("/")
 
 
@@ -310,6 +352,8 @@ def _secret(value: object, ctx: _Context) -> Secret:
         if "/" in ref or ref in (".", ".."):
             raise _Invalid(f"credential: expected a credential name without '/', got {_show(ref)}")
         directory = ctx.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory and ctx.defer_credentials:
+            return Secret("", ("credential", ref), deferred=True)
         if not directory:
             raise _Invalid(
                 f"{{credential: {ref}}} needs $CREDENTIALS_DIRECTORY (set by systemd's "
@@ -370,13 +414,62 @@ def _render_mode(mode: int) -> str:
     return f"{mode:04o}"
 
 
+@dataclass(frozen=True)
+class ProxySetting:
+    """A set `ringcentral.proxy`: this proxy, or none at all (not even the environment's)."""
+
+    proxy: Proxy | None
+    source: tuple[str, str] | None = None
+    """Where a URL with a password came from, e.g. ``("credential", "proxy-url")``."""
+
+
+_PROXY_FORMS = f'http://HOST:PORT, "none", or a URL with a password as {_SECRET_FORMS}'
+
+
+def _proxy(value: object, ctx: _Context) -> ProxySetting | None:
+    """`ringcentral.proxy`. No reason quotes a URL: one with a password in it would leak it."""
+    if value is None:
+        return None  # the environment's proxy, as curl finds it
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return ProxySetting(None)  # curl's --proxy "": no proxy, whatever the environment says
+    if isinstance(value, Mapping):
+        secret = _secret(value, ctx)
+        try:
+            return ProxySetting(parse_proxy_url(secret.reveal()), secret.source)
+        except ProxyError as e:
+            kind, ref = secret.source or ("secret", "?")
+            raise _Invalid(f"the URL from {{{kind}: {ref}}}: {e}") from None
+    if not isinstance(value, str):
+        raise _Invalid(f"expected {_PROXY_FORMS}, got {_show(value)}")
+    try:
+        proxy = parse_proxy_url(value)
+    except ProxyError as e:
+        raise _Invalid(str(e)) from None
+    if proxy.password:
+        raise _Invalid(
+            "the proxy's password is a secret and secrets don't live in config files; give the "
+            f"whole URL as {_SECRET_FORMS}"
+        )
+    return ProxySetting(proxy)
+
+
+def _render_proxy(setting: ProxySetting | None) -> object:
+    if setting is None:
+        return None
+    if setting.proxy is None:
+        return "none"
+    if setting.source is not None:
+        return {setting.source[0]: setting.source[1]}
+    return setting.proxy.display
+
+
 # ---------------------------------------------------------------------------------------------------
 # The schema. Field names are the YAML keys; keep the order of config.yaml.
 
 
 @dataclass(frozen=True, kw_only=True)
 class RingCentralConfig:
-    server: str = _opt("https://platform.ringcentral.com", _url)
+    server: str = _opt("https://platform.ringcentral.com", _server_url)
     """Platform base URL (sandbox: https://platform.devtest.ringcentral.com), no trailing slash."""
     client_id: str = field(metadata=_req(_text, "the app's client ID from the RingCentral developer console"))
     """The RingCentral app's client ID (not secret)."""
@@ -388,6 +481,8 @@ class RingCentralConfig:
     """Extension ids whose fax boxes are tracked; "~" is the JWT user's own extension."""
     ca_file: str | None = _opt(None, _ca_file)
     """PEM bundle to trust instead of the system's CAs (for a proxy or the simulator); None: system."""
+    proxy: ProxySetting | None = _opt(None, _proxy, render=_render_proxy)  # noqa: RUF009 - a field()
+    """HTTP proxy for REST and WebSocket; None: the environment's (HTTPS_PROXY, NO_PROXY, ...)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -447,7 +542,7 @@ class StoreConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EventsConfig:
-    socket: str = _opt("/run/faxd/events.sock", _resolve)
+    socket: str = _opt(DEFAULT_EVENT_SOCKET, _resolve)
     """Path of the Unix socket for clients (unused under socket activation)."""
     mode: int = _opt(0o660, _mode, render=_render_mode)
     """Permission bits of the socket file; written as an octal string like "0660"."""
@@ -489,6 +584,14 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SendConfig:
+    cover_index: int | None = _opt(0, _cover_index)
+    """Cover page of faxes sent through faxd when the request names none: 0 = none, 1-13 = one of the
+    account's cover pages (GET /restapi/v1.0/dictionary/fax-cover-page), null = the account's
+    default cover page (Outbound Fax Settings)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     ringcentral: RingCentralConfig = field(metadata={"section": RingCentralConfig})
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig, metadata={"section": WebSocketConfig})
@@ -497,6 +600,7 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig, metadata={"section": EventsConfig})
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"section": MetricsConfig})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"section": LoggingConfig})
+    send: SendConfig = field(default_factory=SendConfig, metadata={"section": SendConfig})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -526,9 +630,8 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, validate and return the config file at `path`; ConfigError names every problem."""
-    name = os.fspath(path)
+def _read_document(name: str) -> object:
+    """The YAML document in the file `name`; ConfigError if it cannot be read or parsed."""
     try:
         with open(name, encoding="utf-8") as f:
             text = f.read()
@@ -537,14 +640,72 @@ def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | No
     except UnicodeDecodeError:
         raise ConfigError([f"{name}: the config file is not UTF-8 text"]) from None
     try:
-        data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
         raise ConfigError([f"{where}: invalid YAML: {e.problem or e.context}"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{name}: invalid YAML: {e}"]) from None
-    return parse_config(data, environ=environ, base_dir=os.path.dirname(os.path.abspath(name)))
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    defer_credentials: bool = False,
+) -> Config:
+    """Read, validate and return the config file at `path`; ConfigError names every problem.
+
+    With `defer_credentials` (only for `faxd check-config`), a `{credential: NAME}` while
+    `$CREDENTIALS_DIRECTORY` is unset is not a problem: its Secret is a placeholder (`deferred`), listed
+    by `deferred_credentials`. The daemon must never run on such a config (`reveal()` refuses).
+    """
+    name = os.fspath(path)
+    data = _read_document(name)
+    return parse_config(
+        data,
+        environ=environ,
+        base_dir=os.path.dirname(os.path.abspath(name)),
+        defer_credentials=defer_credentials,
+    )
+
+
+_SECTION_NAMES = {f.metadata["section"]: f.name for f in dataclasses.fields(Config)}
+
+
+def load_section(
+    path: str | os.PathLike[str], section: type[_T], *, environ: Mapping[str, str] | None = None
+) -> _T:
+    """One section of the config file at `path` (e.g. EventsConfig, from `events:`), validated alone.
+
+    Other sections are neither validated nor read for secrets, so a socket client works with a config
+    whose secrets only the daemon can read. ConfigError if the file cannot be read or the section is bad.
+    """
+    name = os.fspath(path)
+    key = _SECTION_NAMES[section]
+    data = _read_document(name)
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError([f"(top level): expected a mapping of keys, got {_show(data)}"])
+    raw = (data or {}).get(key)
+    ctx = _Context(os.environ if environ is None else environ, os.path.dirname(os.path.abspath(name)))
+    problems: list[str] = []
+    parsed = _parse_mapping(section, raw, key + ".", ctx, problems)
+    if problems or parsed is None:
+        raise ConfigError(problems)
+    return parsed
+
+
+def deferred_credentials(config: Config) -> list[tuple[str, str]]:
+    """(dotted key, credential name) of every secret `load_config(defer_credentials=True)` could not read."""
+    found: list[tuple[str, str]] = []
+    for section in dataclasses.fields(config):
+        obj = getattr(config, section.name)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Secret) and value.deferred and value.source is not None:
+                found.append((f"{section.name}.{f.name}", value.source[1]))
+    return found
 
 
 def parse_config(
@@ -552,9 +713,12 @@ def parse_config(
     *,
     environ: Mapping[str, str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    defer_credentials: bool = False,
 ) -> Config:
     """Validate an already-parsed YAML document; relative paths are relative to `base_dir` (cwd)."""
-    ctx = _Context(os.environ if environ is None else environ, os.fspath(base_dir or os.getcwd()))
+    ctx = _Context(
+        os.environ if environ is None else environ, os.fspath(base_dir or os.getcwd()), defer_credentials
+    )
     problems: list[str] = []
     config = _parse_mapping(Config, data, "", ctx, problems)
     if problems:
@@ -601,14 +765,16 @@ def _render(obj: object) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):  # type: ignore[arg-type]
         value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
+        if "render" in f.metadata:  # before the dataclass case: a field's own renderer hides secrets
+            out[f.name] = f.metadata["render"](value)
+        elif dataclasses.is_dataclass(value):
             out[f.name] = _render(value)
         elif isinstance(value, Secret):
             out[f.name] = {value.source[0]: value.source[1]} if value.source else "[REDACTED]"
         elif isinstance(value, tuple):
             out[f.name] = list(value)
         else:
-            out[f.name] = f.metadata.get("render", lambda v: v)(value)
+            out[f.name] = value
     return out
 
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -37,7 +38,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from faxd import __version__
-from faxd.adapters.event_server import EventServer, EventServerSettings
+from faxd.adapters.event_server import EventServer, EventServerSettings, SocketSetupError
 from faxd.adapters.metrics import Metrics, add_process_collectors, metrics_app
 from faxd.adapters.notify import Notifier, listen_fds
 from faxd.adapters.reconcile import (
@@ -49,7 +50,16 @@ from faxd.adapters.reconcile import (
 from faxd.adapters.rest import ApiError, AuthFailed, Document, RingCentral
 from faxd.adapters.store import Store
 from faxd.adapters.ws_session import WsSession, WsSettings
-from faxd.config import Config, ConfigError, load_config, split_host_port
+from faxd.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    ProxySetting,
+    RingCentralConfig,
+    load_config,
+    split_host_port,
+)
+from faxd.core import proxy
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, FaxState
@@ -85,8 +95,16 @@ class _Backend:
 
     list_all_limit = 1000
 
-    def __init__(self, store: Store, reconciler: Reconciler, queue: ReconcileQueue, extensions: list[str]):
+    def __init__(
+        self,
+        store: Store,
+        reconciler: Reconciler,
+        queue: ReconcileQueue,
+        extensions: list[str],
+        cover_index: int | None = 0,
+    ):
         self.store = store
+        self.cover_index = cover_index  # send.cover_index: for a send that names no cover page
         self.reconciler = reconciler
         self.queue = queue
         self.extensions = extensions
@@ -138,6 +156,7 @@ class _Backend:
             ref=request.ref,
             cover_text=request.cover_text,
             resolution=request.resolution,
+            cover_index=self.cover_index if request.cover_index is None else request.cover_index,
         )
 
 
@@ -146,6 +165,21 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+def http_session(rc_cfg: RingCentralConfig, tls: ssl.SSLContext) -> aiohttp.ClientSession:
+    """The HTTP session of every RingCentral REST call, the daemon's and ``faxd doctor``'s alike, so
+    that how faxd reaches RingCentral (TLS, proxy, headers) is decided in one place; connection
+    settings of ``rc_cfg`` beyond TLS (a proxy) belong here."""
+    connector = aiohttp.TCPConnector(ssl=tls)
+    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"faxd/{__version__}"})
+
+
+def proxy_policy(setting: ProxySetting | None, environ: Mapping[str, str]) -> proxy.ProxyPolicy:
+    """``ringcentral.proxy`` if set (``none``: no proxy at all), else the environment's, as curl reads it."""
+    if setting is None:
+        return proxy.policy(None, environ, use_environment=True)
+    return proxy.policy(setting.proxy, environ, use_environment=False)
 
 
 async def _login(rc: RingCentral, live: _Live) -> None:
@@ -249,7 +283,8 @@ def _reconcile_settings(config: Config) -> ReconcileSettings:
     )
 
 
-def _ws_settings(config: Config) -> WsSettings:
+def ws_settings(config: Config) -> WsSettings:
+    """The WebSocket settings of ``config`` (the daemon's session and ``faxd doctor``'s test)."""
     ws = config.websocket
     return WsSettings(
         heartbeat_interval=ws.heartbeat_interval,
@@ -298,7 +333,9 @@ class _Live:
         in_flight = self.reconciler.in_flight_count() if self.reconciler is not None else 0
         last = _clock(self.metrics.last_sync_time())
         text = f"WebSocket {ws}; {in_flight} faxes in flight; last sync {last}"
-        return f"{text}; {self.problem}" if self.problem else text
+        problems = [self.problem] if self.problem else []
+        problems += self.reconciler.problems() if self.reconciler is not None else []
+        return "; ".join([text, *problems])
 
     def refresh_oldest_in_flight(self) -> None:
         """The stuck-Queued alert's gauge; walks every fax in flight, so only on the watchdog's tick."""
@@ -374,9 +411,15 @@ async def _run(
             raise FatalError(f"store: {exc}") from exc
         stack.callback(store.close)
 
+        proxies = proxy_policy(rc_cfg.proxy, os.environ)
+        try:
+            rest_proxy = proxies.proxy_for(rc_cfg.server)
+        except proxy.ProxyError as exc:
+            raise FatalError(f"proxy: {exc}", EX_CONFIG) from None
+        if rest_proxy is not None:
+            log.info("RingCentral through a proxy", proxy=rest_proxy.url, origin=proxies.origin)
         tls = ssl_context(rc_cfg.ca_file)
-        connector = aiohttp.TCPConnector(ssl=tls)
-        session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"faxd/{__version__}"})
+        session = http_session(rc_cfg, tls)
         stack.push_async_callback(session.close)
         rc = RingCentral(
             session,
@@ -386,6 +429,7 @@ async def _run(
             jwt=rc_cfg.jwt.reveal(),
             metrics=metrics,
             rate_share=config.reconcile.rate_share,
+            proxy=rest_proxy,
         )
         stack.push_async_callback(rc.aclose)
 
@@ -406,7 +450,7 @@ async def _run(
             metrics,
         )
         ev = config.events
-        backend = _Backend(store, reconciler, queue, extensions)
+        backend = _Backend(store, reconciler, queue, extensions, config.send.cover_index)
         server = EventServer(
             EventServerSettings(
                 path=ev.socket,
@@ -427,7 +471,10 @@ async def _run(
         if activated is not None:
             log.info("event socket passed by systemd (socket activation)", path=ev.socket)
             activated.setblocking(False)
-        await server.start(sock=activated)
+        try:
+            await server.start(sock=activated)
+        except SocketSetupError as exc:
+            raise FatalError(str(exc), EX_CONFIG) from exc
         stack.push_async_callback(server.close)
 
         async def ready() -> tuple[bool, str]:
@@ -508,12 +555,13 @@ async def _run(
             live.ws = WsSession(
                 rc,
                 filters=event_filters(extensions),
-                settings=_ws_settings(live.config),
+                settings=ws_settings(live.config),
                 metrics=metrics,
                 on_hint=on_hint,
                 on_resync=on_resync,
                 on_state=on_state,
                 ssl_context=tls,
+                proxies=proxies,
             )
             live.refresh_status()
             try:
@@ -546,7 +594,7 @@ async def _run(
                 rc.budget.share = effective.reconcile.rate_share
                 poll_changed.set()
             if live.ws is not None and effective.websocket != old.websocket:
-                live.ws.update_settings(_ws_settings(effective))
+                live.ws.update_settings(ws_settings(effective))
             if backend.connected.is_set() and effective.ringcentral.extensions != old.ringcentral.extensions:
                 wanted = resolve(effective.ringcentral.extensions)
                 added = [key for key in wanted if key not in extensions]

@@ -39,6 +39,17 @@ def _close_stray_event_loop() -> Iterator[None]:
         policy.set_event_loop(None)
 
 
+_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faxd honours the proxy variables, as curl does: one set where the tests run must not send the
+    daemons under test (in process or in a subprocess) through it. The proxy tests set their own."""
+    for name in (*_PROXY_VARIABLES, "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A directory with a short path: AF_UNIX socket paths max out at about 107 bytes."""

@@ -1,11 +1,13 @@
 """The `running` fixture: faxd's daemon.run() in the test's own event loop, ready to serve.
 
-Registered for every test by conftest.py; test modules import :class:`RunningDaemon` for types.
+Registered for every test by conftest.py; test modules import :class:`RunningDaemon` for types, and
+:func:`started` to run a daemon with a config of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -29,10 +31,9 @@ class RunningDaemon:
         return self.config.events.socket
 
 
-@pytest.fixture
-async def running(sim: Simulator, make_config: Callable[..., Config]) -> AsyncIterator[RunningDaemon]:
-    """The daemon against ``sim`` with ``make_config``'s defaults; it must exit 0 at teardown."""
-    config = make_config(sim)
+@contextlib.asynccontextmanager
+async def started(config: Config) -> AsyncIterator[RunningDaemon]:
+    """``daemon.run(config)`` until the block ends; it must be ready first and exit 0 at the end."""
     registry = CollectorRegistry()
     stop = asyncio.Event()
     ready = asyncio.Event()
@@ -48,3 +49,10 @@ async def running(sim: Simulator, make_config: Callable[..., Config]) -> AsyncIt
         stop.set()
         async with asyncio.timeout(20):
             assert await task == 0
+
+
+@pytest.fixture
+async def running(sim: Simulator, make_config: Callable[..., Config]) -> AsyncIterator[RunningDaemon]:
+    """The daemon against ``sim`` with ``make_config``'s defaults; it must exit 0 at teardown."""
+    async with started(make_config(sim)) as faxd:
+        yield faxd

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from faxd.sim import Simulator
@@ -150,3 +151,114 @@ async def test_demo_shows_every_kind_of_outcome_and_exits_0() -> None:
     assert any("inbound fax" in line and "Received" in line for line in lines)
     seqs = [int(word[1:]) for line in lines for word in line.split() if word.startswith("#")]
     assert seqs == list(range(1, len(seqs) + 1)), "seq strictly increasing, no gaps"
+
+
+# ------------------------------------------------------------------- credentials from a shell, the clients
+
+CREDENTIAL_CONFIG = {
+    "ringcentral": {
+        "server": "http://127.0.0.1:1",
+        "client_id": "faxd-sim-client",
+        "client_secret": {"credential": "ringcentral-client-secret"},
+        "jwt": {"credential": "ringcentral-jwt"},
+    },
+    "store": {"path": "faxd.db"},
+    "metrics": {"listen": None},
+    "logging": {"format": "json"},
+}
+
+
+def no_credentials() -> dict[str, str]:
+    """The environment of a shell: no $CREDENTIALS_DIRECTORY, no FAXD_* overrides."""
+    return {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY" and not k.startswith("FAXD_")}
+
+
+async def run_faxd(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *FAXD, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_check_config_from_a_shell_defers_credentials_and_says_how_to_check_them(
+    short_dir: Path,
+) -> None:
+    config = short_dir / "config.yaml"
+    config.write_text(yaml.safe_dump(CREDENTIAL_CONFIG))
+    code, out, err = await run_faxd("check-config", "-c", str(config), env=no_credentials())
+    assert code == 0, err
+    assert yaml.safe_load(out)["ringcentral"]["jwt"] == {"credential": "ringcentral-jwt"}
+    lines = err.splitlines()
+    assert lines[0] == "faxd check-config: the config is valid, but these credentials were not checked:"
+    assert lines[1].startswith("  ringcentral.client_secret: {credential: ringcentral-client-secret}: ")
+    assert lines[2].startswith("  ringcentral.jwt: {credential: ringcentral-jwt}: ")
+    assert "LoadCredentialEncrypted= needs systemd >= 250" in err
+    command = lines[-1].strip()
+    assert command.startswith("systemd-run --quiet --pipe --wait --collect -p DynamicUser=yes ")
+    assert f"check-config -c {config}" in command
+    for name in ("ringcentral-jwt", "ringcentral-client-secret"):
+        assert f"-p LoadCredentialEncrypted={name}:/etc/credstore.encrypted/faxd.{name} " in command
+
+
+async def test_check_config_from_a_shell_still_fails_on_everything_else(short_dir: Path) -> None:
+    data = {**CREDENTIAL_CONFIG, "reconcile": {"debounce": "fast"}}
+    data["ringcentral"] = {**CREDENTIAL_CONFIG["ringcentral"], "server": "http://rc.example.com"}
+    (short_dir / "config.yaml").write_text(yaml.safe_dump(data))
+    code, out, err = await run_faxd(
+        "check-config", "-c", str(short_dir / "config.yaml"), env=no_credentials()
+    )
+    assert (code, out) == (78, "")
+    assert "reconcile.debounce" in err
+    assert "ringcentral.server: plain http:// would send the client secret and the JWT in clear text" in err
+    assert "ringcentral.jwt" not in err, "a credential that cannot be read from a shell is not a problem"
+
+
+async def test_check_config_under_the_units_credentials_checks_them(short_dir: Path) -> None:
+    """What the systemd-run command does: $CREDENTIALS_DIRECTORY is set, and a missing one fails."""
+    (short_dir / "creds").mkdir()
+    (short_dir / "creds" / "ringcentral-jwt").write_text("jwt")
+    (short_dir / "config.yaml").write_text(yaml.safe_dump(CREDENTIAL_CONFIG))
+    env = {**no_credentials(), "CREDENTIALS_DIRECTORY": str(short_dir / "creds")}
+    code, _, err = await run_faxd("check-config", "-c", str(short_dir / "config.yaml"), env=env)
+    assert code == 78
+    assert (
+        f"ringcentral.client_secret: secret file {short_dir}/creds/ringcentral-client-secret does not" in err
+    )
+    (short_dir / "creds" / "ringcentral-client-secret").write_text("secret")
+    code, _, err = await run_faxd("check-config", "-c", str(short_dir / "config.yaml"), env=env)
+    assert (code, err) == (0, "")
+
+
+async def test_run_without_its_credentials_still_exits_78(short_dir: Path) -> None:
+    (short_dir / "config.yaml").write_text(yaml.safe_dump(CREDENTIAL_CONFIG))
+    code, _, err = await run_faxd("run", "-c", str(short_dir / "config.yaml"), env=no_credentials())
+    assert code == 78
+    assert "ringcentral.jwt: {credential: ringcentral-jwt} needs $CREDENTIALS_DIRECTORY" in err
+    assert not (short_dir / "faxd.db").exists(), "nothing starts on a config that failed"
+
+
+async def test_store_commands_need_a_config_or_db_and_read_only_the_store_section(short_dir: Path) -> None:
+    env = {**no_credentials(), "FAXD_CONFIG": str(short_dir / "absent.yaml")}
+    code, out, err = await run_faxd("store", "backup", str(short_dir / "b.db"), env=env)
+    assert (code, out) == (78, "")
+    assert f"cannot take the store from {short_dir / 'absent.yaml'}" in err
+    config = short_dir / "config.yaml"
+    config.write_text(yaml.safe_dump({**CREDENTIAL_CONFIG, "websocket": {"ping_interval": "x"}}))
+    code, out, err = await run_faxd("store", "backup", "-c", str(config), str(short_dir / "b.db"), env=env)
+    assert (code, out) == (1, "")
+    assert err == f"faxd store backup: no store at {short_dir / 'faxd.db'}\n"
+
+
+@pytest.mark.skipif(
+    os.path.lexists("/etc/faxd/config.yaml"), reason="this machine has an /etc/faxd/config.yaml"
+)
+async def test_store_commands_never_fall_back_to_a_default_store(short_dir: Path) -> None:
+    code, out, err = await run_faxd("store", "restore", str(short_dir / "b.db"), env=no_credentials())
+    assert (code, out) == (78, "")
+    assert err == (
+        "faxd store: there is no /etc/faxd/config.yaml: name the config with -c FILE"
+        " or the store with --db PATH\n"
+    )

@@ -131,6 +131,16 @@ async def test_send_errors_are_one_line(running: RunningDaemon, pdf: str, short_
     code, out, err = await faxd("send", "--socket", running.socket, "--to", "+16505550100", "nope.pdf")
     assert (code, out) == (2, "")
     assert err == "faxd send: cannot read nope.pdf: No such file or directory\n"
+    # A cover text with no cover page (send.cover_index 0 and no --cover-index) would be lost.
+    code, out, err = await faxd(
+        "send", "--socket", running.socket, "--to", "+16505550100", "--cover-text", "x", pdf
+    )
+    assert (code, out) == (1, "")
+    assert err.startswith("faxd send: send failed: bad_request: cover_text is printed on a cover page")
+    # No document: argparse refuses before anything is sent.
+    code, out, err = await faxd("send", "--socket", running.socket, "--to", "+16505550100")
+    assert (code, out) == (2, "")
+    assert "the following arguments are required: files" in err
     # Unknown fax.
     code, out, err = await faxd("status", "--socket", running.socket, "999")
     assert (code, out, err) == (1, "", "faxd status: not_found: no fax 999\n")
@@ -213,3 +223,91 @@ def test_daemon_not_running_is_one_line_and_exit_2(short_dir: Path) -> None:
             assert result.returncode == 2, result
             assert result.stdout == ""
             assert result.stderr == f"faxd {command[0]}: faxd is not running ({why})\n"
+
+
+# ------------------------------------------------------------------------- where the clients find the socket
+
+
+async def client(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``python -m faxd ARGS`` in a shell's environment: no $CREDENTIALS_DIRECTORY, no FAXD_* unless given."""
+    base = {k: v for k, v in _env().items() if k != "CREDENTIALS_DIRECTORY"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "faxd", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**base, **(env or {})}, cwd=REPO,
+    )  # fmt: skip
+    async with asyncio.timeout(TIMEOUT):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def daemon_style_config(path: Path, socket_path: str, **extra: object) -> Path:
+    """The production shape: secrets are {credential:} (readable only inside the unit), a custom socket."""
+    path.write_text(
+        json.dumps(
+            {
+                "ringcentral": {
+                    "client_id": "app",
+                    "client_secret": {"credential": "ringcentral-client-secret"},
+                    "jwt": {"credential": "ringcentral-jwt"},
+                },
+                "events": {"socket": socket_path},
+                **extra,
+            }
+        )
+    )
+    return path
+
+
+async def test_clients_read_the_socket_from_a_config_whose_secrets_they_cannot_read(
+    running: RunningDaemon, short_dir: Path
+) -> None:
+    config = daemon_style_config(short_dir / "config.yaml", running.socket, websocket={"ping_interval": "x"})
+    code, out, err = await client("status", "-c", str(config))
+    assert (code, out, err) == (0, "no faxes in flight\n", "")
+    code, out, err = await client("history", "-c", str(config), "999")  # answered by the daemon
+    assert (code, out, err) == (1, "", "faxd history: not_found: no fax 999\n")
+    code, out, err = await client("status", env={"FAXD_CONFIG": str(config)})
+    assert (code, out, err) == (0, "no faxes in flight\n", "")
+
+
+async def test_faxd_socket_overrides_the_config_and_socket_overrides_both(
+    running: RunningDaemon, short_dir: Path
+) -> None:
+    nowhere = str(short_dir / "nowhere.sock")
+    config = daemon_style_config(short_dir / "config.yaml", nowhere)
+    code, _, err = await client("status", "-c", str(config))
+    assert (code, err) == (2, f"faxd status: faxd is not running (no socket at {nowhere})\n")
+    code, out, err = await client("status", "-c", str(config), env={"FAXD_SOCKET": running.socket})
+    assert (code, out, err) == (0, "no faxes in flight\n", "")
+    code, out, err = await client(
+        "status", "-c", str(config), "--socket", running.socket, env={"FAXD_SOCKET": nowhere}
+    )
+    assert (code, out, err) == (0, "no faxes in flight\n", "")
+    # Neither needs a config at all, not even a readable one.
+    missing = str(short_dir / "missing.yaml")
+    code, out, err = await client("status", "-c", missing, env={"FAXD_SOCKET": running.socket})
+    assert (code, out, err) == (0, "no faxes in flight\n", "")
+
+
+async def test_a_config_the_client_cannot_use_is_an_error_not_a_default(short_dir: Path) -> None:
+    missing = short_dir / "missing.yaml"
+    code, out, err = await client("status", "-c", str(missing))
+    assert (code, out) == (78, "")
+    assert err == (
+        f"faxd status: cannot take the event socket from {missing}:\n"
+        f"  {missing}: cannot read the config file: No such file or directory\n"
+        "fix the config or name the event socket with --socket PATH or $FAXD_SOCKET\n"
+    )
+    bad = daemon_style_config(short_dir / "bad.yaml", "x.sock", events={"socket": "x.sock", "mode": 660})
+    code, out, err = await client("watch", env={"FAXD_CONFIG": str(bad)})
+    assert (code, out) == (78, "")
+    assert err.splitlines()[1] == '  events.mode: expected an octal mode string like "0660" (quoted), got 660'
+
+
+@pytest.mark.skipif(
+    os.path.lexists("/etc/faxd/config.yaml"), reason="this machine has an /etc/faxd/config.yaml"
+)
+async def test_without_any_config_the_client_uses_the_default_socket() -> None:
+    code, _, err = await client("status")
+    assert (code, err) == (2, "faxd status: faxd is not running (no socket at /run/faxd/events.sock)\n")

@@ -243,6 +243,17 @@ async def test_send_prints_the_fax_id(h: Harness, pdf: str) -> None:
     assert sent.documents[0].content_type == "application/pdf"
     assert sent.documents[0].data == b"%PDF-1.4 fake"
     assert (sent.ref, sent.cover_text, sent.resolution) == ("order-9", "Hi", "Low")
+    assert sent.cover_index is None  # not given: the daemon's send.cover_index applies
+
+
+async def test_send_passes_the_cover_index_and_needs_a_document(h: Harness, pdf: str) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = await client.send(h.path, to=["+15551230000"], files=[pdf], cover_index=3, out=out, err=err)
+    assert code == 0, err.getvalue()
+    assert h.backend.sent[0].cover_index == 3
+    code = await client.send(h.path, to=["+15551230000"], files=[], out=out, err=err)
+    assert (code, err.getvalue()) == (2, "faxd send: a fax needs at least one document\n")
+    assert len(h.backend.sent) == 1
 
 
 async def _send_and_finish(h: Harness, pdf: str, *outcomes: tuple[str, str | None]) -> tuple[int, str, str]:

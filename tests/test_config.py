@@ -10,14 +10,20 @@ from typing import Any
 import pytest
 import yaml
 
+from faxd import credentials
 from faxd.config import (
     DEFAULT_CONFIG_PATH,
+    DEFAULT_EVENT_SOCKET,
     Config,
     ConfigError,
+    EventsConfig,
     RingCentralConfig,
     Secret,
+    StoreConfig,
     default_config_path,
+    deferred_credentials,
     load_config,
+    load_section,
     parse_config,
     parse_duration,
     render_effective,
@@ -174,6 +180,9 @@ BAD_VALUES = [
         "/nonexistent/ca.pem",
         "CA file /nonexistent/ca.pem does not exist or is not a regular file",
     ),
+    ("send.cover_index", -1, "expected a cover page index (0 = no cover page, 1-13"),
+    ("send.cover_index", "none", "expected a cover page index (0 = no cover page, 1-13"),
+    ("send.cover_index", True, "expected a cover page index (0 = no cover page, 1-13"),
 ]
 
 
@@ -207,6 +216,12 @@ def test_group_forms(value: object, expected: object) -> None:
     assert expected == parse_config(with_values(events__group=value), environ=ENV).events.group
 
 
+@pytest.mark.parametrize(("value", "expected"), [(0, 0), (3, 3), (None, None)])
+def test_cover_index_forms(value: object, expected: object) -> None:
+    assert parse_config(with_values(send__cover_index=value), environ=ENV).send.cover_index == expected
+    assert parse_config(MINIMAL, environ=ENV).send.cover_index == 0  # by default: no cover page
+
+
 def test_extension_ids_may_be_numbers_in_yaml() -> None:
     config = parse_config(with_values(ringcentral__extensions=[123, "~", "456"]), environ=ENV)
     assert config.ringcentral.extensions == ("123", "~", "456")
@@ -218,6 +233,45 @@ def test_listen_forms() -> None:
         9464,
     )
     assert parse_config(with_values(metrics__listen=None), environ=ENV).metrics.address is None
+
+
+CLEAR_TEXT = (
+    "plain http:// would send the client secret and the JWT in clear text; use https:// (http:// is "
+    "accepted only for a loopback host: 127.0.0.0/8, ::1, localhost)"
+)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://platform.ringcentral.com",
+        "http://10.0.0.7:8080",
+        "http://[2001:db8::1]:8080",
+        "http://localhost.example.com",
+        "http://127.0.0.1.nip.io",
+        "HTTP://platform.devtest.ringcentral.com",
+    ],
+)
+def test_plain_http_server_off_the_host_is_refused(url: str) -> None:
+    (problem,) = problems_of(with_values(ringcentral__server=url))
+    assert problem.startswith(f"ringcentral.server: {CLEAR_TEXT}, got ")
+    assert url in problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080",
+        "http://127.3.4.5",
+        "http://[::1]:9000",
+        "http://localhost:9000",
+        "http://LocalHost",
+        "https://platform.devtest.ringcentral.com",
+        "https://10.0.0.7",
+    ],
+)
+def test_https_anywhere_and_http_on_loopback_are_accepted(url: str) -> None:
+    assert parse_config(with_values(ringcentral__server=url), environ=ENV).ringcentral.server == url
 
 
 def test_server_trailing_slash_is_dropped() -> None:
@@ -478,3 +532,148 @@ def test_shipped_config_fails_clearly_until_filled_in() -> None:
         "ringcentral.client_secret",
         "ringcentral.jwt",
     ]
+
+
+# --- one section alone (the socket clients, faxd store) and check-config's deferred credentials ----
+
+
+CREDENTIAL_CONFIG = """\
+ringcentral:
+  client_id: app
+  client_secret: {credential: ringcentral-client-secret}
+  jwt: {credential: ringcentral-jwt}
+events: {socket: sockets/events.sock, mode: "0600"}
+"""
+
+
+def test_load_section_reads_one_section_without_secrets(tmp_path: Path) -> None:
+    """A client's view: the events section only, with no $CREDENTIALS_DIRECTORY and other sections
+    that would not even validate."""
+    (tmp_path / "c.yaml").write_text(CREDENTIAL_CONFIG + "websocket: {ping_interval: never}\nbogus: 1\n")
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "c.yaml", environ={})
+    events = load_section(tmp_path / "c.yaml", EventsConfig, environ={})
+    assert events == EventsConfig(socket=str(tmp_path / "sockets" / "events.sock"), mode=0o600)
+    assert load_section(tmp_path / "c.yaml", StoreConfig, environ={}) == StoreConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("events: {socket: 5}\n", "events.socket: expected a file path, got 5"),
+        ("events: {sokcet: /x}\n", "events.sokcet: unknown key; did you mean socket?"),
+        ("events: [1]\n", "events: expected a mapping of keys, got a list"),
+        ("- 1\n", "(top level): expected a mapping of keys, got a list"),
+        ("events: {\n", "invalid YAML"),
+    ],
+)
+def test_load_section_names_the_problems_of_its_section(tmp_path: Path, text: str, problem: str) -> None:
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_section(tmp_path / "c.yaml", EventsConfig, environ={})
+    assert problem in str(info.value)
+
+
+def test_load_section_of_an_unreadable_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read the config file: No such file"):
+        load_section(tmp_path / "nope.yaml", EventsConfig)
+
+
+def test_default_event_socket() -> None:
+    assert EventsConfig().socket == DEFAULT_EVENT_SOCKET == "/run/faxd/events.sock"
+
+
+def test_deferred_credentials_are_listed_and_have_no_value(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(CREDENTIAL_CONFIG)
+    config = load_config(tmp_path / "c.yaml", environ={}, defer_credentials=True)
+    assert deferred_credentials(config) == [
+        ("ringcentral.client_secret", "ringcentral-client-secret"),
+        ("ringcentral.jwt", "ringcentral-jwt"),
+    ]
+    with pytest.raises(RuntimeError, match="no value"):
+        config.ringcentral.jwt.reveal()
+    assert yaml.safe_load(render_effective(config))["ringcentral"]["jwt"] == {"credential": "ringcentral-jwt"}
+    # What `faxd run` does: no deferral, every unreadable credential is a problem.
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml", environ={})
+    assert [p.split(":", 1)[0] for p in info.value.problems] == [
+        "ringcentral.client_secret",
+        "ringcentral.jwt",
+    ]
+
+
+def test_deferral_covers_only_a_missing_credentials_directory(tmp_path: Path) -> None:
+    """Under systemd-run (the directory is set) a missing credential is a problem, deferral or not;
+    and the other secret forms are always read."""
+    (tmp_path / "creds").mkdir()
+    write_secret(tmp_path / "creds" / "ringcentral-jwt", "j", 0o400)
+    (tmp_path / "c.yaml").write_text(CREDENTIAL_CONFIG)
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml", environ=env, defer_credentials=True)
+    missing = tmp_path / "creds" / "ringcentral-client-secret"
+    assert info.value.problems == [f"ringcentral.client_secret: secret file {missing} does not exist"]
+    data = with_values(ringcentral__jwt={"env": "UNSET"})
+    with pytest.raises(ConfigError, match="environment variable UNSET is not set"):
+        parse_config(data, environ={}, defer_credentials=True)
+
+
+def stores(tmp_path: Path) -> tuple[str, str]:
+    encrypted, plain = tmp_path / "credstore.encrypted", tmp_path / "credstore"
+    encrypted.mkdir(mode=0o700)
+    plain.mkdir(mode=0o700)
+    return str(encrypted), str(plain)
+
+
+def test_inspect_finds_the_file_the_unit_loads(tmp_path: Path) -> None:
+    encrypted, plain = stores(tmp_path)
+    found, note = credentials.inspect("ringcentral-jwt", (encrypted, plain))
+    assert found is None
+    assert note == (
+        f"neither {encrypted}/faxd.ringcentral-jwt nor {plain}/faxd.ringcentral-jwt exists"
+        " (the unit loads it from there)"
+    )
+    write_secret(Path(plain) / "faxd.ringcentral-jwt", "j", 0o600)
+    found, note = credentials.inspect("ringcentral-jwt", (encrypted, plain))
+    assert found == credentials.CredentialFile("LoadCredential", f"{plain}/faxd.ringcentral-jwt")
+    write_secret(Path(encrypted) / "faxd.ringcentral-jwt", "sealed", 0o600)
+    found, note = credentials.inspect("ringcentral-jwt", (encrypted, plain))
+    assert found == credentials.CredentialFile("LoadCredentialEncrypted", f"{encrypted}/faxd.ringcentral-jwt")
+    if os.geteuid() == 0:
+        assert note == f"{found.path} (mode 0600, uid 0) is there; its content is checked only under the unit"
+
+
+def test_inspect_warns_about_a_credential_file_others_can_read(tmp_path: Path) -> None:
+    encrypted, plain = stores(tmp_path)
+    path = write_secret(Path(plain) / "faxd.ringcentral-jwt", "j", 0o644)
+    _, note = credentials.inspect("ringcentral-jwt", (encrypted, plain))
+    assert "(mode 0644, " in note
+    risk = "anyone in its group or others can read the secret"
+    assert note.endswith(f"is accessible by group or others ({risk}): chmod 600 {path}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_inspect_wants_root_to_own_the_credential_file(tmp_path: Path) -> None:
+    encrypted, plain = stores(tmp_path)
+    path = write_secret(Path(encrypted) / "faxd.ringcentral-jwt", "sealed", 0o600)
+    os.chown(path, 4242, -1)
+    _, note = credentials.inspect("ringcentral-jwt", (encrypted, plain))
+    assert note == f"{path} (mode 0600, uid 4242) is not owned by root: chown root: {path}"
+
+
+def test_systemd_run_command_loads_what_was_found() -> None:
+    found = [
+        (
+            "ringcentral-jwt",
+            credentials.CredentialFile("LoadCredential", "/etc/credstore/faxd.ringcentral-jwt"),
+        ),
+        ("ringcentral-client-secret", None),
+    ]
+    command = credentials.systemd_run_command(found, "/etc/faxd/my config.yaml", ["/opt/faxd/bin/faxd"])
+    assert command == (
+        "systemd-run --quiet --pipe --wait --collect -p DynamicUser=yes"
+        " -p LoadCredential=ringcentral-jwt:/etc/credstore/faxd.ringcentral-jwt"
+        " -p LoadCredentialEncrypted=ringcentral-client-secret:"
+        "/etc/credstore.encrypted/faxd.ringcentral-client-secret"
+        " /opt/faxd/bin/faxd check-config -c '/etc/faxd/my config.yaml'"
+    )

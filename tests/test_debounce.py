@@ -193,6 +193,17 @@ def test_success_resets_the_backoff_of_that_key_only(q: KeyedQueue) -> None:
     assert q.done("e1", 10.0, ok=False) == 2.0  # starts again from the base
 
 
+def test_a_failure_known_to_last_waits_at_least_as_asked(q: KeyedQueue) -> None:
+    q.add("e1", "push", 0.0)
+    q.pop(0.0)
+    assert q.done("e1", 0.0, ok=False, at_least=600.0) == 600.0  # beyond the cap too
+    assert q.next_deadline() == 600.0
+    q.add("e1", "poll", 10.0)  # a plain hint does not cut it short
+    assert q.pop(599.0) is None
+    assert q.pop(600.0) == ("e1", {"retry", "poll"})
+    assert q.done("e1", 600.0, ok=False, at_least=1.0) == 4.0  # the backoff when it is longer
+
+
 def test_a_plain_hint_does_not_cut_a_backoff_short_but_an_immediate_one_does(q: KeyedQueue) -> None:
     q.add("e1", "push", 0.0)
     q.pop(0.0)

@@ -13,12 +13,14 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from faxd import daemon
 from faxd.adapters.metrics import Metrics
@@ -30,6 +32,8 @@ from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind
 from faxd.core.status import parse_time
 from faxd.sim import RecipientScript, SimConfig, Simulator
+from faxd.sim.common import RecordedRequest
+from faxd.sim.observe import ServedJson
 
 EXT = "200000001"
 Key = tuple[str, int | None, str, str]  # (fax, recipient, kind, to_status)
@@ -290,7 +294,14 @@ class Engine:
 
 
 @asynccontextmanager
-async def engine(sim: Simulator, db: Path, *, backoff: float = 2.0, **settings: Any) -> AsyncIterator[Engine]:
+async def engine(
+    sim: Simulator,
+    db: Path,
+    *,
+    backoff: float = 2.0,
+    wall: Callable[[], float] | None = None,
+    **settings: Any,
+) -> AsyncIterator[Engine]:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     events: list[Event] = []
@@ -320,7 +331,7 @@ async def engine(sim: Simulator, db: Path, *, backoff: float = 2.0, **settings: 
         store = Store(db)
         store.open()
         s = ReconcileSettings(**{"debounce": 0.05, "max_delay": 0.2, **settings})
-        reconciler = Reconciler(rc, store, metrics, publish, s)
+        reconciler = Reconciler(rc, store, metrics, publish, s, **({"wall": wall} if wall else {}))
         queue = ReconcileQueue(
             KeyedQueue(debounce=s.debounce, max_delay=s.max_delay, backoff_base=backoff, backoff_cap=5.0),
             reconciler,
@@ -674,3 +685,142 @@ async def test_a_stall_is_found_by_a_poll_once_not_by_every_push(sim: Simulator,
         await e.reconcile("poll", "push")
         assert len([x for x in e.events if x.transition.kind is EventKind.STALLED]) == 1
         assert fid in e.reconciler._stalled  # not checked (nor journalled) again
+
+
+class Wall:
+    """One wall clock for the simulator (creation times) and the reconciler; the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def sim(self) -> datetime:
+        return self.now
+
+    def faxd(self) -> float:
+        return self.now.timestamp()
+
+
+async def test_isync_keeps_the_frame_of_the_full_sync(tmp_path: Path) -> None:
+    """An ISync sends the token alone: a dateFrom of "now - fsync_days" would move the frame's start
+    (the message-sync guide: dateFrom on an ISync modifies the sync frame) and drop changes to faxes
+    older than that."""
+    wall = Wall()
+    async with Simulator(SimConfig(seed=7), wall_clock=wall.sim) as sim:
+        async with engine(sim, tmp_path / "db", wall=wall.faxd) as e:
+            fid = sim.create_inbound_fax(None, "+14155550123")
+            await e.reconcile("startup")
+            assert {(fid, None, "status", "Received")} <= e.keys()
+            wall.now += timedelta(days=8)  # the fax is now older than fsync_days (7)
+            sim.store.delete(sim.store.messages[int(fid)])
+            await e.reconcile("push")
+            assert {(fid, None, "availability", "Deleted")} <= e.keys()
+        isyncs = [r.raw_path for r in sim.requests_to("/message-sync") if "syncType=ISync" in r.raw_path]
+        assert isyncs
+        assert all("dateFrom" not in raw for raw in isyncs)
+
+
+def syncs_since(sim: Simulator, start: int) -> list[tuple[str, int]]:
+    """(syncType, status) of every message-sync served since request ``start``."""
+    return [
+        ("ISync" if "syncType=ISync" in r.raw_path else "FSync", r.status)
+        for r in sim.requests[start:]
+        if r.path.endswith("/message-sync")
+    ]
+
+
+@pytest.mark.parametrize("code", ["CMN-101", "MSG-333"])
+async def test_a_refused_sync_token_is_dropped_for_one_full_sync(
+    sim: Simulator, tmp_path: Path, code: str
+) -> None:
+    """RingCentral refuses a sync token with MSG-333 or CMN-101 "Parameter [syncToken] value is
+    invalid": either way the token is dropped and one full sync runs (no retrying the same token)."""
+    async with engine(sim, tmp_path / "db", backoff=0.2) as e:
+        fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.1)])
+        await e.reconcile("startup")
+        await sim.wait_for_status(fid, "Sent")
+        assert sim.stale_sync_tokens(code) == 1
+        start = len(sim.requests)
+        await e.reconcile("push")
+        await e.until(truth_after(sim, [fid]))
+        assert syncs_since(sim, start) == [("ISync", 400), ("FSync", 200)]
+        assert e.registry.get_sample_value("faxd_sync_token_resets_total", {"code": code}) == 1
+        await e.reconcile("push")  # the new token works
+        assert syncs_since(sim, start)[2:] == [("ISync", 200)]
+        assert e.registry.get_sample_value("faxd_full_sync_failing") == 0
+
+
+async def test_when_the_full_sync_fails_too_it_backs_off_and_is_counted(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    async with engine(sim, tmp_path / "db", backoff=0.2) as e:
+        await e.reconcile("startup")
+        sim.stale_sync_tokens("CMN-101")
+        sim.fail_next_requests(3, status=503, match="syncType=FSync")
+        start = len(sim.requests)
+        e.queue.hint(EXT, "push")
+        async with asyncio.timeout(20):
+            # The second refused full sync is only sent after faxd handled the first one.
+            await sim.wait_for(lambda: syncs_since(sim, start).count(("FSync", 503)) >= 2)
+        assert e.registry.get_sample_value("faxd_full_sync_failing") == 1
+        assert e.reconciler.problems() == ["full sync failing for 1 extension(s)"]
+        async with asyncio.timeout(20):
+            await sim.wait_for(lambda: ("FSync", 200) in syncs_since(sim, start))
+            await e.queue.wait_idle()
+        # The refused token was presented once; then full syncs only, further and further apart.
+        assert syncs_since(sim, start) == [("ISync", 400)] + [("FSync", 503)] * 3 + [("FSync", 200)]
+        fsyncs = [r.time for r in sim.requests[start:] if "syncType=FSync" in r.raw_path]
+        gaps = [b - a for a, b in itertools.pairwise(fsyncs)]
+        assert gaps[0] >= 0.2 - 0.01
+        assert gaps[1] >= 0.4 - 0.01
+        assert gaps[2] >= 0.8 - 0.01
+        assert e.registry.get_sample_value("faxd_full_sync_failing") == 0
+        assert e.reconciler.problems() == []
+
+
+@pytest.mark.looptime
+async def test_a_deleted_extension_purges_nothing_and_is_retried_slowly(tmp_path: Path) -> None:
+    """404 CMN-102 naming extensionId (the extension was deleted, or is mistyped) is a configuration
+    problem: the extension's faxes in flight stay in flight (a 404 naming the message would be
+    "Purged"), it is logged once, counted, named in STATUS= and retried every 10 minutes."""
+    armed = False
+
+    def delete_after_the_sync(served: ServedJson) -> None:
+        nonlocal armed
+        if armed and served.path.endswith("/message-sync"):
+            armed = False
+            sim.remove_extension(EXT)  # between the sync and the GET of the faxes in flight
+
+    sim = Simulator(SimConfig(seed=7), response_observer=delete_after_the_sync)
+    async with sim, engine(sim, tmp_path / "db") as e:
+        fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=3600)])
+        await e.reconcile("startup")
+        assert [f.fax_id for f in e.reconciler.in_flight()] == [fid]
+        armed = True
+
+        def refused() -> list[RecordedRequest]:
+            return [r for r in sim.requests if r.status == 404]
+
+        with capture_logs() as logs:
+            e.queue.hint(EXT, "poll", immediate=True)
+            async with asyncio.timeout(700):
+                await sim.wait_for(lambda: len(refused()) == 1)
+                # ... and again, ten minutes later: now the sync itself is refused
+                await sim.wait_for(lambda: len(refused()) == 2)
+            assert e.registry.get_sample_value("faxd_extensions_not_found") == 1
+            assert e.reconciler.problems() == ["1 configured extension(s) not found by RingCentral"]
+            sim.remove_extension(EXT, restore=True)
+            async with asyncio.timeout(700):
+                await sim.wait_for(lambda: sim.requests[-1].time > refused()[-1].time)
+                await e.queue.wait_idle()
+        assert sim.requests[-1].status == 200
+        refusals = refused()
+        assert refusals[0].path.endswith("/message-store/{messageId}")
+        assert refusals[1].path.endswith("/message-sync")
+        assert refusals[1].time - refusals[0].time >= 600 - 0.05
+        assert [f.fax_id for f in e.reconciler.in_flight()] == [fid]
+        assert not [x for x in e.events if x.transition.kind is EventKind.AVAILABILITY]
+        assert e.registry.get_sample_value("faxd_extensions_not_found") == 0
+        assert e.reconciler.problems() == []
+        errors = [entry for entry in logs if entry["log_level"] == "error"]
+        assert len(errors) == 1  # logged once, not on every retry
+        assert errors[0]["extension"] == EXT

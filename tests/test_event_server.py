@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from test_protocol import ERROR_CODES, FUZZ_EXAMPLES, request_lines
 
 from faxd.adapters import event_server as es
-from faxd.adapters.event_server import EventServer, EventServerSettings, peer_credentials
+from faxd.adapters.event_server import EventServer, EventServerSettings, SocketSetupError, peer_credentials
 from faxd.adapters.metrics import Metrics
 from faxd.core.model import (
     FINAL_STATUSES,
@@ -998,7 +998,7 @@ async def test_socket_file_mode_stale_socket_and_unlink(short_dir: Path) -> None
 
 async def test_refuses_to_replace_a_regular_file(short_dir: Path) -> None:
     (short_dir / "events.sock").write_text("precious")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SocketSetupError, match="exists and is not a socket; refusing to replace it"):
         await start_harness(short_dir)
     assert (short_dir / "events.sock").read_text() == "precious"
 
@@ -1012,7 +1012,13 @@ async def test_close_says_bye_to_everyone_and_is_bounded(short_dir: Path) -> Non
     await subscribed.recv_type("caught_up")
     idle = await h.connect()
     stuck = await h.connect()
-    await stuck.send({"type": "send", "to": [{"phone": "+1555"}], "cover_text": "x"})
+    await stuck.send(
+        {
+            "type": "send",
+            "to": [{"phone": "+1555"}],
+            "documents": [{"name": "a.txt", "content_type": "text/plain", "data": "aGVsbG8="}],
+        }
+    )
     await h.backend.send_started.wait()
     loop = asyncio.get_running_loop()
     started = loop.time()

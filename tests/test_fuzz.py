@@ -539,6 +539,7 @@ requests = _or_junk(
             ),
             "cover_text": _or_junk(st.text(max_size=20)),
             "resolution": _or_junk(st.sampled_from(["High", "Low"])),
+            "cover_index": _or_junk(st.integers(min_value=0, max_value=13)),
         },
     )
 )

@@ -49,6 +49,7 @@ def line(obj: Any) -> bytes:
 
 
 DOC = {"name": "a.pdf", "content_type": "application/pdf", "data": "JVBERi0="}
+DOC_PARSED = Document("a.pdf", "application/pdf", b"%PDF-")
 
 
 @pytest.mark.parametrize(
@@ -110,8 +111,12 @@ DOC = {"name": "a.pdf", "content_type": "application/pdf", "data": "JVBERi0="}
             ),
         ),
         (
-            {"type": "send", "to": [{"phone": "+1555"}], "cover_text": "cover page only"},
-            SendRequest(to=(Recipient("+1555"),), documents=(), cover_text="cover page only"),
+            {"type": "send", "to": [{"phone": "+1555"}], "documents": [DOC], "cover_index": 0},
+            SendRequest(to=(Recipient("+1555"),), documents=(DOC_PARSED,), cover_index=0),
+        ),
+        (
+            {"type": "send", "to": [{"phone": "+1555"}], "documents": [DOC], "cover_index": 13},
+            SendRequest(to=(Recipient("+1555"),), documents=(DOC_PARSED,), cover_index=13),
         ),
     ],
 )
@@ -179,7 +184,37 @@ def test_line_without_newline_and_with_crlf() -> None:
             "resolution",
             None,
         ),
-        (line({"type": "send", "to": [{"phone": "+1"}], "cover_text": 7}), "cover_text", None),
+        (
+            line({"type": "send", "to": [{"phone": "+1"}], "documents": [DOC], "cover_text": 7}),
+            "cover_text",
+            None,
+        ),
+        # The spec's fax request requires an attachment: a cover page alone is no fax.
+        (
+            line({"type": "send", "to": [{"phone": "+1"}], "cover_text": "only"}),
+            "documents is required",
+            None,
+        ),
+        (
+            line({"type": "send", "to": [{"phone": "+1"}], "documents": []}),
+            "documents must not be empty",
+            None,
+        ),
+        (
+            line({"type": "send", "to": [{"phone": "+1"}], "documents": [DOC], "cover_index": -1}),
+            "cover_index",
+            None,
+        ),
+        (
+            line({"type": "send", "to": [{"phone": "+1"}], "documents": [DOC], "cover_index": "1"}),
+            "cover_index",
+            None,
+        ),
+        (
+            line({"type": "send", "to": [{"phone": "+1"}], "documents": [DOC], "cover_index": True}),
+            "cover_index",
+            None,
+        ),
     ],
 )
 def test_parse_errors(raw: bytes, fragment: str, request_id: object) -> None:
@@ -385,8 +420,8 @@ REQUEST_CLASSES = (
 
 _FIELDS = (
     "type", "id", "after_seq", "epoch", "filter", "fax_id", "ref", "active_only", "to", "documents",
-    "cover_text", "resolution", "fax_ids", "refs", "extensions", "directions", "to_status", "final_only",
-    "phone", "name", "content_type", "data",
+    "cover_text", "resolution", "cover_index", "fax_ids", "refs", "extensions", "directions", "to_status",
+    "final_only", "phone", "name", "content_type", "data",
 )  # fmt: skip
 _scalars = st.one_of(
     st.none(),

@@ -11,6 +11,7 @@ from faxd.core.ratebudget import (
     MEDIUM,
     RateBudget,
     classify,
+    group_name,
     parse_headers,
     parse_retry_after,
 )
@@ -37,6 +38,8 @@ EXT = "/restapi/v1.0/account/~/extension/200000001"
         ("GET", "/restapi/v1.0/subscription/abc", LIGHT),
         ("POST", "/restapi/v1.0/subscription/abc/renew", LIGHT),
         ("GET", "/restapi/v1.0/dictionary/fax-cover-page", LIGHT),
+        ("GET", EXT, LIGHT),  # readExtension (faxd doctor)
+        ("PUT", EXT, MEDIUM),
         ("GET", "/restapi/v1.0/something-else", MEDIUM),
     ],
 )
@@ -190,3 +193,53 @@ def test_others_in_the_window_block_a_full_window_once_the_share_is_gone() -> No
     # theirs leave the window.
     b.observed(AUTH, 0.0, limit=5, remaining=1, window=60)
     assert b.delay(AUTH, 1.0) == pytest.approx(59.0)
+
+
+NOW = 1_445_412_460.0  # Wed, 21 Oct 2015 07:27:40 GMT
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 20.0),  # RFC 9110's example, 20 s ahead
+        ("Wed, 21 Oct 2015 07:28:00 -0000", 20.0),
+        ("Wed, 21 Oct 2015 07:00:00 GMT", 0.0),  # already past: go now
+        ("Wed, 99 Foo 2015 07:28:00 GMT", None),
+        ("30", 30.0),
+    ],
+)
+def test_parse_retry_after_http_date(value: str, expected: float | None) -> None:
+    assert parse_retry_after(value, NOW) == expected
+
+
+def test_an_http_date_needs_the_wall_clock() -> None:
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("light", LIGHT),
+        ("LIGHT", LIGHT),
+        (" Heavy ", HEAVY),
+        ("auth", AUTH),
+        ("Custom-2", "Custom-2"),  # a group this table does not know, kept as sent
+        ("", None),
+        ("not a group!", None),
+        (None, None),
+    ],
+)
+def test_group_name_from_the_header(header: str | None, expected: str | None) -> None:
+    assert group_name(header) == expected
+
+
+def test_a_request_moved_to_the_servers_group() -> None:
+    b = RateBudget(share=1.0, defaults={LIGHT: (2, 60.0), HEAVY: (2, 60.0)})
+    b.spent(LIGHT, 0.0)
+    b.spent(HEAVY, 5.0)
+    b.spent(LIGHT, 1.0)
+    b.moved(LIGHT, HEAVY, 1.0)  # the server counted the request sent at 1.0 in Heavy
+    assert b.delay(LIGHT, 2.0) == 0  # one left in Light's window
+    assert b.delay(HEAVY, 2.0) == pytest.approx(59.0)  # Heavy is full until 1.0 leaves its window
+    b.moved(HEAVY, HEAVY, 1.0)
+    assert b.delay(HEAVY, 2.0) == pytest.approx(59.0)

@@ -9,6 +9,8 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import formatdate
 
 import aiohttp
 import pytest
@@ -16,9 +18,11 @@ from prometheus_client import CollectorRegistry
 
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.rest import (
+    MAX_SERVER_RETRY_AFTER,
     ApiError,
     AuthFailed,
     Document,
+    ExtensionNotFound,
     RateLimited,
     RingCentral,
     SyncTokenStale,
@@ -30,6 +34,7 @@ from faxd.sim import RecipientScript, SimConfig, Simulator
 
 EXT = "200000001"
 TOKEN = "/restapi/oauth/token"
+PDF = Document("a.pdf", "application/pdf", b"%PDF-1.4 a")
 
 
 @dataclass
@@ -159,11 +164,25 @@ async def test_message_sync_fsync_isync_and_stale(env: Env) -> None:
     assert "recordCount=" in raw[0]
     assert "syncType=ISync" in raw[1]
     assert "syncToken=" in raw[1]
+    assert "dateFrom" not in raw[1]  # the token carries the frame; dateFrom would redefine it
+    with pytest.raises(ValueError, match="full sync only"):
+        await env.rc.message_sync(EXT, inc.sync_token, date_from=datetime.now(UTC))
     env.sim.stale_sync_tokens()
     with pytest.raises(SyncTokenStale) as info:
         await env.rc.message_sync(EXT, inc.sync_token)
     assert (info.value.status, info.value.code) == (400, "MSG-333")
     assert env.sample("faxd_api_requests_total", endpoint="message-sync", code="400") == 1
+    # CMN-101 "Parameter [syncToken] value is invalid" means the same: the token is no good.
+    again = await env.rc.message_sync(EXT, None)
+    env.sim.stale_sync_tokens("CMN-101")
+    with pytest.raises(SyncTokenStale) as info:
+        await env.rc.message_sync(EXT, again.sync_token)
+    assert (info.value.status, info.value.code) == (400, "CMN-101")
+    # A 400 of a full sync is not about a token: a plain ApiError.
+    env.sim.fail_next_requests(1, status=400)
+    with pytest.raises(ApiError) as plain:
+        await env.rc.message_sync(EXT, None)
+    assert type(plain.value) is ApiError
 
 
 async def test_get_messages_single_bulk_and_missing(env: Env) -> None:
@@ -210,7 +229,13 @@ async def test_send_fax_multipart(env: Env) -> None:
     stored = env.sim.message(str(record["id"]))
     assert stored["coverPageText"] == "Hi"
     assert stored["faxResolution"] == "High"
-    assert env.calls("/fax", "POST") == [200]
+    assert stored["coverIndex"] == 1  # none asked: the account's default cover page
+    record = await env.rc.send_fax(EXT, to=["+16505550123"], documents=[PDF], cover_index=0)
+    assert env.sim.message(str(record["id"]))["coverIndex"] == 0
+    # The spec's fax request requires an attachment: refused here, before any request.
+    with pytest.raises(ValueError, match="at least one document"):
+        await env.rc.send_fax(EXT, to=["+16505550123"], documents=[], cover_text="a cover page alone")
+    assert env.calls("/fax", "POST") == [200, 200]
     assert env.sim.requests_to("/fax", "POST")[0].group == "Heavy"
 
 
@@ -303,3 +328,128 @@ def test_bulk_json_variant() -> None:
     assert entries == [(200, "1", {"id": 1}), (404, "2", {})]
     with pytest.raises(ValueError, match="boundary"):
         _bulk_entries(_Response(207, CIMultiDictProxy(CIMultiDict({"Content-Type": "multipart/mixed"})), b""))
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+async def test_retry_after_of_a_5xx_is_obeyed(env: Env, form: str) -> None:
+    """RingCentral's errors doc: Retry-After "should always be obeyed if provided"."""
+    await env.rc.login()
+    value = "20" if form == "seconds" else formatdate(env.clock.now + 20, usegmt=True)
+    env.sim.fail_next_requests(1, status=503, retry_after=value)
+    with pytest.raises(ApiError) as info:
+        await env.rc.message_sync(EXT, None)
+    assert (info.value.status, info.value.retry_after) == (503, 20)
+    await env.rc.ws_token()  # another group (Auth): not held back
+    await env.rc.get_messages(EXT, ["999999999"])  # the same group (Light): it waits
+    await env.rc.message_sync(EXT, None)
+    light = [r for r in env.sim.requests if r.group == "Light"]
+    assert [r.status for r in light] == [503, 404, 200]
+    assert light[1].time - light[0].time >= 20 - 0.05
+    assert env.sim.requests_to("/restapi/oauth/wstoken")[0].time - light[0].time < 1
+
+
+@pytest.mark.looptime
+async def test_retry_after_of_a_token_503_is_obeyed_and_bounded(env: Env) -> None:
+    env.sim.fail_next_requests(1, status=503, retry_after=30)
+    with pytest.raises(ApiError) as info:
+        await env.rc.login()
+    assert info.value.retry_after == 30
+    await env.rc.login()
+    tokens = env.sim.requests_to(TOKEN)
+    assert [r.status for r in tokens] == [503, 200]
+    assert tokens[1].time - tokens[0].time >= 30 - 0.05
+    # A Retry-After of a day holds the group back at most MAX_SERVER_RETRY_AFTER, not a day.
+    env.sim.fail_next_requests(1, status=503, retry_after=86400)
+    with pytest.raises(ApiError) as info:
+        await env.rc.message_sync(EXT, None)
+    assert info.value.retry_after == MAX_SERVER_RETRY_AFTER
+    await env.rc.message_sync(EXT, None)
+    sync = env.sim.requests_to("/message-sync")
+    assert MAX_SERVER_RETRY_AFTER - 0.05 <= sync[1].time - sync[0].time < MAX_SERVER_RETRY_AFTER + 1
+    # Without the header a 5xx holds nothing back: the caller's backoff decides.
+    env.sim.fail_next_requests(1, status=502, retry_after=None)
+    with pytest.raises(ApiError) as info:
+        await env.rc.message_sync(EXT, None)
+    assert info.value.retry_after is None
+    await env.rc.message_sync(EXT, None)
+    sync = env.sim.requests_to("/message-sync")
+    assert sync[3].time - sync[2].time < 1
+
+
+@pytest.mark.looptime
+async def test_the_servers_rate_limit_group_wins_over_the_local_table() -> None:
+    """RingCentral's rate-limit doc: the X-Rate-Limit-Group header names the group a request was
+    counted in, and groups may change. Here the server counts message-sync in Heavy (our table:
+    Light): its 429 must hold back Heavy (the fax send), not Light."""
+    async for env in make_env(SimConfig(seed=1)):
+        await env.rc.login()
+        env.sim.set_rate_limit_group("GET", "/message-sync", "Heavy")
+        await env.rc.message_sync(EXT, None)
+        assert env.sample("faxd_rate_limit_limit", group="Heavy") == 10
+        assert env.rc.budget.limits("Light") == (50, 60.0)  # not taught Heavy's limit
+        env.sim.rate_limit_storm("Heavy", 30)
+        with pytest.raises(RateLimited) as info:
+            await env.rc.message_sync(EXT, None)
+        assert info.value.group == "Heavy"
+        assert env.sample("faxd_rate_limited_total", group="Heavy") == 1
+        assert env.sample("faxd_rate_limited_total", group="Light") == 0
+        refused = env.sim.requests[-1]
+        await env.rc.get_messages(EXT, ["999999999"])  # Light: not held back
+        await env.rc.send_fax(
+            EXT, to=["+16505550100"], documents=[Document("a.pdf", "application/pdf", b"%PDF")]
+        )
+        assert [r.status for r in env.sim.requests if r.status == 429] == [429]  # no second one
+        get, send = env.sim.requests_to("/message-store/{messageId}")[0], env.sim.requests_to("/fax")[0]
+        assert get.time - refused.time < 1
+        assert send.time - refused.time >= 30 - 0.05
+        # Later message-syncs are paced in Heavy from the start (learned from the header).
+        assert env.rc._group_of("GET", "message-sync", "/message-sync") == "Heavy"
+
+
+async def test_bulk_parts_are_filed_by_their_own_id_never_by_position(env: Env) -> None:
+    """Bulk GET bodies that come in another order than their status entries: nothing is filed
+    under the wrong id; the parts that prove no id are a bad body (counted), asked again later."""
+    ids = [
+        env.sim.create_outbound_fax(EXT, [RecipientScript(f"+1650555010{i}", after=1000)]) for i in range(2)
+    ]
+    env.sim.bulk_get_fault("shuffle")
+    found = await env.rc.get_messages(EXT, ids)
+    assert all(record is None or str(record["id"]) == key for key, record in found.items())
+    assert found == {}  # both records sat next to the other id's href: neither proves its id
+    assert env.sample("faxd_api_bad_bodies_total", endpoint="message-bulk-get") == 1
+    found = await env.rc.get_messages(EXT, ids)  # the fault is over: everything reads
+    assert {key: str(record["id"]) for key, record in found.items() if record} == {i: i for i in ids}
+
+
+async def test_a_bulk_part_for_an_id_not_asked_is_a_bad_body(env: Env) -> None:
+    ids = [
+        env.sim.create_outbound_fax(EXT, [RecipientScript(f"+1650555010{i}", after=1000)]) for i in range(3)
+    ]
+    env.sim.bulk_get_fault("unasked")
+    found = await env.rc.get_messages(EXT, [*ids[:2], "999999999"])
+    assert set(found) == set(ids[:2])  # 999999999 was answered with a fax not asked: left out
+    assert all(record is not None and str(record["id"]) == key for key, record in found.items())
+    assert env.sample("faxd_api_bad_bodies_total", endpoint="message-bulk-get") == 1
+
+
+async def test_a_404_naming_the_extension_is_not_a_missing_message(env: Env) -> None:
+    """404 CMN-102 "Resource for parameter [extensionId] is not found" (deleted or mistyped) raises
+    ExtensionNotFound from every read; a 404 naming the message still reads as None (purged)."""
+    ids = [
+        env.sim.create_outbound_fax(EXT, [RecipientScript(f"+1650555010{i}", after=1000)]) for i in range(2)
+    ]
+    assert await env.rc.get_messages(EXT, ["999999999"]) == {"999999999": None}
+    for extension in ("299999999",):  # never existed (a typo)
+        with pytest.raises(ExtensionNotFound):
+            await env.rc.message_sync(extension, None)
+    env.sim.remove_extension(EXT)  # deleted
+    with pytest.raises(ExtensionNotFound) as info:
+        await env.rc.get_messages(EXT, ids[:1])
+    assert (info.value.status, info.value.code) == (404, "CMN-102")
+    with pytest.raises(ExtensionNotFound):
+        await env.rc.get_messages(EXT, ids)
+    with pytest.raises(ExtensionNotFound):
+        await env.rc.message_sync(EXT, None)
+    env.sim.remove_extension(EXT, restore=True)
+    assert set(await env.rc.get_messages(EXT, ids)) == set(ids)

@@ -44,6 +44,9 @@ _WALK_UP = re.compile(r"__file__\)(?:\.resolve\(\))?((?:\.parent\b|\.parents\[\d
 _REPO_PARENT = re.compile(r"\b(?:REPO|ROOT|REPO_ROOT)\.parent\b")
 _SECTION_OF = re.compile(r"\b([A-Z][A-Z_-]{2,})(?:\.md)? §")
 _MD = re.compile(r"(?<![\w/.:-])((?:[\w.-]+/)*[\w-]+\.md)\b")
+#: Where faxd installs its guide on a server (faxd install-service), written with or without the leading
+#: slash (a path under --root): a place on the target system, not a document of this repository.
+_TARGET_SYSTEM = re.compile(r"^/?(usr|etc|opt|var|srv)/")
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,12 @@ def scan_text(
             if "://" in token:
                 continue  # a URL: the page is public, not a path of ours
             for md in _MD.findall(token):
-                exists = md in known or (here / md).as_posix() in known or md.startswith("../")
+                exists = (
+                    md in known
+                    or (here / md).as_posix() in known
+                    or md.startswith("../")
+                    or bool(_TARGET_SYSTEM.match(md))
+                )
                 if "/" not in md:
                     exists = md in basenames
                 if not exists:
@@ -217,6 +225,7 @@ def test_each_kind_of_outside_reference_is_found(rel: str, line: str, reason: st
         ("faxd/x.py", "REPO = " + WALK + ".parents[1]"),
         ("tests/a/b.py", "REPO = " + WALK + ".parents[2]"),
         ("faxd/x.py", "Documentation=file:///opt/faxd/share/doc/faxd/operations.md"),
+        ("tests/a/b.py", 'GUIDE = "usr/local/share/doc/faxd/operations.md"  # under --root'),
         (
             "faxd/x.py",
             "https://developers.ringcentral.com/guide/basics/rate-limits.md and /etc/faxd/config.yaml",

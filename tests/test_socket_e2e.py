@@ -21,6 +21,7 @@ import pytest
 from daemon_support import RunningDaemon
 from test_event_server import EPOCH, Harness, MemoryBackend, seed, start_harness, transition
 
+from faxd.config import DEFAULT_EVENT_SOCKET
 from faxd.core.model import FINAL_STATUSES, Event
 from faxd.sim import SimConfig, Simulator
 from faxd.sim.store import TINY_PDF
@@ -145,6 +146,7 @@ async def test_send_with_ref_is_accepted_tracked_and_queryable(sim: Simulator, c
             "documents": DOCUMENTS,
             "ref": "order-77",
             "cover_text": "Lab results",
+            "cover_index": 2,
             "resolution": "Low",
         }
     )
@@ -158,6 +160,7 @@ async def test_send_with_ref_is_accepted_tracked_and_queryable(sim: Simulator, c
     record = sim.message(fax_id)
     assert [r["phoneNumber"] for r in record["to"]] == to
     assert record["faxResolution"] == "Low"
+    assert (record["coverIndex"], record["coverPageText"]) == (2, "Lab results")
 
     events = await until_final(client, fax_id, recipients=3)
     assert events, "no events for the sent fax"
@@ -203,8 +206,8 @@ async def test_send_with_ref_is_accepted_tracked_and_queryable(sim: Simulator, c
         # The simulator refuses a number that is not 7-15 digits, as RingCentral does.
         ({"to": [{"phone": "+1 650 55"}], "documents": DOCUMENTS}, "CMN-101"),  # 6 digits
         ({"to": [{"phone": "call me maybe"}], "documents": DOCUMENTS}, "CMN-101"),
-        # A cover page alone is a valid request here, but RingCentral wants an attachment.
-        ({"to": [{"phone": "+16505550100"}], "cover_text": "only a cover page"}, "MSG-347"),
+        # Cover pages are numbered 1-13 in the account (the spec's createFaxMessage).
+        ({"to": [{"phone": "+16505550100"}], "documents": DOCUMENTS, "cover_index": 99}, "CMN-101"),
     ],
 )
 async def test_ringcentral_refusal_comes_back_as_upstream_with_its_code(
@@ -243,7 +246,7 @@ async def test_concurrent_sends_with_one_ref_give_one_fax(sim: Simulator, connec
 # ------------------------------------------------------------------------------------------ the docs' clients
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "socket-protocol.md"
-DOC_SOCKET = "/run/faxd/events.sock"
+DOC_SOCKET = DEFAULT_EVENT_SOCKET  # the docs' clients use the default path
 
 
 def doc_block(language: str, after: str) -> str:
@@ -344,3 +347,43 @@ async def test_overlapping_sends_with_one_ref_reach_ringcentral_once(
     replies = sorted([(await first.reply("a"))["type"], (await second.reply("b"))["type"]])
     assert replies == ["accepted", "error"]
     assert len(sim.requests_to("/fax", "POST")) == 1
+
+
+async def test_a_send_names_its_cover_page_so_the_accounts_default_does_not_decide(
+    sim: Simulator, connect: Connect
+) -> None:
+    """The spec's fax request: without coverIndex the account's default cover page is attached (the
+    simulator's account has one). faxd always sends send.cover_index (default 0: none)."""
+    client = await connect()
+    request = {"type": "send", "to": [{"phone": "+16505550100"}], "documents": DOCUMENTS}
+    await client.send({**request, "id": "plain"})
+    plain = await client.reply("plain")
+    assert plain["type"] == "accepted", plain
+    assert sim.message(plain["fax_id"])["coverIndex"] == 0
+    await client.send({**request, "id": "cover", "cover_index": 5, "cover_text": "Hello"})
+    cover = await client.reply("cover")
+    assert (sim.message(cover["fax_id"])["coverIndex"], sim.message(cover["fax_id"])["coverPageText"]) == (
+        5,
+        "Hello",
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"to": [{"phone": "+16505550100"}], "cover_text": "only a cover page"}, "documents is required"),
+        ({"to": [{"phone": "+16505550100"}], "documents": []}, "documents must not be empty"),
+        # send.cover_index is 0 here: the text would have no cover page to be printed on
+        ({"to": [{"phone": "+16505550100"}], "documents": DOCUMENTS, "cover_text": "x"}, "cover_index is 0"),
+        ({"to": [{"phone": "+16505550100"}], "documents": DOCUMENTS, "cover_index": -1}, "cover_index must"),
+    ],
+)
+async def test_a_send_refused_before_ringcentral(
+    sim: Simulator, connect: Connect, fields: dict[str, Any], reason: str
+) -> None:
+    client = await connect()
+    await client.send({"type": "send", "id": "bad", **fields})
+    error = await client.reply("bad")
+    assert (error["type"], error["code"]) == ("error", "bad_request"), error
+    assert reason in error["message"]
+    assert sim.requests_to("/fax", "POST") == []

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from faxd.adapters.store import MIGRATIONS, Journalled, Store, StoreError
+from faxd.adapters.store import MIGRATIONS, Journalled, Store, StoreError, backup, restore
 from faxd.core.model import EventKind, FaxState, RecipientState, Source, Transition
 
 
@@ -208,3 +211,150 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
         assert fax_1.status == "Sent"
     finally:
         s.close()
+
+
+# ------------------------------------------------------------------------ private files whatever the umask
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The umask of a shell or of a service without UMask=: new files would be world-readable."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_store_files_are_0600_under_umask_022(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "faxd.db"
+    store = Store(path)
+    store.open()
+    try:
+        store.commit([fax()], [move("Queued", None)], observed_at="T1")
+        files = {p.name: mode(p) for p in path.parent.iterdir()}
+        assert files == {"faxd.db": 0o600, "faxd.db-wal": 0o600, "faxd.db-shm": 0o600}
+        assert mode(path.parent) == 0o700
+    finally:
+        store.close()
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_store_files_left_readable_by_an_older_faxd_are_tightened(tmp_path: Path) -> None:
+    path = tmp_path / "faxd.db"
+    db = sqlite3.connect(path)  # as SQLite creates them: 0644 minus the umask, the side files alike
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t (x)")
+    (tmp_path / "faxd.db-wal").chmod(0o664)
+    assert mode(path) == 0o644
+    store = Store(path)
+    store.open()
+    try:
+        assert {p.name: mode(p) for p in tmp_path.iterdir()} == {
+            "faxd.db": 0o600,
+            "faxd.db-wal": 0o600,
+            "faxd.db-shm": 0o600,
+        }
+    finally:
+        store.close()
+        db.close()
+
+
+# ------------------------------------------------------------------------------- backup and restore
+
+
+def journal_of(path: Path) -> list[tuple[int, str]]:
+    store = Store(path)
+    store.open()
+    try:
+        return [(e.seq, e.transition.to_status) for e in store.events_after(0, 100)]
+    finally:
+        store.close()
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_backup_while_the_store_is_open_is_complete_and_private(store: Store, tmp_path: Path) -> None:
+    store.commit([fax()], [move("Queued", None)], observed_at="T1")
+    store.commit([fax("Sent")], [move("Sent")], observed_at="T2")  # still in the -wal
+    (tmp_path / "old.db").write_text("yesterday's")
+    (tmp_path / "old.db").chmod(0o644)
+    snapshot = backup(store.path, tmp_path / "old.db")
+    assert (snapshot.epoch, snapshot.head_seq) == (store.epoch, 2)
+    assert mode(tmp_path / "old.db") == 0o600
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left"
+    assert not (tmp_path / "old.db-wal").exists(), "a backup is one file"
+    assert journal_of(tmp_path / "old.db") == [(1, "Queued"), (2, "Sent")]
+
+
+def test_backup_refuses_to_overwrite_the_store_or_read_nothing(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="is the store itself"):
+        backup(store.path, store.path)
+    with pytest.raises(StoreError, match="no store at"):
+        backup(tmp_path / "nope.db", tmp_path / "b.db")
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_restore_gives_the_journal_a_new_epoch_and_drops_the_stale_wal(tmp_path: Path) -> None:
+    path = tmp_path / "faxd.db"
+    store = Store(path)
+    store.open()
+    store.commit([fax()], [move("Queued", None)], observed_at="T1")
+    before = store.epoch
+    backup(path, tmp_path / "b.db")
+    store.commit([fax("Sent")], [move("Sent")], observed_at="T2")
+    with pytest.raises(StoreError, match=r"is in use \(faxd is running\?\): stop faxd first"):
+        restore(tmp_path / "b.db", path)
+    assert journal_of(path) == [(1, "Queued"), (2, "Sent")], "a refused restore changes nothing"
+    store.close()
+
+    written, restored = restore(tmp_path / "b.db", path)
+    assert (written.epoch, written.head_seq) == (before, 1)
+    assert restored.epoch != before
+    assert restored.head_seq == 1
+    assert mode(path) == 0o600
+    reopened = Store(path)
+    reopened.open()
+    try:
+        assert reopened.epoch == restored.epoch
+        assert reopened.head_seq() == 1
+        # The seq of the lost "Sent" is handed out again: only the epoch tells the two apart.
+        (again,) = reopened.commit([fax("Sent")], [move("Sent")], observed_at="T3")
+        assert (again.seq, again.epoch) == (2, restored.epoch)
+    finally:
+        reopened.close()
+    assert journal_of(tmp_path / "b.db") == [(1, "Queued")], "the backup itself is left as it was"
+
+
+def test_restore_refuses_what_is_not_a_faxd_store(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a database")
+    other = sqlite3.connect(tmp_path / "other.db")
+    other.execute("CREATE TABLE t (x)")
+    other.close()
+    for bad, reason in (("notes.txt", "file is not a database"), ("other.db", "is not a faxd store")):
+        with pytest.raises(StoreError, match=reason):
+            restore(tmp_path / bad, tmp_path / "faxd.db")
+    assert not (tmp_path / "faxd.db").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_restore_as_root_keeps_the_stores_owner(tmp_path: Path) -> None:
+    """The admin restores as root; faxd (its own user) must still be able to open the store."""
+    path = tmp_path / "faxd.db"
+    store = Store(path)
+    store.open()
+    store.close()
+    backup(path, tmp_path / "b.db")
+    os.chown(path, 4242, 4343)
+    restore(tmp_path / "b.db", path)
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, mode(path)) == (4242, 4343, 0o600)
+    (tmp_path / "new").mkdir()
+    os.chown(tmp_path / "new", 4244, 4345)  # no store yet: the state directory's owner
+    restore(tmp_path / "b.db", tmp_path / "new" / "faxd.db")
+    st = (tmp_path / "new" / "faxd.db").stat()
+    assert (st.st_uid, st.st_gid) == (4244, 4345)

@@ -4,6 +4,8 @@ in flight, and the unit file itself (``systemd-analyze verify`` and ``security``
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import grp
 import itertools
 import json
 import os
@@ -11,16 +13,21 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from ops_support import FAXD, NotifySocket, daemon, status_of, write_config, ws_up
+import yaml
+from ops_support import FAXD, Daemon, NotifySocket, daemon, status_of, write_config, ws_up
 
+from faxd import credentials
 from faxd.adapters.notify import Notifier, listen_fds
 from faxd.adapters.store import Store
+from faxd.config import DEFAULT_EVENT_SOCKET, EventsConfig
 from faxd.daemon import DRAIN_DEADLINE
 from faxd.sim import RecipientScript, Simulator
 
@@ -234,3 +241,207 @@ def test_unit_verifies_clean_and_scores_at_most_2(tmp_path: Path) -> None:
     assert match, security.stdout + security.stderr
     assert float(match[1]) <= 2.0
     assert security.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------- one socket path
+
+TMPFILES = ROOT / "systemd" / "tmpfiles.d" / "faxd.conf"
+SYSUSERS = ROOT / "systemd" / "sysusers.d" / "faxd.conf"
+
+
+def _settings(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_one_default_socket_path_everywhere() -> None:
+    """The code default, the shipped config, faxd.socket, the directory the units prepare, and the
+    docs all name the same socket."""
+    path = EventsConfig().socket
+    assert path == DEFAULT_EVENT_SOCKET
+    assert yaml.safe_load((ROOT / "config.yaml").read_text())["events"]["socket"] == path
+    assert _settings(SOCKET_UNIT)["ListenStream"] == [path]
+    directory = os.path.dirname(path)
+    tmpfiles = [line.split() for line in TMPFILES.read_text().splitlines() if line and line[0] != "#"]
+    assert tmpfiles == [["d", directory, "3770", "root", "faxd-clients", "-"]]
+    service = _settings(UNIT)
+    assert "RuntimeDirectory" not in service, "systemd would chown it and delete it with the socket in it"
+    assert service["ReadWritePaths"] == [f"-{directory}"]
+    assert service["SupplementaryGroups"] == ["faxd-clients"]
+    assert any(line.split()[:2] == ["g", "faxd-clients"] for line in SYSUSERS.read_text().splitlines())
+    socket_doc = (ROOT / "docs" / "socket-protocol.md").read_text()
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    assert f"default `{path}`" in socket_doc
+    assert path in operations
+    for text in (socket_doc, operations, (ROOT / "config.yaml").read_text(), SOCKET_UNIT.read_text()):
+        assert "/run/faxd.sock" not in text, "the old socket path"
+
+
+def test_check_config_looks_for_credentials_where_the_unit_loads_them() -> None:
+    for value in _unit_settings()["LoadCredentialEncrypted"]:
+        name, _, path = value.partition(":")
+        assert credentials.unit_files(name)[0] == credentials.CredentialFile("LoadCredentialEncrypted", path)
+
+
+@pytest.mark.skipif(
+    not (shutil.which("systemd-sysusers") and shutil.which("systemd-tmpfiles")),
+    reason="needs systemd-sysusers and systemd-tmpfiles",
+)
+def test_tmpfiles_and_sysusers_prepare_the_socket_directory(tmp_path: Path) -> None:
+    """What boot does, into a scratch root: the group, then /run/faxd as root:faxd-clients 3770."""
+    (tmp_path / "etc").mkdir()
+    for name in ("passwd", "group"):
+        shutil.copy(f"/etc/{name}", tmp_path / "etc" / name)
+    for tool, config in (("systemd-sysusers", SYSUSERS), ("systemd-tmpfiles", TMPFILES)):
+        args = [
+            tool,
+            f"--root={tmp_path}",
+            *(["--create"] if tool == "systemd-tmpfiles" else []),
+            str(config),
+        ]
+        done = subprocess.run(args, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+    gid = next(
+        int(line.split(":")[2])
+        for line in (tmp_path / "etc" / "group").read_text().splitlines()
+        if line.startswith("faxd-clients:")
+    )
+    st = (tmp_path / "run" / "faxd").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o3770, 0, gid)
+
+
+# ---------------------------------------------------------------------------------------- events.group
+
+
+_PR_CAPBSET_DROP, _CAP_CHOWN = 24, 0  # <linux/prctl.h>, <linux/capability.h>
+
+
+def _without_cap_chown() -> None:
+    """preexec_fn: root without CAP_CHOWN after exec, so the kernel's ordinary rule applies: the
+    owner may give a file only to a group it is in (as the unit's dynamic user, which has no
+    capabilities)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_CAPBSET_DROP, _CAP_CHOWN, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_CHOWN)")
+
+
+def _group_cases() -> tuple[dict[str, Any], grp.struct_group, grp.struct_group] | None:
+    """(how to spawn faxd, a group it is in, a group it is not in), or None if this host has no two
+    such groups. As root faxd runs without CAP_CHOWN and with one supplementary group, like the
+    unit's dynamic user with SupplementaryGroups=."""
+    if os.geteuid() == 0:
+        others = [g for g in grp.getgrall() if g.gr_gid != 0]
+        if len(others) < 2:
+            return None
+        member, stranger = others[0], others[1]
+        return {"extra_groups": [member.gr_gid], "preexec_fn": _without_cap_chown}, member, stranger
+    mine = set(os.getgroups()) - {os.getegid()}
+    member_g = next((g for g in grp.getgrall() if g.gr_gid in mine), None)
+    stranger_g = next((g for g in grp.getgrall() if g.gr_gid not in os.getgroups() and g.gr_gid), None)
+    if member_g is None or stranger_g is None:
+        return None
+    return {}, member_g, stranger_g
+
+
+GROUP_CASES = _group_cases()
+needs_groups = pytest.mark.skipif(GROUP_CASES is None, reason="needs two groups besides root's")
+
+
+def _group_config(workdir: Path, group: str | None) -> Path:
+    data = {
+        "ringcentral": {
+            "server": "http://127.0.0.1:1",  # nothing listens: faxd retries, the socket is up meanwhile
+            "client_id": "app",
+            "client_secret": {"env": "FAXD_TEST_SECRET"},
+            "jwt": {"env": "FAXD_TEST_JWT"},
+        },
+        "store": {"path": "faxd.db"},
+        "events": {"socket": "events.sock", "group": group},
+        "metrics": {"listen": None},
+        "logging": {"format": "json"},
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def _spawn(config: Path, spawn: dict[str, Any]) -> Daemon:
+    env = {**os.environ, "FAXD_TEST_SECRET": "s", "FAXD_TEST_JWT": "j", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        *FAXD, "run", "-c", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, **spawn,
+    )  # fmt: skip
+    return Daemon(proc)
+
+
+@needs_groups
+async def test_events_group_of_a_group_faxd_is_in(short_dir: Path) -> None:
+    assert GROUP_CASES is not None
+    spawn, member, _ = GROUP_CASES
+    faxd = await _spawn(_group_config(short_dir, member.gr_name), spawn)
+    try:
+        async with asyncio.timeout(30):
+            await faxd.wait_event("event socket listening")
+            st = (short_dir / "events.sock").stat()
+            faxd.signal(signal.SIGTERM)
+            assert await faxd.wait() == 0
+    finally:
+        if faxd.proc.returncode is None:
+            faxd.proc.kill()
+            await faxd.wait()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (member.gr_gid, 0o660)
+
+
+@needs_groups
+async def test_events_group_of_a_group_faxd_is_not_in_is_a_clear_error(short_dir: Path) -> None:
+    assert GROUP_CASES is not None
+    spawn, _, stranger = GROUP_CASES
+    faxd = await _spawn(_group_config(short_dir, stranger.gr_name), spawn)
+    async with asyncio.timeout(30):
+        assert await faxd.wait() == 78
+    (line,) = [line for line in faxd.lines if line.get("event") == "faxd cannot run"]
+    uid = os.geteuid()
+    assert line["reason"] == (
+        f"events.group: cannot give the event socket {short_dir / 'events.sock'} to group "
+        f"{stranger.gr_name}: faxd (uid {uid}) is not a member of it. Under systemd add "
+        f"SupplementaryGroups={stranger.gr_name} to faxd.service (systemctl edit faxd), or let "
+        "faxd.socket create the socket (SocketGroup=)"
+    )
+    assert not (short_dir / "events.sock").exists(), "the half-made socket is removed"
+
+
+async def test_events_group_that_does_not_exist_is_a_clear_error(short_dir: Path) -> None:
+    faxd = await _spawn(_group_config(short_dir, "no-such-faxd-group"), {})
+    async with asyncio.timeout(30):
+        assert await faxd.wait() == 78
+    assert any(
+        line.get("reason") == "events.group: there is no group named 'no-such-faxd-group' on this system"
+        for line in faxd.lines
+    ), faxd.raw[-5:]
+
+
+async def test_status_names_extensions_ringcentral_does_not_know(sim: Simulator, short_dir: Path) -> None:
+    """A mistyped (or deleted) extension: RingCentral answers 404 CMN-102 extensionId. STATUS= says so,
+    faxd keeps running and the other extension is tracked."""
+    config = write_config(short_dir, sim, ringcentral={"extensions": ["~", "299999999"]})
+    notify = NotifySocket(short_dir / "notify")
+    try:
+        async with asyncio.timeout(30), daemon(config, env={"NOTIFY_SOCKET": str(notify.path)}) as faxd:
+            line = await notify.wait_for(
+                lambda m: "1 configured extension(s) not found by RingCentral" in (status_of(m) or "")
+            )
+            faxd.signal(signal.SIGTERM)
+            assert await faxd.wait() == 0
+    finally:
+        notify.close()
+    assert (status_of(line) or "").startswith("WebSocket ")
+    refused = [r for r in sim.requests_to("/message-sync") if "/extension/299999999/" in r.raw_path]
+    assert refused
+    assert {r.status for r in refused} == {404}
+    assert any(
+        r.status == 200 and "/extension/200000001/" in r.raw_path for r in sim.requests_to("/message-sync")
+    )

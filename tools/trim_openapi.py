@@ -43,6 +43,8 @@ OPERATIONS: Final[tuple[tuple[str, str], ...]] = (
     ("post", "/restapi/oauth/token"),
     ("post", "/restapi/oauth/revoke"),
     ("post", "/restapi/oauth/wstoken"),
+    ("get", "/restapi"),
+    ("get", "/restapi/v1.0/account/{accountId}/extension/{extensionId}"),
     ("post", "/restapi/v1.0/account/{accountId}/extension/{extensionId}/fax"),
     ("get", "/restapi/v1.0/account/{accountId}/extension/{extensionId}/message-store"),
     ("get", "/restapi/v1.0/account/{accountId}/extension/{extensionId}/message-store/{messageId}"),

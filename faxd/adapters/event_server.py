@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import os
 import socket
@@ -112,6 +113,42 @@ class Backend(Protocol):
     async def send(self, request: SendRequest) -> FaxState:
         """Send a fax; raises :class:`~faxd.core.protocol.SendError` when it is refused."""
         ...
+
+
+class SocketSetupError(Exception):
+    """The event socket cannot be set up as configured; the message names the key, the reason and the fix."""
+
+
+def _group_id(group: str | int) -> int:
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SocketSetupError(f"events.group: there is no group named {group!r} on this system") from None
+
+
+def _give_to_group(path: str, group: str | int | None, gid: int) -> None:
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        # Only root may give a file to a group its owner is not in. Under DynamicUser= faxd's user is
+        # in no static group unless the unit says so.
+        name = group if isinstance(group, str) else f"gid {gid}"
+        raise SocketSetupError(
+            f"events.group: cannot give the event socket {path} to group {name}: faxd (uid {os.geteuid()}) "
+            f"is not a member of it. Under systemd add SupplementaryGroups={group} to faxd.service "
+            "(systemctl edit faxd), or let faxd.socket create the socket (SocketGroup=)"
+        ) from None
+
+
+def _bind_hint(path: str, exc: OSError) -> str:
+    directory = os.path.dirname(path) or "."
+    if exc.errno == errno.ENOENT:
+        return f" (no directory {directory}; under systemd, tmpfiles.d/faxd.conf creates /run/faxd)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f" (faxd, uid {os.geteuid()}, may not create files in {directory})"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -287,19 +324,25 @@ class EventServer:
     async def _bind(self) -> socket.socket:
         s = self._settings
         await self._remove_stale(s.path)
+        gid = None if s.group is None else _group_id(s.group)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(s.path)
+            try:
+                sock.bind(s.path)
+            except OSError as exc:
+                raise SocketSetupError(
+                    f"events.socket: cannot bind {s.path}: {exc.strerror}{_bind_hint(s.path, exc)}"
+                ) from None
+            st = os.stat(s.path)
+            self._bound = (st.st_dev, st.st_ino)
             # chmod/chown before listen(): until then every connect() is refused, so nobody can get in
             # through the umask's default mode.
             os.chmod(s.path, s.mode)
-            if s.group is not None:
-                gid = grp.getgrnam(s.group).gr_gid if isinstance(s.group, str) else s.group
-                os.chown(s.path, -1, gid)
-            st = os.stat(s.path)
-            self._bound = (st.st_dev, st.st_ino)
+            if gid is not None:
+                _give_to_group(s.path, s.group, gid)
         except BaseException:
             sock.close()
+            self._unlink()
             raise
         sock.setblocking(False)
         return sock
@@ -310,14 +353,23 @@ class EventServer:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+            raise SocketSetupError(
+                f"events.socket: {path} exists and is not a socket; refusing to replace it"
+            )
         try:
             async with asyncio.timeout(1):
                 _, writer = await asyncio.open_unix_connection(path)
         except (ConnectionRefusedError, FileNotFoundError):
             log.info("removing stale event socket", path=path)
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except PermissionError:
+                raise SocketSetupError(
+                    f"events.socket: cannot remove the stale socket {path} (owned by uid {st.st_uid}): "
+                    "permission denied; remove it by hand"
+                ) from None
             return
         except TimeoutError:
             raise RuntimeError(f"{path} is in use (connect timed out)") from None

@@ -65,6 +65,8 @@ WS_BAD_FRAME_REASONS = (
     "foreign_subscription",
     "foreign_extension",
 )
+#: Error codes of a refused incremental sync, as labels; any other code is counted as "other".
+SYNC_RESET_CODES = ("MSG-333", "CMN-101", "other")
 TOKEN_GRANTS = ("jwt", "refresh")
 TOKEN_RESULTS = ("ok", "error", "rejected", "rate_limited")
 SOCKET_DISCONNECT_REASONS = (
@@ -253,6 +255,24 @@ class Metrics:
             "Time one reconcile of one extension took.",
             registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.sync_token_resets = Counter(
+            "faxd_sync_token_resets_total",
+            "Incremental syncs refused (400) whose sync token was dropped for a full sync, by error code.",
+            ["code"],
+            registry=r,
+        )
+        for code in SYNC_RESET_CODES:
+            self.sync_token_resets.labels(code)
+        self.full_sync_failing = Gauge(
+            "faxd_full_sync_failing",
+            "Extensions whose last full sync failed; each is retried with backoff.",
+            registry=r,
+        )
+        self.extensions_not_found = Gauge(
+            "faxd_extensions_not_found",
+            "Configured extensions RingCentral answers 404 CMN-102 (extensionId) for: deleted or mistyped.",
+            registry=r,
         )
         self.queue_depth = Gauge("faxd_queue_depth", "Extensions waiting to be reconciled.", registry=r)
         self.last_sync = Gauge(

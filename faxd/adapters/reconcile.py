@@ -4,7 +4,11 @@ Three parts, all thin around the core:
 
 * :class:`Reconciler` reads the message store for one extension and commits what it found:
 
-  1. message-sync: ISync with the stored token; FSync when there is none or it went stale (MSG-333).
+  1. message-sync: ISync with the stored token alone (the token carries the sync frame); FSync
+     (from ``fsync_days`` ago) when there is none or the ISync was refused (any 400: MSG-333,
+     CMN-101 "Parameter [syncToken] value is invalid", ...). A refused token is dropped at once, so
+     it is presented once; a full sync that fails too is retried with the queue's backoff and
+     counted in ``faxd_full_sync_failing`` (an alert) until it succeeds.
      When an FSync answers ``olderRecordsExist`` (the frame's ``recordCount`` was too small) it is
      repeated with a larger ``recordCount`` (times 4, up to ``fsync_max_record_count``); what is still left
      out is logged, and any of it faxd already tracks is read by id in step 2. The records are diffed
@@ -14,11 +18,14 @@ Three parts, all thin around the core:
      id + availability only become ``availability`` events.
   2. When a poll, start-up, resync, client request or settle timer asked (not for a plain push hint),
      or after an FSync: a bulk GET (chunks of 50) of the faxes still in flight (or waiting to settle)
-     that step 1 did not return. A 404 means RingCentral dropped the message: the fax becomes
-     ``Purged`` (one ``availability`` event, final). Ids whose entry failed otherwise are committed
-     as far as they went and the reconcile raises :class:`BulkIncomplete`, so the queue retries it
-     with backoff. What step 2 finds is journalled with source ``poll`` whatever asked: it is what
-     push and sync missed, and counts in ``faxd_missed_by_push_total``.
+     that step 1 did not return. A 404 naming the message means RingCentral dropped it: the fax
+     becomes ``Purged`` (one ``availability`` event, final). A 404 naming the *extension*
+     (``CMN-102`` ``extensionId``: deleted or mistyped) purges nothing: the reconcile fails, the
+     extension is counted in ``faxd_extensions_not_found`` (logged once, in STATUS=) and retried
+     every ``missing_extension_retry`` until RingCentral knows it again. Ids whose entry failed
+     otherwise are committed as far as they went and the reconcile raises :class:`BulkIncomplete`,
+     so the queue retries it with backoff. What step 2 finds is journalled with source ``poll``
+     whatever asked: it is what push and sync missed, and counts in ``faxd_missed_by_push_total``.
   3. Without any API call: ``stalled`` events (checked when step 2 runs, i.e. at least every
      ``active_poll_interval`` while faxes are in flight, not on every push; once per fax and process)
      and ``settled`` events (the ``Sent`` settle rule,
@@ -49,8 +56,15 @@ from typing import Any
 
 import structlog
 
-from faxd.adapters.metrics import Metrics
-from faxd.adapters.rest import ApiError, Document, RingCentral, SyncResult, SyncTokenStale
+from faxd.adapters.metrics import SYNC_RESET_CODES, Metrics
+from faxd.adapters.rest import (
+    ApiError,
+    Document,
+    ExtensionNotFound,
+    RingCentral,
+    SyncResult,
+    SyncTokenStale,
+)
 from faxd.adapters.store import Journalled, Store
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind, FaxState, Source
@@ -89,6 +103,9 @@ class ReconcileSettings:
     fsync_days: float = 7.0  # how far back the first full sync looks
     fsync_record_count: int = 250
     fsync_max_record_count: int = 4000
+    #: Retry interval of an extension RingCentral does not know (404 CMN-102 extensionId): a
+    #: configuration problem that a fast retry would not fix.
+    missing_extension_retry: float = 600.0
 
 
 class BulkIncomplete(ApiError):
@@ -144,6 +161,8 @@ class Reconciler:
         self._flying: dict[str, set[str]] = {}  # extension -> ids in flight
         self._stalled: set[str] = set()  # held faxes whose stall was journalled (not checked again)
         self._sending_refs: set[str] = set()
+        self._fsync_failing: set[str] = set()  # extensions whose last full sync failed
+        self._not_found: set[str] = set()  # extensions RingCentral answered 404 extensionId for
         # Unsettled Sent (fax or recipient) -> wall time faxd first saw it Sent; survives restarts
         # through the journal. _settling counts the keys per fax.
         self._settle: dict[SettleKey, float] = {}
@@ -238,6 +257,15 @@ class Reconciler:
                 best = (due, fax.extension_id)
         return best
 
+    def problems(self) -> list[str]:
+        """Short phrases for the STATUS= line about extensions faxd cannot track now; no ids."""
+        out: list[str] = []
+        if self._fsync_failing:
+            out.append(f"full sync failing for {len(self._fsync_failing)} extension(s)")
+        if self._not_found:
+            out.append(f"{len(self._not_found)} configured extension(s) not found by RingCentral")
+        return out
+
     def by_ref(self, ref: str) -> FaxState | None:
         """The fax sent with ``ref`` (the store's UNIQUE index; held faxes are the same states)."""
         found = self.store.fax_by_ref(ref)
@@ -251,23 +279,76 @@ class Reconciler:
         trigger = next(iter(sorted(reasons))) if len(reasons) == 1 else _source(reasons).value
         try:
             await self._reconcile(extension_id, reasons)
+        except ExtensionNotFound as exc:
+            self.metrics.reconciles.labels(trigger, "error").inc()
+            if extension_id not in self._not_found:
+                # Once per episode: it is retried every missing_extension_retry until it is back.
+                log.error(
+                    "RingCentral does not know this extension (deleted, or mistyped in"
+                    " ringcentral.extensions); its faxes are not tracked until it is back",
+                    extension=extension_id,
+                    code=exc.code,
+                    retry_s=self.settings.missing_extension_retry,
+                )
+                self._not_found.add(extension_id)
+                self.metrics.extensions_not_found.set(len(self._not_found))
+            raise
         except ApiError as exc:
             self.metrics.reconciles.labels(trigger, "error").inc()
             log.warning("reconcile failed", extension=extension_id, code=exc.code, status=exc.status)
             raise
+        if extension_id in self._not_found:
+            log.info("extension found again", extension=extension_id)
+            self._not_found.discard(extension_id)
+            self.metrics.extensions_not_found.set(len(self._not_found))
         self.metrics.reconciles.labels(trigger, "ok").inc()
         self.metrics.reconcile_duration.observe(time.perf_counter() - started)
         self.metrics.last_sync.set(self.wall())
 
     async def _sync(self, extension_id: str) -> tuple[SyncResult, bool]:
-        """message-sync: ISync, or FSync (returned True) when there is no token or it went stale."""
+        """message-sync: ISync, or FSync (returned True) when there is no token or it was refused.
+
+        A refused ISync (any 400: MSG-333, CMN-101, ...) drops the token at once, so the token is
+        presented once: if the full sync fails too, the queue's retries go straight to a full sync.
+        Extensions whose full sync fails are counted (``faxd_full_sync_failing``) until one succeeds.
+        """
         token = self.store.sync_token(extension_id)
-        date_from = datetime.fromtimestamp(self.wall(), UTC) - timedelta(days=self.settings.fsync_days)
         if token is not None:
             try:
-                return await self.rc.message_sync(extension_id, token, date_from=date_from), False
-            except SyncTokenStale:
-                log.info("sync token stale, running a full sync", extension=extension_id)
+                # The token alone: it carries the frame the full sync set up (no dateFrom, which
+                # would move the frame's start and drop changes to older faxes).
+                return await self.rc.message_sync(extension_id, token), False
+            except SyncTokenStale as exc:
+                code = exc.code if exc.code in SYNC_RESET_CODES else "other"
+                self.metrics.sync_token_resets.labels(code).inc()
+                # MSG-333 is RingCentral's routine "full sync required"; anything else is worth a look.
+                level = log.info if exc.code == "MSG-333" else log.warning
+                level("sync token refused, running a full sync", extension=extension_id, code=exc.code)
+                self.store.commit([], [], observed_at=_iso(self.wall()), sync_tokens={extension_id: None})
+        try:
+            result = await self._full_sync(extension_id)
+        except ExtensionNotFound:
+            raise  # not a sync problem: counted as a missing extension
+        except ApiError as exc:
+            if extension_id not in self._fsync_failing:
+                log.warning(
+                    "full sync failed; retried with backoff",
+                    extension=extension_id,
+                    code=exc.code,
+                    status=exc.status,
+                )
+                self._fsync_failing.add(extension_id)
+                self.metrics.full_sync_failing.set(len(self._fsync_failing))
+            raise
+        if extension_id in self._fsync_failing:
+            log.info("full sync works again", extension=extension_id)
+            self._fsync_failing.discard(extension_id)
+            self.metrics.full_sync_failing.set(len(self._fsync_failing))
+        return result, True
+
+    async def _full_sync(self, extension_id: str) -> SyncResult:
+        """FSync of the Fax box from ``fsync_days`` ago, widened while the frame is too small."""
+        date_from = datetime.fromtimestamp(self.wall(), UTC) - timedelta(days=self.settings.fsync_days)
         count = self.settings.fsync_record_count
         while True:
             result = await self.rc.message_sync(extension_id, None, date_from=date_from, record_count=count)
@@ -281,7 +362,7 @@ class Reconciler:
                 extension=extension_id,
                 record_count=count,
             )
-        return result, True
+        return result
 
     def _absorb(self, batch: _Batch, extension_id: str, record: Any, how: Source) -> None:
         fax_id = str(record.get("id")) if isinstance(record, dict) else ""
@@ -451,17 +532,35 @@ class Reconciler:
         ref: str | None,
         cover_text: str | None,
         resolution: str | None,
+        cover_index: int | None = None,
     ) -> FaxState:
-        """Send a fax and journal RingCentral's answer at once (source ``send``)."""
+        """Send a fax and journal RingCentral's answer at once (source ``send``).
+
+        ``cover_index`` 0 means no cover page, so a ``cover_text`` (printed on the cover page) with it
+        is refused rather than silently dropped.
+        """
         if ref is not None and (ref in self._sending_refs or self.by_ref(ref) is not None):
             raise SendError("bad_request", f"ref {ref!r} is already used by another fax")
+        if not documents:
+            raise SendError("bad_request", "a fax needs at least one document")
+        if cover_text is not None and cover_index == 0:
+            raise SendError(
+                "bad_request",
+                "cover_text is printed on a cover page, but cover_index is 0 (no cover page):"
+                " give cover_index 1-13, or set send.cover_index",
+            )
         if ref is not None:
             # Reserved across the await: two overlapping sends with one ref must not both reach
             # RingCentral (the second would be sent but could never be journalled with its ref).
             self._sending_refs.add(ref)
         try:
             record = await self.rc.send_fax(
-                extension_id, to=to, documents=documents, cover_text=cover_text, resolution=resolution
+                extension_id,
+                to=to,
+                documents=documents,
+                cover_text=cover_text,
+                resolution=resolution,
+                cover_index=cover_index,
             )
         except ApiError as exc:
             raise SendError("upstream", exc.message or "RingCentral refused the fax", exc.code) from exc
@@ -532,13 +631,16 @@ class ReconcileQueue:
             key, reasons = item
             self.metrics.queue_depth.set(self.queue.depth)
             ok = False
+            at_least = 0.0
             try:
                 await self.reconciler.reconcile(key, reasons)
                 ok = True
+            except ExtensionNotFound:
+                at_least = self.reconciler.settings.missing_extension_retry
             except ApiError:
                 pass  # logged and counted by the reconciler; the queue backs off
             finally:
-                delay = self.queue.done(key, self._now(), ok=ok)
+                delay = self.queue.done(key, self._now(), ok=ok, at_least=at_least)
                 if delay is not None:
                     log.info("reconcile will be retried", extension=key, delay=round(delay, 2))
                 self.metrics.queue_depth.set(self.queue.depth)

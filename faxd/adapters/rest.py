@@ -5,9 +5,13 @@ JWT grant again only when a refresh is rejected, because a new OAuth session bre
 recovery and spends the 5/min Auth budget), paces every request through the per-group rate
 budget, and turns RingCentral's answers into records or typed :class:`ApiError` exceptions.
 
+Requests go through the HTTP proxy it is given (CONNECT for https://; a plain http:// URL, only
+ever on loopback, is forwarded by the proxy), with the proxy's credentials on the CONNECT only, never
+inside the tunnel to RingCentral. A proxy's refusal is an ``ApiError`` with code ``proxy_<status>``.
+
 It must not retry on its own beyond the one retry after a 401 (callers own retry policy), must
-not create its own HTTP session, and must never log or raise with a token, secret, JWT or ws URL
-query in it.
+not create its own HTTP session, must not read proxy settings from the environment (the caller
+decides), and must never log or raise with a token, secret, JWT, proxy password or ws URL query in it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from multidict import CIMultiDictProxy
 
 from faxd.adapters.metrics import Metrics
 from faxd.core import ratebudget
+from faxd.core.proxy import Proxy
 from faxd.core.ratebudget import RateBudget
 from faxd.core.wsg import error_code_of
 
@@ -41,32 +46,51 @@ BULK_MAX: Final = 50
 DEFAULT_TIMEOUT: Final = aiohttp.ClientTimeout(total=30, connect=10, sock_read=30)
 SEND_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=120)
 REVOKE_TIMEOUT: Final = aiohttp.ClientTimeout(total=5, connect=3)
+#: Longest a 5xx's Retry-After holds a group back (the reconcile queue's own backoff cap): a broken or
+#: hostile value must not silence faxd for hours.
+MAX_SERVER_RETRY_AFTER: Final = 300.0
 
 
 class ApiError(Exception):
     """A RingCentral request failed. ``code`` is RingCentral's errorCode or a short local code
-    (``http_503``, ``bad_body``, ``connection``, ``timeout``)."""
+    (``http_503``, ``bad_body``, ``connection``, ``timeout``). ``retry_after``: seconds the server
+    asked for (a 5xx's ``Retry-After``), already applied to the request's rate-limit group."""
 
-    def __init__(self, status: int, code: str | None, message: str = "") -> None:
+    def __init__(
+        self, status: int, code: str | None, message: str = "", *, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status} {code or '-'}: {message}" if message else f"{status} {code or '-'}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class RateLimited(ApiError):
     """HTTP 429: nothing more goes to ``group`` for ``retry_after`` seconds."""
 
+    retry_after: float
+
     def __init__(
         self, status: int, code: str | None, message: str, *, group: str, retry_after: float
     ) -> None:
-        super().__init__(status, code, message)
+        super().__init__(status, code, message, retry_after=retry_after)
         self.group = group
-        self.retry_after = retry_after
 
 
 class SyncTokenStale(ApiError):
-    """MSG-333: the syncToken is no longer valid; a full sync (FSync) is required."""
+    """An incremental sync was refused with 400: the syncToken is no longer usable, a full sync is due.
+
+    RingCentral says so with ``MSG-333`` (full synchronization is required) or ``CMN-101``
+    ("Parameter [syncToken] value is invalid"); its own web client treats both alike. Any other 400
+    on an ISync means the same to faxd: the ISync carries nothing but the token.
+    """
+
+
+class ExtensionNotFound(ApiError):
+    """404 ``CMN-102`` naming ``extensionId``: RingCentral does not know a configured extension
+    (deleted, or mistyped in the config). A configuration problem, not a missing message: the
+    extension's faxes are not purged."""
 
 
 class AuthFailed(ApiError):
@@ -129,9 +153,16 @@ class RingCentral:
         metrics: Metrics,
         rate_share: float = 0.8,
         wall: Callable[[], float] = time.time,
+        proxy: Proxy | None = None,
     ) -> None:
         self._http = session
         self._server = server.rstrip("/")
+        self._proxy = proxy
+        self._proxy_headers: dict[str, str] = {}  # on the CONNECT to the proxy
+        self._forward_headers: dict[str, str] = {}  # on each request a proxy forwards (plain http)
+        if proxy is not None and (auth := proxy.authorization()) is not None:
+            tunnelled = self._server.lower().startswith("https:")
+            (self._proxy_headers if tunnelled else self._forward_headers)["Proxy-Authorization"] = auth
         self._basic = "Basic " + base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
         self._jwt = jwt
         self._metrics = metrics
@@ -142,6 +173,13 @@ class RingCentral:
         # Single flight: whoever holds the lock grants; the others wait and reuse its result.
         self._auth_lock = asyncio.Lock()
         self.owner_id: str | None = None
+        #: The app permissions of the current token (its ``scope``, space-separated); None: not told.
+        self.scope: str | None = None
+        #: Called with (method, path, status, headers) of every HTTP response (``faxd doctor``
+        #: counts requests and reads Date and X-Rate-Limit-* from them); must not raise.
+        self.on_response: Callable[[str, str, int, Mapping[str, str]], None] | None = None
+        #: (method, endpoint) -> the group RingCentral's X-Rate-Limit-Group last named for it.
+        self._server_groups: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ auth
 
@@ -226,6 +264,8 @@ class RingCentral:
         owner = body.get("owner_id")
         if owner is not None:
             self.owner_id = str(owner)
+        scope = body.get("scope")
+        self.scope = scope if isinstance(scope, str) else None
         self._metrics.token_expiry.set(now + expires_in)
 
     def _needs_refresh(self, tokens: _Tokens | None) -> bool:
@@ -268,7 +308,8 @@ class RingCentral:
 
     def ws_token_wait(self) -> float:
         """Seconds before :meth:`ws_token` could be sent (the Auth group's budget); 0: now."""
-        return self.budget.delay(ratebudget.AUTH, asyncio.get_running_loop().time())
+        group = self._group_of("POST", "wstoken", "/restapi/oauth/wstoken")
+        return self.budget.delay(group, asyncio.get_running_loop().time())
 
     async def aclose(self) -> None:
         """Revoke the session's token, best effort: errors are logged and ignored (docs/ringcentral.md §1)."""
@@ -302,20 +343,32 @@ class RingCentral:
         date_from: datetime | None = None,
         record_count: int = 250,
     ) -> SyncResult:
-        """ISync with ``sync_token``; FSync of the Fax box when there is none.
+        """ISync with ``sync_token``; FSync of the Fax box from ``date_from`` when there is none.
 
-        Raises :class:`SyncTokenStale` on MSG-333 (the caller then runs FSync).
+        An ISync sends only ``syncType`` and ``syncToken``: the token carries the sync frame, and a
+        ``dateFrom`` (or ``recordCount``) on an ISync would redefine that frame (RingCentral's
+        message-sync guide, "ISync Request"), so ``date_from`` with a token is refused.
+
+        Raises :class:`SyncTokenStale` when an ISync is refused with 400, whatever the code
+        (MSG-333, CMN-101, ...): the caller then drops the token and runs FSync.
         """
         params: list[tuple[str, str]]
         if sync_token is None:
             params = [("syncType", "FSync"), ("messageType", "Fax"), ("recordCount", str(record_count))]
+            if date_from is not None:
+                params.append(("dateFrom", _iso(date_from)))
+        elif date_from is not None:
+            raise ValueError("date_from applies to a full sync only; an ISync keeps the token's frame")
         else:
             params = [("syncType", "ISync"), ("syncToken", sync_token)]
-        if date_from is not None:
-            params.append(("dateFrom", _iso(date_from)))
-        resp, body = await self._call(
-            "GET", f"{self._ext(extension_id)}/message-sync", endpoint="message-sync", params=params
-        )
+        try:
+            resp, body = await self._call(
+                "GET", f"{self._ext(extension_id)}/message-sync", endpoint="message-sync", params=params
+            )
+        except ApiError as exc:
+            if sync_token is not None and exc.status == 400:
+                raise SyncTokenStale(exc.status, exc.code, exc.message) from None
+            raise
         if not isinstance(body, dict):
             raise self._bad_body("message-sync", resp.status)
         records, info = body.get("records"), body.get("syncInfo")
@@ -334,7 +387,10 @@ class RingCentral:
         """Records by id: ``None`` for ids RingCentral does not know (404).
 
         Ids whose bulk entry failed otherwise (5xx per item) are left out of the result, so the
-        caller asks again later. One id is a plain GET; more are bulk GETs of at most 50 ids.
+        caller asks again later; so are ids whose part cannot be proven theirs (a record whose ``id``
+        differs from its status entry's href, or that was not asked: a bad body, counted). Every
+        record returned is filed under its own ``id``. One id is a plain GET; more are bulk GETs of
+        at most 50 ids.
         """
         unique = list(dict.fromkeys(str(i) for i in ids))
         result: dict[str, dict[str, Any] | None] = {}
@@ -352,10 +408,11 @@ class RingCentral:
                 "GET", f"{self._ext(extension_id)}/message-store/{message_id}", endpoint="message-get"
             )
         except ApiError as exc:
-            if exc.status == 404:
+            # A 404 naming the message: RingCentral dropped it. One naming the extension is raised.
+            if exc.status == 404 and not isinstance(exc, ExtensionNotFound):
                 return {message_id: None}
             raise
-        if not isinstance(body, dict):
+        if not isinstance(body, dict) or str(body.get("id")) != message_id:
             raise self._bad_body("message-get", resp.status)
         return {message_id: body}
 
@@ -368,21 +425,57 @@ class RingCentral:
             log.warning("api.bad_bulk_body", reason=str(exc), status=resp.status)
             raise self._bad_body("message-bulk-get", resp.status) from None
         result: dict[str, dict[str, Any] | None] = {}
-        for position, (status, resource_id, body) in enumerate(entries):
-            ident = resource_id
-            if ident is None and isinstance(body, dict) and body.get("id") is not None:
-                ident = str(body["id"])
-            if ident is None and position < len(chunk):
-                ident = chunk[position]  # parts come in request order
-            if ident is None or ident not in chunk:
+        asked = set(chunk)
+        mismatched = 0
+        for status, named, body in entries:
+            # A part is filed by the id it proves: a record by its own "id" (which the status entry's
+            # href, when there is one, must name too); an error part, which carries no id, by the
+            # href of its status entry (RingCentral documents the entries and the parts in the same
+            # order). Anything else is a bad body: never filed, so the id is asked again later.
+            body_id = str(body["id"]) if isinstance(body, dict) and body.get("id") is not None else None
+            ident = body_id if 200 <= status < 300 else named
+            if (
+                ident is None
+                or ident not in asked
+                or ident in result
+                or (body_id is not None and named is not None and body_id != named)
+                or (200 <= status < 300 and not isinstance(body, dict))
+            ):
+                mismatched += 1
+                log.warning("api.bulk_part_mismatch", status=status, named=named, body_id=body_id)
                 continue
-            if 200 <= status < 300 and isinstance(body, dict):
+            if 200 <= status < 300:
+                assert isinstance(body, dict)
                 result[ident] = body
+            elif status == 404 and _parameter_of(body) == "extensionId":
+                raise ExtensionNotFound(status, error_code_of(body), _message_of(body))
             elif status == 404:
                 result[ident] = None
             else:
                 log.warning("api.bulk_item_failed", status=status, code=error_code_of(body))
+        if mismatched:
+            self._metrics.api_bad_bodies.labels("message-bulk-get").inc()
         return result
+
+    async def extension_info(self, extension_id: str) -> dict[str, Any]:
+        """``GET …/extension/{id}`` (Light): the extension's id, number, name, type and status."""
+        resp, body = await self._call("GET", self._ext(extension_id), endpoint="extension-get")
+        if not isinstance(body, dict):
+            raise self._bad_body("extension-get", resp.status)
+        return body
+
+    async def latest_messages(
+        self, extension_id: str, *, message_type: str = "Fax", per_page: int = 1
+    ) -> list[dict[str, Any]]:
+        """``GET …/message-store`` (Light): the newest records of one type (of the last 24 h)."""
+        params = [("messageType", message_type), ("perPage", str(per_page))]
+        resp, body = await self._call(
+            "GET", f"{self._ext(extension_id)}/message-store", endpoint="message-list", params=params
+        )
+        records = body.get("records") if isinstance(body, dict) else None
+        if not isinstance(records, list):
+            raise self._bad_body("message-list", resp.status)
+        return [r for r in records if isinstance(r, dict)]
 
     # ------------------------------------------------------------------ fax
 
@@ -394,11 +487,21 @@ class RingCentral:
         documents: Sequence[Document],
         cover_text: str | None = None,
         resolution: str | None = None,
+        cover_index: int | None = None,
     ) -> dict[str, Any]:
-        """``POST …/fax`` (Heavy): the new fax record, normally ``Queued``."""
+        """``POST …/fax`` (Heavy): the new fax record, normally ``Queued``.
+
+        ``cover_index``: 0 = no cover page, 1-13 = one of the account's; None leaves the choice to
+        the account's default cover page. Raises ValueError, before any request, without documents:
+        the spec's fax request requires an ``attachment``.
+        """
+        if not documents:
+            raise ValueError("a fax needs at least one document (RingCentral requires an attachment)")
         envelope: dict[str, Any] = {"to": [{"phoneNumber": p} for p in to]}
         if resolution is not None:
             envelope["faxResolution"] = resolution
+        if cover_index is not None:
+            envelope["coverIndex"] = cover_index
         if cover_text is not None:
             envelope["coverPageText"] = cover_text
 
@@ -473,33 +576,54 @@ class RingCentral:
         wait_budget: bool = True,
     ) -> _Response:
         """One HTTP exchange, paced by the rate budget; 429 and 5xx raised, rest returned."""
-        group = ratebudget.classify(method, path)
+        group = self._group_of(method, endpoint, path)
         loop = asyncio.get_running_loop()
         if wait_budget:
             while (delay := self.budget.delay(group, loop.time())) > 0:
                 log.debug("api.rate_wait", group=group, seconds=round(delay, 3))
                 await asyncio.sleep(delay)
-        self.budget.spent(group, loop.time())
         started = loop.time()
+        self.budget.spent(group, started)
         try:
             async with self._http.request(
                 method,
                 self._server + path,
-                headers=dict(headers),
+                headers={**headers, **self._forward_headers},
                 params=list(params) if params is not None else None,
                 data=data,
                 timeout=client_timeout,
                 allow_redirects=False,
+                proxy=self._proxy.url if self._proxy is not None else None,
+                proxy_headers=self._proxy_headers or None,
             ) as r:
                 body = await r.read()
                 resp = _Response(r.status, r.headers, body)
         except TimeoutError:
             self._count(endpoint, "timeout", started)
             raise ApiError(0, "timeout", f"{endpoint} timed out") from None
+        except aiohttp.ClientHttpProxyError as exc:
+            raise self._proxy_refused(endpoint, exc.status, exc.message, started) from None
+        except aiohttp.ClientProxyConnectionError:
+            self._count(endpoint, "connection", started)
+            raise ApiError(0, "connection", f"{endpoint}: cannot connect to the proxy") from None
         except aiohttp.ClientError as exc:
             self._count(endpoint, "connection", started)
             raise ApiError(0, "connection", f"{endpoint}: {type(exc).__name__}") from None
+        if resp.status == 407:  # only a proxy says this: one that forwards plain http
+            raise self._proxy_refused(endpoint, 407, "", started)
         self._count(endpoint, str(resp.status), started)
+        # The server says which group it counted the request in (header names are case-insensitive
+        # here, values are matched case-insensitively): that wins over the local table, for this
+        # response's accounting and for the next request of this endpoint.
+        server_group = ratebudget.group_name(resp.headers.get("X-Rate-Limit-Group"))
+        if server_group is not None:
+            if server_group != group:
+                log.info("api.rate_group", endpoint=endpoint, ours=group, server=server_group)
+                self.budget.moved(group, server_group, started)
+                group = server_group
+            self._server_groups[(method, endpoint)] = server_group
+        if self.on_response is not None:
+            self.on_response(method, path, resp.status, resp.headers)
         limit, remaining, window = ratebudget.parse_headers(resp.headers)
         # On a 429 the server's Retry-After governs; its "Remaining: 0" would add a whole window.
         observed_remaining = None if resp.status == 429 else remaining
@@ -509,7 +633,7 @@ class RingCentral:
         if limit is not None:
             self._metrics.rate_limit.labels(group).set(limit)
         if resp.status == 429:
-            retry_after = ratebudget.parse_retry_after(resp.headers.get("Retry-After"))
+            retry_after = ratebudget.parse_retry_after(resp.headers.get("Retry-After"), self._wall())
             self.budget.penalty(group, loop.time(), retry_after)
             self._metrics.rate_429.labels(group).inc()
             seconds = ratebudget.DEFAULT_RETRY_AFTER if retry_after is None else retry_after
@@ -523,9 +647,34 @@ class RingCentral:
                 retry_after=seconds,
             )
         if resp.status >= 500:
-            log.warning("api.server_error", endpoint=endpoint, status=resp.status)
-            raise ApiError(resp.status, f"http_{resp.status}", _message_of(_maybe_json(resp)))
+            # RingCentral's errors doc: Retry-After "should always be obeyed if provided" (its
+            # /oauth/token 503s carry it). Nothing more goes to this group until then; the callers'
+            # own backoff comes on top.
+            after = ratebudget.parse_retry_after(resp.headers.get("Retry-After"), self._wall())
+            if after is not None:
+                after = min(after, MAX_SERVER_RETRY_AFTER)
+                self.budget.penalty(group, loop.time(), after)
+            log.warning("api.server_error", endpoint=endpoint, status=resp.status, retry_after=after)
+            raise ApiError(
+                resp.status, f"http_{resp.status}", _message_of(_maybe_json(resp)), retry_after=after
+            )
         return resp
+
+    def _proxy_refused(self, endpoint: str, status: int, reason: str, started: float) -> ApiError:
+        """The proxy would not connect us; status 0, as a 4xx would read as RingCentral's verdict."""
+        code = f"proxy_{status}"
+        self._count(endpoint, code, started)
+        detail = (reason or "").strip()[:80] or {407: "Proxy Authentication Required"}.get(status, "")
+        log.warning("api.proxy_refused", endpoint=endpoint, status=status, proxy=self._proxy_url())
+        message = f"{endpoint}: the proxy refused the connection: HTTP {status} {detail}"
+        return ApiError(0, code, message.rstrip())
+
+    def _proxy_url(self) -> str | None:
+        return self._proxy.url if self._proxy is not None else None
+
+    def _group_of(self, method: str, endpoint: str, path: str) -> str:
+        """The group a request is paced in: the one the server last named for it, else the table's."""
+        return self._server_groups.get((method, endpoint)) or ratebudget.classify(method, path)
 
     def _count(self, endpoint: str, code: str, started: float) -> None:
         self._metrics.api_requests.labels(endpoint, code).inc()
@@ -550,8 +699,8 @@ class RingCentral:
         code = error_code_of(body) or f"http_{resp.status}"
         message = _message_of(body)
         log.info("api.error", endpoint=endpoint, status=resp.status, code=code)
-        if code == "MSG-333":
-            raise SyncTokenStale(resp.status, code, message)
+        if resp.status == 404 and _parameter_of(body) == "extensionId":
+            raise ExtensionNotFound(resp.status, code, message)
         raise ApiError(resp.status, code, message)
 
 
@@ -604,6 +753,22 @@ def _message_of(body: Any) -> str:
     return ""
 
 
+def _parameter_of(body: Any) -> str | None:
+    """The parameter an error body names (``parameterName``, or ``[name]`` in its message)."""
+    if not isinstance(body, dict):
+        return None
+    errors = body.get("errors")
+    first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+    for named in (first.get("parameterName"), body.get("parameterName")):
+        if isinstance(named, str) and named:
+            return named
+    for text in (first.get("message"), body.get("message")):
+        if isinstance(text, str) and (found := _BRACKETED.search(text)):
+            return found.group(1)
+    return None
+
+
+_BRACKETED = re.compile(r"\[([A-Za-z]+)\]")
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 

@@ -8,19 +8,28 @@ second event with a new seq.
 
 WAL mode with ``synchronous=FULL``: a committed transition survives kill -9 and power loss. One writer
 (this object, on the event loop thread). The ``epoch`` is a UUID made when the journal is created; a
-client's cursor is only meaningful within one epoch.
+client's cursor is only meaningful within one epoch. :func:`restore` gives the restored journal a new
+epoch: its seqs are handed out again, so a cursor from before the restore must expire, not resume.
+
+The database and its -wal and -shm files hold phone numbers and fax history: they are created 0600
+whatever the umask (SQLite gives -wal and -shm the database file's mode), and found wider, tightened.
+So are the copies :func:`backup` writes.
 This module must not know about RingCentral or sockets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
+import stat
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from faxd.core.model import Event, EventKind, FaxState, RecipientState, Source, Transition
 from faxd.core.status import parse_time
@@ -134,7 +143,11 @@ class Store:
 
     def open(self) -> None:
         """Open (creating if needed), check integrity, migrate, and read the epoch."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_private(self.path)
+        except OSError as exc:
+            raise StoreError(f"cannot open {self.path}: {exc.strerror}") from exc
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -415,3 +428,195 @@ class Store:
         """``PRAGMA integrity_check``: "ok" or the first problem found (slow on big files)."""
         (result,) = self.db.execute("PRAGMA integrity_check").fetchone()
         return str(result)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files: private modes, backup and restore.
+
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _make_private(path: Path) -> None:
+    """Create ``path`` 0600 if it does not exist; take group and other bits off it and its side files.
+
+    SQLite creates a new database with 0644 minus the umask, and each -wal/-shm/-journal with the
+    database file's mode, so a 0600 database keeps all of them private.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            os.fchmod(fd, mode & 0o700)
+    finally:
+        os.close(fd)  # before SQLite opens it: closing an fd would drop SQLite's POSIX locks
+    for suffix in _SIDE_FILES:
+        side = Path(f"{path}{suffix}")
+        with contextlib.suppress(FileNotFoundError):
+            st = side.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                side.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a backup or a restore holds: its journal's epoch and head."""
+
+    epoch: str
+    head_seq: int
+
+
+def _uri(path: Path, mode: str) -> str:
+    return f"file:{quote(str(path.absolute()))}?mode={mode}"
+
+
+def _snapshot(db: sqlite3.Connection, what: Path) -> Snapshot:
+    """The epoch and head of an open database, after checking it is a sound faxd store."""
+    (result,) = db.execute("PRAGMA integrity_check").fetchone()
+    if result != "ok":
+        raise StoreError(f"{what} failed its integrity check: {result}")
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > len(MIGRATIONS):
+        raise StoreError(f"{what} has schema version {version}, newer than this faxd ({len(MIGRATIONS)})")
+    row = head = None
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        head = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'journal'").fetchone()
+    except sqlite3.Error:
+        pass
+    if version < 1 or row is None:
+        raise StoreError(f"{what} is not a faxd store")
+    return Snapshot(str(row[0]), 0 if head is None else int(head[0]))
+
+
+@contextlib.contextmanager
+def _private_temp(beside: Path) -> Iterator[Path]:
+    """A new empty 0600 file in ``beside``'s directory, removed (with its side files) unless renamed."""
+    temp = beside.with_name(f".{beside.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    try:
+        yield temp
+    finally:
+        for leftover in (temp, *(Path(f"{temp}{suffix}") for suffix in _SIDE_FILES)):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+def _fsync(path: Path, *, directory: bool = False) -> None:
+    fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy(source: sqlite3.Connection, temp: Path) -> sqlite3.Connection:
+    """SQLite's online backup of ``source`` into the file ``temp``, left as one self-contained file."""
+    target = sqlite3.connect(temp, isolation_level=None)
+    try:
+        source.backup(target)
+        target.execute("PRAGMA journal_mode=DELETE")
+    except BaseException:
+        target.close()
+        raise
+    return target
+
+
+def backup(database: str | Path, destination: str | Path) -> Snapshot:
+    """Copy the store at ``database`` to ``destination`` (0600), safely while faxd writes to it.
+
+    The copy is one file (no -wal), checked with ``PRAGMA integrity_check``, and replaces
+    ``destination`` only once complete. Returns the epoch and head it holds.
+    """
+    source_path, dest = Path(database), Path(destination)
+    if not source_path.is_file():
+        raise StoreError(f"no store at {source_path}")
+    if dest.exists() and dest.samefile(source_path):
+        raise StoreError(f"{dest} is the store itself")
+    try:
+        source = sqlite3.connect(_uri(source_path, "ro"), uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {source_path}: {exc}") from exc
+    try:
+        with _private_temp(dest) as temp:
+            target = _copy(source, temp)
+            try:
+                snapshot = _snapshot(target, source_path)
+            finally:
+                target.close()
+            _fsync(temp)
+            os.replace(temp, dest)
+            _fsync(dest.parent, directory=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"backup of {source_path} failed: {exc}") from exc
+    finally:
+        source.close()
+    return snapshot
+
+
+def _refuse_if_in_use(database: Path) -> None:
+    """StoreError if any process (faxd above all) has ``database`` open.
+
+    Every open connection to a WAL database holds a shared lock on it until it closes, so an
+    exclusive lock is only granted when nobody else has it open.
+    """
+    probe = sqlite3.connect(database, isolation_level=None, timeout=0)
+    try:
+        probe.execute("PRAGMA locking_mode=EXCLUSIVE")
+        probe.execute("BEGIN EXCLUSIVE")
+        probe.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise StoreError(f"cannot open {database}: {exc}") from exc
+        raise StoreError(
+            f"{database} is in use (faxd is running?): stop faxd first (systemctl stop faxd)"
+        ) from None
+    finally:
+        probe.close()  # the last connection: SQLite folds any -wal into the file it replaces
+
+
+def restore(backup_file: str | Path, database: str | Path) -> tuple[Snapshot, Snapshot]:
+    """Replace the store at ``database`` by the backup at ``backup_file``, under a new epoch.
+
+    The restored file keeps the owner of the one it replaces. Refused while faxd (or anything) has
+    the store open. The restored journal hands out seqs that
+    clients already saw before the restore; the new epoch makes every old cursor ``cursor_expired``.
+    Returns (the backup as written, the store as restored).
+    """
+    source_path, db_path = Path(backup_file), Path(database)
+    if not source_path.is_file():
+        raise StoreError(f"no backup at {source_path}")
+    if db_path.exists() and db_path.samefile(source_path):
+        raise StoreError(f"{source_path} is the store itself")
+    try:
+        source = sqlite3.connect(_uri(source_path, "ro"), uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {source_path}: {exc}") from exc
+    try:
+        written = _snapshot(source, source_path)
+        if db_path.exists():
+            _refuse_if_in_use(db_path)
+        db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Run as root, the copy must still belong to faxd's user (the owner of the file it replaces, or
+        # of the state directory): systemd does not chown inside a StateDirectory= it already owns.
+        owner = (db_path if db_path.exists() else db_path.parent).stat()
+        with _private_temp(db_path) as temp:
+            if os.geteuid() == 0:
+                os.chown(temp, owner.st_uid, owner.st_gid)
+            target = _copy(source, temp)
+            try:
+                restored = Snapshot(str(uuid.uuid4()), written.head_seq)
+                target.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (restored.epoch,))
+            finally:
+                target.close()
+            _fsync(temp)
+            # Side files of the replaced database would be applied to the restored one: remove them.
+            for suffix in _SIDE_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    Path(f"{db_path}{suffix}").unlink()
+            os.replace(temp, db_path)
+            _fsync(db_path.parent, directory=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"restore of {source_path} failed: {exc}") from exc
+    finally:
+        source.close()
+    return written, restored

@@ -6,10 +6,12 @@ gateway replays what was missed. Whenever hints may have been lost (first subscr
 connect, failed recovery) ``on_resync`` is called so the daemon reconciles everything. A quiet
 connection gets an app-level Heartbeat; WS pings, answered within a timeout that follows the
 measured round trips (``faxd.core.roundtrip``), detect a dead path in about a second; every close,
-error frame or failure leads to a backed-off reconnect.
+error frame or failure leads to a backed-off reconnect. Each connection goes through the proxy the
+policy names for the ws URL (a CONNECT tunnel; TLS to the gateway inside it, verified as ever).
 
 This module must not decide anything about faxes (it only hands :class:`Hint` values on), must
-not parse frames itself (``faxd.core.wsg`` does), and must never log a token or the ws URL query.
+not parse frames itself (``faxd.core.wsg`` does), must not let websockets read proxy settings from
+the environment (the policy decides), and must never log a token, the ws URL query or a proxy password.
 """
 
 from __future__ import annotations
@@ -28,13 +30,20 @@ from urllib.parse import quote
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidProxyStatus,
+    InvalidStatus,
+    ProxyError as WsProxyError,
+    WebSocketException,
+)
 
 from faxd import __version__
 from faxd.adapters.metrics import Metrics, ws_disconnect_reason
-from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral
+from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral, WsToken
 from faxd.core import wsg
 from faxd.core.backoff import backoff
+from faxd.core.proxy import DIRECT, Proxy, ProxyError, ProxyPolicy
 from faxd.core.ratebudget import parse_retry_after
 from faxd.core.roundtrip import RoundTrip
 
@@ -73,6 +82,38 @@ class _Closed(Exception):
         self.reason = reason
 
 
+def gateway_connect(
+    token: WsToken,
+    *,
+    wsc: str | None,
+    settings: WsSettings,
+    ssl_context: ssl.SSLContext | None,
+    proxy: Proxy | None = None,
+) -> connect:
+    """Open a WebSocket to the gateway with ``token`` (and ``wsc`` to recover a session): the one
+    place where faxd (the daemon and ``faxd doctor``) decides how it reaches the WSG."""
+    url = f"{token.uri}?access_token={quote(token.token, safe='')}"
+    if wsc is not None:
+        url += f"&wsc={quote(wsc, safe='')}"
+    return connect(
+        url,
+        open_timeout=settings.connect_timeout,
+        ping_interval=None,  # the caller pings, with a timeout that follows the path
+        ping_timeout=None,
+        close_timeout=5,
+        # Frames above the soft limit are ignored in the codec; only far bigger ones (4x)
+        # make the library drop the connection.
+        max_size=settings.max_message_bytes * 4,
+        compression=None,
+        # websockets takes proxy credentials only inside the URL; it never puts that URL
+        # into a message (it would on an invalid URL, which parse_proxy_url rules out).
+        proxy=proxy.url_with_credentials() if proxy is not None else None,
+        user_agent_header=f"faxd/{__version__}",
+        logger=_WS_LOGGER,
+        ssl=ssl_context if url.startswith("wss:") else None,
+    )
+
+
 def default_delays() -> Iterator[float]:
     """Reconnect delays: 1-2 s, 2-4 s, ... up to 30-60 s (equal jitter never retries at once)."""
     return backoff(2.0, 2.0, 60.0, "equal")
@@ -93,9 +134,11 @@ class WsSession:
         on_state: Callable[[str], None] | None = None,
         delays: Callable[[], Iterator[float]] = default_delays,
         ssl_context: ssl.SSLContext | None = None,
+        proxies: ProxyPolicy = DIRECT,
     ) -> None:
         self._rc = rc
         self._ssl = ssl_context
+        self._proxies = proxies
         self._filters = list(filters)
         self._subscribed_filters: list[str] | None = None
         self._settings = settings
@@ -149,6 +192,13 @@ class WsSession:
                 reason = exc.reason
             except InvalidStatus as exc:
                 reason = f"handshake {exc.response.status_code}"
+            except InvalidProxyStatus as exc:
+                reason = f"proxy {exc.response.status_code}"
+            except WsProxyError:
+                reason = "proxy_bad_reply"
+            except ProxyError as exc:
+                log.error("ws.proxy_unusable", reason=str(exc))
+                reason = "proxy_unusable"
             except (OSError, TimeoutError, WebSocketException) as exc:
                 reason = type(exc).__name__
             except Exception as exc:  # noqa: BLE001 - a bug here must not silence push for good
@@ -176,24 +226,9 @@ class WsSession:
         wsc = self._wsg.recovery_token(loop.time())
         self._set_state("connecting", "recovering session" if wsc else "")
         token = await self._rc.ws_token()
-        url = f"{token.uri}?access_token={quote(token.token, safe='')}"
-        if wsc is not None:
-            url += f"&wsc={quote(wsc, safe='')}"
-        s = self._settings
-        async with connect(
-            url,
-            open_timeout=s.connect_timeout,
-            ping_interval=None,  # _keepalive pings, with a timeout that follows the path
-            ping_timeout=None,
-            close_timeout=5,
-            # Frames above the soft limit are ignored in the codec; only far bigger ones (4x)
-            # make the library drop the connection.
-            max_size=s.max_message_bytes * 4,
-            compression=None,
-            proxy=None,
-            user_agent_header=f"faxd/{__version__}",
-            logger=_WS_LOGGER,
-            ssl=self._ssl if url.startswith("wss:") else None,
+        proxy = self._proxies.proxy_for(token.uri)
+        async with gateway_connect(
+            token, wsc=wsc, settings=self._settings, ssl_context=self._ssl, proxy=proxy
         ) as ws:
             details = await self._connection_details(ws, presented_wsc=wsc is not None)
             survived = self._wsg.connected(details, presented_wsc=wsc is not None)

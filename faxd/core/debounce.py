@@ -14,7 +14,8 @@ Rules:
   A first hint for a key done less than ``debounce`` ago is due at ``last done + debounce`` (what is
   left of the window, not a whole new quiet period from the hint); later hints of the same burst slide
   it as above.
-* Errors back off per key (``backoff_base * 2**(n-1)``, capped at ``backoff_cap``) and reset on success.
+* Errors back off per key (``backoff_base * 2**(n-1)``, capped at ``backoff_cap``, or longer when the
+  worker says the failure is known to last: ``done(at_least=...)``) and reset on success.
 * Each pending key carries the set of reasons (triggers) that asked for it, merged when coalesced.
 * :meth:`KeyedQueue.flush` makes every pending key due now (for a drain on shutdown).
 * :meth:`KeyedQueue.shut_down` (client-go's ``ShutDownWithDrain``): new hints are dropped, pending keys
@@ -98,8 +99,9 @@ class KeyedQueue:
         self._processing.add(key)
         return key, pending.reasons
 
-    def done(self, key: str, now: float, *, ok: bool) -> float | None:
-        """The worker finished ``key``. On failure the key comes back after its backoff (returned)."""
+    def done(self, key: str, now: float, *, ok: bool, at_least: float = 0.0) -> float | None:
+        """The worker finished ``key``. On failure the key comes back after its backoff (returned),
+        or after ``at_least`` when that is longer (a failure that is known to last)."""
         self._processing.discard(key)
         self._last_done[key] = now
         again = self._again.pop(key, None)
@@ -112,7 +114,7 @@ class KeyedQueue:
         else:
             n = self._failures.get(key, 0) + 1
             self._failures[key] = n
-            delay = min(self.backoff_cap, self.backoff_base * 2 ** (n - 1))
+            delay = max(at_least, min(self.backoff_cap, self.backoff_base * 2 ** (n - 1)))
             reasons = {"retry"} if again is None else again[1] | {"retry"}
             self._pending[key] = _Pending(due=now + delay, first=now, reasons=reasons)
             return delay

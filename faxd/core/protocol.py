@@ -29,6 +29,8 @@ MAX_STRING: Final = 256
 MAX_COVER_TEXT: Final = 10_000
 #: Most entries in one filter list, ``to`` or ``documents``.
 MAX_ITEMS: Final = 1000
+#: Largest ``cover_index`` (RingCentral's field is an int32; it validates the index itself).
+MAX_COVER_INDEX: Final = 2**31 - 1
 
 RequestId: TypeAlias = str | int
 Resolution: TypeAlias = Literal["High", "Low"]
@@ -186,6 +188,7 @@ class SendRequest:
     ref: str | None = None
     cover_text: str | None = None
     resolution: Resolution | None = None  # None: the daemon's default
+    cover_index: int | None = None  # 0: no cover page; None: the daemon's default (send.cover_index)
     id: RequestId | None = None
 
 
@@ -395,7 +398,10 @@ def _parse_send(f: _Fields) -> SendRequest:
         entry = f.object(f"to[{i}]", item)
         to.append(Recipient(phone=f.string(f"to[{i}].phone", entry.get("phone"))))
     documents: list[Document] = []
-    for i, item in enumerate(f.list_of("documents", f.obj.get("documents"))):
+    if f.obj.get("documents") is None:
+        # RingCentral's fax request requires an attachment (the spec's createFaxMessage schema).
+        f.fail("documents is required: a fax needs at least one document")
+    for i, item in enumerate(f.list_of("documents", f.obj.get("documents"), required=True)):
         entry = f.object(f"documents[{i}]", item)
         data = entry.get("data")
         if not isinstance(data, str):
@@ -414,8 +420,13 @@ def _parse_send(f: _Fields) -> SendRequest:
             )
         )
     cover_text = f.opt_string("cover_text", limit=MAX_COVER_TEXT)
-    if not documents and cover_text is None:
-        f.fail("send needs at least one document or a cover_text")
+    cover_index = f.obj.get("cover_index")
+    if cover_index is not None and (
+        isinstance(cover_index, bool)
+        or not isinstance(cover_index, int)
+        or not 0 <= cover_index <= MAX_COVER_INDEX
+    ):
+        f.fail("cover_index must be an integer >= 0 (0: no cover page)")
     resolution = f.obj.get("resolution")
     if resolution is not None and resolution not in ("High", "Low"):
         f.fail('resolution must be "High" or "Low"')
@@ -425,6 +436,7 @@ def _parse_send(f: _Fields) -> SendRequest:
         ref=f.opt_string("ref"),
         cover_text=cover_text,
         resolution=resolution,
+        cover_index=cover_index,
         id=f.id,
     )
 

@@ -1,8 +1,9 @@
 """Client-side rate budget per RingCentral throttling group (docs/ringcentral.md §5).
 
-Classifies a request into its group (Light, Medium, Heavy, Auth), counts what faxd sent in the
-sliding window, learns the real limits from ``X-Rate-Limit-*`` headers, and answers "how long
-must the next request of this group wait". faxd spends at most ``share`` of each window, so other
+Classifies a request into its group (Light, Medium, Heavy, Auth; the server's ``X-Rate-Limit-Group``
+header wins over this table), counts what faxd sent in the sliding window, learns the real limits
+from ``X-Rate-Limit-*`` headers, and answers "how long must the next request of this group wait".
+faxd spends at most ``share`` of each window, so other
 users of the same app and user keep some room, and after a 429 it sends nothing to that group
 until Retry-After has passed (each request during a penalty would restart it).
 
@@ -11,11 +12,15 @@ This module must not sleep, read clocks or do I/O: ``now`` is passed in (a monot
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import email.utils
 import math
 import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Final
 
 LIGHT: Final = "Light"
@@ -23,6 +28,8 @@ MEDIUM: Final = "Medium"
 HEAVY: Final = "Heavy"
 AUTH: Final = "Auth"
 GROUPS: Final = (LIGHT, MEDIUM, HEAVY, AUTH)
+#: The API's version and server info (``GET /restapi``): counted in no group, never waits.
+NO_THROTTLING: Final = "NoThrottling"
 
 #: (limit, window seconds) when the server has not told us yet (RingCentral's defaults).
 DEFAULT_LIMITS: Final[Mapping[str, tuple[int, float]]] = {
@@ -36,12 +43,33 @@ DEFAULT_RETRY_AFTER: Final = 30.0
 _MESSAGE = re.compile(r"/message-store/[^/]+$")
 _CONTENT = re.compile(r"/message-store/[^/]+/content/")
 _SUBSCRIPTION_ITEM = re.compile(r"/subscription/[^/]+$")
+_EXTENSION = re.compile(r"/extension/[^/]+$")
+
+
+_GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+_KNOWN = {g.lower(): g for g in GROUPS}
+
+
+def group_name(header: str | None) -> str | None:
+    """The group an ``X-Rate-Limit-Group`` value names: a known group in any case ("light" is
+    Light), another plausible name as sent (RingCentral: group names may change), None when absent
+    or not a name."""
+    if header is None:
+        return None
+    value = header.strip()
+    if not _GROUP_NAME.match(value):
+        return None
+    return _KNOWN.get(value.lower(), value)
 
 
 def classify(method: str, path: str) -> str:
-    """The throttling group of a request (docs/ringcentral.md §5.2); unknown requests count as Medium."""
+    """The throttling group of a request (docs/ringcentral.md §5.2); unknown requests count as Medium.
+
+    The local table: a response's ``X-Rate-Limit-Group`` header, when present, overrides it."""
     method = method.upper()
     path = path.split("?", 1)[0].rstrip("/")
+    if method == "GET" and path in ("/restapi", "/restapi/v1.0"):
+        return NO_THROTTLING
     if path.startswith("/restapi/oauth/"):
         return AUTH
     if _CONTENT.search(path):
@@ -56,6 +84,8 @@ def classify(method: str, path: str) -> str:
         return LIGHT if method == "GET" else MEDIUM
     if path.endswith(("/renew", "/dictionary/fax-cover-page")):
         return LIGHT
+    if _EXTENSION.search(path):
+        return LIGHT if method == "GET" else MEDIUM  # readExtension (faxd doctor)
     return MEDIUM
 
 
@@ -102,6 +132,8 @@ class RateBudget:
     def delay(self, group: str, now: float, n: int = 1) -> float:
         """Seconds to wait before the next ``n`` requests of ``group`` may be sent (0: send now;
         infinite when ``n`` is more than the share of a whole window)."""
+        if group == NO_THROTTLING:
+            return 0.0
         g = self._group(group)
         self._expire(g, now)
         wait = max(0.0, g.penalty_until - now, g.blocked_until - now)
@@ -131,9 +163,21 @@ class RateBudget:
         return max(0, self.allowed(group) - len(g.sent))
 
     def spent(self, group: str, now: float) -> None:
+        if group == NO_THROTTLING:
+            return
         g = self._group(group)
         self._expire(g, now)
         g.sent.append(now)
+
+    def moved(self, old: str, new: str, sent_at: float) -> None:
+        """The request sent at ``sent_at`` and counted in ``old`` belongs to ``new`` (the server's
+        ``X-Rate-Limit-Group`` said so)."""
+        if old == new:
+            return
+        with contextlib.suppress(ValueError):
+            self._group(old).sent.remove(sent_at)
+        sent = self._group(new).sent
+        sent.insert(bisect.bisect_right(sent, sent_at), sent_at)
 
     def observed(
         self,
@@ -196,12 +240,23 @@ def parse_headers(headers: Mapping[str, str]) -> tuple[int | None, int | None, f
     )
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds (the delta form; an HTTP date is not used by RingCentral)."""
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After in seconds: delta-seconds, or an HTTP-date (RFC 9110 §10.2.3) when ``now`` (the
+    wall clock, Unix seconds) is given to measure it against; a date in the past is 0. None when
+    absent or unreadable."""
     if value is None:
         return None
+    text = value.strip()
     try:
-        seconds = float(value.strip())
+        seconds = float(text)
     except ValueError:
-        return None
+        if now is None:
+            return None
+        try:
+            moment = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if moment.tzinfo is None:  # "-0000": UTC by RFC 5322
+            moment = moment.replace(tzinfo=UTC)
+        return max(0.0, moment.timestamp() - now)
     return seconds if math.isfinite(seconds) and seconds >= 0 else None

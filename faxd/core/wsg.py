@@ -441,6 +441,36 @@ def subscription_id_of(response: ClientResponse) -> str:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class DisabledFilter:
+    """One entry of a subscription reply's ``disabledFilters``: accepted, but nothing will come."""
+
+    filter: str
+    reason: str
+    message: str | None = None
+
+
+def disabled_filters_of(response: ClientResponse) -> list[DisabledFilter]:
+    """The ``disabledFilters`` of a 2xx subscription reply (spec ``DisabledFilterInfo``); entries
+    without a filter are kept with ``"?"`` so that a refusal is never lost to a missing field."""
+    body = response.body
+    raw = body.get("disabledFilters") if isinstance(body, dict) else None
+    if not isinstance(raw, list):
+        return []
+    out: list[DisabledFilter] = []
+    for item in raw:
+        entry = item if isinstance(item, dict) else {}
+        flt, reason, message = entry.get("filter"), entry.get("reason"), entry.get("message")
+        out.append(
+            DisabledFilter(
+                flt if isinstance(flt, str) and flt else "?",
+                reason if isinstance(reason, str) and reason else "unknown",
+                message if isinstance(message, str) and message else None,
+            )
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- session bookkeeping
 
 

@@ -82,6 +82,8 @@ class TokenStore:
         self._access: dict[str, AccessToken] = {}
         self._refresh: dict[str, RefreshToken] = {}
         self._ws: dict[str, WsToken] = {}
+        #: the ``scope`` of token replies: the app's permissions (a fault may take some away)
+        self.scope = SCOPE
 
     # -- client authentication -------------------------------------------------------------
     def check_client(self, authorization: str | None, form: dict[str, str]) -> None:
@@ -190,7 +192,7 @@ class TokenStore:
             "expires_in": access_ttl,
             "refresh_token": rt.value,
             "refresh_token_expires_in": refresh_ttl,
-            "scope": SCOPE,
+            "scope": self.scope,
             "owner_id": session.owner_id,
             "endpoint_id": session.endpoint_id,
             "session_id": session.id,

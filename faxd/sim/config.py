@@ -40,6 +40,9 @@ class SimConfig:
     #: group -> (limit, window seconds, penalty seconds)
     rate_limits: dict[str, tuple[int, int, int]] = field(default_factory=_default_rate_limits)
     rate_limits_enabled: bool = True
+    #: The account's default cover page (Outbound Fax Settings): what a fax sent without
+    #: ``coverIndex`` gets, as the spec's createFaxMessage describes; 0 = none.
+    default_cover_index: int = 1
     #: Random per-recipient time from ``Queued`` to the final status, seconds.
     default_delay: tuple[float, float] = (1.0, 3.0)
     seed: int | None = None

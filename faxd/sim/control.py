@@ -138,8 +138,9 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     async def expire_tokens(_: web.Request) -> JsonDict:
         return {"expired": sim.expire_access_tokens()}
 
-    async def stale_sync(_: web.Request) -> JsonDict:
-        return {"staled": sim.stale_sync_tokens()}
+    async def stale_sync(request: web.Request) -> JsonDict:
+        body = await _body(request)
+        return {"staled": sim.stale_sync_tokens(str(body.get("code", "MSG-333")))}
 
     async def fail_recovery(request: web.Request) -> None:
         body = await _body(request)
@@ -150,10 +151,16 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
 
     async def fail_requests(request: web.Request) -> None:
         body = await _body(request)
+        match = body.get("match")
+        retry_after = body.get("retryAfter", "1")
+        if retry_after is not None and not isinstance(retry_after, str | int | float):
+            raise ControlError("'retryAfter' must be seconds, a string or null")
         sim.fail_next_requests(
             int(body.get("count", 1)),
             status=int(body.get("status", 503)),
             html=bool(body.get("html", False)),
+            match=None if match is None else str(match),
+            retry_after=retry_after,
         )
 
     async def delay_requests(request: web.Request) -> None:
@@ -175,6 +182,24 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
             raise ControlError(f"'group' must be one of {sorted(sim.config.rate_limits)}")
         sim.rate_limit_storm(group, float(body.get("seconds", 60)))
 
+    async def remove_extension(request: web.Request) -> None:
+        body = await _body(request)
+        extension = body.get("extensionId")
+        if not isinstance(extension, str):
+            raise ControlError("'extensionId' is required")
+        sim.remove_extension(extension, restore=bool(body.get("restore", False)))
+
+    async def bulk_get(request: web.Request) -> None:
+        body = await _body(request)
+        sim.bulk_get_fault(str(body.get("mode", "shuffle")), int(body.get("count", 1)))
+
+    async def rate_limit_group(request: web.Request) -> None:
+        body = await _body(request)
+        method, path, group = body.get("method"), body.get("path"), body.get("group")
+        if not isinstance(method, str) or not isinstance(path, str) or not isinstance(group, str):
+            raise ControlError("'method', 'path' (a route suffix) and 'group' are required")
+        sim.set_rate_limit_group(method, path, group)
+
     async def blackhole(_: web.Request) -> JsonDict:
         return {"blackholed": sim.blackhole_ws()}
 
@@ -192,6 +217,34 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         body = await _body(request)
         mid = sim.send_foreign_notification(str(body.get("type", "SMS")), body.get("extensionId"))
         return {"id": mid}
+
+    def _ids(body: JsonDict) -> list[str]:
+        ids = body.get("extensionIds", [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ControlError("'extensionIds' must be a list of extension ids")
+        return ids
+
+    async def skew_date(request: web.Request) -> None:
+        body = await _body(request)
+        sim.skew_date(float(body.get("seconds", 0)))
+
+    async def token_scope(request: web.Request) -> None:
+        body = await _body(request)
+        scope = body.get("scope")
+        if not isinstance(scope, str):
+            raise ControlError("'scope' (space-separated permissions) is required")
+        sim.set_token_scope(scope)
+
+    async def deny_reads(request: web.Request) -> None:
+        sim.deny_message_reads(_ids(await _body(request)))
+
+    async def refuse_subscriptions(request: web.Request) -> None:
+        body = await _body(request)
+        code = body.get("code")
+        sim.refuse_subscriptions(None if code is None else str(code))
+
+    async def disable_filters(request: web.Request) -> None:
+        sim.disable_filters(_ids(await _body(request)))
 
     r = app.router
     r.add_get("/_sim/info", _wrap(info))
@@ -213,7 +266,15 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/delay-notifications", _wrap(delay_notifications))
     r.add_post("/_sim/faults/duplicate-notifications", _wrap(duplicate_notifications))
     r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
+    r.add_post("/_sim/faults/rate-limit-group", _wrap(rate_limit_group))
+    r.add_post("/_sim/faults/bulk-get", _wrap(bulk_get))
+    r.add_post("/_sim/faults/remove-extension", _wrap(remove_extension))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
     r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))
     r.add_post("/_sim/faults/foreign-notification", _wrap(foreign))
+    r.add_post("/_sim/faults/skew-date", _wrap(skew_date))
+    r.add_post("/_sim/faults/token-scope", _wrap(token_scope))
+    r.add_post("/_sim/faults/deny-message-reads", _wrap(deny_reads))
+    r.add_post("/_sim/faults/refuse-subscriptions", _wrap(refuse_subscriptions))
+    r.add_post("/_sim/faults/disable-filters", _wrap(disable_filters))

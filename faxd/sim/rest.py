@@ -15,7 +15,8 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -57,6 +58,7 @@ GROUPS: dict[tuple[str, str], str] = {
     ("POST", "/restapi/oauth/token"): "Auth",
     ("POST", "/restapi/oauth/revoke"): "Auth",
     ("POST", "/restapi/oauth/wstoken"): "Auth",
+    ("GET", EXT): "Light",
     ("GET", EXT + "/message-store"): "Light",
     ("GET", EXT + "/message-store/{messageId}"): "Light",
     ("DELETE", EXT + "/message-store/{messageId}"): "Medium",
@@ -83,8 +85,16 @@ class Faults:
     fail_next: int = 0
     fail_status: int = 503
     fail_html: bool = False
+    fail_match: str | None = None  # only requests whose path_qs contains this
+    fail_retry_after: str | None = "1"  # the Retry-After header of the failures; None: none
+    bulk_next: int = 0  # bulk GETs still to get bulk_mode
+    bulk_mode: str = "shuffle"
     delay_next: int = 0
     delay_seconds: float = 0.0
+    #: the ``Date`` header of every REST response is off by this many seconds
+    date_skew: float = 0.0
+    #: extensions whose message store and message-sync GETs answer 403 CMN-408 (no ReadMessages)
+    unreadable: frozenset[str] = frozenset()
 
 
 class RestApi:
@@ -114,11 +124,18 @@ class RestApi:
         self.ws_handler = ws_handler
         self.faults = Faults()
         self.observers = observers or ObserverSet()
+        #: (method, route-template suffix, group): the server counts those requests in that group,
+        #: whatever GROUPS (the spec's x-throttling-group) says.
+        self.group_overrides: list[tuple[str, str, str]] = []
+        #: Extensions deleted from the account (the remove-extension fault): 404 CMN-102 extensionId.
+        self.removed_extensions: set[str] = set()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/restapi/oauth/token", self.token)
         app.router.add_post("/restapi/oauth/revoke", self.revoke)
         app.router.add_post("/restapi/oauth/wstoken", self.wstoken)
+        app.router.add_get("/restapi", self.api_versions)
+        app.router.add_get(EXT, self.extension_info)
         app.router.add_get(EXT + "/message-store", self.list_messages)
         app.router.add_get(EXT + "/message-store/{messageId}", self.get_messages)
         app.router.add_delete(EXT + "/message-store/{messageId}", self.delete_message)
@@ -126,6 +143,14 @@ class RestApi:
         app.router.add_get(EXT + "/message-sync", self.message_sync)
         app.router.add_post(EXT + "/fax", self.send_fax)
         app.router.add_get("/ws", self.ws_handler)
+        app.on_response_prepare.append(self._date_header)
+
+    async def _date_header(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The skew_date fault: a server clock that is off (aiohttp keeps a Date already set)."""
+        skew = self.faults.date_skew
+        if skew and not request.path.startswith("/_sim/"):
+            moment = self.wall() + timedelta(seconds=skew)
+            response.headers[hdrs.DATE] = format_datetime(moment.astimezone(UTC), usegmt=True)
 
     # -- middleware ------------------------------------------------------------------------
     @web.middleware
@@ -139,7 +164,7 @@ class RestApi:
             return await handler(request)
         resource = request.match_info.route.resource
         template = resource.canonical if resource is not None else path
-        group = GROUPS.get((request.method, template))
+        group = self.group_of(request.method, template)
         now = self.timers.now()
 
         def record(status: int) -> None:
@@ -151,10 +176,10 @@ class RestApi:
         if faults.delay_next > 0:
             faults.delay_next -= 1
             await asyncio.sleep(faults.delay_seconds)
-        if faults.fail_next > 0:
+        if faults.fail_next > 0 and (faults.fail_match is None or faults.fail_match in request.path_qs):
             faults.fail_next -= 1
             record(faults.fail_status)
-            failure = self._failure(faults.fail_status, faults.fail_html)
+            failure = self._failure(faults.fail_status, faults.fail_html, faults.fail_retry_after)
             self._observe(request, template, failure)
             return failure
         verdict: Verdict | None = self.limiter.check(group) if group is not None else None
@@ -176,6 +201,13 @@ class RestApi:
         record(response.status)
         self._observe(request, template, response)
         return response
+
+    def group_of(self, method: str, template: str) -> str | None:
+        """The throttling group the server counts a request in: an override, else the spec's."""
+        for override_method, suffix, group in reversed(self.group_overrides):
+            if override_method == method and template.endswith(suffix):
+                return group
+        return GROUPS.get((method, template))
 
     def _observe(self, request: web.Request, template: str, response: web.StreamResponse) -> None:
         """Show every JSON body of ``response`` (and of its multipart parts) to the observers."""
@@ -224,8 +256,8 @@ class RestApi:
                 )
 
     @staticmethod
-    def _failure(status: int, html: bool) -> web.Response:
-        headers = {"Retry-After": "1"}
+    def _failure(status: int, html: bool, retry_after: str | None) -> web.Response:
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
         if html:
             return web.Response(
                 status=status,
@@ -246,9 +278,24 @@ class RestApi:
             raise not_found("accountId")
         ext = request.match_info["extensionId"]
         if ext == "~":
-            return self.tokens.owner_of(at)
-        if ext not in self.config.extensions:
+            ext = self.tokens.owner_of(at)
+        elif ext not in self.config.extensions:
             raise not_found("extensionId")
+        if ext in self.removed_extensions:
+            raise not_found("extensionId")
+        return ext
+
+    def _readable(self, request: web.Request, at: AccessToken) -> str:
+        """``_extension``, for reading its messages: the deny_message_reads fault answers 403."""
+        ext = self._extension(request, at)
+        if ext in self.faults.unreadable:
+            message = (
+                "In order to call this API endpoint, user needs to have [ReadMessages] permission"
+                " for requested resource."
+            )
+            body = api_error("CMN-408", message)
+            body["permissionName"] = body["errors"][0]["permissionName"] = "ReadMessages"
+            raise ApiError(403, body)
         return ext
 
     @staticmethod
@@ -313,10 +360,50 @@ class RestApi:
         await request.read()  # any (or no) body and content type is fine
         return json_response(self.tokens.issue_ws_token(at, self.ws_url()))
 
+    # -- API info and extensions -----------------------------------------------------------
+    async def api_versions(self, request: web.Request) -> web.Response:
+        """``GET /restapi`` (readAPIVersions, not throttled; the spec's OAuth security applies)."""
+        self._auth(request)
+        base = self.store.base_url
+        return json_response(
+            {
+                "uri": f"{base}/restapi",
+                "apiVersions": [
+                    {
+                        "uri": f"{base}/restapi/v1.0",
+                        "versionString": "1.0.56",
+                        "releaseDate": "2023-09-01T00:00:00.000Z",
+                        "uriString": "v1.0",
+                    }
+                ],
+                "serverVersion": "faxd-sim",
+                "serverRevision": "0",
+            }
+        )
+
+    async def extension_info(self, request: web.Request) -> web.Response:
+        """``GET …/extension/{extensionId}`` (readExtension): the few fields a client looks at."""
+        at = self._auth(request)
+        ext = self._extension(request, at)
+        account = self.config.account_id
+        base = f"{self.store.base_url}/restapi/v1.0/account/{account}"
+        index = self.config.extensions.index(ext)
+        return json_response(
+            {
+                "uri": f"{base}/extension/{ext}",
+                "id": int(ext) if ext.isdigit() else ext,
+                "extensionNumber": str(101 + index),
+                "name": self.store.extension_party(ext)["name"],
+                "type": "User",
+                "status": "Enabled",
+                "account": {"uri": base, "id": account},
+            }
+        )
+
     # -- message store ---------------------------------------------------------------------
     async def list_messages(self, request: web.Request) -> web.Response:
         at = self._auth(request)
-        ext = self._extension(request, at)
+        ext = self._readable(request, at)
         q = request.query
         types = self._enum_list(q, "messageType", MESSAGE_TYPES)
         directions = self._enum_list(q, "direction", DIRECTIONS)
@@ -367,7 +454,7 @@ class RestApi:
 
     async def get_messages(self, request: web.Request) -> web.StreamResponse:
         at = self._auth(request)
-        ext = self._extension(request, at)
+        ext = self._readable(request, at)
         ids = [i.strip() for i in request.match_info["messageId"].split(",")]
         if any(not i for i in ids):
             raise invalid_parameter("messageId")
@@ -385,6 +472,9 @@ class RestApi:
                 parts.append((mid, 404, not_found("messageId").body))
             else:
                 parts.append((mid, 200, self.store.record(message)))
+        if self.faults.bulk_next > 0:
+            self.faults.bulk_next -= 1
+            parts = self._bulk_fault(ext, ids, parts, self.faults.bulk_mode)
         if MULTIPART_JSON in request.headers.get(hdrs.ACCEPT, ""):
             body = [{"resourceId": mid, "status": st, "body": b} for mid, st, b in parts]
             return web.Response(
@@ -393,6 +483,24 @@ class RestApi:
                 headers={"Content-Type": MULTIPART_JSON},
             )
         return self._multipart_mixed(ext, parts)
+
+    def _bulk_fault(
+        self, ext: str, ids: list[str], parts: list[tuple[str, int, JsonDict]], mode: str
+    ) -> list[tuple[str, int, JsonDict]]:
+        """The bulk-get fault: ``shuffle`` keeps the ids and statuses in request order but hands the
+        bodies out in reverse order (among parts of one status, so each still fits its status);
+        ``unasked`` answers the last id with a message of the extension that was not asked."""
+        if mode == "unasked":
+            extra = next((m for m in self.store.select(ext, availabilities=()) if str(m.id) not in ids), None)
+            if extra is None:
+                return parts
+            return [*parts[:-1], (str(extra.id), 200, self.store.record(extra))]
+        out = list(parts)
+        for status in {st for _, st, _ in parts}:
+            where = [i for i, (_, st, _) in enumerate(parts) if st == status]
+            for i, j in zip(where, reversed(where), strict=True):
+                out[i] = (parts[i][0], status, parts[j][2])
+        return out
 
     def _multipart_mixed(self, ext: str, parts: list[tuple[str, int, JsonDict]]) -> web.Response:
         boundary = f"Boundary_{secrets.randbelow(10**6)}_{secrets.randbelow(10**9)}"
@@ -449,7 +557,7 @@ class RestApi:
     # -- message-sync ----------------------------------------------------------------------
     async def message_sync(self, request: web.Request) -> web.Response:
         at = self._auth(request)
-        ext = self._extension(request, at)
+        ext = self._readable(request, at)
         q = request.query
         token = q.get("syncToken")
         sync_type = q.get("syncType") or ("ISync" if token else "FSync")
@@ -510,7 +618,10 @@ class RestApi:
         resolution = options.get("faxResolution", "Low")
         if resolution not in ("High", "Low"):
             raise invalid_parameter("faxResolution")
-        cover_index: int | None = None
+        # Without coverIndex the account's default cover page is attached (the spec: "If not
+        # specified, the default cover page is attached (which is configured in 'Outbound Fax
+        # Settings')").
+        cover_index: int | None = self.config.default_cover_index
         if options.get("coverIndex") is not None:
             try:
                 cover_index = int(options["coverIndex"])

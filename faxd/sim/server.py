@@ -257,19 +257,36 @@ class Simulator:
         """Every access token issued so far is expired now (OAU-128); refresh still works."""
         return self.tokens.expire_access_tokens()
 
-    def stale_sync_tokens(self) -> int:
-        """Every sync token issued so far now gets 400 MSG-333."""
-        return self.store.stale_sync_tokens()
+    def stale_sync_tokens(self, code: str = "MSG-333") -> int:
+        """Every sync token issued so far now gets 400 ``code``: ``MSG-333`` (full synchronization is
+        required) or ``CMN-101`` ("Parameter [syncToken] value is invalid")."""
+        return self.store.stale_sync_tokens(code)
 
     def fail_next_recovery(self, code: str = RECOVERY_EXPIRED) -> None:
         """The next ``wsc`` reconnect gets ``recoveryState: Failed`` with ``code``."""
         self.gateway.fail_next_recovery(code)
 
-    def fail_next_requests(self, count: int, *, status: int = 503, html: bool = False) -> None:
-        """Answer the next ``count`` REST requests with ``status`` (JSON CMN-201 or HTML)."""
+    def fail_next_requests(
+        self,
+        count: int,
+        *,
+        status: int = 503,
+        html: bool = False,
+        match: str | None = None,
+        retry_after: str | float | None = "1",
+    ) -> None:
+        """Answer the next ``count`` REST requests with ``status`` (JSON CMN-201 or HTML); with
+        ``match``, only requests whose path and query contain it (``"syncType=FSync"``).
+
+        ``retry_after`` is their ``Retry-After`` header: seconds, or a string sent as it is (an
+        HTTP-date); None sends none. RingCentral's 503s carry one (its errors doc; /oauth/token)."""
         self.rest.faults.fail_next = count
         self.rest.faults.fail_status = status
         self.rest.faults.fail_html = html
+        self.rest.faults.fail_match = match
+        if isinstance(retry_after, int | float):
+            retry_after = f"{retry_after:g}"
+        self.rest.faults.fail_retry_after = retry_after
 
     def delay_next_requests(self, count: int, seconds: float) -> None:
         """Hold each of the next ``count`` REST requests for ``seconds`` (loop time)."""
@@ -279,6 +296,37 @@ class Simulator:
     def rate_limit_storm(self, group: str, seconds: float) -> None:
         """Answer every request of throttling ``group`` with 429 for ``seconds``."""
         self.limiter.storm(group, seconds)
+
+    def remove_extension(self, extension_id: str, *, restore: bool = False) -> None:
+        """The extension is deleted from the account (``restore``: it is back): every REST request
+        naming it, its messages included, gets 404 ``CMN-102`` "Resource for parameter
+        [extensionId] is not found" (what RingCentral answers for an unknown extension id)."""
+        ext = self.store.resolve_extension(extension_id)
+        if restore:
+            self.rest.removed_extensions.discard(ext)
+        else:
+            self.rest.removed_extensions.add(ext)
+
+    def bulk_get_fault(self, mode: str, count: int = 1) -> None:
+        """The next ``count`` bulk GETs (207) answer out of step: ``shuffle`` (the records come in
+        another order than the status entries that name them) or ``unasked`` (the last id is answered
+        with a message that was not asked). RingCentral's batch-request guide documents the status
+        entries and the parts, not an order a client could file records by: a record carries its
+        own id, an error part only its place next to its status entry."""
+        if mode not in ("shuffle", "unasked"):
+            raise ValueError("mode must be 'shuffle' or 'unasked'")
+        self.rest.faults.bulk_mode = mode
+        self.rest.faults.bulk_next = count
+
+    def set_rate_limit_group(self, method: str, path_suffix: str, group: str) -> None:
+        """Count ``method`` requests whose route template ends with ``path_suffix`` in throttling
+        ``group`` (limits and the ``X-Rate-Limit-Group`` header), not in the spec's group.
+
+        RingCentral's rate-limit doc: group names and assignments may change and limits can be
+        customised per app; the header says which group a response was counted in."""
+        if group not in self.config.rate_limits:
+            raise ValueError(f"group must be one of {sorted(self.config.rate_limits)}")
+        self.rest.group_overrides.append((method.upper(), path_suffix, group))
 
     def blackhole_ws(self) -> int:
         """Open sockets go silent (no frames, no pongs, no replies) without closing."""
@@ -300,6 +348,30 @@ class Simulator:
         else:
             raise ValueError("kind must be 'malformed' or 'oversize'")
         return self.gateway.send_raw_all(text)
+
+    def skew_date(self, seconds: float) -> None:
+        """The ``Date`` header of every REST response is ``seconds`` off the simulator's clock
+        (a server, or a local clock, that is wrong); 0 ends it."""
+        self.rest.faults.date_skew = seconds
+
+    def set_token_scope(self, scope: str) -> None:
+        """Token replies carry this ``scope`` (the app's permissions, space-separated)."""
+        self.tokens.scope = scope
+
+    def deny_message_reads(self, extension_ids: Sequence[str]) -> None:
+        """GETs of these extensions' message store and message-sync answer 403 ``CMN-408``
+        (the JWT user lacks the ReadMessages permission for them); ``[]`` ends it."""
+        self.rest.faults.unreadable = frozenset(self.store.resolve_extension(e) for e in extension_ids)
+
+    def refuse_subscriptions(self, code: str | None) -> None:
+        """Every subscription create/update is refused with 403 ``code`` (``SUB-405`` another
+        extension, ``SUB-528`` no WebSocket subscription permission); None ends it."""
+        self.gateway.refuse_subscriptions(code)
+
+    def disable_filters(self, extension_ids: Sequence[str]) -> None:
+        """Subscriptions are created, but the filters of these extensions come back in
+        ``disabledFilters`` and deliver nothing; ``[]`` ends it (for new subscriptions)."""
+        self.gateway.disable_filters({self.store.resolve_extension(e) for e in extension_ids})
 
     def send_foreign_notification(self, message_type: str = "SMS", extension_id: str | None = None) -> str:
         """An inbound SMS arrives and its notification goes to every subscription,

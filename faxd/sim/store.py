@@ -143,6 +143,7 @@ class MessageStore:
         self._next_recipient = 1
         self.outcomes: dict[str, RecipientScript] = {}
         self._sync_tokens: dict[str, SyncFrame] = {}
+        self._refused_tokens: dict[str, str] = {}  # token -> the error code it is refused with
         self.base_url = ""
 
     # -- helpers ---------------------------------------------------------------------------
@@ -486,13 +487,11 @@ class MessageStore:
     ) -> tuple[list[Message], str]:
         frame = self._sync_tokens.get(token)
         if frame is None or frame.extension_id != extension_id:
-            raise ApiError(
-                400,
-                api_error(
-                    "MSG-333",
-                    "Invalid message synchronisation request: full synchronization is required",
-                ),
-            )
+            raise sync_token_refused(self._refused_tokens.get(token, "MSG-333"))
+        # The token carries the frame. A dateFrom on an ISync redefines it (the message-sync guide,
+        # "ISync Request": dateFrom/dateTo "modify the time range of SyncFrame"): a later start
+        # shrinks it, so changes to older messages are no longer reported; an earlier start widens
+        # it, and the messages of the added range come back in full, like an FSync of that range.
         start = date_from if date_from is not None else frame.date_from
         changed = [
             m
@@ -504,6 +503,7 @@ class MessageStore:
                 date_from=start,
             )
             if m.revision > frame.revision
+            or (m.creation_time < frame.date_from and m.availability == "Alive")
         ]
         new_frame = SyncFrame(extension_id, frame.types, frame.directions, start, self.revision)
         return changed, self._new_sync_token(new_frame)
@@ -513,8 +513,26 @@ class MessageStore:
         self._sync_tokens[token] = frame
         return token
 
-    def stale_sync_tokens(self) -> int:
-        """Fault: every sync token issued so far now answers MSG-333."""
+    def stale_sync_tokens(self, code: str = "MSG-333") -> int:
+        """Fault: every sync token issued so far is refused from now on with 400 ``code``."""
+        if code not in SYNC_TOKEN_ERRORS:
+            raise ValueError(f"code must be one of {sorted(SYNC_TOKEN_ERRORS)}")
         count = len(self._sync_tokens)
+        self._refused_tokens.update(dict.fromkeys(self._sync_tokens, code))
         self._sync_tokens.clear()
         return count
+
+
+#: How RingCentral refuses an ISync token: MSG-333 (errors doc: full synchronization is required) and
+#: CMN-101 (what ringcentral-js-widgets' MessageStore and its "Check message syncToken invalid" test
+#: handle as the same condition).
+SYNC_TOKEN_ERRORS = {
+    "MSG-333": "Invalid message synchronisation request: full synchronization is required",
+    "CMN-101": "Parameter [syncToken] value is invalid",
+}
+
+
+def sync_token_refused(code: str) -> ApiError:
+    """The 400 an ISync gets for a token the server no longer accepts."""
+    parameter = "syncToken" if code == "CMN-101" else None
+    return ApiError(400, api_error(code, SYNC_TOKEN_ERRORS[code], parameter))

@@ -44,6 +44,14 @@ RECOVERY_EXPIRED = "WSG-1001"
 
 SUBSCRIPTION_PATHS = ("/restapi/v1.0/subscription", "/restapi/v1.0/subscription/")
 
+#: Messages of the 403 subscription refusals (RingCentral's API reference, createSubscription errors).
+SUBSCRIPTION_REFUSALS = {
+    "SUB-405": "Not allowed subscribe for messages to other extensions",
+    "SUB-528": "[SubscriptionWebSocket] application permission is required for [WebSocket] transport",
+}
+#: ``disabledFilters[].reason`` of the refuse_filters fault (RingCentral's wording is not documented).
+DISABLED_REASON = "Permission denied"
+
 
 def encode_wsc(session_id: str) -> str:
     return base64.urlsafe_b64encode((_WSC_PREFIX + session_id).encode()).decode().rstrip("=")
@@ -66,6 +74,8 @@ class Subscription:
     raw_filters: list[str]
     filters: list[EventFilter]
     creation_time: datetime
+    #: ``disabledFilters`` of the reply: filters accepted but never delivered (refuse_filters fault)
+    disabled: list[JsonDict] = field(default_factory=list)
 
 
 @dataclass
@@ -174,6 +184,10 @@ class Gateway:
         self.stopping = False
         self._fail_next_recovery: str | None = None
         self.base_url = ""
+        #: fault: every subscription create/update is refused with this error code (403)
+        self.subscription_refusal: str | None = None
+        #: fault: filters of these extensions are listed in ``disabledFilters`` (and never delivered)
+        self.disabled_extensions: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -561,9 +575,28 @@ class Gateway:
             raise ApiError(400, api_error("CMN-103", "JSON can't be parsed."))
         filters = parse_filters(body.get("eventFilters"), session.owner_id, self._config)
         self._check_delivery_mode(body)
+        self._refusal()
+        filters, disabled = self._disable(filters)
         # One subscription per WSG session: a second one replaces the first.
-        session.subscription = Subscription(new_uuid(), list(body["eventFilters"]), filters, self._wall())
+        session.subscription = Subscription(
+            new_uuid(), list(body["eventFilters"]), filters, self._wall(), disabled
+        )
         return self._subscription_info(session.subscription)
+
+    def _refusal(self) -> None:
+        code = self.subscription_refusal
+        if code is not None:
+            raise ApiError(403, api_error(code, SUBSCRIPTION_REFUSALS.get(code, "Not allowed")))
+
+    def _disable(self, filters: list[EventFilter]) -> tuple[list[EventFilter], list[JsonDict]]:
+        """The filters that stay active, and the ``disabledFilters`` entries of the others."""
+        active = [f for f in filters if f.extension_id not in self.disabled_extensions]
+        disabled = [
+            {"filter": f.raw, "reason": DISABLED_REASON, "message": SUBSCRIPTION_REFUSALS["SUB-405"]}
+            for f in filters
+            if f.extension_id in self.disabled_extensions
+        ]
+        return active, disabled
 
     def _update_subscription(self, session: WsgSession, current: Subscription, body: Any) -> JsonDict:
         if not isinstance(body, dict):
@@ -571,8 +604,9 @@ class Gateway:
         filters = parse_filters(body.get("eventFilters"), session.owner_id, self._config)
         if "deliveryMode" in body:
             self._check_delivery_mode(body)
+        self._refusal()
         current.raw_filters = list(body["eventFilters"])
-        current.filters = filters
+        current.filters, current.disabled = self._disable(filters)
         return self._subscription_info(current)
 
     def _subscription_info(self, sub: Subscription) -> JsonDict:
@@ -587,6 +621,7 @@ class Gateway:
             "expirationTime": iso(datetime.fromtimestamp(expires, tz=sub.creation_time.tzinfo)),
             "expiresIn": ttl - 1,
             "deliveryMode": {"transportType": "WebSocket", "encryption": False},
+            **({"disabledFilters": [dict(d) for d in sub.disabled]} if sub.disabled else {}),
         }
 
     # -- notifications ---------------------------------------------------------------------
@@ -651,6 +686,14 @@ class Gateway:
 
     def fail_next_recovery(self, code: str = RECOVERY_EXPIRED) -> None:
         self._fail_next_recovery = code
+
+    def refuse_subscriptions(self, code: str | None) -> None:
+        if code is not None and code not in SUBSCRIPTION_REFUSALS:
+            raise ValueError(f"code must be one of {sorted(SUBSCRIPTION_REFUSALS)} or null")
+        self.subscription_refusal = code
+
+    def disable_filters(self, extension_ids: set[str]) -> None:
+        self.disabled_extensions = set(extension_ids)
 
     def delay_pongs(self, low: float, high: float) -> None:
         if not 0 <= low <= high:

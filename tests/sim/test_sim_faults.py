@@ -142,6 +142,14 @@ async def test_fail_requests_json_and_html(sim: Simulator, http: aiohttp.ClientS
         assert resp.status == 503
         assert resp.content_type == "text/html"
     assert [r.status for r in sim.requests[-4:]] == [503, 503, 200, 503]
+    # With "match", only the requests that contain it fail; the others pass untouched.
+    await control(http, sim, "POST", "faults/fail-requests", {"count": 1, "match": "syncType=FSync"})
+    async with http.get(sim.url + EXT + "/message-store", headers=bearer(tok)) as resp:
+        assert resp.status == 200
+    sync = sim.url + EXT + "/message-sync"
+    for expected in (503, 200):
+        async with http.get(sync, params={"syncType": "FSync"}, headers=bearer(tok)) as resp:
+            assert resp.status == expected
 
 
 @pytest.mark.looptime
@@ -170,6 +178,29 @@ async def test_storm_and_expire_and_stale_endpoints(sim: Simulator, http: aiohtt
     assert body == {"staled": 0}
     status, _ = await control(http, sim, "POST", "faults/fail-next-recovery", {"code": "WSG-1009"})
     assert status == 200
+    status, _ = await control(http, sim, "POST", "faults/bulk-get", {"mode": "sideways"})
+    assert status == 400
+
+
+async def test_bulk_get_faults(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    ids = [sim.create_inbound_fax(None, f"+1415555010{i}") for i in range(3)]
+    status, _ = await control(http, sim, "POST", "faults/bulk-get", {"mode": "shuffle"})
+    assert status == 200
+    accept = {"Accept": "application/vnd.ringcentral.multipart+json"}
+    path = sim.url + EXT + "/message-store/" + ",".join([*ids, "1"])
+    async with http.get(path, headers={**bearer(tok), **accept}) as resp:
+        entries = json.loads(await resp.text())
+    # ids and statuses in request order; the records of one status in reverse order
+    assert [(e["resourceId"], e["status"]) for e in entries] == [(i, 200) for i in ids] + [("1", 404)]
+    assert [e["body"]["id"] for e in entries[:3]] == [int(i) for i in reversed(ids)]
+    await control(http, sim, "POST", "faults/bulk-get", {"mode": "unasked"})
+    async with http.get(sim.url + EXT + "/message-store/" + ",".join(ids[:2]), headers=bearer(tok)) as resp:
+        text = await resp.text()
+    assert resp.status == 207
+    assert f"/message-store/{ids[2]}" in text  # the last id answered by the one not asked
+    async with http.get(path, headers={**bearer(tok), **accept}) as resp:  # count 1: over
+        assert [e["body"].get("id") for e in json.loads(await resp.text())][:3] == [int(i) for i in ids]
 
 
 @pytest.mark.looptime
@@ -257,3 +288,21 @@ async def test_delay_pongs_holds_each_pong_in_order(sim: Simulator, http: aiohtt
     status, body = await control(http, sim, "POST", "faults/delay-pongs", {"min": 3, "max": 1})
     assert status == 400
     assert "low <= high" in body["error"]
+
+
+async def test_remove_extension(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    mid = sim.create_inbound_fax(None, "+14155550100")
+    ext = sim.config.extensions[0]
+    status, _ = await control(http, sim, "POST", "faults/remove-extension", {"extensionId": ext})
+    assert status == 200
+    for path in ("/message-sync", f"/message-store/{mid}"):
+        async with http.get(sim.url + EXT + path, headers=bearer(tok)) as resp:
+            assert resp.status == 404
+            error = (await resp.json())["errors"][0]
+            assert (error["errorCode"], error["parameterName"]) == ("CMN-102", "extensionId")
+    await control(http, sim, "POST", "faults/remove-extension", {"extensionId": ext, "restore": True})
+    async with http.get(sim.url + EXT + f"/message-store/{mid}", headers=bearer(tok)) as resp:
+        assert resp.status == 200
+    status, _ = await control(http, sim, "POST", "faults/remove-extension", {"extensionId": "1"})
+    assert status == 400

@@ -64,6 +64,7 @@ async def test_send_fax_form_data_json_part(
     assert body["direction"] == "Outbound"
     assert body["faxResolution"] == "High"
     assert body["coverPageText"] == "hello"
+    assert body["coverIndex"] == sim.config.default_cover_index == 1  # none asked: the account's default
     assert body["faxPageCount"] == 2
     assert isinstance(body["id"], int)
     (to,) = body["to"]

@@ -107,3 +107,30 @@ async def test_storm_fault(sim: Simulator, http: aiohttp.ClientSession) -> None:
     assert body["errorCode"] == "CMN-301"
     await asyncio.sleep(31)
     assert (await list_messages(http, sim, tok))[0] == 200
+
+
+async def test_a_request_counted_in_another_group(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    """The server's group (limits and X-Rate-Limit-Group) can differ from the spec's table."""
+    tok = await login(http, sim)
+    status, _ = await control_post(
+        http, sim, "faults/rate-limit-group", {"method": "GET", "path": "/message-sync", "group": "Heavy"}
+    )
+    assert status == 200
+    async with http.get(sim.url + EXT + "/message-sync", headers=bearer(tok)) as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Rate-Limit-Group"] == "heavy"
+        assert resp.headers["X-Rate-Limit-Limit"] == "10"
+    assert sim.requests[-1].group == "Heavy"
+    async with http.get(sim.url + EXT + "/message-store", headers=bearer(tok)) as resp:
+        assert resp.headers["X-Rate-Limit-Group"] == "light"  # the others keep the spec's group
+    status, _ = await control_post(
+        http, sim, "faults/rate-limit-group", {"method": "GET", "path": "/message-sync", "group": "Nope"}
+    )
+    assert status == 400
+
+
+async def control_post(
+    http: aiohttp.ClientSession, sim: Simulator, path: str, body: dict[str, str]
+) -> tuple[int, object]:
+    async with http.post(sim.url + "/_sim/" + path, json=body) as resp:
+        return resp.status, await resp.json()

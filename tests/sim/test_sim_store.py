@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
 from sim_helpers import EXT, bearer, login
 
-from faxd.sim import RecipientScript, Simulator
+from faxd.sim import RecipientScript, SimConfig, Simulator
 
 MULTIPART_JSON = "application/vnd.ringcentral.multipart+json"
 
@@ -245,3 +246,69 @@ async def test_message_sync_stale_token_msg_333(
     )
     assert status == 400
     assert body["errorCode"] == "MSG-333"
+    # The other way RingCentral refuses a token (ringcentral-js-widgets handles both alike).
+    _, full, _ = await get(http, sim, token, "/message-sync", syncType="FSync")
+    assert sim.stale_sync_tokens("CMN-101") == 1
+    status, body, _ = await get(
+        http, sim, token, "/message-sync", syncType="ISync", syncToken=full["syncInfo"]["syncToken"]
+    )
+    assert status == 400
+    assert body["errors"][0] == {
+        "errorCode": "CMN-101",
+        "message": "Parameter [syncToken] value is invalid",
+        "parameterName": "syncToken",
+    }
+    with pytest.raises(ValueError, match="code must be one of"):
+        sim.stale_sync_tokens("CMN-999")
+
+
+class _Wall:
+    """A wall clock the test moves (creation times and sync frames follow it)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_isync_date_from_redefines_the_sync_frame(http: aiohttp.ClientSession) -> None:
+    """The message-sync guide: on an ISync, dateFrom "modifies the time range of SyncFrame"."""
+    wall = _Wall()
+    async with Simulator(SimConfig(seed=7), wall_clock=wall) as sim:
+        token = await login(http, sim)
+        start = wall.now
+        older = sim.create_inbound_fax(None, "+14155550100")
+        wall.now = start + timedelta(days=2)
+        newer = sim.create_inbound_fax(None, "+14155550101")
+        since = (start - timedelta(days=1)).isoformat()
+        _, full, _ = await get(http, sim, token, "/message-sync", syncType="FSync", dateFrom=since)
+        assert {r["id"] for r in full["records"]} == {int(older), int(newer)}
+        for mid in (older, newer):
+            sim.store.delete(sim.store.messages[int(mid)])
+        # A later dateFrom shrinks the frame: the change to the older fax is not reported.
+        later = (start + timedelta(days=1)).isoformat()
+        token_1 = full["syncInfo"]["syncToken"]
+        _, shrunk, _ = await get(
+            http, sim, token, "/message-sync", syncType="ISync", syncToken=token_1, dateFrom=later
+        )
+        assert shrunk["records"] == [{"id": int(newer), "availability": "Deleted"}]
+        # The same token without dateFrom keeps the frame of the full sync.
+        _, kept, _ = await get(http, sim, token, "/message-sync", syncType="ISync", syncToken=token_1)
+        assert {r["id"] for r in kept["records"]} == {int(older), int(newer)}
+        # An earlier dateFrom widens it: what is alive in the added range comes back in full.
+        wall.now = start - timedelta(days=3)
+        oldest = sim.create_inbound_fax(None, "+14155550102")
+        wall.now = start + timedelta(days=2)
+        earlier = (start - timedelta(days=5)).isoformat()
+        _, widened, _ = await get(
+            http,
+            sim,
+            token,
+            "/message-sync",
+            syncType="ISync",
+            syncToken=shrunk["syncInfo"]["syncToken"],
+            dateFrom=earlier,
+        )
+        assert [r["id"] for r in widened["records"]] == [int(oldest)]
+        assert widened["records"][0]["messageStatus"] == "Received"

@@ -1,0 +1,160 @@
+"""A restored store is a new journal to socket clients: `faxd store backup` while faxd runs, `faxd store
+restore` once it is stopped, and a client resuming from a cursor the restore took away gets
+``cursor_expired`` instead of silently missing the events journalled again under the same seqs.
+
+The daemon runs in-process against the simulator; the store commands run as the admin runs them, in a
+subprocess, with a config whose secrets they cannot read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from faxd import daemon
+from faxd.config import Config
+from faxd.sim import Simulator
+
+TIMEOUT = 30
+
+
+@asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[None]:
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        daemon.run(config, registry=CollectorRegistry(), stop=stop, on_ready=ready.set)
+    )
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    assert not task.done(), f"daemon did not start: exit {task.result()}"
+    try:
+        yield
+    finally:
+        stop.set()
+        async with asyncio.timeout(20):
+            assert await task == 0
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, path: str) -> tuple[Client, dict[str, Any]]:
+        client = cls(*await asyncio.open_unix_connection(path, limit=2**22))
+        return client, await client.recv()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.writer.write(json.dumps(message).encode() + b"\n")
+        await self.writer.drain()
+
+    async def recv(self) -> dict[str, Any]:
+        async with asyncio.timeout(TIMEOUT):
+            line = await self.reader.readline()
+        assert line, "faxd closed the connection"
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    async def until(self, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        while not done(message := await self.recv()):
+            pass
+        return message
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def store_command(*args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY" and not k.startswith("FAXD_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "faxd", "store", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    async with asyncio.timeout(TIMEOUT):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def final_of(fax_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m["type"] == "event" and m["fax_id"] == fax_id and m["final"]
+
+
+async def test_a_client_resuming_across_a_restore_gets_cursor_expired(
+    sim: Simulator, make_config: Callable[..., Config], short_dir: Path
+) -> None:
+    config = make_config(sim)
+    admin_config = short_dir / "admin.yaml"
+    admin_config.write_text(
+        json.dumps(
+            {
+                "ringcentral": {
+                    "client_id": "x",
+                    "jwt": {"credential": "j"},
+                    "client_secret": {"credential": "s"},
+                },
+                "store": {"path": config.store.path},
+            }
+        )
+    )
+    backup_file = short_dir / "backup.db"
+
+    async with serving(config):
+        client, hello = await Client.connect(config.events.socket)
+        await client.send({"type": "subscribe", "after_seq": 0})
+        before = sim.create_inbound_fax(None, "+16505550123")
+        await client.until(final_of(before))
+
+        code, out, err = await store_command("backup", "-c", str(admin_config), str(backup_file))
+        assert code == 0, err
+        assert out.startswith(f"backed up {config.store.path} to {backup_file}: epoch {hello['epoch']}, ")
+
+        lost = [sim.create_inbound_fax(None, f"+1650555020{i}") for i in range(3)]
+        seen: dict[str, int] = {}
+        while set(seen) != set(lost):
+            event = await client.until(lambda m: m["type"] == "event" and m["final"])
+            seen[event["fax_id"]] = event["seq"]
+        cursor = (hello["epoch"], max(seen.values()))  # what a client saves after processing
+
+        code, out, err = await store_command("restore", "-c", str(admin_config), str(backup_file))
+        assert (code, out) == (1, "")
+        assert "is in use (faxd is running?): stop faxd first" in err
+        await client.close()
+
+    code, out, err = await store_command("restore", "-c", str(admin_config), str(backup_file))
+    assert code == 0, err
+    assert "clients resuming an older cursor get cursor_expired" in out
+
+    async with serving(config):
+        # faxd re-syncs from the backup's sync token: the lost faxes are journalled again, under seqs
+        # the client already processed, and the journal grows past the saved cursor.
+        watcher, hello = await Client.connect(config.events.socket)
+        assert hello["epoch"] != cursor[0]
+        await watcher.send({"type": "subscribe", "after_seq": 0})
+        later = sim.create_inbound_fax(None, "+16505550999")
+        journalled: dict[str, int] = {}
+        while not {*lost, later} <= set(journalled):
+            event = await watcher.until(lambda m: m["type"] == "event" and m["final"])
+            journalled[event["fax_id"]] = event["seq"]
+        assert max(journalled.values()) > cursor[1], "the journal has grown past the saved cursor"
+        assert min(journalled[fax_id] for fax_id in lost) <= cursor[1], "seqs the client saw are reused"
+        await watcher.close()
+
+        resumer, _ = await Client.connect(config.events.socket)
+        await resumer.send({"type": "subscribe", "after_seq": cursor[1], "epoch": cursor[0], "id": "r"})
+        reply = await resumer.until(lambda m: m.get("id") == "r" or m["type"] == "event")
+        assert reply["type"] == "error", f"resumed silently past re-journalled events: {reply}"
+        assert reply["code"] == "cursor_expired"
+        assert reply["epoch"] == hello["epoch"]
+        assert reply["head_seq"] >= cursor[1]
+        await resumer.close()
