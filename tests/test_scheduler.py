@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from faxd.core.ratebudget import HEAVY, LIGHT, MEDIUM, RateBudget
+from faxd.core.ratebudget import HEAVY, LIGHT, MEDIUM, NO_THROTTLING, RateBudget
 from faxd.core.scheduler import (
     Grant,
     Outcome,
@@ -323,6 +323,17 @@ def test_extra_requests_never_jump_higher_work() -> None:
     s.submit(work(B, Priority.USER, "request"), 0.0)
     assert not s.take(g, LIGHT, 0.0)  # B is due and higher: it goes first
     assert s.take(g, MEDIUM, 0.0)  # another group is not held back
+
+
+def test_requests_of_no_group_need_no_budget() -> None:
+    s = sched()
+    drain_light(s, 0.0)
+    s.submit(work(A, Priority.USER), 0.0)
+    s.budget.penalty(LIGHT, 0.0, 5.0)
+    g = grant_now(s, 10.0)
+    for _ in range(100):
+        assert s.take(g, NO_THROTTLING, 10.0)  # GET /restapi
+    assert s.budget_of(LIGHT, 10.0).room == 35
 
 
 def test_unused_reserved_requests_go_back_to_the_bucket() -> None:

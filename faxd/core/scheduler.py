@@ -93,7 +93,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from faxd.core.polls import PollKind, PollSchedule
-from faxd.core.ratebudget import GROUPS, LIGHT, MEDIUM, RateBudget
+from faxd.core.ratebudget import GROUPS, LIGHT, MEDIUM, NO_THROTTLING, RateBudget
 
 Key = tuple[str, str]
 
@@ -631,6 +631,8 @@ class Scheduler:
         running = self._running.get(grant.id)
         if running is None:
             raise ValueError(f"grant {grant.id} is not running")
+        if group == NO_THROTTLING:
+            return True  # counted in no group, never waits
         if running.left.get(group, 0) > 0:
             running.left[group] -= 1
             self._outstanding[group] -= 1
