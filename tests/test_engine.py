@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -251,6 +252,54 @@ async def test_a_429_storm_pauses_the_group_then_converges(
     assert during == [], "requests were sent during the penalty"
     assert remaining is not None
     assert remaining > 0
+    no_duplicates(watcher.events)
+
+
+async def test_with_the_fax_state_lost_only_the_journal_keeps_each_transition_once(
+    make_config: Callable[..., Config],
+) -> None:
+    """The reconciler's memory and the stored fax rows and sync tokens are gone, the journal is not (a
+    state table restored from an older copy, say). The restart's FSync reads every fax as never seen,
+    the diff gives back transitions the journal already holds, and the store's dedup of (fax, recipient,
+    kind, to_status) is all that stands between them and a second event with a new seq."""
+    # Two starts log in and open a WebSocket twice: more Auth requests than faxd's share of 5 a minute.
+    limits = {**SimConfig().rate_limits, "Auth": (50, 60, 60)}
+    async with Simulator(SimConfig(seed=7, rate_limits=limits)) as sim:
+        await _lose_the_state_and_restart(sim, make_config(sim))
+
+
+async def _lose_the_state_and_restart(sim: Simulator, config: Config) -> None:
+    async with running(sim, config) as (watcher, _):
+        await ws_subscribed(sim)
+        ids = [
+            sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.1)]),
+            sim.create_outbound_fax(
+                None, [RecipientScript("+16505550101", "SendingFailed", "LineBusy", after=0.15)]
+            ),
+            sim.create_outbound_fax(
+                None,
+                [
+                    RecipientScript("+16505550102", "Sent", after=0.1, delivered_after=0.1),
+                    RecipientScript("+16505550103", "Sent", after=0.2),
+                ],
+            ),
+        ]
+        await sim.wait_for(lambda: sim.message(ids[2])["to"][0]["messageStatus"] == "Delivered")
+        await watcher.until(truth(sim, ids))
+        before = [key_of(e) for e in watcher.events]
+    with sqlite3.connect(config.store.path) as db:
+        lost = db.execute("SELECT count(*) FROM faxes").fetchone()[0]
+        db.execute("DELETE FROM recipients")
+        db.execute("DELETE FROM faxes")
+        db.execute("DELETE FROM sync_tokens")
+    assert lost == len(ids)
+    async with running(sim, config) as (watcher, _):
+        await ws_subscribed(sim)
+        # The marker is found by a reconcile that comes after the start-up FSync (or is that FSync),
+        # so once it arrives every repeat the FSync could have journalled has been published.
+        marker = sim.create_outbound_fax(None, [RecipientScript("+16505550104", "Sent", after=0.1)])
+        await watcher.until(truth_after(sim, [marker]))
+    assert [key_of(e) for e in watcher.events if e["fax_id"] != marker] == before
     no_duplicates(watcher.events)
 
 
