@@ -303,6 +303,35 @@ async def _lose_the_state_and_restart(sim: Simulator, config: Config) -> None:
     no_duplicates(watcher.events)
 
 
+async def test_a_429_holds_back_every_flow_of_the_group_not_only_the_one_refused(
+    make_config: Callable[..., Config],
+) -> None:
+    """Two extensions need Light requests during a 429 storm. The refused reconcile's own retry waits
+    out Retry-After anyway (its backoff); the other extension's reconcile comes next and must wait
+    for the group's penalty too, or it walks into the storm (at RingCentral, every request during a
+    penalty restarts it)."""
+    second = "200000002"
+    async with Simulator(SimConfig(seed=7, extensions=(EXT, second))) as sim:
+        config = make_config(sim, ringcentral={"extensions": ["~", second]})
+        async with running(sim, config) as (watcher, registry):
+            await ws_subscribed(sim)
+            await sim.wait_for(lambda: len(sim.requests_to("/message-sync")) >= 2)  # both started up
+            sim.rate_limit_storm("Light", 2.0)
+            ids = [
+                sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.2)]),
+                sim.create_outbound_fax(second, [RecipientScript("+16505550101", "Sent", after=0.2)]),
+            ]
+            await watcher.until(truth_after(sim, ids))
+            limited = registry.get_sample_value("faxd_rate_limited_total", {"group": "Light"})
+    refused = [r for r in sim.requests if r.group == "Light" and r.status == 429]
+    assert len(refused) == 1, [(r.path, round(r.time - refused[0].time, 2)) for r in refused]
+    assert limited == 1.0
+    t429 = refused[0].time
+    during = [r.path for r in sim.requests if r.group == "Light" and t429 < r.time < t429 + 2.0 - 0.05]
+    assert during == [], "requests were sent during the penalty"
+    no_duplicates(watcher.events)
+
+
 # -- the engine alone ----------------------------------------------------------------------------
 
 
