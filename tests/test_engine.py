@@ -30,7 +30,7 @@ from faxd.config import Config
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind
 from faxd.core.status import parse_time
-from faxd.sim import RecipientScript, SimConfig, Simulator
+from faxd.sim import RecipientScript, RecordedRequest, SimConfig, Simulator
 
 EXT = "200000001"
 Key = tuple[str, int | None, str, str]  # (fax, recipient, kind, to_status)
@@ -156,6 +156,23 @@ def truth_after(sim: Simulator, ids: Sequence[str]) -> set[Key]:
     return {(i, None, "status", "Sent") for i in ids} | {(i, 0, "recipient", "Sent") for i in ids}
 
 
+async def full_sync_follows_msg_333(sim: Simulator) -> None:
+    """Until the message-sync that follows the first MSG-333, which must be an FSync in the same
+    reconcile. Without that fallback the reconcile fails, and the next message-sync is its retry, an
+    ISync with the same stale token one backoff later: seconds, not a 20 s wait for events."""
+
+    def after_stale() -> list[RecordedRequest] | None:
+        syncs = sim.requests_to("/message-sync")
+        stale = next((i for i, r in enumerate(syncs) if r.status == 400), None)
+        return None if stale is None or len(syncs) <= stale + 1 else syncs[stale:]
+
+    async with asyncio.timeout(20):
+        await sim.wait_for(lambda: after_stale() is not None)
+    stale, following = after_stale() or []
+    assert "syncType=FSync" in following.raw_path, f"after MSG-333 came {following.raw_path}"
+    assert following.time - stale.time < 1.0, "the FSync came from a retry, not from the same reconcile"
+
+
 async def test_msg_333_runs_a_full_sync_and_repeats_nothing(
     sim: Simulator, make_config: Callable[..., Config]
 ) -> None:
@@ -167,11 +184,8 @@ async def test_msg_333_runs_a_full_sync_and_repeats_nothing(
         second = sim.create_outbound_fax(
             None, [RecipientScript("+16505550101", "SendingFailed", "LineBusy", after=0.3)]
         )
+        await full_sync_follows_msg_333(sim)
         await watcher.until({(second, 0, "recipient", "SendingFailed")})
-    stale = [r for r in sim.requests_to("/message-sync") if r.status == 400]
-    assert stale, "no MSG-333 seen"
-    after = [r for r in sim.requests_to("/message-sync") if r.time >= stale[0].time]
-    assert "syncType=FSync" in after[1].raw_path
     no_duplicates(watcher.events)
 
 
@@ -482,7 +496,8 @@ async def test_in_flight_faxes_are_tracked_across_a_restart(sim: Simulator, tmp_
     sim.stale_sync_tokens()  # even the token is lost: FSync, then the tracked fax by id
     async with engine(sim, db) as e:
         assert [f.fax_id for f in e.reconciler.in_flight()] == [fid]
-        await e.reconcile("startup")
+        e.queue.hint(EXT, "startup", immediate=True)
+        await full_sync_follows_msg_333(sim)
         await e.until({(fid, 0, "recipient", "SendingFailed")})
         assert all(x.seq > first[-1].seq for x in e.events)
         assert not {x.transition.dedup_key for x in e.events} & {x.transition.dedup_key for x in first}
