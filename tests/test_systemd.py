@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from ops_support import FAXD, NotifySocket, daemon, status_of, write_config, ws_up
+from tools import require_tool
 
 from faxd.adapters.notify import Notifier, listen_fds
 from faxd.adapters.store import Store
@@ -109,8 +109,8 @@ async def test_notify_sequence_of_a_real_daemon(sim: Simulator, short_dir: Path)
 # ---------------------------------------------------------------------------------------- socket activation
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
 async def test_socket_activation_serves_the_inherited_socket(sim: Simulator, short_dir: Path) -> None:
+    require_tool("systemd-socket-activate")
     config = write_config(short_dir, sim, events={"socket": "configured.sock"})
     listen = short_dir / "activated.sock"
     argv = [
@@ -212,8 +212,8 @@ def test_unit_has_the_required_settings() -> None:
     assert "WatchdogSec" in s
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_unit_verifies_clean_and_scores_at_most_2(tmp_path: Path) -> None:
+    require_tool("systemd-analyze")
     units = _unit_copy(tmp_path)
     verify = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", "--recursive-errors=no", *map(str, units)],
