@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/api_efficiency.py                       # 200 faxes over 60 s (the issue's profile)
     .venv/bin/python bench/api_efficiency.py --faxes 50 --duration 15
+    .venv/bin/python bench/api_efficiency.py --quick                # 40 faxes over 15 s, 30 s of tail
 
 Both clients watch the same workload, each on its own simulator with RingCentral's default rate limits
 (Light 50 requests per 60 s, 60 s penalty): FAXES outbound faxes, created at random moments over
@@ -16,7 +17,11 @@ SendingFailed with several codes), finishing 1-8 s after creation.
 
 Ground truth: every status the simulator's messages take (fax level and per recipient), with the loop
 time it first held. Latency = when a client found a transition minus when it happened in the simulator
-(a hint is sent the same moment). Prints one table; exit 0 always (no timed assertions).
+(a hint is sent the same moment). Prints one table.
+
+Targets (issue 5): faxd spends <= 1/10 of the baseline's Light requests per final transition found,
+receives zero 429s, and misses nothing (finds every fax's and recipient's final status). Exit 0 when
+all three hold, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pathlib import Path
 
 import aiohttp
 from prometheus_client import CollectorRegistry
+from report import Report, add_options, apply_quick
 
 from faxd import daemon
 from faxd.adapters.metrics import Metrics
@@ -261,7 +267,22 @@ async def one(
     return result, truth
 
 
-def row(result: Result, truth: Truth) -> list[str]:
+@dataclass
+class Tally:
+    """What one client achieved against the ground truth."""
+
+    light: int
+    per_transition: float  # Light requests per final transition found
+    refused: int  # 429 answers
+    found: int  # final transitions found
+    finals: int  # final transitions that happened
+    changes: int  # every change seen
+    all_changes: int
+    median: float
+    p99: float
+
+
+def tally(result: Result, truth: Truth) -> Tally:
     real = truth.finals()
     found = {k: t for k, t in result.found.items() if k in real}
     changes = len([k for k in result.found if k in truth.transitions()])
@@ -269,19 +290,33 @@ def row(result: Result, truth: Truth) -> list[str]:
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan")
     median = statistics.median(latencies) if latencies else float("nan")
     per = result.light / len(found) if found else float("inf")
+    return Tally(
+        result.light,
+        per,
+        result.refused,
+        len(found),
+        len(real),
+        changes,
+        len(truth.transitions()),
+        median,
+        p99,
+    )
+
+
+def row(name: str, t: Tally) -> list[str]:
     return [
-        result.name,
-        str(result.light),
-        f"{per:.3f}",
-        str(result.refused),
-        f"{len(found)}/{len(real)}",
-        f"{changes}/{len(truth.transitions())}",
-        f"{median:.2f} s",
-        f"{p99:.2f} s",
+        name,
+        str(t.light),
+        f"{t.per_transition:.3f}",
+        str(t.refused),
+        f"{t.found}/{t.finals}",
+        f"{t.changes}/{t.all_changes}",
+        f"{t.median:.2f} s",
+        f"{t.p99:.2f} s",
     ]
 
 
-async def main() -> None:
+async def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -289,7 +324,10 @@ async def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--tail", type=float, default=90.0, help="seconds to wait for stragglers")
     parser.add_argument("--seed", type=int, default=5)
+    add_options(parser, "--faxes 40 --duration 15 --tail 30")
     args = parser.parse_args()
+    apply_quick(args, faxes=40, duration=15.0, tail=30.0)
+    report = Report.start("api_efficiency", parser, args)
     configure_logging(level="warning", fmt="console", redact_phi=True, stream=sys.stderr)
     plan = workload(args.faxes, args.duration, args.seed)
     started = time.monotonic()
@@ -306,7 +344,8 @@ async def main() -> None:
         "median",
         "p99",
     ]
-    rows = [header, row(faxd, t1), row(base, t2)]
+    mine, theirs = tally(faxd, t1), tally(base, t2)
+    rows = [header, row(faxd.name, mine), row(base.name, theirs)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     print(
         f"{args.faxes} faxes over {args.duration:g} s, seed {args.seed}; Python {platform.python_version()}"
@@ -316,7 +355,31 @@ async def main() -> None:
     for r in rows[1:]:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
     print(f"(wall time {time.monotonic() - started:.0f} s)")
+    ratio = mine.per_transition / theirs.per_transition if theirs.per_transition else float("inf")
+    report.target(
+        "requests",
+        5,
+        "faxd <= 1/10 of the baseline's Light requests per final transition",
+        ratio,
+        "<=",
+        0.1,
+        f"{mine.per_transition:.3f} vs {theirs.per_transition:.3f} requests/transition"
+        f" ({ratio:.3g} of the baseline)",
+    )
+    report.target("no_429", 5, "faxd receives zero 429s", mine.refused, "==", 0, f"{mine.refused} 429s")
+    report.target(
+        "nothing_missed",
+        5,
+        "faxd finds every final transition",
+        mine.found,
+        "==",
+        mine.finals,
+        f"{mine.found}/{mine.finals} final transitions",
+    )
+    report.figure("faxd", vars(mine))
+    report.figure("baseline", vars(theirs))
+    return report.finish(args.results)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(asyncio.run(main()))

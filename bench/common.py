@@ -21,12 +21,10 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from report import machine
 
 from faxd.adapters.store import Journalled, Store
 from faxd.core.model import EventKind, FaxState, RecipientState, Source, Transition
@@ -47,43 +46,6 @@ Key = tuple[str, int, str, str]  # (fax id, recipient index or -1, kind, to_stat
 
 
 # ----------------------------------------------------------------------------------------- reporting
-
-
-def machine() -> dict[str, str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = "unknown"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kb = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        ram = f"{kb / 1024 / 1024:.1f} GiB"
-    commit = "unknown"
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        if dirty:
-            commit += " (+ uncommitted changes)"
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "ram": ram,
-        "python": platform.python_version(),
-        "faxd commit": commit,
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 def print_machine() -> None:
@@ -365,7 +327,8 @@ def workdir(prefix: str) -> Path:
 
 
 class Daemon:
-    """faxd as a subprocess; ``start`` returns the seconds from spawn to the ``READY=1`` datagram."""
+    """faxd as a subprocess; ``start`` returns the seconds from spawn to the ``READY=1`` datagram, and
+    ``accepting`` holds the seconds from spawn to the event socket's first ``hello``."""
 
     def __init__(self, config: Path) -> None:
         self.config = config
@@ -373,6 +336,25 @@ class Daemon:
         self.proc: asyncio.subprocess.Process | None = None
         self.metrics_url = f"http://{yaml.safe_load(config.read_text())['metrics']['listen']}/metrics"
         self.socket_path = str(self.dir / "events.sock")
+        self.accepting: float | None = None
+
+    async def _probe_socket(self, started: float) -> None:
+        """Connect to the event socket until it answers ``hello``; the time goes to ``accepting``.
+
+        Another process binds it: there is nothing to await, so try every 5 ms (the resolution).
+        """
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.socket_path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.005)
+                continue
+            try:
+                if (await reader.readline()).startswith(b'{"type":"hello"'):
+                    self.accepting = time.monotonic() - started
+                    return
+            finally:
+                writer.close()
 
     async def start(self, within: float = 120.0) -> float:
         notify_path = str(self.dir / "notify.sock")
@@ -397,11 +379,19 @@ class Daemon:
                     stderr=log,
                     env=env,
                 )
-            async with asyncio.timeout(within):
-                while True:
-                    data = await loop.sock_recv(notify, 65536)
-                    if "READY=1" in data.decode(errors="replace").split("\n"):
-                        return time.monotonic() - started
+            probe = asyncio.create_task(self._probe_socket(started))
+            try:
+                async with asyncio.timeout(within):
+                    while True:
+                        data = await loop.sock_recv(notify, 65536)
+                        if "READY=1" in data.decode(errors="replace").split("\n"):
+                            ready = time.monotonic() - started
+                            break
+                    await probe  # the socket is bound before READY: it answers at once now
+                return ready
+            finally:
+                probe.cancel()
+                await asyncio.gather(probe, return_exceptions=True)
         finally:
             notify.close()
 

@@ -1,9 +1,9 @@
 """Fan-out of the event socket: N subscribed clients, M events published through a real EventServer.
 
     .venv/bin/python bench/fanout.py                                   # 1,000 clients, 10,000 events
-    .venv/bin/python bench/fanout.py --clients 100 --events 2000       # a quick look
-    .venv/bin/python bench/fanout.py --rate 40 --events 2000           # paced: latency below saturation
-    .venv/bin/python bench/fanout.py --batch 1 --events 3000           # one event per publish() call
+    .venv/bin/python bench/fanout.py --quick                           # 1,000 clients, 500 events
+    .venv/bin/python bench/fanout.py --rate 50 --events 3000           # paced: latency below saturation
+    .venv/bin/python bench/fanout.py --batch 10                        # 10 events per publish() call
 
 This process runs only the server (EventServer over an in-memory journal, as the daemon runs it over
 SQLite: publish() after each commit); the clients live in ``--workers`` separate processes, so the CPU
@@ -11,9 +11,14 @@ time and RSS printed for the server are its own. Each client subscribes without 
 every line; the publish time of every seq is in shared memory, so a client computes the
 publish → receive latency of each delivery (CLOCK_MONOTONIC is system-wide) into a histogram.
 
-``--rate 0`` (default) publishes as fast as the loop allows (batches of ``--batch`` events, yielding to
-the writers between batches): deliveries/s is the server's throughput and the latency is mostly
-queueing. ``--rate N`` publishes N events/s in batches: the latency of a server that keeps up.
+``--rate 0`` (default) publishes as fast as the loop allows (batches of ``--batch`` events, by default
+one per ``publish()`` as the daemon does after each COMMIT, yielding to the writers between batches):
+deliveries/s is then the delivered throughput, and the latency is mostly queueing. ``--rate N`` publishes
+N events/s: the latency of a server that keeps up, but its deliveries/s is the pace, not a capacity, so
+a paced run does not check the throughput target.
+
+Targets (issue 6): delivered throughput >= 50,000 deliveries/s (unpaced runs; the server is one thread,
+so on one core), p99 publish -> receive < 100 ms, every client gets every event. Exit 0 when all hold.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from report import Report, add_options, apply_quick
 
 from faxd.adapters.event_server import EventServer, EventServerSettings
 from faxd.adapters.metrics import Metrics
@@ -311,11 +317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2, help="client processes")
-    parser.add_argument("--batch", type=int, default=10, help="events per publish() call")
+    parser.add_argument("--batch", type=int, default=1, help="events per publish() call")
     parser.add_argument("--rate", type=float, default=0.0, help="events/s to publish; 0: as fast as possible")
     parser.add_argument("--queue", type=int, default=1000, help="events.client_queue")
     parser.add_argument("--profile", action="store_true", help="cProfile the server; top 25 on stderr")
+    add_options(parser, "--events 500 (1,000 clients still: throughput depends on the fan-out width)")
     args = parser.parse_args(argv)
+    apply_quick(args, events=500)
+    report = Report.start("fanout", parser, args, ignore=("profile", "workers"))
     configure_logging(level="warning", fmt="console", redact_phi=True, stream=sys.stderr)
     _raise_fd_limit()
     tmp = tempfile.mkdtemp(prefix="faxd-bench-", dir="/tmp")
@@ -354,7 +363,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"|{'-' * (width + 2)}|-------|")
     for key, value in rows:
         print(f"| {key.ljust(width)} | {value} |")
-    return 0 if r.deliveries == expected else 1
+    throughput = r.deliveries / r.wall_s if r.wall_s > 0 else 0.0
+    p99 = percentile(r.hist, 0.99) * 1000
+    shape = f"{args.clients:,} clients x {args.events:,} events, {args.batch} per publish()"
+    if args.rate:
+        report.note(
+            f"paced at {args.rate:g} events/s: deliveries/s is the pace, so throughput is not checked"
+        )
+    else:
+        report.target(
+            "throughput",
+            6,
+            "fan-out delivered throughput >= 50,000 deliveries/s (one server thread)",
+            throughput,
+            ">=",
+            50_000,
+            f"{throughput:,.0f}/s ({shape}, server at {100 * r.server_cpu_s / r.wall_s:.0f}% of a core)",
+        )
+    report.target(
+        "p99", 6, "fan-out p99 publish -> receive < 100 ms", p99, "<", 100, f"{p99:.1f} ms ({shape})"
+    )
+    report.target(
+        "complete",
+        6,
+        "fan-out: every client gets every event (no slow_consumer cut-off)",
+        r.deliveries if not r.slow_consumers else -1,
+        "==",
+        expected,
+        f"{r.deliveries:,} of {expected:,} deliveries, {r.slow_consumers} cut-offs",
+    )
+    for name, value in (
+        ("deliveries", r.deliveries),
+        ("wall_s", r.wall_s),
+        ("deliveries_per_s", throughput),
+        ("server_cpu_s", r.server_cpu_s),
+        ("deliveries_per_server_cpu_s", r.deliveries / r.server_cpu_s if r.server_cpu_s else None),
+        ("p50_ms", percentile(r.hist, 0.50) * 1000),
+        ("p99_ms", p99),
+        ("max_ms", percentile(r.hist, 1.0) * 1000),
+        ("rss_start_mib", r.rss_start_kib / 1024),
+        ("rss_end_mib", r.rss_end_kib / 1024),
+        ("rss_peak_mib", r.rss_peak_kib / 1024),
+    ):
+        report.figure(name, value)
+    return report.finish(args.results)
 
 
 if __name__ == "__main__":

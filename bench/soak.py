@@ -4,6 +4,7 @@ the simulator's ground truth.
     .venv/bin/python bench/soak.py --minutes 10                    # the CI-sized profile
     .venv/bin/python bench/soak.py --minutes 30 --faults ws        # issue 4: a WS fault every 30 s
     .venv/bin/python bench/soak.py --minutes 60 --faxes 10000      # by hand
+    .venv/bin/python bench/soak.py --quick                         # 1 minute, 100 faxes, a fault every 10 s
 
 The simulator runs in this process; faxd runs as a real subprocess (`python -m faxd run`), so it can
 be killed with SIGKILL and restarted. Three socket clients follow along and resume from their last
@@ -15,8 +16,12 @@ simulator's ground truth was delivered; no (fax, recipient, kind, to_status) arr
 different seq; seq had no gaps apart from what the client's filter and resumes explain (none here:
 clients are unfiltered). It also counts 429s outside the storms faxd was put through, and the share of
 time the WebSocket was up (sampled from /metrics once a second; a black-holed connection counts as
-down from the fault until faxd opens a new one, though faxd cannot know sooner). Exit 0 when
-everything holds (with --faults ws: the WebSocket up >= 99 % of the time), 1 otherwise.
+down from the fault until faxd opens a new one, though faxd cannot know sooner).
+
+Targets (issues 8 and 4): every final status reaches every client, no duplicate, no gap, no 429 outside
+the storms, exit 0 on SIGTERM; with --faults ws also the WebSocket up >= 99 % of the time. Exit 0 when
+everything holds, 1 otherwise. Results go to bench/results/soak[.PROFILE].json; give a by-hand profile
+its own file with --results (e.g. bench/results/soak.ws30.json for the 30-minute WebSocket run).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from report import Report, add_options, apply_quick
 
 from faxd.sim import RecipientScript, SimConfig, Simulator
 
@@ -209,7 +215,7 @@ async def disconnects_by_reason(url: str) -> dict[str, float]:
     }
 
 
-async def soak(args: argparse.Namespace) -> int:
+async def soak(args: argparse.Namespace, report: Report) -> int:
     rng = random.Random(args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="faxd-soak-", dir="/tmp"))
     faults = WS_FAULTS if args.faults == "ws" else ALL_FAULTS
@@ -402,7 +408,7 @@ async def soak(args: argparse.Namespace) -> int:
     print(f"429s outside storms {len(outside)} (all 429s: {len(requests_429)})")
     print()
     print(f"{'client':8} {'events':>7} {'missing':>8} {'dups':>5} {'gaps':>5} {'resumes':>8} {'slow cut':>9}")
-    ok = code == 0 and not outside
+    missing_total = duplicates = gaps = 0
     for c in clients:
         wrong = [(k, v, c.latest.get(k)) for k, v in truth.items() if c.latest.get(k) != v]
         missing = len(wrong)
@@ -410,15 +416,37 @@ async def soak(args: argparse.Namespace) -> int:
             print(f"  {c.name}: fax {k[0]} recipient {k[1]}: truth {v}, client saw {got}")
         row = (c.name, c.last_seq, missing, c.duplicates, c.gaps, c.reconnects, c.slow_cutoffs)
         print("{:8} {:7} {:8} {:5} {:5} {:8} {:9}".format(*row))
-        ok = ok and missing == 0 and c.duplicates == 0 and c.gaps == 0
+        missing_total += missing
+        duplicates += c.duplicates
+        gaps += c.gaps
+        columns = ("events", "missing", "dups", "gaps", "resumes")
+        report.figure(f"client_{c.name}", dict(zip(columns, row[1:6], strict=True)))
+    checked = f"{len(truth)} keys x {len(clients)} clients"
+    goal = "soak: every final status reaches every client"
+    report.target("missing", 8, goal, missing_total, "==", 0, f"{missing_total} missing ({checked})")
+    report.target(
+        "duplicates", 8, "soak: no transition delivered twice", duplicates, "==", 0, f"{duplicates}"
+    )
+    report.target("gaps", 8, "soak: no seq gap", gaps, "==", 0, f"{gaps}")
+    report.target("no_429", 8, "soak: no 429 outside the storms", len(outside), "==", 0, f"{len(outside)}")
+    report.target("clean_exit", 8, "soak: faxd exits 0 on SIGTERM", code, "==", 0, f"exit {code}")
     if args.faults == "ws":
-        ok = ok and up >= 0.99
-    print("\nRESULT", "PASS" if ok else "FAIL")
-    if ok and not args.keep:
+        shown = f"{up:.2%} of {len(samples)} samples"
+        report.target("ws_up", 4, "soak: WebSocket up >= 99 % of the time", up, ">=", 0.99, shown)
+    else:
+        report.figure("ws_up", up)
+    report.figure("faxes", created)
+    report.figure("faults", {f: fault_log.count(f) for f in faults})
+    report.figure("daemon_starts", daemon.starts)
+    report.figure("ws_disconnects", lost)
+    if noticed:
+        report.figure("blackhole_replaced_median_s", statistics.median(noticed))
+    code = report.finish(args.results)
+    if code == 0 and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         print(f"state and log kept in {workdir}")
-    return 0 if ok else 1
+    return code
 
 
 def main() -> int:
@@ -434,7 +462,11 @@ def main() -> int:
     parser.add_argument("--ping-timeout-min", type=float, help="websocket.ping_timeout_min (default: faxd's)")
     parser.add_argument("--ping-timeout", type=float, help="websocket.ping_timeout (default: faxd's)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    return asyncio.run(soak(parser.parse_args()))
+    add_options(parser, "--minutes 1 --faxes 100 --fault-every 10")
+    args = parser.parse_args()
+    apply_quick(args, minutes=1.0, faxes=100, fault_every=10.0)
+    report = Report.start("soak", parser, args, ignore=("keep",))
+    return asyncio.run(soak(args, report))
 
 
 if __name__ == "__main__":

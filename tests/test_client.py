@@ -7,6 +7,7 @@ import io
 import json
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -143,12 +144,35 @@ async def test_nobody_listening_is_exit_2(short_dir: Path) -> None:
     assert "faxd is not running (nothing listens on" in err.getvalue()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+#: Run as ``python -c WITHOUT_DAC_OVERRIDE ARGS...``: drop from the capability bounding set what lets root
+#: ignore file modes, then exec ``python ARGS...``. An exec grants root only what the bounding set holds,
+#: so the program runs as root (reading a checkout only root may read) but subject to file modes.
+WITHOUT_DAC_OVERRIDE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.prctl(24, cap, 0, 0, 0) != 0 and os.geteuid() == 0:  # PR_CAPBSET_DROP
+        sys.exit(f"cannot drop capability {cap}: {os.strerror(ctypes.get_errno())}")
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
 async def test_permission_denied_is_exit_2(h: Harness) -> None:
+    """``faxd status`` by someone the socket's mode keeps out: exit 2, "permission denied". Root ignores
+    file modes (CAP_DAC_OVERRIDE), and CI runs as root, so the command runs in a process without it."""
     os.chmod(h.path, 0o000)
-    err = io.StringIO()
-    assert await client.status(h.path, json_out=False, out=io.StringIO(), err=err) == 2
-    assert "permission denied" in err.getvalue()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WITHOUT_DAC_OVERRIDE,
+        *("-m", "faxd", "status", "--socket", h.path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 2, (out, err)
+    assert "permission denied" in err.decode(), err
 
 
 async def test_refused_by_the_server_is_exit_2(short_dir: Path) -> None:

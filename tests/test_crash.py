@@ -2,8 +2,11 @@
 transition exactly once.
 
 A subprocess daemon (``python -m faxd run -c FILE``) runs against the simulator, which lives in the
-test process and keeps changing faxes. The daemon is killed with SIGKILL at a random moment, 20 times,
-and restarted each time; a socket client follows each incarnation, resuming from the last seq it got.
+test process and keeps changing faxes. The daemon is killed with SIGKILL at a random moment, 20 times
+(every other one once that incarnation has started journalling), and restarted each time; a socket
+client follows each incarnation, resuming from the last seq it got. At least half the kills must
+have landed while journalling was under way (the journal grew in that incarnation, its newest row a
+moment before the kill).
 At the end the database passes ``PRAGMA integrity_check`` and the client's events hold every final
 status the simulator holds, with no (fax, recipient, kind, to_status) twice and no seq gap.
 """
@@ -17,14 +20,19 @@ import os
 import random
 import sqlite3
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from faxd.core.status import parse_time
 from faxd.sim import RecipientScript, SimConfig, Simulator
 
 KILLS = 20
+#: A kill this soon after the incarnation's newest commit landed while journalling was under way.
+UNDER_WAY = 1.5
 Key = tuple[str, int | None, str, str]
 LIMITS = {  # every start logs in afresh (Auth); keep the simulator from refusing that
     "Light": (100000, 60, 60),  # faxd keeps a 20 % reserve of what the server reports left
@@ -106,6 +114,37 @@ class Follower:
         return out
 
 
+@dataclass(frozen=True)
+class Kill:
+    """One SIGKILL: when, and the journal before that incarnation started and right after the kill."""
+
+    killed_at: float  # Unix time
+    rows_before: int
+    rows_at_kill: int
+    last_commit: float | None  # Unix time of the newest journal row (its observed_at)
+
+    def journalling(self, within: float) -> bool:
+        """This incarnation committed transitions, the newest less than ``within`` s before the kill."""
+        recent = self.last_commit is not None and self.killed_at - self.last_commit < within
+        return self.rows_at_kill > self.rows_before and recent
+
+
+def journal_rows(db_path: Path) -> int:
+    return journal_tail(db_path)[0]
+
+
+def journal_tail(db_path: Path) -> tuple[int, float | None]:
+    """Rows in the journal and when the newest was observed; (0, None) before the first start."""
+    if not db_path.exists():
+        return 0, None
+    db = sqlite3.connect(db_path)
+    try:
+        count, newest = db.execute("SELECT COUNT(*), MAX(observed_at) FROM journal").fetchone()
+    finally:
+        db.close()
+    return count, parse_time(newest)
+
+
 def truth(sim: Simulator) -> set[Key]:
     out: set[Key] = set()
     for m in sim.messages():
@@ -170,15 +209,29 @@ async def test_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(short
             )
             return proc, asyncio.create_task(follower.follow())
 
-        for _ in range(KILLS):
+        kills: list[Kill] = []
+        for n in range(KILLS):
+            rows_before = journal_rows(short_dir / "faxd.db")
             proc, follow = await start()
-            # The random moment of the kill: anywhere from start-up to steady state.
+            if n % 2:
+                # Steady state: a random moment once this incarnation has journalled something. How
+                # long start-up takes depends on the machine's load, so a kill timed from the spawn
+                # alone may land before any journalling, however long the test runs.
+                async with asyncio.timeout(30):
+                    while follower.last_seq <= rows_before:
+                        follower.changed.clear()
+                        await follower.changed.wait()
+                moment = rng.uniform(0.0, 0.5)
+            else:
+                moment = rng.uniform(0.3, 1.5)  # anywhere from start-up to steady state
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(rng.uniform(0.3, 1.5)):
+                async with asyncio.timeout(moment):
                     await proc.wait()
             assert proc.returncode is None, "the daemon exited on its own"
+            killed_at = time.time()
             proc.kill()
             await proc.wait()
+            kills.append(Kill(killed_at, rows_before, *journal_tail(short_dir / "faxd.db")))
             follow.cancel()  # it got EOF already, or is still waiting for a socket that will not come
             with contextlib.suppress(asyncio.CancelledError):
                 await follow
@@ -205,6 +258,13 @@ async def test_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(short
             async with asyncio.timeout(5):
                 await follow
 
+    # The kills must have hit a daemon that was journalling: it had committed in this incarnation and
+    # its newest commit was recent (faxes change every 0.05-0.3 s, so commits keep coming).
+    under_way = [k for k in kills if k.journalling(within=UNDER_WAY)]
+    assert len(under_way) >= KILLS // 2, [
+        (k.rows_at_kill - k.rows_before, k.last_commit and round(k.killed_at - k.last_commit, 3))
+        for k in kills
+    ]
     keys = follower.keys()
     assert len(keys) == len(set(keys)), "a transition was delivered twice"
     assert expected <= set(keys)

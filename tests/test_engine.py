@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,8 +32,7 @@ from faxd.config import Config
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind
 from faxd.core.status import parse_time
-from faxd.sim import RecipientScript, SimConfig, Simulator
-from faxd.sim.common import RecordedRequest
+from faxd.sim import RecipientScript, RecordedRequest, SimConfig, Simulator
 from faxd.sim.observe import ServedJson
 
 EXT = "200000001"
@@ -159,6 +159,23 @@ def truth_after(sim: Simulator, ids: Sequence[str]) -> set[Key]:
     return {(i, None, "status", "Sent") for i in ids} | {(i, 0, "recipient", "Sent") for i in ids}
 
 
+async def full_sync_follows_msg_333(sim: Simulator) -> None:
+    """Until the message-sync that follows the first MSG-333, which must be an FSync in the same
+    reconcile. Without that fallback the reconcile fails, and the next message-sync is its retry, an
+    ISync with the same stale token one backoff later: seconds, not a 20 s wait for events."""
+
+    def after_stale() -> list[RecordedRequest] | None:
+        syncs = sim.requests_to("/message-sync")
+        stale = next((i for i, r in enumerate(syncs) if r.status == 400), None)
+        return None if stale is None or len(syncs) <= stale + 1 else syncs[stale:]
+
+    async with asyncio.timeout(20):
+        await sim.wait_for(lambda: after_stale() is not None)
+    stale, following = after_stale() or []
+    assert "syncType=FSync" in following.raw_path, f"after MSG-333 came {following.raw_path}"
+    assert following.time - stale.time < 1.0, "the FSync came from a retry, not from the same reconcile"
+
+
 async def test_msg_333_runs_a_full_sync_and_repeats_nothing(
     sim: Simulator, make_config: Callable[..., Config]
 ) -> None:
@@ -170,11 +187,8 @@ async def test_msg_333_runs_a_full_sync_and_repeats_nothing(
         second = sim.create_outbound_fax(
             None, [RecipientScript("+16505550101", "SendingFailed", "LineBusy", after=0.3)]
         )
+        await full_sync_follows_msg_333(sim)
         await watcher.until({(second, 0, "recipient", "SendingFailed")})
-    stale = [r for r in sim.requests_to("/message-sync") if r.status == 400]
-    assert stale, "no MSG-333 seen"
-    after = [r for r in sim.requests_to("/message-sync") if r.time >= stale[0].time]
-    assert "syncType=FSync" in after[1].raw_path
     no_duplicates(watcher.events)
 
 
@@ -255,6 +269,83 @@ async def test_a_429_storm_pauses_the_group_then_converges(
     assert during == [], "requests were sent during the penalty"
     assert remaining is not None
     assert remaining > 0
+    no_duplicates(watcher.events)
+
+
+async def test_with_the_fax_state_lost_only_the_journal_keeps_each_transition_once(
+    make_config: Callable[..., Config],
+) -> None:
+    """The reconciler's memory and the stored fax rows and sync tokens are gone, the journal is not (a
+    state table restored from an older copy, say). The restart's FSync reads every fax as never seen,
+    the diff gives back transitions the journal already holds, and the store's dedup of (fax, recipient,
+    kind, to_status) is all that stands between them and a second event with a new seq."""
+    # Two starts log in and open a WebSocket twice: more Auth requests than faxd's share of 5 a minute.
+    limits = {**SimConfig().rate_limits, "Auth": (50, 60, 60)}
+    async with Simulator(SimConfig(seed=7, rate_limits=limits)) as sim:
+        await _lose_the_state_and_restart(sim, make_config(sim))
+
+
+async def _lose_the_state_and_restart(sim: Simulator, config: Config) -> None:
+    async with running(sim, config) as (watcher, _):
+        await ws_subscribed(sim)
+        ids = [
+            sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.1)]),
+            sim.create_outbound_fax(
+                None, [RecipientScript("+16505550101", "SendingFailed", "LineBusy", after=0.15)]
+            ),
+            sim.create_outbound_fax(
+                None,
+                [
+                    RecipientScript("+16505550102", "Sent", after=0.1, delivered_after=0.1),
+                    RecipientScript("+16505550103", "Sent", after=0.2),
+                ],
+            ),
+        ]
+        await sim.wait_for(lambda: sim.message(ids[2])["to"][0]["messageStatus"] == "Delivered")
+        await watcher.until(truth(sim, ids))
+        before = [key_of(e) for e in watcher.events]
+    with sqlite3.connect(config.store.path) as db:
+        lost = db.execute("SELECT count(*) FROM faxes").fetchone()[0]
+        db.execute("DELETE FROM recipients")
+        db.execute("DELETE FROM faxes")
+        db.execute("DELETE FROM sync_tokens")
+    assert lost == len(ids)
+    async with running(sim, config) as (watcher, _):
+        await ws_subscribed(sim)
+        # The marker is found by a reconcile that comes after the start-up FSync (or is that FSync),
+        # so once it arrives every repeat the FSync could have journalled has been published.
+        marker = sim.create_outbound_fax(None, [RecipientScript("+16505550104", "Sent", after=0.1)])
+        await watcher.until(truth_after(sim, [marker]))
+    assert [key_of(e) for e in watcher.events if e["fax_id"] != marker] == before
+    no_duplicates(watcher.events)
+
+
+async def test_a_429_holds_back_every_flow_of_the_group_not_only_the_one_refused(
+    make_config: Callable[..., Config],
+) -> None:
+    """Two extensions need Light requests during a 429 storm. The refused reconcile's own retry waits
+    out Retry-After anyway (its backoff); the other extension's reconcile comes next and must wait
+    for the group's penalty too, or it walks into the storm (at RingCentral, every request during a
+    penalty restarts it)."""
+    second = "200000002"
+    async with Simulator(SimConfig(seed=7, extensions=(EXT, second))) as sim:
+        config = make_config(sim, ringcentral={"extensions": ["~", second]})
+        async with running(sim, config) as (watcher, registry):
+            await ws_subscribed(sim)
+            await sim.wait_for(lambda: len(sim.requests_to("/message-sync")) >= 2)  # both started up
+            sim.rate_limit_storm("Light", 2.0)
+            ids = [
+                sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.2)]),
+                sim.create_outbound_fax(second, [RecipientScript("+16505550101", "Sent", after=0.2)]),
+            ]
+            await watcher.until(truth_after(sim, ids))
+            limited = registry.get_sample_value("faxd_rate_limited_total", {"group": "Light"})
+    refused = [r for r in sim.requests if r.group == "Light" and r.status == 429]
+    assert len(refused) == 1, [(r.path, round(r.time - refused[0].time, 2)) for r in refused]
+    assert limited == 1.0
+    t429 = refused[0].time
+    during = [r.path for r in sim.requests if r.group == "Light" and t429 < r.time < t429 + 2.0 - 0.05]
+    assert during == [], "requests were sent during the penalty"
     no_duplicates(watcher.events)
 
 
@@ -415,7 +506,8 @@ async def test_in_flight_faxes_are_tracked_across_a_restart(sim: Simulator, tmp_
     sim.stale_sync_tokens()  # even the token is lost: FSync, then the tracked fax by id
     async with engine(sim, db) as e:
         assert [f.fax_id for f in e.reconciler.in_flight()] == [fid]
-        await e.reconcile("startup")
+        e.queue.hint(EXT, "startup", immediate=True)
+        await full_sync_follows_msg_333(sim)
         await e.until({(fid, 0, "recipient", "SendingFailed")})
         assert all(x.seq > first[-1].seq for x in e.events)
         assert not {x.transition.dedup_key for x in e.events} & {x.transition.dedup_key for x in first}

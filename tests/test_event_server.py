@@ -382,9 +382,14 @@ BOUNDARY_ITERATIONS = 1000
 BOUNDARY_EVENTS = 30
 
 
-async def _publish_with_yields(backend: MemoryBackend, rng: random.Random) -> None:
-    """Commit, maybe yield (a subscriber may register between COMMIT and publish), then publish."""
+async def _publish_with_yields(
+    backend: MemoryBackend, rng: random.Random, joins: dict[int, list[asyncio.Event]]
+) -> None:
+    """Commit, maybe yield (a subscriber may register between COMMIT and publish), then publish; before
+    event ``i``, let the subscribers waiting in ``joins[i]`` go."""
     for i in range(BOUNDARY_EVENTS):
+        for join in joins.get(i, []):
+            join.set()
         events = backend.commit([transition(f"p{i}", "Queued")], publish=False)
         if rng.random() < 0.5:
             await asyncio.sleep(0)
@@ -393,34 +398,89 @@ async def _publish_with_yields(backend: MemoryBackend, rng: random.Random) -> No
             await asyncio.sleep(0)
 
 
+async def _subscribe_when(
+    client: SocketClient, join: asyncio.Event, cursor: Callable[[], int | None]
+) -> tuple[int, list[int], int]:
+    """Subscribe once ``join`` is set, from ``cursor()`` (None: live only); read up to ``caught_up``.
+
+    Returns where the stream starts (the cursor, or caught_up's seq for live only), the seqs received
+    before caught_up, and caught_up's seq.
+    """
+    await join.wait()
+    after = cursor()
+    request: dict[str, Any] = {"type": "subscribe", "epoch": EPOCH}
+    if after is not None:
+        request["after_seq"] = after
+    await client.send(request)
+    seqs: list[int] = []
+    while True:
+        message = await client.recv()
+        if message["type"] == "caught_up":
+            caught_up = int(message["seq"])
+            return (caught_up if after is None else after), seqs, caught_up
+        assert message["type"] == "event", message
+        seqs.append(message["seq"])
+
+
 async def test_no_gap_no_duplicate_at_the_replay_live_boundary(
     short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Events committed while the replay runs arrive exactly once, in seq order, across 1,000 runs.
+    """Events committed while a subscriber joins arrive exactly once, in seq order, across 1,000 runs.
 
-    Each iteration has its own server and journal (seeded at random, possibly empty) and a subscriber
-    resuming from a random cursor while a publisher commits 30 events, yielding at random points,
-    including between COMMIT and publish.
+    Each iteration has its own server and journal (seeded at random, possibly empty) and two subscribers
+    that join at random points while a publisher commits 30 events, yielding at random points, including
+    between COMMIT and publish: one resumes from a random cursor (old, or the head at that moment), the
+    other subscribes live only. A subscriber registered only once its replay is done misses what is
+    published in between: the live-only one whenever its writer runs after a publish, the resuming one
+    whenever the writer's last flush yields, which is what ``drain()`` does when the transport is at
+    its high-water mark (a client reading slowly). On loopback it never is, so ``drain()`` here yields
+    at random first. A marker event published after everyone is caught up ends every stream, so a gap
+    is an assertion at once, not a timeout.
     """
     monkeypatch.setattr(es, "REPLAY_CHUNK", 3)  # several awaits inside the replay
+    drain_rng = random.Random()
+    real_drain = asyncio.StreamWriter.drain
+
+    async def drain_that_may_yield(writer: asyncio.StreamWriter) -> None:
+        if drain_rng.random() < 0.5:
+            await asyncio.sleep(0)
+        await real_drain(writer)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "drain", drain_that_may_yield)
+    live_only_joined_mid_stream = resumed_mid_stream = 0
     for iteration in range(BOUNDARY_ITERATIONS):
         rng = random.Random(iteration)
+        drain_rng.seed(iteration)
         h = await start_harness(short_dir)
         try:
             backend = h.backend
             seed(backend, rng.randrange(0, 20))
             start = backend.head_seq()
-            after = rng.randrange(0, start + 1)
-
-            client = await h.connect()
+            end = start + BOUNDARY_EVENTS
+            old_cursor = rng.randrange(0, start + 1)
+            at_head = rng.random() < 0.5
+            joins: dict[int, list[asyncio.Event]] = {}
+            resume_join, live_join = asyncio.Event(), asyncio.Event()
+            for join in (resume_join, live_join):
+                joins.setdefault(rng.randrange(0, BOUNDARY_EVENTS), []).append(join)
+            resuming, live_only = await h.connect(), await h.connect()
+            resume_from: Callable[[], int | None] = backend.head_seq if at_head else (lambda c=old_cursor: c)
             async with asyncio.TaskGroup() as tg:
-                await client.send({"type": "subscribe", "after_seq": after, "epoch": EPOCH})
-                tg.create_task(_publish_with_yields(backend, rng))
-                events = await client.events_until(start + BOUNDARY_EVENTS)
-            seqs = [e["seq"] for e in events]
-            assert seqs == list(range(after + 1, start + BOUNDARY_EVENTS + 1)), f"iteration {iteration}"
+                tg.create_task(_publish_with_yields(backend, rng, joins))
+                resumed = tg.create_task(_subscribe_when(resuming, resume_join, resume_from))
+                live = tg.create_task(_subscribe_when(live_only, live_join, lambda: None))
+            backend.commit([transition("marker", "Sent")])  # seq end + 1, after both are caught up
+            for client, task, name in ((resuming, resumed, "resuming"), (live_only, live, "live only")):
+                first, seqs, _ = task.result()
+                seqs += [e["seq"] for e in await client.events_until(end + 1)]
+                assert seqs == list(range(first + 1, end + 2)), f"iteration {iteration}, {name}"
+            live_only_joined_mid_stream += live.result()[2] < end
+            resumed_mid_stream += resumed.result()[2] < end
         finally:
             await h.close()
+    # The boundary was crossed while events were flowing, not only after the publisher had finished.
+    assert live_only_joined_mid_stream > BOUNDARY_ITERATIONS // 4
+    assert resumed_mid_stream > BOUNDARY_ITERATIONS // 4
 
 
 async def test_cursor_expired_keeps_the_connection(harness: Harness) -> None:
@@ -657,6 +717,9 @@ async def test_slow_consumer_is_cut_off_with_its_resume_point(short_dir: Path) -
             if message["type"] != "event":
                 break
             seqs.append(message["seq"])
+            # Publishing is over: a client never cut off has every event queued for it. Fail at the
+            # last one rather than wait for a line that will never come.
+            assert seqs[-1] < 4000, "the slow client was sent every event: never cut off"
         assert message["type"] == "error"
         assert message["code"] == "slow_consumer"
         assert seqs == list(range(1, len(seqs) + 1))

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -25,10 +24,10 @@ from faxd.adapters.metrics import (
     ws_disconnect_reason,
 )
 from faxd.sim import Simulator
+from tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "contrib" / "prometheus"
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")
 
 # Every family faxd exports (docs/operations.md §5).
 FAMILIES = {
@@ -121,8 +120,8 @@ def aiohttp_free_port() -> int:
     return free_port()
 
 
-@needs_promtool
 async def test_a_real_scrape_passes_promtool(sim: Simulator, short_dir: Path) -> None:
+    require_tool("promtool")
     port = free_port()
     config = write_config(short_dir, sim, metrics={"listen": f"127.0.0.1:{port}"})
     notify = NotifySocket(short_dir / "notify")
@@ -163,8 +162,8 @@ async def test_a_real_scrape_passes_promtool(sim: Simulator, short_dir: Path) ->
     assert samples[("faxd_last_sync_timestamp_seconds", ())] > 0
 
 
-@needs_promtool
 def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
+    require_tool("promtool")
     check = subprocess.run(
         ["promtool", "check", "rules", "faxd-rules.yml"],
         cwd=RULES,

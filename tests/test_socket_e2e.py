@@ -10,7 +10,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from faxd.config import DEFAULT_EVENT_SOCKET
 from faxd.core.model import FINAL_STATUSES, Event
 from faxd.sim import SimConfig, Simulator
 from faxd.sim.store import TINY_PDF
+from tools import require_tool
 
 TIMEOUT = 30
 
@@ -317,8 +317,8 @@ async def test_the_python_client_of_the_docs_works_and_resumes(short_dir: Path) 
     assert (short_dir / "faxd.cursor").read_text() == f"{EPOCH} 4"
 
 
-@pytest.mark.skipif(not (shutil.which("socat") and shutil.which("jq")), reason="needs socat and jq")
 async def test_the_socat_jq_one_liner_of_the_docs_works(short_dir: Path) -> None:
+    require_tool("socat", "jq")
     line = doc_block("sh", "With `socat` and `jq`").strip()
     assert "\n" not in line, "a one-liner"
     h = await start_harness(short_dir)

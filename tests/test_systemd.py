@@ -30,6 +30,7 @@ from faxd.adapters.store import Store
 from faxd.config import DEFAULT_EVENT_SOCKET, EventsConfig
 from faxd.daemon import DRAIN_DEADLINE
 from faxd.sim import RecipientScript, Simulator
+from tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "faxd.service"
@@ -116,8 +117,8 @@ async def test_notify_sequence_of_a_real_daemon(sim: Simulator, short_dir: Path)
 # ---------------------------------------------------------------------------------------- socket activation
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
 async def test_socket_activation_serves_the_inherited_socket(sim: Simulator, short_dir: Path) -> None:
+    require_tool("systemd-socket-activate")
     config = write_config(short_dir, sim, events={"socket": "configured.sock"})
     listen = short_dir / "activated.sock"
     argv = [
@@ -219,8 +220,8 @@ def test_unit_has_the_required_settings() -> None:
     assert "WatchdogSec" in s
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_unit_verifies_clean_and_scores_at_most_2(tmp_path: Path) -> None:
+    require_tool("systemd-analyze")
     units = _unit_copy(tmp_path)
     verify = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", "--recursive-errors=no", *map(str, units)],
@@ -287,12 +288,9 @@ def test_check_config_looks_for_credentials_where_the_unit_loads_them() -> None:
         assert credentials.unit_files(name)[0] == credentials.CredentialFile("LoadCredentialEncrypted", path)
 
 
-@pytest.mark.skipif(
-    not (shutil.which("systemd-sysusers") and shutil.which("systemd-tmpfiles")),
-    reason="needs systemd-sysusers and systemd-tmpfiles",
-)
 def test_tmpfiles_and_sysusers_prepare_the_socket_directory(tmp_path: Path) -> None:
     """What boot does, into a scratch root: the group, then /run/faxd as root:faxd-clients 3770."""
+    require_tool("systemd-sysusers", "systemd-tmpfiles")
     (tmp_path / "etc").mkdir()
     for name in ("passwd", "group"):
         shutil.copy(f"/etc/{name}", tmp_path / "etc" / name)

@@ -9,7 +9,9 @@
 
 Each is built in a temporary directory and renamed into place when complete, under a file
 lock, so a broken or concurrent install never leaves a half-filled cache. A failed install
-(registry unreachable, timeout) FAILS the test with the installer's output: never a skip.
+(registry unreachable, timeout) FAILS the test with the installer's output: never a skip. Only node
+or npm missing from PATH skips the JS clients' tests (tests/tools.py: a failure under
+``FAXD_REQUIRE_TOOLS=1``, as in CI).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tools import require_tool
 
 PY_SDK = "ringcentral==0.9.2"
 NPM_PACKAGES = {
@@ -124,8 +128,11 @@ def python_sdk() -> Path:
 
 def npm_packages() -> Path:
     """A directory whose ``node_modules`` holds the official JS clients (installed on first use)."""
+    require_tool("node")  # every JS client test runs its client with it
     root = cache_dir()
     final = root / "npm"
+    if not (final / _DONE).exists():
+        require_tool("npm")
     build = root / f"npm.build-{os.getpid()}"
     specs = [f"{name}@{version}" for name, version in NPM_PACKAGES.items()]
     package = {"name": "faxd-fidelity-clients", "private": True, "type": "module"}

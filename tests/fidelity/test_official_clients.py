@@ -3,7 +3,8 @@
 Each client runs as a real subprocess talking to an in-process :class:`Simulator` over
 loopback; the test awaits the JSON lines the client prints and checks both what the client
 saw and what the simulator recorded. The clients are installed once into a cache dir
-(tests/fidelity/installs.py); an install failure fails these tests, it never skips them.
+(tests/fidelity/installs.py); an install failure fails these tests, it never skips them. Without node
+(or npm, before the first install) on PATH the JS clients' tests skip, or fail under FAXD_REQUIRE_TOOLS=1.
 """
 
 from __future__ import annotations
