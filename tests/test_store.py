@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -358,3 +360,39 @@ def test_restore_as_root_keeps_the_stores_owner(tmp_path: Path) -> None:
     restore(tmp_path / "b.db", tmp_path / "new" / "faxd.db")
     st = (tmp_path / "new" / "faxd.db").stat()
     assert (st.st_uid, st.st_gid) == (4244, 4345)
+
+
+def test_integrity_is_checked_after_an_unclean_stop_only(tmp_path: Path) -> None:
+    """A clean close removes the -wal file, so the next open skips the (slow) quick_check; a process
+    killed with the store open leaves its -wal behind, and the next open checks."""
+    path = tmp_path / "db"
+    first = Store(path)
+    first.open()
+    first.commit([fax("Queued")], [], observed_at="2026-01-01T00:00:00Z")
+    first.close()
+    again = Store(path)
+    again.open()
+    assert not again.checked
+    again.close()
+
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\n"
+            "from faxd.adapters.store import Store\n"
+            "from faxd.core.model import FaxState\n"
+            "s = Store(sys.argv[1]); s.open()\n"
+            "s.commit([FaxState('2', '200', 'Outbound', 'Queued')], [], observed_at='2026-01-01T00:00:00Z')\n"
+            "os._exit(0)  # no close: as kill -9 would leave it\n",
+            str(path),
+        ],
+        check=False,
+    )
+    assert killed.returncode == 0
+    assert (tmp_path / "db-wal").stat().st_size > 0
+    after = Store(path)
+    after.open()
+    assert after.checked
+    assert set(after.load_faxes()) == {"1", "2"}
+    after.close()

@@ -134,6 +134,8 @@ class Store:
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
         self.epoch = ""
+        #: Whether :meth:`open` ran ``PRAGMA quick_check`` (only after an unclean stop).
+        self.checked = False
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -142,7 +144,20 @@ class Store:
         return self._db
 
     def open(self) -> None:
-        """Open (creating if needed), check integrity, migrate, and read the epoch."""
+        """Open (creating if needed), check integrity, migrate, and read the epoch.
+
+        The integrity check (``PRAGMA quick_check``, which reads the whole file: seconds for a big
+        store that is not in the page cache) runs only when the last stop was not clean. SQLite deletes
+        the ``-wal`` file when the last connection closes; a ``-wal`` with content at open means a
+        process was killed (or is still running: then the check is merely redundant).
+        """
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            unclean = wal.stat().st_size > 0
+        except FileNotFoundError:
+            unclean = False
+        except OSError as exc:
+            raise StoreError(f"cannot open {self.path}: {exc.strerror}") from exc
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             _make_private(self.path)
@@ -158,9 +173,11 @@ class Store:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=5000")
-            (result,) = db.execute("PRAGMA quick_check").fetchone()
-            if result != "ok":
-                raise StoreError(f"{self.path} failed its integrity check: {result}")
+            self.checked = unclean
+            if unclean:
+                (result,) = db.execute("PRAGMA quick_check").fetchone()
+                if result != "ok":
+                    raise StoreError(f"{self.path} failed its integrity check: {result}")
             self._migrate()
             row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             if row is None:
