@@ -223,7 +223,8 @@ class Reconciler:
             if extension_id not in self._not_found:
                 # Once per episode: it is retried every missing_extension_retry until it is back.
                 log.error(
-                    "RingCentral does not know this extension (deleted, or mistyped in"
+                    "reconcile.extension_not_found",
+                    detail="RingCentral does not know this extension (deleted, or mistyped in"
                     " ringcentral.extensions); its faxes are not tracked until it is back",
                     extension=extension_id,
                     code=exc.code,
@@ -234,10 +235,10 @@ class Reconciler:
             raise
         except ApiError as exc:
             self.metrics.reconciles.labels(trigger, "error").inc()
-            log.warning("reconcile failed", extension=extension_id, code=exc.code, status=exc.status)
+            log.warning("reconcile.failed", extension=extension_id, code=exc.code, status=exc.status)
             raise
         if extension_id in self._not_found:
-            log.info("extension found again", extension=extension_id)
+            log.info("reconcile.extension_found", extension=extension_id)
             self._not_found.discard(extension_id)
             self.metrics.extensions_not_found.set(len(self._not_found))
         self.metrics.reconciles.labels(trigger, "ok").inc()
@@ -262,7 +263,12 @@ class Reconciler:
                 self.metrics.sync_token_resets.labels(code).inc()
                 # MSG-333 is RingCentral's routine "full sync required"; anything else is worth a look.
                 level = log.info if exc.code == "MSG-333" else log.warning
-                level("sync token refused, running a full sync", extension=extension_id, code=exc.code)
+                level(
+                    "reconcile.sync_token_refused",
+                    detail="running a full sync",
+                    extension=extension_id,
+                    code=exc.code,
+                )
                 self.store.commit([], [], observed_at=_iso(self.wall()), sync_tokens={extension_id: None})
         try:
             result = await self._full_sync(extension_id)
@@ -271,7 +277,8 @@ class Reconciler:
         except ApiError as exc:
             if extension_id not in self._fsync_failing:
                 log.warning(
-                    "full sync failed; retried with backoff",
+                    "reconcile.full_sync_failed",
+                    detail="retried with backoff",
                     extension=extension_id,
                     code=exc.code,
                     status=exc.status,
@@ -280,7 +287,7 @@ class Reconciler:
                 self.metrics.full_sync_failing.set(len(self._fsync_failing))
             raise
         if extension_id in self._fsync_failing:
-            log.info("full sync works again", extension=extension_id)
+            log.info("reconcile.full_sync_recovered", extension=extension_id)
             self._fsync_failing.discard(extension_id)
             self.metrics.full_sync_failing.set(len(self._fsync_failing))
         return result, True
@@ -294,10 +301,16 @@ class Reconciler:
             if not result.older_records_exist or count >= self.settings.fsync_max_record_count:
                 break
             count = min(self.settings.fsync_max_record_count, count * 4)
-            log.info("full sync frame too small, widening", extension=extension_id, record_count=count)
+            log.info(
+                "reconcile.full_sync_widened",
+                detail="olderRecordsExist: asking again with a larger recordCount",
+                extension=extension_id,
+                record_count=count,
+            )
         if result.older_records_exist:
             log.warning(
-                "full sync left older faxes out; tracked ones are read by id",
+                "reconcile.full_sync_truncated",
+                detail="older faxes left out; the tracked ones are read by id",
                 extension=extension_id,
                 record_count=count,
             )
@@ -310,7 +323,7 @@ class Reconciler:
             new = apply_record(old, record, extension_id=extension_id)
         except RecordError as exc:
             self.metrics.api_bad_bodies.labels("message-record").inc()
-            log.warning("ignored a malformed message record", reason=str(exc))
+            log.warning("reconcile.bad_record", detail="malformed message record ignored", reason=str(exc))
             return
         if new is None:
             return
@@ -323,7 +336,7 @@ class Reconciler:
                 EventKind.STATUS,
                 EventKind.RECIPIENT,
             ):
-                log.warning("unexpected status move", fax_id=t.fax_id, frm=t.from_status, to=t.to_status)
+                log.warning("reconcile.unexpected_move", fax_id=t.fax_id, frm=t.from_status, to=t.to_status)
             batch.journal.append(Journalled(t, how))
 
     def _commit(self, batch: _Batch, *, sync_tokens: dict[str, str | None] | None = None) -> list[Event]:
@@ -369,7 +382,7 @@ class Reconciler:
         events += self._commit(checked)
         self.tracker.mark_stalled(j.transition for j in checked.journal)
         if events:
-            log.info("reconciled", extension=extension_id, source=source.value, events=len(events))
+            log.info("reconcile.done", extension=extension_id, source=source.value, events=len(events))
         if failed:
             raise BulkIncomplete(0, "bulk_incomplete", f"{len(failed)} of the in-flight faxes not read")
 
@@ -413,7 +426,7 @@ class Reconciler:
             kept = self.store.faxes_by_id(list(self.faxes))
             self.tracker.forget([f for f in self.faxes if f not in kept])
         if rows or gone:
-            log.info("journal pruned", rows=rows, faxes=gone, oldest_seq=self.store.oldest_seq())
+            log.info("journal.pruned", rows=rows, faxes=gone, oldest_seq=self.store.oldest_seq())
         self._update_gauges()
         return rows, gone
 
@@ -558,7 +571,7 @@ class ReconcileQueue:
             finally:
                 delay = self.queue.done(key, self._now(), ok=ok, at_least=at_least)
                 if delay is not None:
-                    log.info("reconcile will be retried", extension=key, delay=round(delay, 2))
+                    log.info("reconcile.retry_scheduled", extension=key, delay=round(delay, 2))
                 self.metrics.queue_depth.set(self.queue.depth)
 
     async def drain(self) -> None:
