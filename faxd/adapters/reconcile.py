@@ -31,16 +31,22 @@ Three parts, all thin around the core:
      and ``settled`` events (the ``Sent`` settle rule,
      :func:`faxd.core.status.settled`), committed with step 2's states.
 
-  Memory holds only the faxes that can still produce an event: in flight, or waiting to settle
-  (:attr:`Reconciler.faxes`, indexed per extension). Every other fax lives only in the store: a
-  record that message-sync returns for such a fax is diffed against its stored state, read by id
-  (one batched query per reconcile) before the diff, so nothing is repeated or lost; ``status``,
-  ``history`` and ``by_ref`` read it by primary key (or the UNIQUE ``ref``) on demand.
+  Memory holds only the faxes that can still produce an event: in flight, or waiting to settle. That
+  bookkeeping (the held faxes, their per-extension indexes, settle waits, stall marks) and the rules
+  of step 3 are :class:`faxd.core.tracking.Tracker`, pure and told only what the store committed;
+  the Reconciler does the I/O around it (REST, store, metrics, publishing). Every other fax lives only
+  in the store: a record that message-sync returns for such a fax is diffed against its stored state,
+  read by id (one batched query per reconcile) before the diff, so nothing is repeated or lost;
+  ``status``, ``history`` and ``by_ref`` read it by primary key (or the UNIQUE ``ref``) on demand.
 
 * :class:`ReconcileQueue` drives a :class:`faxd.core.debounce.KeyedQueue` on the event loop's clock.
 * :func:`poll_forever` asks for a reconcile of every extension every ``poll_interval``, of those with
   faxes in flight every ``active_poll_interval``, of those with a ``Sent`` due to settle when it is
-  due, and prunes the journal (``retention_days``) at start and every ``prune_interval``.
+  due, and prunes the journal (``retention_days``) at start and every ``prune_interval``. When is
+  :class:`faxd.core.polls.ReconcileTimers`; it only drives that on the loop's clock.
+
+Log events are named ``area.what`` (``reconcile.failed``, ``journal.pruned``); any human sentence is
+in the ``detail`` field.
 
 This module must not parse WebSocket frames or talk to socket clients; it gets keys and gives events.
 """
