@@ -181,6 +181,12 @@ class RingCentral:
         #: (method, endpoint) -> the group RingCentral's X-Rate-Limit-Group last named for it.
         self._server_groups: dict[tuple[str, str], str] = {}
 
+    def set_rate_share(self, share: float) -> None:
+        """Spend at most ``share`` of each rate-limit group's window from now on (a reload)."""
+        if not 0 < share <= 1:
+            raise ValueError("share must be in (0, 1]")
+        self.budget.share = share
+
     # ------------------------------------------------------------------ auth
 
     async def login(self) -> None:
