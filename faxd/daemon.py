@@ -195,7 +195,7 @@ class Route:
         except proxy.ProxyError as exc:
             raise FatalError(f"proxy: {exc}", EX_CONFIG) from None
         if rest_proxy is not None:
-            log.info("RingCentral through a proxy", proxy=rest_proxy.url, origin=proxies.origin)
+            log.info("api.via_proxy", proxy=rest_proxy.url, origin=proxies.origin)
         return cls(proxies, rest_proxy, ssl_context(rc_cfg.ca_file))
 
 
@@ -364,7 +364,7 @@ class Upstream:
         """Log in, then keep the WebSocket session and the poller running until cancelled."""
         await self._login()
         self.extensions = self._resolve(self._config.ringcentral.extensions)
-        log.info("logged in to RingCentral", extensions=len(self.extensions))
+        log.info("upstream.logged_in", extensions=len(self.extensions))
         self.connected.set()
         for key in self.extensions:
             self._queue.hint(key, "startup", immediate=True)
@@ -404,7 +404,7 @@ class Upstream:
                 delay = max(next(delays), getattr(exc, "retry_after", 0.0) or 0.0)
                 self._status.set_problem(f"cannot reach RingCentral ({exc.code}), retrying")
                 self._status.refresh()
-                log.warning("login failed, retrying", code=exc.code, status=exc.status, delay=round(delay, 1))
+                log.warning("auth.login_failed", code=exc.code, status=exc.status, retry_in=round(delay, 1))
                 await asyncio.sleep(delay)
 
     def _resolve(self, wanted: Sequence[str]) -> tuple[str, ...]:
@@ -417,7 +417,7 @@ class Upstream:
 
     def _on_hint(self, hint: Hint) -> None:
         if hint.extension_id in self.extensions:
-            log.debug("ws hint queued", extension=hint.extension_id)
+            log.debug("ws.hint_queued", extension=hint.extension_id)
             self._queue.hint(hint.extension_id, "push")
         else:
             self._metrics.ws_bad_frames.labels("foreign_extension").inc()
@@ -490,17 +490,18 @@ class Reloader:
 
     async def _reload(self) -> None:
         if self._path is None:
-            log.warning("reload requested, but faxd was not started from a config file")
+            log.warning("reload.no_config_file", detail="faxd was not started from a config file")
             return
-        log.info("reloading configuration", path=self._path)
+        log.info("reload.started", path=self._path)
         try:
             new = await asyncio.to_thread(load_config, self._path)
         except ConfigError as exc:
             self._metrics.reloads.labels("error").inc()
             log.error(
-                "reload failed; the running configuration stays in effect",
+                "reload.failed",
                 path=self._path,
                 problems=exc.problems,
+                detail="the running configuration stays in effect",
             )
             return
         await self.apply(new)
@@ -510,13 +511,14 @@ class Reloader:
         old, self.config = self.config, effective
         if restart:
             log.warning(
-                "changed settings need a restart (systemctl restart faxd); the old values stay in effect",
+                "reload.restart_needed",
                 keys=restart,
+                detail="the old values stay in effect until systemctl restart faxd",
             )
         for part in self._parts:
             await part.apply(old, effective)
         self._metrics.reloads.labels("ok").inc()
-        log.info("configuration reloaded", applied=applied, restart_needed=restart)
+        log.info("reload.applied", applied=applied, restart_needed=restart)
 
 
 # -- the event socket's view of the daemon --------------------------------------------------------------
@@ -614,7 +616,7 @@ def _adopt_sockets(stack: AsyncExitStack) -> dict[str, socket.socket]:
     for name, sock in inherited.items():
         stack.callback(sock.close)
         if name != "events":
-            log.warning("ignoring an inherited socket with an unknown name", name=name)
+            log.warning("daemon.unknown_socket_ignored", name=name)
     return inherited
 
 
@@ -655,7 +657,7 @@ async def _open_event_server(
 ) -> EventServer:
     server = EventServer(_event_server_settings(ev), backend, metrics, server_name=f"faxd/{__version__}")
     if activated is not None:
-        log.info("event socket passed by systemd (socket activation)", path=ev.socket)
+        log.info("socket.activated", path=ev.socket, detail="passed by systemd")
         activated.setblocking(False)
     try:
         await server.start(sock=activated)
@@ -679,7 +681,7 @@ async def _serve_metrics(
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, host, port)
     await site.start()
-    log.info("metrics listening", listen=config.listen)
+    log.info("metrics.listening", listen=config.listen)
 
 
 # -- running ---------------------------------------------------------------------------------------------
@@ -711,7 +713,7 @@ async def run(
             config, config_path, registry or CollectorRegistry(), stop, reload, notifier, on_ready
         )
     except FatalError as exc:
-        log.error("faxd cannot run", reason=str(exc))
+        log.error("daemon.cannot_run", reason=str(exc))
         notifier.send(f"STATUS=failed: {exc}", f"EXIT_STATUS={exc.exit_code}")
         return exc.exit_code
     finally:
@@ -748,7 +750,9 @@ async def _run(
         await _serve_metrics(stack, config.metrics, registry, status.ready)
 
         notifier.ready(status.line())
-        log.info("faxd started", socket=config.events.socket, store=str(config.store.path), epoch=store.epoch)
+        log.info(
+            "daemon.started", socket=config.events.socket, store=str(config.store.path), epoch=store.epoch
+        )
         if on_ready is not None and (result := on_ready()) is not None:
             await result
 
@@ -774,12 +778,12 @@ async def _watchdog(notifier: Notifier, metrics: Metrics, status: Status) -> NoR
 async def _drain(queue: ReconcileQueue, status: Status) -> None:
     """STOPPING=1, then let the queue finish what it already knows, within the deadline."""
     status.stopping()
-    log.info("stopping: draining the reconcile queue", deadline=DRAIN_DEADLINE)
+    log.info("daemon.stopping", deadline=DRAIN_DEADLINE, detail="draining the reconcile queue")
     try:
         async with asyncio.timeout(DRAIN_DEADLINE):
             await queue.drain()
     except TimeoutError:
-        log.warning("drain deadline passed; pending work will be redone at start-up")
+        log.warning("daemon.drain_timeout", detail="pending work will be redone at start-up")
 
 
 async def _supervise(
@@ -818,8 +822,8 @@ async def _supervise(
     if fatal:
         raise fatal[0]
     for error in crashed:
-        log.error("faxd crashed", error=repr(error), exc_info=error)
+        log.error("daemon.crashed", error=repr(error), exc_info=error)
     if crashed:
         return 1
-    log.info("faxd stopped", uptime_s=round(time.monotonic() - started, 1))
+    log.info("daemon.stopped", uptime_s=round(time.monotonic() - started, 1))
     return 0

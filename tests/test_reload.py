@@ -55,7 +55,7 @@ async def test_sighup_applies_log_level_and_extensions(sim: Simulator, short_dir
             reloading = await notify.wait_for(lambda m: "RELOADING=1" in m)
             assert "MONOTONIC_USEC=" in reloading
             await notify.wait_for(lambda m: m.startswith("READY=1"))
-            done = await faxd.wait_event("configuration reloaded", start)
+            done = await faxd.wait_event("reload.applied", start)
             assert set(done["applied"]) == {"ringcentral.extensions", "logging.level"}
             assert done["restart_needed"] == []
             (put,) = sim.requests_to("/subscription/{subscriptionId}", "PUT")
@@ -64,7 +64,7 @@ async def test_sighup_applies_log_level_and_extensions(sim: Simulator, short_dir
             # The new extension's notifications now arrive, and debug lines are written.
             after = len(faxd.lines)
             sim.create_outbound_fax(SECOND_EXT, [RecipientScript("+16505550111", after=0.1)])
-            hint = await faxd.wait_event("ws hint queued", after)
+            hint = await faxd.wait_event("ws.hint_queued", after)
             assert hint["level"] == "debug"
             assert hint["extension"] == SECOND_EXT
             assert await faxd.stop() == 0
@@ -80,13 +80,13 @@ async def test_bad_config_on_reload_keeps_the_old_one_and_restart_keys_are_named
     try:
         async with asyncio.timeout(30), daemon(config, env={"NOTIFY_SOCKET": str(notify.path)}) as faxd:
             await notify.wait_for(lambda m: m.startswith("READY=1"))
-            await faxd.wait_event("logged in to RingCentral")
+            await faxd.wait_event("upstream.logged_in")
 
             good = config.read_text()
             edit(config, reconcile={"debounce": "fast"}, bogus={"x": 1})
             start = len(faxd.lines)
             faxd.signal(signal.SIGHUP)
-            failed = await faxd.wait_event("reload failed; the running configuration stays in effect", start)
+            failed = await faxd.wait_event("reload.failed", start)
             assert failed["level"] == "error"
             assert any("reconcile.debounce" in p for p in failed["problems"])
             assert any("bogus" in p for p in failed["problems"])
@@ -96,7 +96,7 @@ async def test_bad_config_on_reload_keeps_the_old_one_and_restart_keys_are_named
             edit(config, store={"path": "other.db"}, metrics={"listen": "127.0.0.1:1"})
             start = len(faxd.lines)
             faxd.signal(signal.SIGHUP)
-            warned = await faxd.wait_line(lambda line: "need a restart" in str(line.get("event")), start)
+            warned = await faxd.wait_event("reload.restart_needed", start)
             assert set(warned["keys"]) == {"store.path", "metrics.listen"}
             await notify.wait_for(lambda m: m.startswith("READY=1"))
             assert not (short_dir / "other.db").exists()
