@@ -292,7 +292,7 @@ class Status:
             self._notifier.status(self.line())
 
     def stopping(self) -> None:
-        """STOPPING=1; STATUS= stays as that says from now on."""
+        """STOPPING=1 with its own STATUS=, which no later refresh replaces."""
         self._stopping = True
         self._notifier.stopping()
 
