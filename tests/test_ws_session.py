@@ -205,6 +205,25 @@ async def test_recovery_window_passed_means_fresh_connect() -> None:
         assert statuses == [200, 429, 200]  # Retry-After was waited out, not hammered
 
 
+async def test_after_a_fresh_connect_the_next_recovery_presents_the_new_sessions_wsc() -> None:
+    config = SimConfig(seed=3, recovery_timeout=5, default_delay=(1000.0, 1000.0))
+    async with harness(config) as h:
+        await h.resync()
+        h.sim.rate_limit_storm("Auth", 20)  # the window passes: the reconnect is a fresh session
+        await h.dropped()
+        await h.resync()
+        assert "wsc=" not in h.connects()[-1]
+        await h.until(h.up)
+        await h.dropped()
+        await h.until(lambda: len(h.connects()) == 3 and h.up())
+        assert "wsc=" in h.connects()[-1]
+        # The new session (sequence 1 again) was recovered, not the dead one it replaced.
+        assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
+        assert h.sample("faxd_ws_recoveries_total", result="failed") == 0
+        assert h.subscribes() == [200, 200]
+        assert h.resyncs.empty()
+
+
 async def test_refused_resubscribe_is_retried_not_fatal() -> None:
     async with harness() as h:
         await h.resync()

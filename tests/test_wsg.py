@@ -300,18 +300,18 @@ A1, A2, B5 = Wsc("a", 1), Wsc("a", 2), Wsc("b", 5)
 
 
 @pytest.mark.parametrize(
-    ("stored", "incoming", "recovery", "kept"),
+    ("stored", "incoming", "from_details", "kept"),
     [
         (None, A1, False, A1),  # nothing stored
         (A1, None, False, A1),  # frame without wsc
         (A1, A2, False, A2),  # higher sequence
         (A2, A1, False, A2),  # older sequence ignored
-        (B5, A1, True, A1),  # ConnectionDetails with recoveryState: a new context wins
-        (B5, A1, False, B5),
+        (B5, A1, True, A1),  # ConnectionDetails (fresh or recovered): the new context wins
+        (B5, A1, False, B5),  # any other frame with a lower sequence
     ],
 )
-def test_newer_wsc(stored: Wsc | None, incoming: Wsc | None, recovery: bool, kept: Wsc | None) -> None:
-    assert newer_wsc(stored, incoming, recovery_details=recovery) == kept
+def test_newer_wsc(stored: Wsc | None, incoming: Wsc | None, from_details: bool, kept: Wsc | None) -> None:
+    assert newer_wsc(stored, incoming, connection_details=from_details) == kept
 
 
 def details(state: str | None = None, wsc: Wsc | None = A1, timeout: float = 180) -> ConnectionDetails:
@@ -347,6 +347,25 @@ def test_session_successful_without_subscription_resubscribes() -> None:
     s.connected(details(), presented_wsc=False)
     s.lost(1)
     assert s.connected(details("Successful"), presented_wsc=True) is False
+
+
+def test_a_fresh_connect_takes_the_new_sessions_wsc_even_at_a_lower_sequence() -> None:
+    s = WsgSession(wsc=B5, recovery_timeout=30, subscription_id="S1")
+    s.lost(0)
+    # The window passed: a fresh connect starts session "a" at sequence 1.
+    assert s.recovery_token(31) is None
+    assert s.connected(details(wsc=A1), presented_wsc=False) is False
+    assert s.wsc == A1
+    s.lost(40)
+    assert s.recovery_token(41) == "a"  # not the dead session's "b"
+
+
+def test_a_new_session_without_a_wsc_forgets_the_old_one() -> None:
+    s = WsgSession(wsc=B5)
+    s.connected(details(wsc=None), presented_wsc=False)
+    assert s.wsc is None
+    s.lost(0)
+    assert s.recovery_token(1) is None
 
 
 def test_session_forget() -> None:

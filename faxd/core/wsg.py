@@ -444,13 +444,14 @@ def subscription_id_of(response: ClientResponse) -> str:
 # --------------------------------------------------------------------------- session bookkeeping
 
 
-def newer_wsc(stored: Wsc | None, incoming: Wsc | None, *, recovery_details: bool = False) -> Wsc | None:
+def newer_wsc(stored: Wsc | None, incoming: Wsc | None, *, connection_details: bool = False) -> Wsc | None:
     """The wsc to keep: the incoming one when none is stored, when it comes with a
-    ConnectionDetails that has ``recoveryState`` (a new session context), or when its sequence
-    is higher; otherwise the stored one (PROTOCOL.md §2.4)."""
+    ConnectionDetails (every connection starts a session context: a fresh connect a new session
+    whose sequence starts again at 1, a recovery the resumed one), or when its sequence is higher;
+    otherwise the stored one (PROTOCOL.md §2.4)."""
     if incoming is None:
         return stored
-    if stored is None or recovery_details or incoming.sequence > stored.sequence:
+    if stored is None or connection_details or incoming.sequence > stored.sequence:
         return incoming
     return stored
 
@@ -470,8 +471,7 @@ class WsgSession:
 
     def frame(self, frame: Frame) -> None:
         """Keep the newest wsc of any frame."""
-        recovery = isinstance(frame, ConnectionDetails) and frame.recovery_state is not None
-        self.wsc = newer_wsc(self.wsc, frame.wsc, recovery_details=recovery)
+        self.wsc = newer_wsc(self.wsc, frame.wsc, connection_details=isinstance(frame, ConnectionDetails))
 
     def recovery_token(self, now: float) -> str | None:
         """The wsc token to present on the next connect, or None for a fresh session."""
@@ -493,13 +493,17 @@ class WsgSession:
 
     def connected(self, details: ConnectionDetails, *, presented_wsc: bool) -> bool:
         """Record a ConnectionDetails; True when the subscription survived (no resubscribe needed)."""
-        self.frame(details)
+        recovered = presented_wsc and details.recovery_state == "Successful"
+        if recovered:
+            self.frame(details)
+        else:
+            # A new session (fresh connect or failed recovery): the old session's wsc is dead even
+            # when these details carry none, and presenting it would fail the next recovery.
+            self.wsc = details.wsc
         if details.recovery_timeout is not None:
             self.recovery_timeout = details.recovery_timeout
         self.lost_at = None
-        survived = (
-            presented_wsc and details.recovery_state == "Successful" and self.subscription_id is not None
-        )
+        survived = recovered and self.subscription_id is not None
         if not survived:
             self.subscription_id = None
         return survived

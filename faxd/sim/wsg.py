@@ -256,6 +256,7 @@ class Gateway:
                 return ws
             session, recovery = self._recover(session_id, ws_token)
         else:
+            self._supersede(ws_token.session_id)
             session = self._new_session(ws_token)
         self._record("GET", "/ws", None, 101, "ws", request.path_qs)
         conn = Connection(self._next_conn, ws, request, session)
@@ -294,6 +295,18 @@ class Gateway:
         )
         self.sessions[session.id] = session
         return session
+
+    def _supersede(self, oauth_session_id: str) -> None:
+        """A fresh connect abandons the disconnected WSG sessions of its OAuth session.
+
+        Their ``wsc`` is stale from now on: a client that presents one (instead of the ``wsc`` of
+        the new session's ConnectionDetails) gets ``Failed`` ``WSG-1001``. What RingCentral does
+        with an abandoned session inside its recovery window is undocumented; failing it is the
+        strict reading of "recover with the token of the connection that was lost".
+        """
+        for old in list(self.sessions.values()):
+            if old.oauth_session_id == oauth_session_id and old.connection is None:
+                self._discard(old)
 
     def _recover(self, session_id: str, ws_token: WsToken) -> tuple[WsgSession, tuple[str, str | None]]:
         old = self.sessions.get(session_id)
