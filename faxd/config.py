@@ -393,7 +393,7 @@ class RingCentralConfig:
 @dataclass(frozen=True, kw_only=True)
 class WebSocketConfig:
     heartbeat_interval: float = _opt(60.0, _duration(positive=True))
-    """Seconds between WSG Heartbeat frames we send; also how long silence is tolerated."""
+    """Seconds without a frame from the gateway after which a Heartbeat is sent (no reply is awaited)."""
     ping_interval: float = _opt(1.0, _duration(positive=True))
     """Seconds between WebSocket pings (a few bytes each way)."""
     ping_timeout_min: float = _opt(0.5, _duration(positive=True))

@@ -274,6 +274,19 @@ async def test_heartbeat_keeps_idle_connection_alive() -> None:
         assert h.sample("faxd_ws_disconnects_total", reason="wsg_902") == 0
 
 
+async def test_a_quiet_hour_with_unanswered_heartbeats_costs_no_reconnect() -> None:
+    """No official SDK waits for a Heartbeat's reply; liveness is the pings' job."""
+    async with harness(settings=WsSettings(heartbeat_interval=60)) as h:
+        await h.resync()
+        h.sim.ignore_heartbeats()
+        await asyncio.sleep(3600)  # fake loop time: the quiet hour itself, nothing to settle
+        assert len(h.sim.requests_to("Heartbeat")) >= 55  # one a minute kept the session from idling
+        assert h.disconnects() == 0
+        assert len(h.connects()) == 1
+        fax = h.sim.create_outbound_fax(EXT, [RecipientScript("+16505550100", after=1000)])
+        assert await h.hint() == Hint(EXT, (fax,), 0)
+
+
 async def test_idle_timeout_error_frame_reconnects_with_recovery() -> None:
     config = SimConfig(seed=3, idle_timeout=20, default_delay=(1000.0, 1000.0))
     async with harness(config, WsSettings(heartbeat_interval=60)) as h:

@@ -40,7 +40,6 @@ WS_DISCONNECT_REASONS = (
     "closed_abnormal",
     "connection_lost",
     "ping_timeout",
-    "silent",
     "too_large",
     "wsg_902",
     "wsg_903",

@@ -4,9 +4,10 @@ One connection at a time, one subscription holding every event filter. Each conn
 fresh ws token; a reconnect inside the announced ``recoveryTimeout`` presents ``wsc`` so the
 gateway replays what was missed. Whenever hints may have been lost (first subscribe, fresh
 connect, failed recovery) ``on_resync`` is called so the daemon reconciles everything. A quiet
-connection gets an app-level Heartbeat; WS pings, answered within a timeout that follows the
-measured round trips (``faxd.core.roundtrip``), detect a dead path in about a second; every close,
-error frame or failure leads to a backed-off reconnect.
+connection gets an app-level Heartbeat (against the gateway's idle timeout; no reply is expected);
+WS pings, answered within a timeout that follows the measured round trips
+(``faxd.core.roundtrip``), detect a dead path; every close, error frame or failure leads to a
+backed-off reconnect.
 
 This module must not decide anything about faxes (it only hands :class:`Hint` values on), must
 not parse frames itself (``faxd.core.wsg`` does), and must never log a token or the ws URL query.
@@ -387,23 +388,20 @@ class WsSession:
     # ------------------------------------------------------------------ reading
 
     async def _read(self, ws: ClientConnection) -> str:
-        """Read frames until the connection ends; returns why it ended."""
-        heartbeat_sent = False
+        """Read frames until the connection ends; returns why it ended.
+
+        After ``heartbeat_interval`` without a frame a Heartbeat goes out, so that the gateway's idle
+        timeout never ends a quiet session. Its reply is not waited for (no official SDK does, and
+        the gateway need not send one): whether the path is alive is the pings' question.
+        """
         try:
             while True:
                 try:
                     async with asyncio.timeout(self._settings.heartbeat_interval):
                         data = await ws.recv()
                 except TimeoutError:
-                    if heartbeat_sent:
-                        # Not even our Heartbeat's echo came back: the gateway is not listening.
-                        log.warning("ws.silent", seconds=self._settings.heartbeat_interval * 2)
-                        await ws.close(code=1001, reason="silent")
-                        return "silent"
                     await ws.send(wsg.encode_heartbeat(self._message_id()))
-                    heartbeat_sent = True
                     continue
-                heartbeat_sent = False
                 self._metrics.ws_last_message.set(time.time())
                 reason = self._handle(self._parse(data))
                 if reason is not None:

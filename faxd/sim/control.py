@@ -182,6 +182,10 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         body = await _body(request)
         sim.delay_pongs(float(body.get("min", 0)), float(body.get("max", 0)))
 
+    async def ignore_heartbeats(request: web.Request) -> None:
+        body = await _body(request)
+        sim.ignore_heartbeats(bool(body.get("on", True)))
+
     async def malformed(request: web.Request) -> JsonDict:
         body = await _body(request)
         kind = str(body.get("kind", "malformed"))
@@ -215,5 +219,6 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
     r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
+    r.add_post("/_sim/faults/ignore-heartbeats", _wrap(ignore_heartbeats))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))
     r.add_post("/_sim/faults/foreign-notification", _wrap(foreign))

@@ -289,6 +289,10 @@ class Simulator:
         overlapping), like a slow or jittery path; ``delay_pongs(0, 0)`` ends it."""
         self.gateway.delay_pongs(low, high)
 
+    def ignore_heartbeats(self, ignore: bool = True) -> None:
+        """Leave client Heartbeats unanswered (they still re-arm the idle timer); False ends it."""
+        self.gateway.answer_heartbeats = not ignore
+
     def send_malformed_frame(self, kind: str = "malformed", *, size: int = 5 * 1024 * 1024) -> int:
         """Send a broken frame on every socket: ``malformed`` (not a JSON array),
         ``oversize`` (a ``size``-byte frame, above the usual client limits)."""

@@ -170,6 +170,7 @@ class Gateway:
         self.notification_delay = 0.0  # fault: hold every notification this long (loop seconds)
         self.notification_copies = 1  # fault: send every notification this many times
         self.pong_delay = (0.0, 0.0)  # fault: every pong [low, high] seconds late
+        self.answer_heartbeats = True  # fault (False): Heartbeats still count as activity, unanswered
         self._rng = random.Random(config.seed)
         self.stopping = False
         self._fail_next_recovery: str | None = None
@@ -473,6 +474,8 @@ class Gateway:
         kind = meta.get("type")
         if kind == "Heartbeat":
             self._record("Heartbeat", "Heartbeat", None, 200, "ws", "Heartbeat")
+            if not self.answer_heartbeats:
+                return
             reply = {
                 "type": "Heartbeat",
                 "messageId": meta.get("messageId"),

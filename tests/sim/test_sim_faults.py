@@ -21,7 +21,7 @@ from sim_helpers import (
     ws_token,
 )
 
-from faxd.sim import Simulator
+from faxd.sim import SimConfig, Simulator
 
 
 async def control(
@@ -257,3 +257,22 @@ async def test_delay_pongs_holds_each_pong_in_order(sim: Simulator, http: aiohtt
     status, body = await control(http, sim, "POST", "faults/delay-pongs", {"min": 3, "max": 1})
     assert status == 400
     assert "low <= high" in body["error"]
+
+
+@pytest.mark.looptime
+async def test_ignore_heartbeats_leaves_them_unanswered_but_counted_as_activity(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with Simulator(SimConfig(idle_timeout=100)) as sim:
+        tok = await login(http, sim)
+        ws, _ = await connect(http, sim, tok)
+        status, _ = await control(http, sim, "POST", "faults/ignore-heartbeats", {"on": True})
+        assert status == 200
+        for n in range(5):  # 5 x 60 s: well past idle_timeout, kept alive by the Heartbeats alone
+            await ws.send_str(json.dumps([{"type": "Heartbeat", "messageId": f"hb-{n}"}]))
+            with pytest.raises(TimeoutError):
+                await recv(ws, limit=60)  # no echo, and no WSG-902 either
+        assert len(sim.requests_to("Heartbeat")) == 5
+        await control(http, sim, "POST", "faults/ignore-heartbeats", {"on": False})
+        assert await barrier(ws) == []  # answered again
+        await ws.close()
