@@ -22,7 +22,8 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
@@ -60,8 +61,8 @@ def redact(text: str) -> str:
 class WsSettings:
     heartbeat_interval: float = 60
     ping_interval: float = 1
-    ping_timeout_min: float = 0.5
-    ping_timeout: float = 10
+    ping_timeout_min: float = 5
+    ping_timeout: float = 8
     max_message_bytes: int = 1048576
     connect_timeout: float = 30
 
@@ -345,43 +346,60 @@ class WsSession:
     # ------------------------------------------------------------------ liveness
 
     async def _keepalive(self, ws: ClientConnection) -> None:
-        """Ping every ``ping_interval``; a pong later than the path's timeout ends the connection.
+        """Ping every ``ping_interval``; the connection is dead once the oldest ping still without a
+        pong has waited longer than the path's timeout.
 
-        Returns when the connection closes for another reason (the reader says why); raises
-        :class:`_Closed` ("ping_timeout") after aborting the socket, because a dead path would
-        not answer a close handshake either.
+        Pings do not wait for each other: a pong answers its own ping and every earlier one (RFC 6455
+        lets a peer answer only the latest), so one lost pong is forgotten as soon as the next pong
+        comes, and a slow pong does not hold the next ping back. Returns when the connection closes
+        for another reason (the reader says why); raises :class:`_Closed` ("ping_timeout") after
+        aborting the socket, because a dead path would not answer a close handshake either.
         """
         loop = asyncio.get_running_loop()
         s = self._settings
+        pings: deque[tuple[float, asyncio.Future[float]]] = deque()  # (sent, pong), oldest first
+        next_ping = loop.time()
         try:
             while True:
+                while pings and pings[0][1].done():
+                    # The latency of a ping answered by a later pong (its own was lost) is that
+                    # longer wait: an upper bound, which only makes the estimate more cautious.
+                    rtt = pings.popleft()[1].result()  # ConnectionClosed when the socket closed
+                    self._roundtrip.observe(rtt)
+                    self._metrics.ws_ping_rtt.observe(rtt)
+                now = loop.time()
+                if now >= next_ping:
+                    pings.append((now, asyncio.ensure_future(await ws.ping())))
+                    next_ping = max(next_ping + s.ping_interval, now)
+                    continue
                 timeout = self._roundtrip.timeout(s.ping_timeout_min, s.ping_timeout)
                 self._metrics.ws_ping_timeout.set(timeout)
-                sent = loop.time()
-                pong: Awaitable[float] | None = None
-                try:
-                    async with asyncio.timeout(timeout):
-                        pong = await ws.ping()
-                        await asyncio.shield(pong)  # the pong may still be awaited after the timeout
-                except TimeoutError:
-                    # A replacement needs a ws token from the Auth group (5 a minute). While none
-                    # can be had, cutting a connection that may only be slow would leave us with
-                    # nothing: the pong may take as long as a replacement would (up to the ceiling).
-                    grace = min(self._rc.ws_token_wait(), s.ping_timeout - timeout)
-                    if not await _answered(pong, grace):
-                        log.warning(
-                            "ws.ping_timeout",
-                            waited=round(timeout + max(grace, 0), 3),
-                            srtt=self._roundtrip.srtt,
-                        )
-                        self._roundtrip.timed_out()
-                        self._deaf = True
-                        ws.transport.abort()
-                        raise _Closed("ping_timeout") from None
-                rtt = loop.time() - sent
-                self._roundtrip.observe(rtt)
-                self._metrics.ws_ping_rtt.observe(rtt)
-                await asyncio.sleep(max(0.0, sent + s.ping_interval - loop.time()))
+                if not pings:
+                    await asyncio.sleep(next_ping - now)
+                    continue
+                sent, oldest = pings[0]
+                deadline = sent + timeout
+                if now < deadline:
+                    # A pong read in the loop turn this wait times out in (faxd's own loop was
+                    # busy) is seen at the top of the loop: the path is alive, only late.
+                    await asyncio.wait([oldest], timeout=min(next_ping, deadline) - now)
+                    continue
+                # A replacement needs a ws token from the Auth group (5 a minute). While none can
+                # be had, cutting a connection that may only be slow would leave us with nothing:
+                # the pong may take as long as a replacement would (up to the ceiling).
+                grace = min(self._rc.ws_token_wait(), s.ping_timeout - timeout)
+                if await _answered(oldest, grace):
+                    continue
+                log.warning(
+                    "ws.ping_timeout",
+                    waited=round(loop.time() - sent, 3),
+                    unanswered=len(pings),
+                    srtt=self._roundtrip.srtt,
+                )
+                self._roundtrip.timed_out()
+                self._deaf = True
+                ws.transport.abort()
+                raise _Closed("ping_timeout")
         except ConnectionClosed:
             return
 
@@ -493,14 +511,8 @@ class WsSession:
         return str(uuid.uuid4())
 
 
-async def _answered(pong: Awaitable[float] | None, grace: float) -> bool:
-    """Whether a pong whose wait timed out came after all (within ``grace`` more seconds).
-
-    A pong read in the loop turn its timer fired (faxd's own loop was busy) counts: the path is
-    alive, only late.
-    """
-    if not isinstance(pong, asyncio.Future):
-        return False
+async def _answered(pong: asyncio.Future[float], grace: float) -> bool:
+    """Whether a pong whose wait timed out comes after all (within ``grace`` more seconds)."""
     if not pong.done() and grace > 0:
         with contextlib.suppress(TimeoutError, ConnectionClosed):
             async with asyncio.timeout(grace):

@@ -182,6 +182,10 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         body = await _body(request)
         sim.delay_pongs(float(body.get("min", 0)), float(body.get("max", 0)))
 
+    async def wan_path(request: web.Request) -> None:
+        body = await _body(request)
+        sim.wan_path(bool(body.get("on", True)))
+
     async def ignore_heartbeats(request: web.Request) -> None:
         body = await _body(request)
         sim.ignore_heartbeats(bool(body.get("on", True)))
@@ -219,6 +223,7 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
     r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
+    r.add_post("/_sim/faults/wan-path", _wrap(wan_path))
     r.add_post("/_sim/faults/ignore-heartbeats", _wrap(ignore_heartbeats))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))
     r.add_post("/_sim/faults/foreign-notification", _wrap(foreign))

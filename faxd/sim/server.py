@@ -289,6 +289,12 @@ class Simulator:
         overlapping), like a slow or jittery path; ``delay_pongs(0, 0)`` ends it."""
         self.gateway.delay_pongs(low, high)
 
+    def wan_path(self, on: bool = True) -> None:
+        """Pongs come back like over a real WAN path (see ``faxd.sim.wsg.wan_pong_delay``): mostly
+        tens of ms, some hundreds, rare 1-3 s spikes, now and then none; ``wan_path(False)`` ends it.
+        Takes precedence over ``delay_pongs``."""
+        self.gateway.wan_path = on
+
     def ignore_heartbeats(self, ignore: bool = True) -> None:
         """Leave client Heartbeats unanswered (they still re-arm the idle timer); False ends it."""
         self.gateway.answer_heartbeats = not ignore

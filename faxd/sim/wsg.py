@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -43,6 +44,31 @@ _WSC_PREFIX = "wsc1:"
 RECOVERY_EXPIRED = "WSG-1001"
 
 SUBSCRIPTION_PATHS = ("/restapi/v1.0/subscription", "/restapi/v1.0/subscription/")
+
+#: The ``wan_path`` mode's pong delays: (probability, low s, high s); a pong that falls in none of
+#: these bands is "fast" (log-normal, median ``WAN_MEDIAN`` s). ``None`` as the range: lost.
+WAN_LOST = 0.002  # about 7 pongs an hour at one ping a second never come
+WAN_SPIKE = (0.005, 1.0, 3.0)  # about 18 an hour: a retransmission, a Wi-Fi or LTE hiccup
+WAN_SLOW = (0.05, 0.1, 0.9)  # one in 20: queueing somewhere on the way
+WAN_MEDIAN = 0.04
+WAN_SIGMA = 0.5  # most fast pongs take 15-110 ms
+
+
+def wan_pong_delay(rng: random.Random) -> float | None:
+    """One pong's delay on a realistic WAN path, in seconds; None: this pong is lost.
+
+    Heavy-tailed: mostly tens of milliseconds, one in twenty some hundreds, rare spikes of 1-3 s,
+    and now and then no pong at all.
+    """
+    draw = rng.random()
+    if draw < WAN_LOST:
+        return None
+    draw -= WAN_LOST
+    for chance, low, high in (WAN_SPIKE, WAN_SLOW):
+        if draw < chance:
+            return rng.uniform(low, high)
+        draw -= chance
+    return rng.lognormvariate(math.log(WAN_MEDIAN), WAN_SIGMA)
 
 
 def encode_wsc(session_id: str) -> str:
@@ -170,6 +196,8 @@ class Gateway:
         self.notification_delay = 0.0  # fault: hold every notification this long (loop seconds)
         self.notification_copies = 1  # fault: send every notification this many times
         self.pong_delay = (0.0, 0.0)  # fault: every pong [low, high] seconds late
+        self.wan_path = False  # mode: pong delays of a realistic WAN path (wan_pong_delay)
+        self.pongs_lost = 0  # pongs the wan_path mode never sent
         self.answer_heartbeats = True  # fault (False): Heartbeats still count as activity, unanswered
         self._rng = random.Random(config.seed)
         self.stopping = False
@@ -346,11 +374,14 @@ class Gateway:
             elif msg.type == WSMsgType.PING:
                 if conn.blackholed:
                     continue
-                low, high = self.pong_delay
-                if high > 0:
+                delay = self._pong_delay()
+                if delay is None:
+                    self.pongs_lost += 1  # lost on the way
+                    continue
+                if delay > 0:
                     # A slow path: each pong is late by its own delay (they overlap, as on a real
                     # path) but never overtakes an earlier one.
-                    due = max(self._timers.now() + self._rng.uniform(low, high), conn.pong_due)
+                    due = max(self._timers.now() + delay, conn.pong_due)
                     conn.pong_due = due
                     pong = _Outgoing(pong=msg.data)
                     self._timers.call_later(
@@ -362,6 +393,13 @@ class Gateway:
                 continue
             else:  # CLOSE, CLOSING, CLOSED, ERROR
                 return
+
+    def _pong_delay(self) -> float | None:
+        """How late the pong to a ping goes out (0: at once), or None when it is lost."""
+        if self.wan_path:
+            return wan_pong_delay(self._rng)
+        low, high = self.pong_delay
+        return self._rng.uniform(low, high) if high > 0 else 0.0
 
     async def _writer(self, conn: Connection) -> None:
         ws = conn.ws

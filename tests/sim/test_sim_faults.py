@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -276,3 +277,48 @@ async def test_ignore_heartbeats_leaves_them_unanswered_but_counted_as_activity(
         await control(http, sim, "POST", "faults/ignore-heartbeats", {"on": False})
         assert await barrier(ws) == []  # answered again
         await ws.close()
+
+
+@pytest.mark.looptime
+async def test_wan_path_pongs_are_heavy_tailed_in_order_and_sometimes_lost(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with Simulator(SimConfig(seed=11, idle_timeout=10_000)) as sim:  # pings are no activity
+        tok = await login(http, sim)
+        wst = await ws_token(http, sim, tok)
+        url = f"{wst['uri']}?access_token={wst['ws_access_token']}"
+        async with http.ws_connect(url, autoping=False) as ws:
+            await recv(ws)  # ConnectionDetails
+            status, _ = await control(http, sim, "POST", "faults/wan-path", {"on": True})
+            assert status == 200
+            loop = asyncio.get_running_loop()
+            sent: dict[bytes, float] = {}
+            waits: dict[bytes, float] = {}
+            order: list[int] = []
+
+            async def read_pongs() -> None:
+                while True:
+                    msg = await ws.receive()
+                    assert msg.type == aiohttp.WSMsgType.PONG
+                    order.append(int.from_bytes(msg.data, "big"))
+                    waits[msg.data] = loop.time()
+
+            reader = asyncio.create_task(read_pongs())
+            for n in range(2000):  # a ping a second, like faxd
+                payload = n.to_bytes(2, "big")
+                sent[payload] = loop.time()
+                await ws.ping(payload)
+                await asyncio.sleep(1)
+            await asyncio.sleep(10)  # fake time: the last pongs' longest possible delay
+            assert not reader.done()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await control(http, sim, "POST", "faults/wan-path", {"on": False})
+        assert order == sorted(order)  # a path delivers in order
+        lost = len(sent) - len(waits)
+        assert lost == sim.gateway.pongs_lost >= 1
+        delays = sorted(at - sent[p] for p, at in waits.items())
+        assert 0.015 < delays[len(delays) // 2] < 0.1  # mostly tens of milliseconds
+        assert delays[-1] > 1  # with spikes
+        assert delays[-1] < 4
