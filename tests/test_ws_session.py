@@ -241,6 +241,42 @@ async def test_after_a_fresh_connect_the_next_recovery_presents_the_new_sessions
         assert h.resyncs.empty()
 
 
+def ws_statuses(h: Harness) -> list[int]:
+    return [r.status for r in h.sim.requests if r.path == "/ws"]
+
+
+def wstokens(h: Harness) -> list[int]:
+    return [r.status for r in h.sim.requests_to("/restapi/oauth/wstoken")]
+
+
+async def test_a_refused_upgrade_leaves_the_ws_token_unused_for_the_next_attempt() -> None:
+    async with harness() as h:
+        await h.resync()
+        h.sim.refuse_ws_upgrades(4)  # the gateway answers upgrades 503 for 4 s
+        await h.dropped()
+        await h.until(lambda: ws_statuses(h)[-1] == 101 and h.up())
+        assert ws_statuses(h) == [101, 503, 503, 503, 101]
+        # One new ws token for four attempts: the refused upgrades never spent it.
+        assert wstokens(h) == [200, 200]
+        assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
+
+
+async def test_an_unused_ws_token_the_gateway_refuses_as_expired_is_replaced() -> None:
+    async with harness() as h:
+        await h.resync()
+        h.sim.refuse_ws_upgrades(4)
+        await h.dropped()
+        await h.until(lambda: 503 in ws_statuses(h))
+        assert h.sim.expire_ws_tokens() == 2  # the one faxd keeps for its next attempt, too
+        await h.until(lambda: ws_statuses(h)[-1] == 101 and h.up())
+        assert ws_statuses(h) == [101, 503, 503, 503, 4401, 101]  # 4401: Error WSG-401, then closed
+        assert wstokens(h) == [200, 200, 200]
+        # A refused token says nothing about the session: the wsc was kept and recovered.
+        assert "wsc=" in h.connects()[-1]
+        assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
+        assert h.subscribes() == [200]
+
+
 async def test_refused_resubscribe_is_retried_not_fatal() -> None:
     async with harness() as h:
         await h.resync()

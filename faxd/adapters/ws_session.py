@@ -1,13 +1,14 @@
 """The WebSocket session with RingCentral's gateway: connect, subscribe, recover, never go deaf.
 
-One connection at a time, one subscription holding every event filter. Each connect fetches a
-fresh ws token; a reconnect inside the announced ``recoveryTimeout`` presents ``wsc`` so the
-gateway replays what was missed. Whenever hints may have been lost (first subscribe, fresh
-connect, failed recovery) ``on_resync`` is called so the daemon reconciles everything. A quiet
-connection gets an app-level Heartbeat (against the gateway's idle timeout; no reply is expected);
-WS pings, answered within a timeout that follows the measured round trips
-(``faxd.core.roundtrip``), detect a dead path; every close, error frame or failure leads to a
-backed-off reconnect.
+One connection at a time, one subscription holding every event filter. Each connect uses a ws
+token the gateway has not taken yet (a refused upgrade leaves it unused, so the next attempt offers
+it again within its lifetime instead of spending the Auth budget); a reconnect inside the announced
+``recoveryTimeout`` presents ``wsc`` so the gateway replays what was missed. Whenever hints may
+have been lost (first subscribe, fresh connect, failed recovery) ``on_resync`` is called so the
+daemon reconciles everything. A quiet connection gets an app-level Heartbeat (against the gateway's
+idle timeout; no reply is expected); WS pings, answered within a timeout that follows the measured
+round trips (``faxd.core.roundtrip``), detect a dead path; every close, error frame or failure leads
+to a backed-off reconnect.
 
 This module must not decide anything about faxes (it only hands :class:`Hint` values on), must
 not parse frames itself (``faxd.core.wsg`` does), and must never log a token or the ws URL query.
@@ -34,7 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from faxd import __version__
 from faxd.adapters.metrics import Metrics, ws_disconnect_reason
-from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral
+from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral, WsToken
 from faxd.core import wsg
 from faxd.core.backoff import backoff
 from faxd.core.ratebudget import parse_retry_after
@@ -49,6 +50,10 @@ _WS_LOGGER.setLevel(logging.INFO)
 
 REPLY_TIMEOUT: Final = 60.0  # what @rc-ex/ws waits for a ClientRequest reply
 RECONNECT_CODES: Final = frozenset({"WSG-902", "WSG-903"})
+#: Error frames that refuse the ws token, not the wsc: the session stays recoverable.
+TOKEN_REFUSED: Final = frozenset({"WSG-401"})
+#: Share of a ws token's ``expires_in`` within which an unused one is offered again (@rc-ex/ws: 0.8).
+WS_TOKEN_REUSE: Final = 0.8
 _SECRET_QUERY = re.compile(r"((?:access_token|wsc)=)[^&\s'\"]+")
 
 
@@ -119,6 +124,11 @@ class WsSession:
         self._state = ""
         self._detail = ""
         self._filter_lock = asyncio.Lock()
+        # A ws token the gateway never accepted (refused upgrade, connection refused, timeout) and
+        # until when it is offered again: every new one costs one of the Auth group's 5 requests a
+        # minute, which logins and refreshes share.
+        self._ws_token: WsToken | None = None
+        self._ws_token_until = 0.0
         self._set_state("disconnected", "starting")
 
     @property
@@ -151,6 +161,8 @@ class WsSession:
                 reason = exc.reason
             except InvalidStatus as exc:
                 reason = f"handshake {exc.response.status_code}"
+                if exc.response.status_code in (401, 403):
+                    self._ws_token = None  # refused as invalid or expired: the next try gets a new one
             except (OSError, TimeoutError, WebSocketException) as exc:
                 reason = type(exc).__name__
             except Exception as exc:  # noqa: BLE001 - a bug here must not silence push for good
@@ -177,7 +189,7 @@ class WsSession:
         loop = asyncio.get_running_loop()
         wsc = self._wsg.recovery_token(loop.time())
         self._set_state("connecting", "recovering session" if wsc else "")
-        token = await self._rc.ws_token()
+        token = await self._unused_ws_token()
         url = f"{token.uri}?access_token={quote(token.token, safe='')}"
         if wsc is not None:
             url += f"&wsc={quote(wsc, safe='')}"
@@ -197,6 +209,7 @@ class WsSession:
             logger=_WS_LOGGER,
             ssl=self._ssl if url.startswith("wss:") else None,
         ) as ws:
+            self._ws_token = None  # the gateway took it, and the docs call ws tokens single-use
             details = await self._connection_details(ws, presented_wsc=wsc is not None)
             survived = self._wsg.connected(details, presented_wsc=wsc is not None)
             self._connected = True
@@ -239,6 +252,18 @@ class WsSession:
                     task.cancel()
                 await asyncio.gather(*helpers, return_exceptions=True)
 
+    async def _unused_ws_token(self) -> WsToken:
+        """The ws token for this attempt: the last one if the gateway never took it and it has time
+        left, else a new one."""
+        loop = asyncio.get_running_loop()
+        if self._ws_token is not None and loop.time() < self._ws_token_until:
+            log.info("ws.token_reused")
+            return self._ws_token
+        self._ws_token = None
+        token = await self._rc.ws_token()
+        self._ws_token, self._ws_token_until = token, loop.time() + WS_TOKEN_REUSE * token.expires_in
+        return token
+
     async def _connection_details(
         self, ws: ClientConnection, *, presented_wsc: bool
     ) -> wsg.ConnectionDetails:
@@ -250,7 +275,7 @@ class WsSession:
                     return frame
                 if isinstance(frame, wsg.ErrorFrame):
                     log.warning("ws.connect_error_frame", code=frame.error_code, message=frame.message)
-                    if presented_wsc:
+                    if presented_wsc and frame.error_code not in TOKEN_REFUSED:
                         # e.g. WSG-400 malformed wsc: presenting it again would fail the same way.
                         self._wsg.forget()
                     raise _Closed("error_frame")

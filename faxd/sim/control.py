@@ -182,6 +182,13 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         body = await _body(request)
         sim.delay_pongs(float(body.get("min", 0)), float(body.get("max", 0)))
 
+    async def refuse_ws_upgrades(request: web.Request) -> None:
+        body = await _body(request)
+        sim.refuse_ws_upgrades(float(body.get("seconds", 5)), int(body.get("status", 503)))
+
+    async def expire_ws_tokens(_: web.Request) -> JsonDict:
+        return {"expired": sim.expire_ws_tokens()}
+
     async def wan_path(request: web.Request) -> None:
         body = await _body(request)
         sim.wan_path(bool(body.get("on", True)))
@@ -223,6 +230,8 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
     r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
+    r.add_post("/_sim/faults/refuse-ws-upgrades", _wrap(refuse_ws_upgrades))
+    r.add_post("/_sim/faults/expire-ws-tokens", _wrap(expire_ws_tokens))
     r.add_post("/_sim/faults/wan-path", _wrap(wan_path))
     r.add_post("/_sim/faults/ignore-heartbeats", _wrap(ignore_heartbeats))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))

@@ -289,6 +289,15 @@ class Simulator:
         overlapping), like a slow or jittery path; ``delay_pongs(0, 0)`` ends it."""
         self.gateway.delay_pongs(low, high)
 
+    def refuse_ws_upgrades(self, seconds: float, status: int = 503) -> None:
+        """Answer every WebSocket upgrade (``GET /ws``) with HTTP ``status`` for ``seconds``, before
+        looking at its ws token (a gateway overloaded or in maintenance); 0 ends it."""
+        self.gateway.refuse_upgrades(seconds, status)
+
+    def expire_ws_tokens(self) -> int:
+        """Every ws token issued so far is expired now: the gateway refuses it (WSG-401)."""
+        return self.tokens.expire_ws_tokens()
+
     def wan_path(self, on: bool = True) -> None:
         """Pongs come back like over a real WAN path (see ``faxd.sim.wsg.wan_pong_delay``): mostly
         tens of ms, some hundreds, rare 1-3 s spikes, now and then none; ``wan_path(False)`` ends it.

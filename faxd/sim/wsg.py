@@ -199,6 +199,8 @@ class Gateway:
         self.wan_path = False  # mode: pong delays of a realistic WAN path (wan_pong_delay)
         self.pongs_lost = 0  # pongs the wan_path mode never sent
         self.answer_heartbeats = True  # fault (False): Heartbeats still count as activity, unanswered
+        self._refuse_upgrades_until = -1.0  # fault: upgrades answered with an HTTP error until then
+        self._refuse_upgrades_status = 503
         self._rng = random.Random(config.seed)
         self.stopping = False
         self._fail_next_recovery: str | None = None
@@ -257,6 +259,10 @@ class Gateway:
     # -- the endpoint ----------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET /ws``: the WSG endpoint (aiohttp handler)."""
+        if self._timers.now() < self._refuse_upgrades_until:
+            status = self._refuse_upgrades_status
+            self._record("GET", "/ws", None, status, "ws", request.path_qs)
+            return web.Response(status=status, text="Service Unavailable", content_type="text/plain")
         ws = web.WebSocketResponse(autoping=False, max_msg_size=16 * 1024 * 1024)
         await ws.prepare(request)
         access = request.query.get("access_token")
@@ -702,6 +708,13 @@ class Gateway:
             self._timers.cancel(conn.idle)
             self._timers.cancel(conn.absolute)
         return len(conns)
+
+    def refuse_upgrades(self, seconds: float, status: int = 503) -> None:
+        """Answer every WebSocket upgrade with HTTP ``status`` for ``seconds`` (0 ends it)."""
+        if not 400 <= status <= 599:
+            raise ValueError("status must be an HTTP error status")
+        self._refuse_upgrades_until = self._timers.now() + max(0.0, seconds)
+        self._refuse_upgrades_status = status
 
     def fail_next_recovery(self, code: str = RECOVERY_EXPIRED) -> None:
         self._fail_next_recovery = code

@@ -322,3 +322,26 @@ async def test_wan_path_pongs_are_heavy_tailed_in_order_and_sometimes_lost(
         assert 0.015 < delays[len(delays) // 2] < 0.1  # mostly tens of milliseconds
         assert delays[-1] > 1  # with spikes
         assert delays[-1] < 4
+
+
+@pytest.mark.looptime
+async def test_refused_upgrades_then_expired_ws_tokens(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    wst = await ws_token(http, sim, tok)
+    url = f"{wst['uri']}?access_token={wst['ws_access_token']}"
+    status, _ = await control(http, sim, "POST", "faults/refuse-ws-upgrades", {"seconds": 4})
+    assert status == 200
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(url)
+    assert refused.value.status == 503
+    await asyncio.sleep(4)
+    async with http.ws_connect(url) as ws:  # the same ws token: the refusal did not spend it
+        assert (await recv(ws))[0]["type"] == "ConnectionDetails"
+    status, body = await control(http, sim, "POST", "faults/expire-ws-tokens")
+    assert body == {"expired": 1}
+    async with http.ws_connect(url) as ws:
+        frame = await recv(ws)
+        assert frame[1] == {"errorCode": "WSG-401", "message": "Invalid or expired access token"}
+    assert [r.status for r in sim.requests if r.path == "/ws"] == [503, 101, 4401]
+    status, body = await control(http, sim, "POST", "faults/refuse-ws-upgrades", {"status": 200})
+    assert status == 400
