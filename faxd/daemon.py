@@ -298,6 +298,10 @@ class _Live:
         in_flight = self.reconciler.in_flight_count() if self.reconciler is not None else 0
         last = _clock(self.metrics.last_sync_time())
         text = f"WebSocket {ws}; {in_flight} faxes in flight; last sync {last}"
+        refused = self.ws.refused_extensions if self.ws is not None else {}
+        if refused:
+            why = ", ".join(sorted(set(refused.values())))
+            text += f"; push refused for {len(refused)} extension{'s' * (len(refused) != 1)} ({why}), polled"
         return f"{text}; {self.problem}" if self.problem else text
 
     def refresh_oldest_in_flight(self) -> None:

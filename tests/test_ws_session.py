@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.rest import RingCentral
@@ -100,7 +101,10 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def harness(
-    config: SimConfig | None = None, settings: WsSettings | None = None, sim: Simulator | None = None
+    config: SimConfig | None = None,
+    settings: WsSettings | None = None,
+    sim: Simulator | None = None,
+    extensions: Sequence[str] = (EXT,),
 ) -> AsyncIterator[Harness]:
     """A WsSession against ``sim`` (one started here from ``config`` when not given)."""
     async with contextlib.AsyncExitStack() as stack:
@@ -124,7 +128,7 @@ async def harness(
         states: list[str] = []
         session = WsSession(
             rc,
-            filters=event_filters([EXT]),
+            filters=event_filters(extensions),
             settings=settings or WsSettings(),
             metrics=metrics,
             on_hint=lambda hint: h.hints.put_nowait(hint),
@@ -275,6 +279,83 @@ async def test_an_unused_ws_token_the_gateway_refuses_as_expired_is_replaced() -
         assert "wsc=" in h.connects()[-1]
         assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
         assert h.subscribes() == [200]
+
+
+OTHER = "200000002"
+TWO = SimConfig(seed=3, extensions=(EXT, OTHER), default_delay=(1000.0, 1000.0))
+
+
+def subscription_requests(h: Harness) -> list[tuple[str, int]]:
+    return [(r.method, r.status) for r in h.sim.requests if "subscription" in r.path]
+
+
+async def test_disabled_filters_are_surfaced_polled_and_asked_for_again_only_after_long_waits() -> None:
+    async with Simulator(TWO) as sim:
+        sim.refuse_subscriptions("disabled", [OTHER])
+        with capture_logs() as logs:
+            async with harness(sim=sim, extensions=(EXT, OTHER)) as h:
+                await h.resync()
+                assert h.up()
+                assert h.session.refused_extensions == {OTHER: "PermissionDenied"}
+                assert h.sample("faxd_ws_disabled_filters") == 2  # OTHER's message-store and inbound fax
+                assert any("push refused for 1 extension)" in s for s in h.states)
+                fax = h.sim.create_outbound_fax(EXT, [RecipientScript("+16505550100", after=10**6)])
+                assert await h.hint() == Hint(EXT, (fax,), 0)  # the rest of the subscription works
+
+                await asyncio.sleep(3600)  # fake time: an hour of the refusal
+                asked = subscription_requests(h)
+                assert asked[0] == ("POST", 200)
+                assert 2 <= len(asked) <= 4, asked  # retried after 7.5-15, 15-30, 30-60 min: no tight loop
+                assert h.session.refused_extensions == {OTHER: "PermissionDenied"}
+                assert h.resyncs.empty()
+
+                h.sim.refuse_subscriptions("off")  # an administrator granted the rights
+                await asyncio.sleep(3600)
+                assert h.session.refused_extensions == {}
+                assert h.sample("faxd_ws_disabled_filters") == 0
+                await h.resync()  # OTHER's hints were missed meanwhile: reconcile everything once
+                other = h.sim.create_outbound_fax(OTHER, [RecipientScript("+16505550100", after=10**6)])
+                assert await h.hint() == Hint(OTHER, (other,), 0)
+                assert len(h.connects()) == 1
+    refused = [e for e in logs if e["event"] == "ws.push_refused"]
+    assert [(e["extension"], e["reason"]) for e in refused] == [(OTHER, "PermissionDenied")]  # once
+    assert [e["extension"] for e in logs if e["event"] == "ws.push_accepted"] == [OTHER]
+
+
+async def test_sub_405_keeps_the_users_own_extension_subscribed() -> None:
+    async with Simulator(TWO) as sim:
+        sim.refuse_subscriptions("forbidden", [OTHER])
+        async with harness(sim=sim, extensions=(EXT, OTHER)) as h:
+            await h.resync()
+            assert subscription_requests(h) == [("POST", 403), ("POST", 200)]  # then only its own
+            assert h.session.refused_extensions == {OTHER: "SUB-405"}
+            assert h.sample("faxd_ws_disabled_filters") == 2
+            fax = h.sim.create_outbound_fax(EXT, [RecipientScript("+16505550100", after=10**6)])
+            assert await h.hint() == Hint(EXT, (fax,), 0)
+            await asyncio.sleep(3600)
+            asked = subscription_requests(h)
+            assert 3 <= len(asked) <= 5, asked  # a PUT of everything now and then, refused again
+            assert {m for m, _ in asked[2:]} == {"PUT"}
+            assert h.up()
+            assert len(h.connects()) == 1
+
+
+async def test_a_missing_permission_is_not_asked_again_in_a_tight_loop() -> None:
+    async with harness() as h:
+        h.sim.refuse_subscriptions("permission")
+        await h.until(lambda: subscription_requests(h) == [("POST", 403)])
+        await h.until(lambda: "refused (SUB-528)" in h.states[-1])
+        assert h.session.refused_extensions == {EXT: "SUB-528"}
+        assert h.sample("faxd_ws_disabled_filters") == 2
+        await asyncio.sleep(3600)
+        posts = subscription_requests(h)
+        assert 2 <= len(posts) <= 4, posts  # not every few seconds (a 60 s backoff would be ~60)
+        assert not h.up()
+        assert len(h.connects()) == 1  # and the connection was not churned for it
+        h.sim.refuse_subscriptions("off")
+        await h.resync(within=3600)
+        assert h.up()
+        assert h.session.refused_extensions == {}
 
 
 async def test_refused_resubscribe_is_retried_not_fatal() -> None:

@@ -10,6 +10,7 @@ import pytest
 from faxd.core.wsg import (
     ClientResponse,
     ConnectionDetails,
+    DisabledFilter,
     ErrorFrame,
     FrameError,
     Heartbeat,
@@ -17,6 +18,7 @@ from faxd.core.wsg import (
     Notification,
     Wsc,
     WsgSession,
+    disabled_filters_of,
     encode_client_request,
     encode_heartbeat,
     encode_subscribe,
@@ -25,6 +27,7 @@ from faxd.core.wsg import (
     error_code_of,
     event_filters,
     extract_hint,
+    filter_key,
     newer_wsc,
     parse_frame,
     subscription_id_of,
@@ -373,3 +376,35 @@ def test_session_forget() -> None:
     s.forget()
     assert s.recovery_token(0) is None
     assert s.subscription_id is None
+
+
+def test_disabled_filters_of_a_reply() -> None:
+    body = {
+        "id": "S",
+        "disabledFilters": [
+            {"filter": "/restapi/v1.0/account/1/extension/2/message-store", "reason": "R", "message": "M"},
+            {"filter": "/restapi/v1.0/account/1/extension/3/fax?direction=Inbound"},  # reason missing
+            {"reason": "no filter"},  # skipped
+            "junk",
+        ],
+    }
+    reply = ClientResponse("m", 200, {}, body)
+    assert disabled_filters_of(reply) == [
+        DisabledFilter("/restapi/v1.0/account/1/extension/2/message-store", "R", "M"),
+        DisabledFilter("/restapi/v1.0/account/1/extension/3/fax?direction=Inbound", ""),
+    ]
+    assert disabled_filters_of(ClientResponse("m", 200, {}, {"id": "S"})) == []
+    assert disabled_filters_of(ClientResponse("m", 200, {}, {"disabledFilters": {}})) == []
+
+
+@pytest.mark.parametrize(
+    ("event_filter", "key"),
+    [
+        ("/restapi/v1.0/account/~/extension/200/message-store?type=Fax", ("200", "message-store")),
+        ("/restapi/v1.0/account/100/extension/200/fax?direction=Inbound", ("200", "fax")),
+        ("/account/~/extension/~/message-store", ("9", "message-store")),  # ~ is the owner
+        ("/restapi/v1.0/account/~/presence", None),
+    ],
+)
+def test_filter_key(event_filter: str, key: tuple[str, str] | None) -> None:
+    assert filter_key(event_filter, "9") == key

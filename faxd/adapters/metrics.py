@@ -173,6 +173,12 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.ws_disabled_filters = Gauge(
+            "faxd_ws_disabled_filters",
+            "Event filters RingCentral refused to subscribe to (disabledFilters or a 403); "
+            "their extensions get no push and are tracked by polling.",
+            registry=r,
+        )
         self.ws_ping_timeout = Gauge(
             "faxd_ws_ping_timeout_seconds",
             "How long the next pong may take before the connection is called dead.",

@@ -441,6 +441,56 @@ def subscription_id_of(response: ClientResponse) -> str:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class DisabledFilter:
+    """One entry of a subscription reply's ``disabledFilters`` (spec ``DisabledFilterInfo``)."""
+
+    filter: str
+    reason: str
+    message: str = ""
+
+
+def disabled_filters_of(response: ClientResponse) -> list[DisabledFilter]:
+    """The filters a 2xx subscription reply says the user may not subscribe to.
+
+    Liberal: entries without a ``filter`` string are skipped, a missing ``reason`` is empty.
+    """
+    body = response.body
+    raw = body.get("disabledFilters") if isinstance(body, dict) else None
+    if not isinstance(raw, list):
+        return []
+    out: list[DisabledFilter] = []
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("filter"), str):
+            continue
+        reason, message = item.get("reason"), item.get("message")
+        out.append(
+            DisabledFilter(
+                item["filter"],
+                reason if isinstance(reason, str) else "",
+                message if isinstance(message, str) else "",
+            )
+        )
+    return out
+
+
+_FILTER_KEY = re.compile(r"/extension/([^/?]+)/([^/?]+)")
+
+
+def filter_key(event_filter: str, owner_id: str | None = None) -> tuple[str, str] | None:
+    """(extension id, resource) of an event filter, e.g. ``("200000001", "message-store")``; ``~`` is
+    ``owner_id``. Matches a filter however the server spells its account part or prefix."""
+    match = _FILTER_KEY.search(event_filter.split("?", 1)[0])
+    if match is None:
+        return None
+    ext = match.group(1)
+    if ext == "~":
+        if owner_id is None:
+            return None
+        ext = owner_id
+    return ext, match.group(2)
+
+
 # --------------------------------------------------------------------------- session bookkeeping
 
 

@@ -182,6 +182,13 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         body = await _body(request)
         sim.delay_pongs(float(body.get("min", 0)), float(body.get("max", 0)))
 
+    async def refuse_subscriptions(request: web.Request) -> None:
+        body = await _body(request)
+        extensions = body.get("extensions", [])
+        if not isinstance(extensions, list):
+            raise ControlError("'extensions' must be a list of extension ids")
+        sim.refuse_subscriptions(str(body.get("how", "disabled")), [str(e) for e in extensions])
+
     async def refuse_ws_upgrades(request: web.Request) -> None:
         body = await _body(request)
         sim.refuse_ws_upgrades(float(body.get("seconds", 5)), int(body.get("status", 503)))
@@ -230,6 +237,7 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
     r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
+    r.add_post("/_sim/faults/refuse-subscriptions", _wrap(refuse_subscriptions))
     r.add_post("/_sim/faults/refuse-ws-upgrades", _wrap(refuse_ws_upgrades))
     r.add_post("/_sim/faults/expire-ws-tokens", _wrap(expire_ws_tokens))
     r.add_post("/_sim/faults/wan-path", _wrap(wan_path))

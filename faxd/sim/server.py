@@ -289,6 +289,12 @@ class Simulator:
         overlapping), like a slow or jittery path; ``delay_pongs(0, 0)`` ends it."""
         self.gateway.delay_pongs(low, high)
 
+    def refuse_subscriptions(self, how: str, extensions: Sequence[str] = ()) -> None:
+        """Refuse subscription filters like RingCentral does for a user without the rights:
+        ``disabled`` (200 with ``disabledFilters`` for ``extensions``), ``forbidden`` (403 SUB-405 for
+        a request naming one of them), ``permission`` (403 SUB-528 for every request), ``off``."""
+        self.gateway.refuse_subscriptions(how, extensions)
+
     def refuse_ws_upgrades(self, seconds: float, status: int = 503) -> None:
         """Answer every WebSocket upgrade (``GET /ws``) with HTTP ``status`` for ``seconds``, before
         looking at its ws token (a gateway overloaded or in maintenance); 0 ends it."""

@@ -21,7 +21,7 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -44,6 +44,8 @@ _WSC_PREFIX = "wsc1:"
 RECOVERY_EXPIRED = "WSG-1001"
 
 SUBSCRIPTION_PATHS = ("/restapi/v1.0/subscription", "/restapi/v1.0/subscription/")
+#: SUB-405's message (the errors guide); also the simulator's ``disabledFilters`` message.
+OTHER_EXTENSIONS = "Not allowed subscribe for messages to other extensions"
 
 #: The ``wan_path`` mode's pong delays: (probability, low s, high s); a pong that falls in none of
 #: these bands is "fast" (log-normal, median ``WAN_MEDIAN`` s). ``None`` as the range: lost.
@@ -92,6 +94,7 @@ class Subscription:
     raw_filters: list[str]
     filters: list[EventFilter]
     creation_time: datetime
+    disabled: list[JsonDict] = field(default_factory=list)  # disabledFilters of the last POST/PUT
 
 
 @dataclass
@@ -201,6 +204,8 @@ class Gateway:
         self.answer_heartbeats = True  # fault (False): Heartbeats still count as activity, unanswered
         self._refuse_upgrades_until = -1.0  # fault: upgrades answered with an HTTP error until then
         self._refuse_upgrades_status = 503
+        self._refuse_how = "off"  # fault: refuse_subscriptions
+        self._refuse_extensions: frozenset[str] = frozenset()
         self._rng = random.Random(config.seed)
         self.stopping = False
         self._fail_next_recovery: str | None = None
@@ -621,8 +626,11 @@ class Gateway:
             raise ApiError(400, api_error("CMN-103", "JSON can't be parsed."))
         filters = parse_filters(body.get("eventFilters"), session.owner_id, self._config)
         self._check_delivery_mode(body)
+        filters, disabled = self._refusals(filters)
         # One subscription per WSG session: a second one replaces the first.
-        session.subscription = Subscription(new_uuid(), list(body["eventFilters"]), filters, self._wall())
+        session.subscription = Subscription(
+            new_uuid(), [f.raw for f in filters], filters, self._wall(), disabled
+        )
         return self._subscription_info(session.subscription)
 
     def _update_subscription(self, session: WsgSession, current: Subscription, body: Any) -> JsonDict:
@@ -631,9 +639,32 @@ class Gateway:
         filters = parse_filters(body.get("eventFilters"), session.owner_id, self._config)
         if "deliveryMode" in body:
             self._check_delivery_mode(body)
-        current.raw_filters = list(body["eventFilters"])
+        filters, current.disabled = self._refusals(filters)
+        current.raw_filters = [f.raw for f in filters]
         current.filters = filters
         return self._subscription_info(current)
+
+    def _refusals(self, filters: list[EventFilter]) -> tuple[list[EventFilter], list[JsonDict]]:
+        """The ``refuse_subscriptions`` fault: the filters granted and the ``disabledFilters``, or
+        the 403 that refuses the whole request."""
+        how = self._refuse_how
+        if how == "permission":
+            message = "[SubscriptionWebSocket] application permission is required for [WebSocket] transport"
+            raise ApiError(403, api_error("SUB-528", message))
+        hit = [f for f in filters if f.extension_id in self._refuse_extensions]
+        if how == "off" or not hit:
+            return filters, []
+        if how == "forbidden":
+            raise ApiError(403, api_error("SUB-405", OTHER_EXTENSIONS))
+        disabled = [
+            {
+                "filter": f.raw,
+                "reason": "PermissionDenied",
+                "message": OTHER_EXTENSIONS,
+            }
+            for f in hit
+        ]
+        return [f for f in filters if f not in hit], disabled
 
     def _subscription_info(self, sub: Subscription) -> JsonDict:
         ttl = self._config.absolute_timeout
@@ -647,6 +678,7 @@ class Gateway:
             "expirationTime": iso(datetime.fromtimestamp(expires, tz=sub.creation_time.tzinfo)),
             "expiresIn": ttl - 1,
             "deliveryMode": {"transportType": "WebSocket", "encryption": False},
+            **({"disabledFilters": list(sub.disabled)} if sub.disabled else {}),
         }
 
     # -- notifications ---------------------------------------------------------------------
@@ -715,6 +747,18 @@ class Gateway:
             raise ValueError("status must be an HTTP error status")
         self._refuse_upgrades_until = self._timers.now() + max(0.0, seconds)
         self._refuse_upgrades_status = status
+
+    def refuse_subscriptions(self, how: str, extensions: Sequence[str] = ()) -> None:
+        """Refuse subscription filters from now on (POST and PUT): ``disabled`` lists the filters of
+        ``extensions`` in ``disabledFilters`` of a 200 and grants the rest; ``forbidden`` answers a
+        request naming one of them 403 ``SUB-405``; ``permission`` answers every request 403
+        ``SUB-528``; ``off`` ends it. Existing subscriptions are left as they are."""
+        if how not in ("off", "disabled", "forbidden", "permission"):
+            raise ValueError("how must be off, disabled, forbidden or permission")
+        if how in ("disabled", "forbidden") and not extensions:
+            raise ValueError(f"{how} needs the extensions to refuse")
+        self._refuse_how = how
+        self._refuse_extensions = frozenset(str(e) for e in extensions)
 
     def fail_next_recovery(self, code: str = RECOVERY_EXPIRED) -> None:
         self._fail_next_recovery = code

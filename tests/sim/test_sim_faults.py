@@ -345,3 +345,45 @@ async def test_refused_upgrades_then_expired_ws_tokens(sim: Simulator, http: aio
     assert [r.status for r in sim.requests if r.path == "/ws"] == [503, 101, 4401]
     status, body = await control(http, sim, "POST", "faults/refuse-ws-upgrades", {"status": 200})
     assert status == 400
+
+
+async def test_refuse_subscriptions(http: aiohttp.ClientSession) -> None:
+    async with Simulator(SimConfig(extensions=("200000001", "200000002"))) as sim:
+        own = "/restapi/v1.0/account/~/extension/200000001/message-store?type=Fax"
+        other = "/restapi/v1.0/account/~/extension/200000002/message-store?type=Fax"
+        tok = await login(http, sim)
+        ws, _ = await connect(http, sim, tok)
+        body = {"how": "disabled", "extensions": ["200000002"]}
+        status, _ = await control(http, sim, "POST", "faults/refuse-subscriptions", body)
+        assert status == 200
+        meta, info = await subscribe(ws, [own, other])
+        assert meta["status"] == 200
+        assert info["eventFilters"] == [own]
+        assert info["disabledFilters"] == [
+            {
+                "filter": other,
+                "reason": "PermissionDenied",
+                "message": "Not allowed subscribe for messages to other extensions",
+            }
+        ]
+        sim.create_inbound_fax("200000002", "+14155550100")
+        assert await barrier(ws) == []  # nothing for the refused extension
+        sim.create_inbound_fax("200000001", "+14155550100")
+        assert len(await barrier(ws, "hb-2")) == 1
+
+        sim.refuse_subscriptions("forbidden", ["200000002"])
+        meta, body = await subscribe(ws, [own, other])
+        assert (meta["status"], body["errorCode"]) == (403, "SUB-405")
+        meta, _ = await subscribe(ws, [own])
+        assert meta["status"] == 200
+        sim.refuse_subscriptions("permission")
+        meta, body = await subscribe(ws, [own])
+        assert (meta["status"], body["errorCode"]) == (403, "SUB-528")
+        sim.refuse_subscriptions("off")
+        meta, info = await subscribe(ws, [own, other])
+        assert meta["status"] == 200
+        assert "disabledFilters" not in info
+        status, err = await control(http, sim, "POST", "faults/refuse-subscriptions", {"how": "forbidden"})
+        assert status == 400
+        assert "needs the extensions" in err["error"]
+        await ws.close()
