@@ -322,6 +322,22 @@ async def test_disabled_filters_are_surfaced_polled_and_asked_for_again_only_aft
     assert [e["extension"] for e in logs if e["event"] == "ws.push_accepted"] == [OTHER]
 
 
+async def test_a_refusal_retry_cut_short_by_a_lost_connection_is_scheduled_again() -> None:
+    async with Simulator(TWO) as sim:
+        sim.refuse_subscriptions("disabled", [OTHER])
+        async with harness(sim=sim, extensions=(EXT, OTHER)) as h:
+            await h.resync()
+            h.sim.rate_limit_storm("Medium", 20 * 60)  # the first retry (7.5-15 min) meets only 429s
+            await asyncio.sleep(16 * 60)
+            assert ("PUT", 429) in subscription_requests(h)
+            await h.dropped()  # ... and its connection is lost while it waits to try again
+            await h.until(lambda: len(h.connects()) == 2 and h.up())
+            assert h.sample("faxd_ws_recoveries_total", result="successful") == 1
+            await asyncio.sleep(60 * 60)
+            assert ("PUT", 200) in subscription_requests(h)  # the retry was not forgotten
+            assert h.session.refused_extensions == {OTHER: "PermissionDenied"}
+
+
 async def test_sub_405_keeps_the_users_own_extension_subscribed() -> None:
     async with Simulator(TWO) as sim:
         sim.refuse_subscriptions("forbidden", [OTHER])

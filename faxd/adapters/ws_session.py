@@ -458,6 +458,10 @@ class WsSession:
         while True:
             self._refusal_scheduled.clear()
             at = self._retry_refused_at
+            if at is None and self._refused:
+                # An attempt that ended with its connection asked for nothing: schedule the next.
+                self._retry_refused_at = loop.time() + next(self._refusal_backoff)
+                continue
             if at is None:
                 await self._refusal_scheduled.wait()
                 continue
