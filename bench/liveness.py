@@ -3,11 +3,11 @@
     .venv/bin/python -u bench/liveness.py                  # 60 minutes on the path, then 3 black-holes
     .venv/bin/python -u bench/liveness.py --minutes 5      # a quick look
 
-faxd runs as a real subprocess with its default `websocket` settings against the simulator (in this
-process), whose pongs come back like over a WAN path for the whole run (`Simulator.wan_path`: mostly
-tens of milliseconds, one in twenty some hundreds, about 18 spikes of 1-3 s and 7 lost pongs an hour
-at faxd's ping a second; see faxd/sim/wsg.py). RingCentral's default rate limits apply, so every
-reconnect spends a ws token from the Auth group as it would in production.
+faxd runs as a real subprocess with its default `websocket` settings (or those given by `--ping-*`)
+against the simulator (in this process), whose pongs come back like over a WAN path for the whole run
+(`Simulator.wan_path`: mostly tens of milliseconds, one in twenty some hundreds, about 18 spikes of
+1-3 s and 7 lost pongs an hour at faxd's ping a second; see faxd/sim/wsg.py). RingCentral's default
+rate limits apply, so every reconnect spends a ws token from the Auth group as it would in production.
 
 Phase 1 (`--minutes`): nothing else happens. Every connection faxd loses is a false disconnect: the
 simulator never drops one in this phase. Phase 2: `--blackholes` times, the open connection goes
@@ -62,7 +62,13 @@ async def liveness(args: argparse.Namespace) -> int:
     async with Simulator(config) as sim:
         sim.wan_path()
         ext = config.extensions[0]
-        daemon = Daemon(write_config(work, sim, [ext], logging={"level": "warning"}))
+        pings = {
+            "ping_interval": args.ping_interval,
+            "ping_timeout_min": args.ping_timeout_min,
+            "ping_timeout": args.ping_timeout,
+        }
+        websocket = {k: v for k, v in pings.items() if v is not None}
+        daemon = Daemon(write_config(work, sim, [ext], logging={"level": "warning"}, websocket=websocket))
         await daemon.start()
         code = -1
         try:
@@ -106,7 +112,9 @@ async def liveness(args: argparse.Namespace) -> int:
             code = await daemon.stop()
 
     print()
-    print(f"path                 simulator wan_path, {args.minutes:g} min, seed {args.seed}, faxd defaults")
+    given = ", ".join(f"{k} {v:g} s" for k, v in websocket.items())
+    print(f"path                 simulator wan_path, {args.minutes:g} min, seed {args.seed}")
+    print(f"websocket pings      {given or 'faxd defaults'}")
     print(
         f"pings                {phase1.get('faxd_ws_ping_rtt_seconds_count', 0):.0f}"
         f" (pongs > 0.5 s: {pongs_over(phase1, '0.5'):.0f}, > 1 s: {pongs_over(phase1, '1.0'):.0f},"
@@ -139,6 +147,9 @@ def main() -> int:
     parser.add_argument("--replace-within", type=float, default=10.0)
     parser.add_argument("--report-every", type=float, default=300.0, help="seconds between progress lines")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--ping-interval", type=float, help="websocket.ping_interval (default: faxd's)")
+    parser.add_argument("--ping-timeout-min", type=float, help="websocket.ping_timeout_min (default: faxd's)")
+    parser.add_argument("--ping-timeout", type=float, help="websocket.ping_timeout (default: faxd's)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     started = time.monotonic()
     try:
