@@ -53,6 +53,20 @@ SUBSCRIPTION_REFUSALS = {
 DISABLED_REASON = "Permission denied"
 
 
+def _subscription_route(raw_path: str) -> tuple[str, str | None]:
+    """The route template of a ClientRequest path (absolute URLs accepted too) and the
+    subscription id it names, if any."""
+    path = raw_path.split("?", 1)[0]
+    if "://" in path:
+        path = "/" + path.split("://", 1)[1].split("/", 1)[-1]
+    if path in SUBSCRIPTION_PATHS:
+        return "/restapi/v1.0/subscription", None
+    if path.startswith("/restapi/v1.0/subscription/"):
+        sub_id = path[len("/restapi/v1.0/subscription/") :].rstrip("/")
+        return "/restapi/v1.0/subscription/{subscriptionId}", sub_id
+    return path, None
+
+
 def encode_wsc(session_id: str) -> str:
     return base64.urlsafe_b64encode((_WSC_PREFIX + session_id).encode()).decode().rstrip("=")
 
@@ -489,61 +503,24 @@ class Gateway:
     def _client_request(self, conn: Connection, meta: JsonDict, body: Any) -> None:
         method = str(meta.get("method", "")).upper()
         raw_path = str(meta.get("path", ""))
-        path = raw_path.split("?", 1)[0]
-        if "://" in path:  # absolute URLs are accepted too
-            path = "/" + path.split("://", 1)[1].split("/", 1)[-1]
-        session = conn.session
-        sub_id: str | None = None
-        if path in SUBSCRIPTION_PATHS:
-            template = "/restapi/v1.0/subscription"
-        elif path.startswith("/restapi/v1.0/subscription/"):
-            sub_id = path[len("/restapi/v1.0/subscription/") :].rstrip("/")
-            template = "/restapi/v1.0/subscription/{subscriptionId}"
-        else:
-            template = path
+        template, sub_id = _subscription_route(raw_path)
         group: str | None = None
         if template.startswith("/restapi/v1.0/subscription"):
             group = "Light" if method == "GET" else "Medium"
         headers: JsonDict = {"RCRequestId": new_uuid(), "Content-Type": "application/json"}
-        status = 200
-        reply_body: Any = None
         try:
             if group is not None:
                 verdict = self._limiter.check(group)
                 headers.update(verdict.headers())
                 if not verdict.allowed:
                     raise ApiError(429, rate_exceeded_body())
-            if template == "/restapi/v1.0/subscription" and method == "POST":
-                reply_body = self._create_subscription(session, body)
-            elif sub_id is not None and method in ("GET", "PUT", "DELETE"):
-                current = session.subscription
-                if current is None or current.id != sub_id:
-                    raise ApiError(
-                        404,
-                        api_error(
-                            "CMN-102",
-                            "Resource for parameter [subscriptionId] is not found",
-                            "subscriptionId",
-                        ),
-                    )
-                if method == "GET":
-                    reply_body = self._subscription_info(current)
-                elif method == "PUT":
-                    reply_body = self._update_subscription(session, current, body)
-                else:
-                    session.subscription = None
-                    status = 204
-                    headers["WSG-SubscriptionId"] = current.id
-            elif group is not None:
-                raise ApiError(
-                    405, api_error("CMN-405", f"Method [{method}] is not allowed for this resource")
-                )
-            else:
-                raise ApiError(404, api_error("CMN-120", "Invalid URI"))
+            status, reply_body = self._subscription_request(conn.session, method, template, sub_id, body)
         except ApiError as err:
             status = err.status
             reply_body = err.body
             headers.update(err.headers)
+        if status == 204 and sub_id is not None:
+            headers["WSG-SubscriptionId"] = sub_id  # a DELETE: no body names it
         if status < 300 and isinstance(reply_body, dict) and "id" in reply_body:
             headers["WSG-SubscriptionId"] = reply_body["id"]
         self._record(method, template, group, status, "ws", raw_path)
@@ -557,6 +534,33 @@ class Gateway:
             [reply_meta] if reply_body is None else [reply_meta, reply_body],
             request=(method, template, raw_path),
         )
+
+    def _subscription_request(
+        self, session: WsgSession, method: str, template: str, sub_id: str | None, body: Any
+    ) -> tuple[int, Any]:
+        """Serve one ClientRequest: (status, body), or ApiError."""
+        if template == "/restapi/v1.0/subscription" and method == "POST":
+            return 200, self._create_subscription(session, body)
+        if sub_id is not None and method in ("GET", "PUT", "DELETE"):
+            current = session.subscription
+            if current is None or current.id != sub_id:
+                raise ApiError(
+                    404,
+                    api_error(
+                        "CMN-102",
+                        "Resource for parameter [subscriptionId] is not found",
+                        "subscriptionId",
+                    ),
+                )
+            if method == "GET":
+                return 200, self._subscription_info(current)
+            if method == "PUT":
+                return 200, self._update_subscription(session, current, body)
+            session.subscription = None
+            return 204, None
+        if template.startswith("/restapi/v1.0/subscription"):
+            raise ApiError(405, api_error("CMN-405", f"Method [{method}] is not allowed for this resource"))
+        raise ApiError(404, api_error("CMN-120", "Invalid URI"))
 
     def _check_delivery_mode(self, body: JsonDict) -> None:
         mode = body.get("deliveryMode")
