@@ -17,7 +17,6 @@ import binascii
 import contextlib
 import functools
 import json
-import logging
 import random
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from faxd.logs import get_logger
 from faxd.sim.auth import TokenStore, WsToken
 from faxd.sim.common import ApiError, JsonDict, Timers, api_error, iso, new_token, new_uuid
 from faxd.sim.config import SimConfig
@@ -35,7 +35,7 @@ from faxd.sim.observe import ObserverSet, ServedJson
 from faxd.sim.ratelimit import RateLimiter, rate_exceeded_body
 from faxd.sim.store import Change, Message, MessageStore
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _WSC_PREFIX = "wsc1:"
 #: recoveryErrorCode when the WSG session is unknown or its recovery window has passed.
@@ -405,7 +405,7 @@ class Gateway:
                 await ws.send_str(json.dumps(item.payload))
                 self._observe(item)
             except (ConnectionError, RuntimeError) as exc:
-                log.debug("ws %s: send failed: %s", conn.id, exc)
+                log.debug("sim.ws_send_failed", conn=conn.id, error=str(exc))
                 return
 
     def _observe(self, item: _Outgoing) -> None:
@@ -478,10 +478,10 @@ class Gateway:
         try:
             frame = json.loads(text)
         except ValueError:
-            log.debug("ws %s: not JSON: %.100s", conn.id, text)
+            log.debug("sim.ws_frame_ignored", conn=conn.id, detail="not JSON", frame=text[:100])
             return
         if not isinstance(frame, list) or not frame or not isinstance(frame[0], dict):
-            log.debug("ws %s: not a WSG frame: %.100s", conn.id, text)
+            log.debug("sim.ws_frame_ignored", conn=conn.id, detail="not a WSG frame", frame=text[:100])
             return
         meta: JsonDict = frame[0]
         body = frame[1] if len(frame) > 1 else None
@@ -498,7 +498,7 @@ class Gateway:
         elif kind == "ClientRequest":
             self._client_request(conn, meta, body)
         else:
-            log.debug("ws %s: ignoring frame type %r", conn.id, kind)
+            log.debug("sim.ws_frame_ignored", conn=conn.id, detail="unknown frame type", type=kind)
 
     def _client_request(self, conn: Connection, meta: JsonDict, body: Any) -> None:
         method = str(meta.get("method", "")).upper()

@@ -8,9 +8,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog.testing
 
 from faxd.sim import Simulator
 from faxd.sim.control import PREFIX, Arg, ControlError, arg, fault, marked_faults, route_table
+from faxd.sim.observe import ServedJson
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "simulator.md"
 
@@ -127,3 +129,24 @@ async def test_unknown_control_paths_are_404(sim: Simulator, http: aiohttp.Clien
     async with http.get(f"{sim.url}/_sim/faults/drop-ws") as resp:
         assert resp.status == 405
     assert sim.requests == [], "control requests are not recorded"
+
+
+async def test_log_events_are_named_area_what(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    with structlog.testing.capture_logs() as logs:
+        assert await post(http, sim, "skew-date", {"seconds": 5}) == (200, {"ok": True})
+        assert (await post(http, sim, "skew-date", {"seconds": "soon"}))[0] == 400
+    injected = {"event": "sim.fault_injected", "fault": "skew-date", "seconds": 5.0, "log_level": "info"}
+    assert logs == [injected], "one event, and none for the refused request"
+
+
+async def test_a_raising_observer_is_logged_and_the_body_still_served(http: aiohttp.ClientSession) -> None:
+    def boom(served: ServedJson) -> None:
+        raise RuntimeError("observer bug")
+
+    with structlog.testing.capture_logs() as logs:
+        async with Simulator(response_observer=boom) as sim, http.get(sim.url + "/restapi") as resp:
+            assert resp.status == 401
+            assert (await resp.json())["errorCode"] == "OAU-123"
+    assert [(e["event"], e["log_level"], e["exc_info"]) for e in logs] == [
+        ("sim.observer_failed", "error", True)
+    ]
