@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import random
 import sqlite3
 import sys
@@ -28,6 +26,7 @@ from typing import Any
 import pytest
 from socket_client import SocketClient
 
+from faxd import testbed
 from faxd.client import ConnectionLost
 from faxd.core.model import FAX_LEVEL, event_key
 from faxd.core.status import parse_time
@@ -43,28 +42,6 @@ LIMITS = {  # every start logs in afresh (Auth); keep the simulator from refusin
     "Heavy": (100, 60, 60),
     "Auth": (1000, 60, 60),
 }
-
-
-def write_config(sim: Simulator, workdir: Path) -> Path:
-    for name, value in (("client_secret", sim.config.client_secret), ("jwt", sim.config.jwt)):
-        (workdir / name).write_text(value)
-        os.chmod(workdir / name, 0o600)
-    config = {  # JSON is YAML
-        "ringcentral": {
-            "server": sim.url,
-            "client_id": sim.config.client_id,
-            "client_secret": {"file": str(workdir / "client_secret")},
-            "jwt": {"file": str(workdir / "jwt")},
-        },
-        "reconcile": {"debounce": 0.05, "max_delay": 0.3, "poll_interval": 2, "active_poll_interval": 0.5},
-        "store": {"path": str(workdir / "faxd.db")},
-        "events": {"socket": str(workdir / "events.sock")},
-        "metrics": {"listen": None},
-        "logging": {"level": "warning"},
-    }
-    path = workdir / "config.yaml"
-    path.write_text(json.dumps(config))
-    return path
 
 
 class Follower:
@@ -185,7 +162,12 @@ async def make_faxes(
 async def test_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(short_dir: Path) -> None:
     rng = random.Random(20261124)
     async with Simulator(SimConfig(seed=11, rate_limits=LIMITS)) as sim:
-        config = write_config(sim, short_dir)
+        config = testbed.write_config(
+            sim,
+            short_dir,
+            reconcile={"debounce": 0.05, "max_delay": 0.3, "poll_interval": 2, "active_poll_interval": 0.5},
+            logging={"level": "warning"},
+        )
         follower = Follower(str(short_dir / "events.sock"))
         stop_making = asyncio.Event()
         ends: dict[str, list[str]] = {}

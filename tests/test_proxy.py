@@ -20,13 +20,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 import trustme
-import yaml
 from connect_proxy import ConnectProxy, basic
 from daemon_support import started
 from ops_support import FAXD, NotifySocket, daemon, status_of, write_config, ws_up
 from prometheus_client import CollectorRegistry
 from socket_client import SocketClient
 
+from faxd import testbed
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.rest import ApiError, RingCentral
 from faxd.adapters.ws_session import WsSession, WsSettings
@@ -61,24 +61,8 @@ async def run_faxd(*args: str, env: dict[str, str] | None = None) -> tuple[int, 
 
 
 def config_file(workdir: Path, **ringcentral: object) -> Path:
-    """A config for a RingCentral nobody connects to, secrets in 0600 files."""
-    for name in ("client_secret", "jwt"):
-        (workdir / name).write_text(f"{name}-value")
-        (workdir / name).chmod(0o600)
-    data = {
-        "ringcentral": {
-            "client_id": "app",
-            "client_secret": {"file": "client_secret"},
-            "jwt": {"file": "jwt"},
-            **ringcentral,
-        },
-        "store": {"path": "faxd.db"},
-        "events": {"socket": "events.sock"},
-        "metrics": {"listen": None},
-        "logging": {"format": "json"},
-    }
-    (workdir / "config.yaml").write_text(yaml.safe_dump(data))
-    return workdir / "config.yaml"
+    """A config for RingCentral itself (nobody connects to it here), secrets in 0600 files."""
+    return testbed.write_config(None, workdir, ringcentral=ringcentral, logging={"format": "json"})
 
 
 async def test_a_password_in_the_config_file_exits_78_without_showing_it(short_dir: Path) -> None:
