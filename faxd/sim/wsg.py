@@ -53,20 +53,6 @@ SUBSCRIPTION_REFUSALS = {
 DISABLED_REASON = "Permission denied"
 
 
-def _subscription_route(raw_path: str) -> tuple[str, str | None]:
-    """The route template of a ClientRequest path (absolute URLs accepted too) and the
-    subscription id it names, if any."""
-    path = raw_path.split("?", 1)[0]
-    if "://" in path:
-        path = "/" + path.split("://", 1)[1].split("/", 1)[-1]
-    if path in SUBSCRIPTION_PATHS:
-        return "/restapi/v1.0/subscription", None
-    if path.startswith("/restapi/v1.0/subscription/"):
-        sub_id = path[len("/restapi/v1.0/subscription/") :].rstrip("/")
-        return "/restapi/v1.0/subscription/{subscriptionId}", sub_id
-    return path, None
-
-
 def encode_wsc(session_id: str) -> str:
     return base64.urlsafe_b64encode((_WSC_PREFIX + session_id).encode()).decode().rstrip("=")
 
@@ -745,3 +731,17 @@ class Gateway:
 
     def subscribed_sessions(self) -> list[WsgSession]:
         return [s for s in self.sessions.values() if s.subscription is not None]
+
+
+def _subscription_route(raw_path: str) -> tuple[str, str | None]:
+    """The route template of a ClientRequest path (absolute URLs accepted too) and the
+    subscription id it names, if any."""
+    path = raw_path.split("?", 1)[0]
+    if "://" in path:
+        path = "/" + path.split("://", 1)[1].split("/", 1)[-1]
+    if path in SUBSCRIPTION_PATHS:
+        return "/restapi/v1.0/subscription", None
+    if path.startswith("/restapi/v1.0/subscription/"):
+        sub_id = path[len("/restapi/v1.0/subscription/") :].rstrip("/")
+        return "/restapi/v1.0/subscription/{subscriptionId}", sub_id
+    return path, None
