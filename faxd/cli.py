@@ -240,29 +240,38 @@ def _cmd_store_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="config file (default: $FAXD_CONFIG or /etc/faxd/config.yaml)")
+
+
+def _with_socket(p: argparse.ArgumentParser) -> None:
+    _with_config(p)
+    p.add_argument("--socket", help="the daemon's event socket (default: from the config)")
+    p.add_argument("--json", action="store_true", help="print NDJSON instead of text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faxd", description="Fax-status daemon for RingCentral.")
     parser.add_argument("--version", action="version", version=f"faxd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_daemon_commands(sub)
+    _add_store_commands(sub)
+    _add_client_commands(sub)
+    return parser
 
-    def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-c", "--config", help="config file (default: $FAXD_CONFIG or /etc/faxd/config.yaml)")
 
-    def with_socket(p: argparse.ArgumentParser) -> None:
-        with_config(p)
-        p.add_argument("--socket", help="the daemon's event socket (default: from the config)")
-        p.add_argument("--json", action="store_true", help="print NDJSON instead of text")
-
+def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Commands that run, check or install faxd itself."""
     p = sub.add_parser("run", help="run the daemon in the foreground")
-    with_config(p)
+    _with_config(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("check-config", help="validate the config and print it with secrets masked")
-    with_config(p)
+    _with_config(p)
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("doctor", help="preflight: check the config, network, credentials and permissions")
-    with_config(p)
+    _with_config(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_doctor)
 
@@ -290,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help; main() hands its arguments to faxd.sim.cli before argparse sees them.
     sub.add_parser("simulate", help="run the RingCentral simulator alone (faxd simulate --help)")
 
+
+def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("store", help="back up or restore the store (the journal and fax states)")
     store_sub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     for name, func, text, file_help in (
@@ -302,31 +313,34 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     ):
         action = store_sub.add_parser(name, help=text, description=text)
-        with_config(action)
+        _with_config(action)
         action.add_argument("--db", help="the store's database (default: store.path of the config)")
         action.add_argument("file", help=file_help)
         action.set_defaults(func=func)
 
+
+def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Commands that talk to the running daemon over its event socket."""
     p = sub.add_parser("watch", help="follow transitions as they happen")
-    with_socket(p)
+    _with_socket(p)
     p.add_argument("--after-seq", type=int, help="first replay everything after this seq")
     p.add_argument("--fax", action="append", help="only this fax id (repeatable)")
     p.add_argument("--ref", action="append", help="only this ref (repeatable)")
     p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("status", help="one fax with its recipients, or the faxes in flight")
-    with_socket(p)
+    _with_socket(p)
     p.add_argument("fax_id", nargs="?")
     p.add_argument("--ref")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("history", help="every journalled transition of one fax")
-    with_socket(p)
+    _with_socket(p)
     p.add_argument("fax_id")
     p.set_defaults(func=_cmd_history)
 
     p = sub.add_parser("send", help="send a fax through the daemon")
-    with_socket(p)
+    _with_socket(p)
     p.add_argument("--to", action="append", required=True, help="recipient number, E.164 (repeatable)")
     p.add_argument("files", nargs="+", help="documents to send (PDF, TIFF, ...)")
     p.add_argument("--ref", help="your own reference, carried by every event of this fax")
@@ -340,7 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", choices=["High", "Low"])
     p.add_argument("--wait", action="store_true", help="follow the fax to its final status")
     p.set_defaults(func=_cmd_send)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -498,24 +498,10 @@ async def _follow(conn: Connection, fax_id: str, err: TextIO) -> int:
     reply = await conn.request({"type": "status", "fax_id": fax_id})
     if reply.get("type") != "fax":
         raise ClientError(f"lost track of fax {fax_id}: {_error_text(reply)}")
-    fax = reply["fax"]
-    fax_status = str(fax.get("status"))
-    recipients: dict[int, dict[str, Any]] = {
-        int(r["index"]): {
-            "status": r.get("status"),
-            "error_code": r.get("error_code"),
-            "phone": r.get("phone"),
-        }
-        for r in fax.get("recipients") or []
-    }
-    while True:
-        # Decide only once the messages that queued up during the requests are applied: the status
-        # snapshot may be newer than some of them, but the last event of each recipient is the truth.
-        if not conn.pending():
-            if recipients and all(r["status"] in FINAL_STATUSES for r in recipients.values()):
-                break
-            if not recipients and fax_status in FINAL_STATUSES:
-                break
+    progress = _Progress.of(reply["fax"])
+    # Decide only once the messages that queued up during the requests are applied: the status
+    # snapshot may be newer than some of them, but the last event of each recipient is the truth.
+    while conn.pending() or not progress.final():
         message = await conn.recv()
         kind = message.get("type")
         if kind in ("bye", "error"):
@@ -524,23 +510,58 @@ async def _follow(conn: Connection, fax_id: str, err: TextIO) -> int:
         if kind != "event" or message.get("fax_id") != fax_id:
             continue
         err.write(format_event(message, color=False) + "\n")
+        progress.apply(fax_id, message)
+    return progress.verdict(fax_id, err)
+
+
+class _Progress:
+    """What ``send --wait`` knows of its fax: the fax's status and each recipient's."""
+
+    def __init__(self, fax_status: str, recipients: dict[int, dict[str, Any]]) -> None:
+        self.fax_status = fax_status
+        self.recipients = recipients
+
+    @classmethod
+    def of(cls, fax: dict[str, Any]) -> _Progress:
+        """From the ``fax`` object of a ``status`` reply."""
+        recipients: dict[int, dict[str, Any]] = {
+            int(r["index"]): {
+                "status": r.get("status"),
+                "error_code": r.get("error_code"),
+                "phone": r.get("phone"),
+            }
+            for r in fax.get("recipients") or []
+        }
+        return cls(str(fax.get("status")), recipients)
+
+    def final(self) -> bool:
+        """Every recipient final, or the fax itself when it has no recipients."""
+        if self.recipients:
+            return all(r["status"] in FINAL_STATUSES for r in self.recipients.values())
+        return self.fax_status in FINAL_STATUSES
+
+    def apply(self, fax_id: str, message: dict[str, Any]) -> None:
+        """One event of the fax; ClientError when the fax went away (availability) before it finished."""
         to_status = str(message.get("to_status"))
         recipient = message.get("recipient")
         if message.get("kind") == "recipient" and isinstance(recipient, dict):
-            entry = recipients.setdefault(int(recipient["index"]), {"phone": recipient.get("phone")})
+            entry = self.recipients.setdefault(int(recipient["index"]), {"phone": recipient.get("phone")})
             entry["status"] = to_status
             entry["error_code"] = message.get("error_code")
         elif message.get("kind") == "status":
-            fax_status = to_status
+            self.fax_status = to_status
         elif message.get("kind") == "availability" and to_status != "Alive":
             raise ClientError(f"fax {fax_id} was {to_status} before it finished")
-    failed = [(index, r) for index, r in sorted(recipients.items()) if r["status"] not in SUCCESS_STATUSES]
-    if not recipients and fax_status not in SUCCESS_STATUSES:
-        err.write(f"faxd send: fax {fax_id} ended {fax_status}\n")
-        return EXIT_FAILED
-    for index, r in failed:
-        reason = r.get("error_code") or "no error code"
-        err.write(
-            f"faxd send: fax {fax_id} recipient {index} {r.get('phone') or ''} {r['status']}: {reason}\n"
-        )
-    return EXIT_FAILED if failed else EXIT_OK
+
+    def verdict(self, fax_id: str, err: TextIO) -> int:
+        """EXIT_OK if everything succeeded; else EXIT_FAILED, each failure told on ``err``."""
+        if not self.recipients and self.fax_status not in SUCCESS_STATUSES:
+            err.write(f"faxd send: fax {fax_id} ended {self.fax_status}\n")
+            return EXIT_FAILED
+        failed = [(i, r) for i, r in sorted(self.recipients.items()) if r["status"] not in SUCCESS_STATUSES]
+        for index, r in failed:
+            reason = r.get("error_code") or "no error code"
+            err.write(
+                f"faxd send: fax {fax_id} recipient {index} {r.get('phone') or ''} {r['status']}: {reason}\n"
+            )
+        return EXIT_FAILED if failed else EXIT_OK

@@ -10,6 +10,9 @@ This module must not log (logging is configured from its result), put a secret's
 message, repr or rendering, accept a secret written literally in the YAML, or do any I/O beyond
 reading the config file and the secret files and checking that the CA file exists.
 
+A field marked ``reload=True`` can change while the daemon runs (SIGHUP); `merge_reload` keeps the old
+value of every other changed key, which needs a restart.
+
 `load_section` reads one section only (the socket clients need `events`, `faxd store` needs `store`):
 nothing else in the file is validated and no secret is read. `load_config(..., defer_credentials=True)`
 is for `faxd check-config` from a shell, where `$CREDENTIALS_DIRECTORY` is unset: each
@@ -106,7 +109,11 @@ _T = TypeVar("_T")
 
 
 def _opt(default: Any, parse: _Parser, **meta: Any) -> Any:
-    """A field with a default; `parse` turns the YAML value into the field's value or raises."""
+    """A field with a default; `parse` turns the YAML value into the field's value or raises.
+
+    ``reload=True`` marks a key that a reload (SIGHUP) applies to the running daemon; every other key
+    needs a restart (see `merge_reload`). Mark a key only once the daemon part that owns it applies it.
+    """
     return dataclasses.field(default=default, metadata={"parse": parse, **meta})
 
 
@@ -477,7 +484,7 @@ class RingCentralConfig:
     """The app's client secret."""
     jwt: Secret = field(metadata=_req(_secret, _SECRET_FORMS))
     """The user's JWT credential, exchanged for access tokens."""
-    extensions: tuple[str, ...] = _opt(("~",), _extensions)
+    extensions: tuple[str, ...] = _opt(("~",), _extensions, reload=True)
     """Extension ids whose fax boxes are tracked; "~" is the JWT user's own extension."""
     ca_file: str | None = _opt(None, _ca_file)
     """PEM bundle to trust instead of the system's CAs (for a proxy or the simulator); None: system."""
@@ -487,15 +494,15 @@ class RingCentralConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class WebSocketConfig:
-    heartbeat_interval: float = _opt(60.0, _duration(positive=True))
+    heartbeat_interval: float = _opt(60.0, _duration(positive=True), reload=True)
     """Seconds between WSG Heartbeat frames we send; also how long silence is tolerated."""
-    ping_interval: float = _opt(1.0, _duration(positive=True))
+    ping_interval: float = _opt(1.0, _duration(positive=True), reload=True)
     """Seconds between WebSocket pings (a few bytes each way)."""
-    ping_timeout_min: float = _opt(0.5, _duration(positive=True))
+    ping_timeout_min: float = _opt(0.5, _duration(positive=True), reload=True)
     """Shortest wait for a pong, in seconds: the timeout follows measured round trips, never below this."""
-    ping_timeout: float = _opt(10.0, _duration(positive=True))
+    ping_timeout: float = _opt(10.0, _duration(positive=True), reload=True)
     """Longest wait for a pong, in seconds, and the wait before any round trip is measured."""
-    max_message_bytes: int = _opt(1048576, _integer(1))
+    max_message_bytes: int = _opt(1048576, _integer(1), reload=True)
     """Largest WebSocket message accepted, in bytes."""
 
     def _problems(self) -> list[str]:
@@ -509,19 +516,19 @@ class WebSocketConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ReconcileConfig:
-    debounce: float = _opt(1.0, _duration())
+    debounce: float = _opt(1.0, _duration(), reload=True)
     """Quiet period in seconds: hints for one extension within it coalesce into one reconcile."""
-    max_delay: float = _opt(5.0, _duration())
+    max_delay: float = _opt(5.0, _duration(), reload=True)
     """Longest a busy extension waits for its reconcile, in seconds (>= debounce)."""
-    poll_interval: float = _opt(300.0, _duration(positive=True))
+    poll_interval: float = _opt(300.0, _duration(positive=True), reload=True)
     """Safety poll of every extension, in seconds, whatever the WebSocket says."""
-    active_poll_interval: float = _opt(60.0, _duration(positive=True))
+    active_poll_interval: float = _opt(60.0, _duration(positive=True), reload=True)
     """Poll interval in seconds while faxes are in flight."""
-    sent_settle: float = _opt(0.0, _duration())
+    sent_settle: float = _opt(0.0, _duration(), reload=True)
     """Seconds a `Sent` status must hold before it counts as final; 0 = at once."""
-    stall_after: float = _opt(1800.0, _duration(positive=True))
+    stall_after: float = _opt(1800.0, _duration(positive=True), reload=True)
     """Seconds in `Queued` after which a fax gets one `stalled` event."""
-    rate_share: float = _opt(0.8, _share)
+    rate_share: float = _opt(0.8, _share, reload=True)
     """Share of each RingCentral rate-limit group faxd may spend, in (0, 1]."""
 
     def _problems(self) -> list[str]:
@@ -575,11 +582,11 @@ class MetricsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
-    level: str = _opt("info", _choice("debug", "info", "warning", "error"))
+    level: str = _opt("info", _choice("debug", "info", "warning", "error"), reload=True)
     """Lowest level logged: debug, info, warning or error."""
-    format: str = _opt("auto", _choice("auto", "json", "console"))
+    format: str = _opt("auto", _choice("auto", "json", "console"), reload=True)
     """auto = console on a TTY, JSON lines otherwise."""
-    redact_phi: bool = _opt(True, _boolean)
+    redact_phi: bool = _opt(True, _boolean, reload=True)
     """Replace phone numbers, names, subjects and cover texts in logs by "[PHI]"."""
 
 
@@ -781,3 +788,41 @@ def _render(obj: object) -> dict[str, Any]:
 def render_effective(config: Config) -> str:
     """The effective config as YAML, every key included; secrets appear as their source only."""
     return yaml.safe_dump(_render(config), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reload: which keys a running daemon takes over, from the `reload` mark on each field.
+
+
+def reloadable_keys() -> frozenset[str]:
+    """The dotted keys a reload (SIGHUP) applies; every other key needs a restart."""
+    return frozenset(
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(section.metadata["section"])
+        if f.metadata.get("reload", False)
+    )
+
+
+def merge_reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """The config to run with after a reload, the keys applied, and the changed keys that need a restart.
+
+    Keys that need a restart keep their old value, so a later reload names them again.
+    """
+    sections: dict[str, Any] = {}
+    applied: list[str] = []
+    restart: list[str] = []
+    for section in dataclasses.fields(old):
+        old_section, new_section = getattr(old, section.name), getattr(new, section.name)
+        kept: dict[str, Any] = {}
+        for f in dataclasses.fields(old_section):
+            before, after = getattr(old_section, f.name), getattr(new_section, f.name)
+            if before == after:
+                continue
+            if f.metadata.get("reload", False):
+                applied.append(f"{section.name}.{f.name}")
+            else:
+                restart.append(f"{section.name}.{f.name}")
+                kept[f.name] = before
+        sections[section.name] = dataclasses.replace(new_section, **kept) if kept else new_section
+    return dataclasses.replace(new, **sections), applied, restart

@@ -1,20 +1,22 @@
-"""The supervisor: wires the adapters from a :class:`Config`, runs them, and stops them in order.
+"""The supervisor: opens the daemon's services from a :class:`Config`, runs them, and stops them in order.
 
-Start-up (each step's clean-up is pushed on an exit stack and unwound in reverse):
-  store → metrics registry → HTTP session → event socket (inherited from systemd when socket-activated,
-  else bound) → /metrics → READY=1 (without waiting for RingCentral: local clients can replay the
-  journal while RingCentral is unreachable)
-Then two task groups: the consumers (the reconcile queue, the watchdog) outside, the producers
-(RingCentral login, WebSocket session, safety poller, the SIGHUP reloader) inside.
-The watchdog task sends WATCHDOG=1 at half ``$WATCHDOG_USEC`` and refreshes the STATUS= line
-(WebSocket up/down, faxes in flight, last sync).
-Reload (SIGHUP): RELOADING=1 → the config file is read again → log level/format, extensions (the WS
-filters are PUT), WebSocket and reconcile timings are applied; keys that need a restart are named and
-keep their old values; a bad file keeps the running config → READY=1.
+Start-up (:func:`_run`): each service is opened on an exit stack, whose clean-ups unwind in reverse:
+  sockets inherited from systemd → store → HTTP session and RingCentral client → the reconcile
+  :class:`Engine` (reconciler + debounced queue) → event socket (inherited when socket-activated, else
+  bound) → /metrics → READY=1 (without waiting for RingCentral: local clients can replay the journal
+  while RingCentral is unreachable).
+Then two task groups (:func:`_supervise`): the consumers (the reconcile queue, the watchdog) outside,
+the producers (the :class:`Upstream`: login, WebSocket session, safety poller; the :class:`Reloader`)
+inside. :class:`Status` owns the STATUS= line, /readyz and the gauges derived from the daemon's
+memory; the watchdog sends WATCHDOG=1 at half ``$WATCHDOG_USEC`` and refreshes STATUS=.
+Reload (SIGHUP): RELOADING=1 → the config file is read again → :func:`faxd.config.merge_reload` keeps
+the old value of every changed key not marked ``reload=True`` and names it → each reloadable part gets
+``apply(old, new)`` and changes only what it owns (log settings; queue timings; the WS filters and
+settings, poll intervals and rate share) → READY=1. A bad file keeps the running config.
 Stop (SIGTERM/SIGINT): STOPPING=1 → producers cancelled → the queue drains what it already knows,
-within ``DRAIN_DEADLINE`` → clients get ``bye`` → resources closed in reverse order → exit 0.
-A crash of any task cancels the rest and exits non-zero (systemd restarts us); every exception of the
-group is logged once.
+within ``DRAIN_DEADLINE`` → clients get ``bye`` → services closed in reverse order → exit 0.
+A crash of any task cancels the rest and exits 1 (systemd restarts us); every exception of the group
+is logged once. RingCentral refusing the credentials, a bad proxy or socket setting exit 78.
 This module must not contain protocol or fax logic; it only wires and supervises.
 """
 
@@ -22,15 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import NoReturn, Protocol
 
 import aiohttp
 import structlog
@@ -54,9 +57,12 @@ from faxd.config import (
     EX_CONFIG,
     Config,
     ConfigError,
+    EventsConfig,
+    MetricsConfig,
     ProxySetting,
     RingCentralConfig,
     load_config,
+    merge_reload,
     split_host_port,
 )
 from faxd.core import proxy
@@ -64,6 +70,7 @@ from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, FaxState
 from faxd.core.protocol import SendError, SendRequest
+from faxd.core.status import parse_time
 from faxd.core.wsg import Hint, event_filters
 from faxd.logs import configure_logging
 
@@ -74,14 +81,447 @@ CONNECT_WAIT = 30.0  # how long a send or sync request waits for the first RingC
 EX_CREDENTIALS = 78  # RingCentral refused our credentials: a restart would not help
 
 
+class FatalError(Exception):
+    """faxd cannot run: logged once, told to systemd (STATUS=, EXIT_STATUS=), exits ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _credentials_refused(exc: AuthFailed) -> FatalError:
+    """RingCentral refused the credentials (at login or mid-run): a restart would not help."""
+    return FatalError(f"RingCentral refused the credentials ({exc.code}): {exc.message}", EX_CREDENTIALS)
+
+
 class _Stop(Exception):
     """Raised inside a task group to end it in an orderly way."""
 
 
-class FatalError(Exception):
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+class _Restart(Exception):
+    """Ends a task group so that its tasks start again with new settings."""
+
+
+async def _until(event: asyncio.Event, exc: type[Exception] = _Stop) -> NoReturn:
+    await event.wait()
+    raise exc
+
+
+def _flatten(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_flatten(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+# -- settings of the adapters, from the config ----------------------------------------------------------
+
+
+def ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """The one verified TLS context for REST and WS: system trust, or only ``ca_file`` when given."""
+    ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def http_session(rc_cfg: RingCentralConfig, tls: ssl.SSLContext) -> aiohttp.ClientSession:
+    """The HTTP session of every RingCentral REST call, the daemon's and ``faxd doctor``'s alike, so
+    that how faxd reaches RingCentral (TLS, proxy, headers) is decided in one place; connection
+    settings of ``rc_cfg`` beyond TLS (a proxy) belong here."""
+    connector = aiohttp.TCPConnector(ssl=tls)
+    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"faxd/{__version__}"})
+
+
+def proxy_policy(setting: ProxySetting | None, environ: Mapping[str, str]) -> proxy.ProxyPolicy:
+    """``ringcentral.proxy`` if set (``none``: no proxy at all), else the environment's, as curl reads it."""
+    if setting is None:
+        return proxy.policy(None, environ, use_environment=True)
+    return proxy.policy(setting.proxy, environ, use_environment=False)
+
+
+def _reconcile_settings(config: Config) -> ReconcileSettings:
+    rec = config.reconcile
+    return ReconcileSettings(
+        debounce=rec.debounce,
+        max_delay=rec.max_delay,
+        poll_interval=rec.poll_interval,
+        active_poll_interval=rec.active_poll_interval,
+        stall_after=rec.stall_after,
+        sent_settle=rec.sent_settle,
+        retention_days=config.store.retention_days,
+    )
+
+
+def ws_settings(config: Config) -> WsSettings:
+    """The WebSocket settings of ``config`` (the daemon's session and ``faxd doctor``'s test)."""
+    ws = config.websocket
+    return WsSettings(
+        heartbeat_interval=ws.heartbeat_interval,
+        ping_interval=ws.ping_interval,
+        ping_timeout_min=ws.ping_timeout_min,
+        ping_timeout=ws.ping_timeout,
+        max_message_bytes=ws.max_message_bytes,
+    )
+
+
+def _event_server_settings(ev: EventsConfig) -> EventServerSettings:
+    return EventServerSettings(
+        path=ev.socket,
+        mode=ev.mode,
+        group=ev.group,
+        max_clients=ev.max_clients,
+        client_queue=ev.client_queue,
+        allowed_uids=ev.allowed_uids,
+        allowed_gids=ev.allowed_gids,
+        heartbeat_interval=ev.heartbeat_interval,
+        include_numbers=ev.include_numbers,
+    )
+
+
+@dataclass(frozen=True)
+class Route:
+    """How faxd reaches RingCentral: the proxy policy (REST and WebSocket), REST's proxy, the TLS context."""
+
+    proxies: proxy.ProxyPolicy
+    rest_proxy: proxy.Proxy | None
+    tls: ssl.SSLContext
+
+    @classmethod
+    def of(cls, rc_cfg: RingCentralConfig) -> Route:
+        """The route of ``rc_cfg`` in this environment; FatalError (exit 78) for an unusable proxy."""
+        proxies = proxy_policy(rc_cfg.proxy, os.environ)
+        try:
+            rest_proxy = proxies.proxy_for(rc_cfg.server)
+        except proxy.ProxyError as exc:
+            raise FatalError(f"proxy: {exc}", EX_CONFIG) from None
+        if rest_proxy is not None:
+            log.info("api.via_proxy", proxy=rest_proxy.url, origin=proxies.origin)
+        return cls(proxies, rest_proxy, ssl_context(rc_cfg.ca_file))
+
+
+# -- the reloadable parts ------------------------------------------------------------------------------
+
+
+class Reloadable(Protocol):
+    """A part of the running daemon that takes over new settings on a reload (SIGHUP)."""
+
+    async def apply(self, old: Config, new: Config) -> None:
+        """Change this part's own state from ``old`` to ``new``: only keys marked ``reload=True`` in
+        :mod:`faxd.config` differ (the others keep their old values)."""
+        ...
+
+
+class _Logging:
+    """``logging.*``: the log level, format and redaction."""
+
+    async def apply(self, old: Config, new: Config) -> None:
+        if new.logging != old.logging:
+            lg = new.logging
+            configure_logging(level=lg.level, fmt=lg.format, redact_phi=lg.redact_phi)
+
+
+class Engine:
+    """The reconcile engine: the reconciler and the debounced queue that feeds it (``reconcile.*``)."""
+
+    def __init__(
+        self,
+        config: Config,
+        rc: RingCentral,
+        store: Store,
+        metrics: Metrics,
+        publish: Callable[[Sequence[Event]], None],
+    ) -> None:
+        rec = config.reconcile
+        self._keys = KeyedQueue(
+            debounce=rec.debounce, max_delay=rec.max_delay, backoff_base=2.0, backoff_cap=300.0
+        )
+        self.reconciler = Reconciler(rc, store, metrics, publish, _reconcile_settings(config))
+        self.queue = ReconcileQueue(self._keys, self.reconciler, metrics)
+
+    async def apply(self, old: Config, new: Config) -> None:
+        if new.reconcile == old.reconcile:
+            return
+        settings = _reconcile_settings(new)
+        self._keys.retime(settings.debounce, settings.max_delay)
+        # Reconciler has no method for new settings (yet): it reads this attribute at each use.
+        self.reconciler.settings = settings
+
+
+class Status:
+    """What faxd tells about itself: the STATUS= line, /readyz, the journal-head and oldest-in-flight
+    gauges. The upstream reports its WebSocket state and login problem here; the rest is read from
+    the reconciler's memory and the metrics."""
+
+    def __init__(
+        self, config: Config, notifier: Notifier, metrics: Metrics, store: Store, reconciler: Reconciler
+    ) -> None:
+        self._notifier = notifier
+        self._metrics = metrics
+        self._store = store
+        self._reconciler = reconciler
+        self._poll_interval = config.reconcile.poll_interval
+        self._ws_state = "disconnected"
+        self._problem = ""
+        self._stopping = False
+
+    @property
+    def ws_state(self) -> str:
+        return self._ws_state
+
+    def set_ws_state(self, state: str) -> None:
+        """The WebSocket session's state (up, subscribing, connecting, disconnected)."""
+        self._ws_state = state
+
+    def set_problem(self, problem: str) -> None:
+        """A problem of the upstream for STATUS= (e.g. "cannot reach RingCentral"); "" when none."""
+        self._problem = problem
+
+    def line(self) -> str:
+        state = self.ws_state
+        ws = "up" if state == "up" else f"down ({state})"
+        in_flight = self._reconciler.in_flight_count()
+        last = _clock(self._metrics.last_sync_time())
+        text = f"WebSocket {ws}; {in_flight} faxes in flight; last sync {last}"
+        problems = [self._problem] if self._problem else []
+        problems += self._reconciler.problems()
+        return "; ".join([text, *problems])
+
+    def refresh(self) -> None:
+        """STATUS= when it changed; cheap enough to call after every publish."""
+        if not self._stopping:
+            self._notifier.status(self.line())
+
+    def stopping(self) -> None:
+        """STOPPING=1 with its own STATUS=, which no later refresh replaces."""
+        self._stopping = True
+        self._notifier.stopping()
+
+    def refresh_oldest_in_flight(self) -> None:
+        """The stuck-Queued alert's gauge; walks every fax in flight, so only on the watchdog's tick."""
+        created = [parse_time(f.created) or 0.0 for f in self._reconciler.in_flight()]
+        self._metrics.oldest_in_flight.set(min((c for c in created if c), default=0.0))
+
+    def published(self, _: Sequence[Event]) -> None:
+        self._metrics.journal_head.set(self._store.head_seq())
+        self.refresh()
+
+    async def ready(self) -> tuple[bool, str]:
+        """/readyz: the store answers, the WebSocket is subscribed, a sync succeeded lately."""
+        problems: list[str] = []
+        try:
+            self._store.db.execute("SELECT 1").fetchone()
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            problems.append("store not open")
+        if self.ws_state != "up":
+            problems.append("websocket not subscribed")
+        last = self._metrics.last_sync_time()
+        stale_after = 2 * self._poll_interval + 60
+        if not last:
+            problems.append("no sync yet")
+        elif time.time() - last > stale_after:
+            problems.append(f"last sync older than {stale_after:.0f}s")
+        return (not problems, "; ".join(problems) or "ok")
+
+    async def apply(self, old: Config, new: Config) -> None:
+        self._poll_interval = new.reconcile.poll_interval
+
+
+def _clock(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%SZ")
+
+
+class Upstream:
+    """RingCentral as the daemon follows it: the login, the WebSocket session, the safety poller.
+
+    It owns the resolved extension ids (``~`` becomes the JWT user's id at login) and hands the
+    engine's queue a key per hint, resync, start-up and poll. Reloads change the extensions (a PUT
+    of the subscription's filters), the WebSocket settings, the poll intervals and the rate share.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        rc: RingCentral,
+        queue: ReconcileQueue,
+        metrics: Metrics,
+        status: Status,
+        route: Route,
+    ) -> None:
+        self._config = config
+        self._rc = rc
+        self._queue = queue
+        self._metrics = metrics
+        self._status = status
+        self._route = route
+        self._ws: WsSession | None = None
+        self._poll_changed = asyncio.Event()
+        self.extensions: tuple[str, ...] = ()  # resolved ids, known after login
+        self.connected = asyncio.Event()  # set once logged in and the extensions are resolved
+
+    async def run(self) -> None:
+        """Log in, then keep the WebSocket session and the poller running until cancelled."""
+        await self._login()
+        self.extensions = self._resolve(self._config.ringcentral.extensions)
+        log.info("upstream.logged_in", extensions=len(self.extensions))
+        self.connected.set()
+        for key in self.extensions:
+            self._queue.hint(key, "startup", immediate=True)
+        self._ws = WsSession(
+            self._rc,
+            filters=event_filters(self.extensions),
+            settings=ws_settings(self._config),
+            metrics=self._metrics,
+            on_hint=self._on_hint,
+            on_resync=self._on_resync,
+            on_state=self._on_ws_state,
+            ssl_context=self._route.tls,
+            proxies=self._route.proxies,
+        )
+        self._on_ws_state("")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._ws.run())
+                tg.create_task(self._poll())
+        except* AuthFailed as group:
+            # Refresh and a new JWT grant were both refused mid-run.
+            exc = group.exceptions[0]
+            assert isinstance(exc, AuthFailed)
+            raise _credentials_refused(exc) from None
+
+    async def _login(self) -> None:
+        """Log in, retrying transient failures with backoff; wrong credentials are fatal."""
+        delays = backoff(initial=2.0, cap=60.0)
+        while True:
+            try:
+                await self._rc.login()
+                self._status.set_problem("")
+                return
+            except AuthFailed as exc:
+                raise _credentials_refused(exc) from exc
+            except ApiError as exc:
+                delay = max(next(delays), getattr(exc, "retry_after", 0.0) or 0.0)
+                self._status.set_problem(f"cannot reach RingCentral ({exc.code}), retrying")
+                self._status.refresh()
+                log.warning("auth.login_failed", code=exc.code, status=exc.status, retry_in=round(delay, 1))
+                await asyncio.sleep(delay)
+
+    def _resolve(self, wanted: Sequence[str]) -> tuple[str, ...]:
+        out: list[str] = []
+        for ext in wanted:
+            resolved = self._rc.owner_id if ext == "~" else ext
+            if resolved and resolved not in out:
+                out.append(resolved)
+        return tuple(out)
+
+    def _on_hint(self, hint: Hint) -> None:
+        if hint.extension_id in self.extensions:
+            log.debug("ws.hint_queued", extension=hint.extension_id)
+            self._queue.hint(hint.extension_id, "push")
+        else:
+            self._metrics.ws_bad_frames.labels("foreign_extension").inc()
+
+    def _on_resync(self) -> None:
+        for key in self.extensions:
+            self._queue.hint(key, "resync", immediate=True)
+
+    def _on_ws_state(self, _: str) -> None:
+        # The session reports its first state while it is being built, before self._ws is set.
+        self._status.set_ws_state(self._ws.state if self._ws is not None else "disconnected")
+        self._status.refresh()
+
+    async def _poll(self) -> NoReturn:
+        """The safety poller, started again with new intervals after a reload."""
+        while True:
+            self._poll_changed.clear()
+            settings = _reconcile_settings(self._config)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(poll_forever(self._queue, lambda: self.extensions, settings))
+                    tg.create_task(_until(self._poll_changed, _Restart))
+            except* _Restart:
+                pass
+
+    async def apply(self, old: Config, new: Config) -> None:
+        self._config = new
+        if new.reconcile != old.reconcile:
+            self._rc.set_rate_share(new.reconcile.rate_share)
+            self._poll_changed.set()
+        if self._ws is not None and new.websocket != old.websocket:
+            self._ws.update_settings(ws_settings(new))
+        if self.connected.is_set() and new.ringcentral.extensions != old.ringcentral.extensions:
+            wanted = self._resolve(new.ringcentral.extensions)
+            added = [key for key in wanted if key not in self.extensions]
+            self.extensions = wanted
+            for key in added:
+                self._queue.hint(key, "resync", immediate=True)
+            if self._ws is not None:
+                await self._ws.update_filters(event_filters(self.extensions))
+
+
+class Reloader:
+    """SIGHUP: read the config file again and hand old and new settings to each reloadable part."""
+
+    def __init__(
+        self,
+        config: Config,
+        path: str | None,
+        parts: Sequence[Reloadable],
+        *,
+        notifier: Notifier,
+        metrics: Metrics,
+        status: Status,
+    ) -> None:
+        self.config = config  # what the daemon runs with now
+        self._path = path
+        self._parts = parts
+        self._notifier = notifier
+        self._metrics = metrics
+        self._status = status
+
+    async def run(self, requested: asyncio.Event) -> NoReturn:
+        while True:
+            await requested.wait()
+            requested.clear()
+            self._notifier.reloading()
+            await self._reload()
+            self._notifier.ready(self._status.line())
+
+    async def _reload(self) -> None:
+        if self._path is None:
+            log.warning("reload.no_config_file", detail="faxd was not started from a config file")
+            return
+        log.info("reload.started", path=self._path)
+        try:
+            new = await asyncio.to_thread(load_config, self._path)
+        except ConfigError as exc:
+            self._metrics.reloads.labels("error").inc()
+            log.error(
+                "reload.failed",
+                path=self._path,
+                problems=exc.problems,
+                detail="the running configuration stays in effect",
+            )
+            return
+        await self.apply(new)
+
+    async def apply(self, new: Config) -> None:
+        effective, applied, restart = merge_reload(self.config, new)
+        old, self.config = self.config, effective
+        if restart:
+            log.warning(
+                "reload.restart_needed",
+                keys=restart,
+                detail="the old values stay in effect until systemctl restart faxd",
+            )
+        for part in self._parts:
+            await part.apply(old, effective)
+        self._metrics.reloads.labels("ok").inc()
+        log.info("reload.applied", applied=applied, restart_needed=restart)
+
+
+# -- the event socket's view of the daemon --------------------------------------------------------------
 
 
 class _Backend:
@@ -95,26 +535,18 @@ class _Backend:
 
     list_all_limit = 1000
 
-    def __init__(
-        self,
-        store: Store,
-        reconciler: Reconciler,
-        queue: ReconcileQueue,
-        extensions: list[str],
-        cover_index: int | None = 0,
-    ):
+    def __init__(self, store: Store, engine: Engine, upstream: Upstream, cover_index: int | None = 0):
         self.store = store
         self.cover_index = cover_index  # send.cover_index: for a send that names no cover page
-        self.reconciler = reconciler
-        self.queue = queue
-        self.extensions = extensions
+        self.reconciler = engine.reconciler
+        self.queue = engine.queue
+        self.upstream = upstream
         self.epoch = store.epoch
-        self.connected = asyncio.Event()  # set once logged in and the extensions are resolved
 
     async def _connected(self) -> None:
         try:
             async with asyncio.timeout(CONNECT_WAIT):
-                await self.connected.wait()
+                await self.upstream.connected.wait()
         except TimeoutError:
             raise SendError("upstream", "not connected to RingCentral") from None
 
@@ -143,14 +575,14 @@ class _Backend:
 
     async def sync(self) -> None:
         await self._connected()
-        for key in self.extensions:
+        for key in self.upstream.extensions:
             self.queue.hint(key, "request", immediate=True)
         await self.queue.wait_idle()
 
     async def send(self, request: SendRequest) -> FaxState:
         await self._connected()
         return await self.reconciler.send(
-            self.extensions[0],
+            self.upstream.extensions[0],
             to=[r.phone for r in request.to],
             documents=[Document(d.name, d.content_type, d.data) for d in request.documents],
             ref=request.ref,
@@ -160,193 +592,99 @@ class _Backend:
         )
 
 
-def ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """The one verified TLS context for REST and WS: system trust, or only ``ca_file`` when given."""
-    ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+class _Fanout:
+    """Where the reconciler's committed events go. Sinks join as their services open, so the
+    reconciler can be built before the event socket that serves its events."""
+
+    def __init__(self) -> None:
+        self._sinks: list[Callable[[Sequence[Event]], None]] = []
+
+    def subscribe(self, sink: Callable[[Sequence[Event]], None]) -> None:
+        self._sinks.append(sink)
+
+    def publish(self, events: Sequence[Event]) -> None:
+        for sink in self._sinks:
+            sink(events)
 
 
-def http_session(rc_cfg: RingCentralConfig, tls: ssl.SSLContext) -> aiohttp.ClientSession:
-    """The HTTP session of every RingCentral REST call, the daemon's and ``faxd doctor``'s alike, so
-    that how faxd reaches RingCentral (TLS, proxy, headers) is decided in one place; connection
-    settings of ``rc_cfg`` beyond TLS (a proxy) belong here."""
-    connector = aiohttp.TCPConnector(ssl=tls)
-    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": f"faxd/{__version__}"})
+# -- opening the services --------------------------------------------------------------------------------
 
 
-def proxy_policy(setting: ProxySetting | None, environ: Mapping[str, str]) -> proxy.ProxyPolicy:
-    """``ringcentral.proxy`` if set (``none``: no proxy at all), else the environment's, as curl reads it."""
-    if setting is None:
-        return proxy.policy(None, environ, use_environment=True)
-    return proxy.policy(setting.proxy, environ, use_environment=False)
+def _adopt_sockets(stack: AsyncExitStack) -> dict[str, socket.socket]:
+    """The sockets systemd passed (socket activation), closed last."""
+    inherited = listen_fds()
+    for name, sock in inherited.items():
+        stack.callback(sock.close)
+        if name != "events":
+            log.warning("daemon.unknown_socket_ignored", name=name)
+    return inherited
 
 
-async def _login(rc: RingCentral, live: _Live) -> None:
-    """Log in, retrying transient failures with backoff; wrong credentials are fatal."""
-    delays = backoff(initial=2.0, cap=60.0)
-    while True:
-        try:
-            await rc.login()
-            live.problem = ""
-            return
-        except AuthFailed as exc:
-            raise FatalError(
-                f"RingCentral refused the credentials ({exc.code}): {exc.message}", EX_CREDENTIALS
-            ) from exc
-        except ApiError as exc:
-            delay = max(next(delays), getattr(exc, "retry_after", 0.0) or 0.0)
-            live.problem = f"cannot reach RingCentral ({exc.code}), retrying"
-            live.refresh_status()
-            log.warning("login failed, retrying", code=exc.code, status=exc.status, delay=round(delay, 1))
-            await asyncio.sleep(delay)
-
-
-async def _watchdog(notifier: Notifier, metrics: Metrics, live: _Live) -> NoReturn:
-    """WATCHDOG=1 from the event loop itself (a blocked loop gets us restarted), a loop-lag probe and
-    the periodic STATUS= refresh. Never depends on RingCentral: an outage must not cause restarts."""
-    loop = asyncio.get_running_loop()
-    interval = notifier.watchdog_interval or 5.0
-    while True:
-        notifier.watchdog()
-        live.refresh_oldest_in_flight()
-        live.refresh_status()
-        before = loop.time()
-        await asyncio.sleep(interval)
-        metrics.loop_lag.set(max(0.0, loop.time() - before - interval))
-
-
-class _Restart(Exception):
-    """Ends a task group so that its tasks start again with new settings."""
-
-
-async def _until(event: asyncio.Event, exc: type[Exception] = _Stop) -> NoReturn:
-    await event.wait()
-    raise exc
-
-
-def _flatten(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_flatten(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-
-
-# What a SIGHUP can change while running; every other key needs a restart.
-RELOADABLE: dict[str, frozenset[str] | None] = {
-    "ringcentral": frozenset({"extensions"}),
-    "websocket": None,  # None: every key of the section
-    "reconcile": None,
-    "logging": None,
-    "store": frozenset(),
-    "events": frozenset(),
-    "metrics": frozenset(),
-}
-
-
-def merge_reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
-    """The config to run with after a reload, the keys applied, and the changed keys that need a restart.
-
-    Keys that need a restart keep their old value, so a later reload names them again.
-    """
-    sections: dict[str, Any] = {}
-    applied: list[str] = []
-    restart: list[str] = []
-    for section_field in dataclasses.fields(old):
-        name = section_field.name
-        old_section, new_section = getattr(old, name), getattr(new, name)
-        allowed = RELOADABLE.get(name, frozenset())
-        kept: dict[str, Any] = {}
-        for f in dataclasses.fields(old_section):
-            before, after = getattr(old_section, f.name), getattr(new_section, f.name)
-            if before == after:
-                continue
-            if allowed is None or f.name in allowed:
-                applied.append(f"{name}.{f.name}")
-            else:
-                restart.append(f"{name}.{f.name}")
-                kept[f.name] = before
-        sections[name] = dataclasses.replace(new_section, **kept) if kept else new_section
-    return dataclasses.replace(new, **sections), applied, restart
-
-
-def _reconcile_settings(config: Config) -> ReconcileSettings:
-    rec = config.reconcile
-    return ReconcileSettings(
-        debounce=rec.debounce,
-        max_delay=rec.max_delay,
-        poll_interval=rec.poll_interval,
-        active_poll_interval=rec.active_poll_interval,
-        stall_after=rec.stall_after,
-        sent_settle=rec.sent_settle,
-        retention_days=config.store.retention_days,
-    )
-
-
-def ws_settings(config: Config) -> WsSettings:
-    """The WebSocket settings of ``config`` (the daemon's session and ``faxd doctor``'s test)."""
-    ws = config.websocket
-    return WsSettings(
-        heartbeat_interval=ws.heartbeat_interval,
-        ping_interval=ws.ping_interval,
-        ping_timeout_min=ws.ping_timeout_min,
-        ping_timeout=ws.ping_timeout,
-        max_message_bytes=ws.max_message_bytes,
-    )
-
-
-def _clock(ts: float | None) -> str:
-    if not ts:
-        return "never"
-    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%SZ")
-
-
-def _unix(iso: str | None) -> float:
-    """Unix time of RingCentral's ISO 8601 timestamp, 0 if missing or unreadable."""
-    if not iso:
-        return 0.0
+def _open_store(stack: AsyncExitStack, config: Config) -> Store:
+    store = Store(config.store.path)
     try:
-        moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    except ValueError:
-        return 0.0
-    return moment.timestamp() if moment.tzinfo is not None else 0.0
+        store.open()
+    except Exception as exc:
+        raise FatalError(f"store: {exc}") from exc
+    stack.callback(store.close)
+    return store
 
 
-class _Live:
-    """What the daemon is running with now, and the STATUS= line derived from it."""
+def _open_ringcentral(stack: AsyncExitStack, config: Config, route: Route, metrics: Metrics) -> RingCentral:
+    rc_cfg = config.ringcentral
+    session = http_session(rc_cfg, route.tls)
+    stack.push_async_callback(session.close)
+    rc = RingCentral(
+        session,
+        server=rc_cfg.server,
+        client_id=rc_cfg.client_id,
+        client_secret=rc_cfg.client_secret.reveal(),
+        jwt=rc_cfg.jwt.reveal(),
+        metrics=metrics,
+        rate_share=config.reconcile.rate_share,
+        proxy=route.rest_proxy,
+    )
+    stack.push_async_callback(rc.aclose)
+    return rc
 
-    def __init__(self, config: Config, notifier: Notifier, metrics: Metrics) -> None:
-        self.config = config
-        self.notifier = notifier
-        self.metrics = metrics
-        self.ws: WsSession | None = None
-        self.reconciler: Reconciler | None = None
-        self.problem = ""
-        self.stopping = False
 
-    def ws_state(self) -> str:
-        return self.ws.state if self.ws is not None else "disconnected"
+async def _open_event_server(
+    stack: AsyncExitStack,
+    ev: EventsConfig,
+    backend: _Backend,
+    metrics: Metrics,
+    activated: socket.socket | None,
+) -> EventServer:
+    server = EventServer(_event_server_settings(ev), backend, metrics, server_name=f"faxd/{__version__}")
+    if activated is not None:
+        log.info("socket.activated", path=ev.socket, detail="passed by systemd")
+        activated.setblocking(False)
+    try:
+        await server.start(sock=activated)
+    except SocketSetupError as exc:
+        raise FatalError(str(exc), EX_CONFIG) from exc
+    stack.push_async_callback(server.close)
+    return server
 
-    def status_line(self) -> str:
-        state = self.ws_state()
-        ws = "up" if state == "up" else f"down ({state})"
-        in_flight = self.reconciler.in_flight_count() if self.reconciler is not None else 0
-        last = _clock(self.metrics.last_sync_time())
-        text = f"WebSocket {ws}; {in_flight} faxes in flight; last sync {last}"
-        problems = [self.problem] if self.problem else []
-        problems += self.reconciler.problems() if self.reconciler is not None else []
-        return "; ".join([text, *problems])
 
-    def refresh_oldest_in_flight(self) -> None:
-        """The stuck-Queued alert's gauge; walks every fax in flight, so only on the watchdog's tick."""
-        if self.reconciler is not None:
-            created = [_unix(f.created) for f in self.reconciler.in_flight()]
-            self.metrics.oldest_in_flight.set(min((c for c in created if c), default=0.0))
+async def _serve_metrics(
+    stack: AsyncExitStack,
+    config: MetricsConfig,
+    registry: CollectorRegistry,
+    ready: Callable[[], Awaitable[tuple[bool, str]]],
+) -> None:
+    if config.listen is None:
+        return
+    host, port = split_host_port(config.listen)
+    runner = web.AppRunner(metrics_app(registry, ready), access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("metrics.listening", listen=config.listen)
 
-    def refresh_status(self) -> None:
-        """STATUS= when it changed; cheap enough to call after every publish."""
-        if not self.stopping:
-            self.notifier.status(self.status_line())
+
+# -- running ---------------------------------------------------------------------------------------------
 
 
 async def run(
@@ -375,7 +713,7 @@ async def run(
             config, config_path, registry or CollectorRegistry(), stop, reload, notifier, on_ready
         )
     except FatalError as exc:
-        log.error("faxd cannot run", reason=str(exc))
+        log.error("daemon.cannot_run", reason=str(exc))
         notifier.send(f"STATUS=failed: {exc}", f"EXIT_STATUS={exc.exit_code}")
         return exc.exit_code
     finally:
@@ -393,276 +731,99 @@ async def _run(
     notifier: Notifier,
     on_ready: Callable[[], Awaitable[None] | None] | None,
 ) -> int:
+    """The lifecycle: open the services in order, READY=1, supervise, close them in reverse."""
     metrics = Metrics(registry)
     add_process_collectors(registry)
-    live = _Live(config, notifier, metrics)
-    extensions: list[str] = []  # resolved ids ("~" → the JWT user's id), known after login
-    rc_cfg = config.ringcentral
-    inherited = listen_fds()
     async with AsyncExitStack() as stack:
-        for name, sock in inherited.items():
-            stack.callback(sock.close)
-            if name != "events":
-                log.warning("ignoring an inherited socket with an unknown name", name=name)
-        store = Store(config.store.path)
-        try:
-            store.open()
-        except Exception as exc:
-            raise FatalError(f"store: {exc}") from exc
-        stack.callback(store.close)
+        inherited = _adopt_sockets(stack)
+        store = _open_store(stack, config)
+        route = Route.of(config.ringcentral)
+        rc = _open_ringcentral(stack, config, route, metrics)
+        journal = _Fanout()
+        engine = Engine(config, rc, store, metrics, journal.publish)
+        status = Status(config, notifier, metrics, store, engine.reconciler)
+        upstream = Upstream(config, rc, engine.queue, metrics, status, route)
+        backend = _Backend(store, engine, upstream, config.send.cover_index)
+        server = await _open_event_server(stack, config.events, backend, metrics, inherited.get("events"))
+        journal.subscribe(server.publish)
+        journal.subscribe(status.published)
+        await _serve_metrics(stack, config.metrics, registry, status.ready)
 
-        proxies = proxy_policy(rc_cfg.proxy, os.environ)
-        try:
-            rest_proxy = proxies.proxy_for(rc_cfg.server)
-        except proxy.ProxyError as exc:
-            raise FatalError(f"proxy: {exc}", EX_CONFIG) from None
-        if rest_proxy is not None:
-            log.info("RingCentral through a proxy", proxy=rest_proxy.url, origin=proxies.origin)
-        tls = ssl_context(rc_cfg.ca_file)
-        session = http_session(rc_cfg, tls)
-        stack.push_async_callback(session.close)
-        rc = RingCentral(
-            session,
-            server=rc_cfg.server,
-            client_id=rc_cfg.client_id,
-            client_secret=rc_cfg.client_secret.reveal(),
-            jwt=rc_cfg.jwt.reveal(),
-            metrics=metrics,
-            rate_share=config.reconcile.rate_share,
-            proxy=rest_proxy,
+        notifier.ready(status.line())
+        log.info(
+            "daemon.started", socket=config.events.socket, store=str(config.store.path), epoch=store.epoch
         )
-        stack.push_async_callback(rc.aclose)
+        if on_ready is not None and (result := on_ready()) is not None:
+            await result
 
-        server: EventServer | None = None
+        parts: list[Reloadable] = [_Logging(), engine, upstream, status]
+        reloader = Reloader(config, config_path, parts, notifier=notifier, metrics=metrics, status=status)
+        return await _supervise(engine.queue, upstream, reloader, status, notifier, metrics, stop, reload)
 
-        def publish(events: Sequence[Event]) -> None:
-            if server is not None:
-                server.publish(events)
-            metrics.journal_head.set(store.head_seq())
-            live.refresh_status()
 
-        rec = config.reconcile
-        reconciler = Reconciler(rc, store, metrics, publish, _reconcile_settings(config))
-        live.reconciler = reconciler
-        queue = ReconcileQueue(
-            KeyedQueue(debounce=rec.debounce, max_delay=rec.max_delay, backoff_base=2.0, backoff_cap=300.0),
-            reconciler,
-            metrics,
-        )
-        ev = config.events
-        backend = _Backend(store, reconciler, queue, extensions, config.send.cover_index)
-        server = EventServer(
-            EventServerSettings(
-                path=ev.socket,
-                mode=ev.mode,
-                group=ev.group,
-                max_clients=ev.max_clients,
-                client_queue=ev.client_queue,
-                allowed_uids=ev.allowed_uids,
-                allowed_gids=ev.allowed_gids,
-                heartbeat_interval=ev.heartbeat_interval,
-                include_numbers=ev.include_numbers,
-            ),
-            backend,
-            metrics,
-            server_name=f"faxd/{__version__}",
-        )
-        activated = inherited.get("events")
-        if activated is not None:
-            log.info("event socket passed by systemd (socket activation)", path=ev.socket)
-            activated.setblocking(False)
-        try:
-            await server.start(sock=activated)
-        except SocketSetupError as exc:
-            raise FatalError(str(exc), EX_CONFIG) from exc
-        stack.push_async_callback(server.close)
+async def _watchdog(notifier: Notifier, metrics: Metrics, status: Status) -> NoReturn:
+    """WATCHDOG=1 from the event loop itself (a blocked loop gets us restarted), a loop-lag probe and
+    the periodic STATUS= refresh. Never depends on RingCentral: an outage must not cause restarts."""
+    loop = asyncio.get_running_loop()
+    interval = notifier.watchdog_interval or 5.0
+    while True:
+        notifier.watchdog()
+        status.refresh_oldest_in_flight()
+        status.refresh()
+        before = loop.time()
+        await asyncio.sleep(interval)
+        metrics.loop_lag.set(max(0.0, loop.time() - before - interval))
 
-        async def ready() -> tuple[bool, str]:
-            problems: list[str] = []
+
+async def _drain(queue: ReconcileQueue, status: Status) -> None:
+    """STOPPING=1, then let the queue finish what it already knows, within the deadline."""
+    status.stopping()
+    log.info("daemon.stopping", deadline=DRAIN_DEADLINE, detail="draining the reconcile queue")
+    try:
+        async with asyncio.timeout(DRAIN_DEADLINE):
+            await queue.drain()
+    except TimeoutError:
+        log.warning("daemon.drain_timeout", detail="pending work will be redone at start-up")
+
+
+async def _supervise(
+    queue: ReconcileQueue,
+    upstream: Upstream,
+    reloader: Reloader,
+    status: Status,
+    notifier: Notifier,
+    metrics: Metrics,
+    stop: asyncio.Event,
+    reload: asyncio.Event,
+) -> int:
+    """Run the consumers around the producers until ``stop``; the exit code (FatalError raised)."""
+    started = time.monotonic()
+    fatal: list[BaseException] = []
+    crashed: list[BaseException] = []
+    try:
+        async with asyncio.TaskGroup() as consumers:
+            consumers.create_task(queue.run())
+            consumers.create_task(_watchdog(notifier, metrics, status))
             try:
-                store.db.execute("SELECT 1").fetchone()
-            except Exception:  # noqa: BLE001 - any failure means "not ready"
-                problems.append("store not open")
-            if live.ws_state() != "up":
-                problems.append("websocket not subscribed")
-            last = metrics.last_sync_time()
-            stale_after = 2 * live.config.reconcile.poll_interval + 60
-            if not last:
-                problems.append("no sync yet")
-            elif time.time() - last > stale_after:
-                problems.append(f"last sync older than {stale_after:.0f}s")
-            return (not problems, "; ".join(problems) or "ok")
-
-        if config.metrics.listen is not None:
-            host, port = split_host_port(config.metrics.listen)
-            runner = web.AppRunner(metrics_app(registry, ready), access_log=None)
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-            log.info("metrics listening", listen=config.metrics.listen)
-
-        notifier.ready(live.status_line())
-        log.info("faxd started", socket=ev.socket, store=str(config.store.path), epoch=store.epoch)
-        if on_ready is not None:
-            result = on_ready()
-            if result is not None:
-                await result
-
-        def on_hint(hint: Hint) -> None:
-            if hint.extension_id in extensions:
-                log.debug("ws hint queued", extension=hint.extension_id)
-                queue.hint(hint.extension_id, "push")
-            else:
-                metrics.ws_bad_frames.labels("foreign_extension").inc()
-
-        def on_resync() -> None:
-            for key in extensions:
-                queue.hint(key, "resync", immediate=True)
-
-        def on_state(_: str) -> None:
-            live.refresh_status()
-
-        def resolve(wanted: Sequence[str]) -> list[str]:
-            out: list[str] = []
-            for ext in wanted:
-                resolved = rc.owner_id if ext == "~" else ext
-                if resolved and resolved not in out:
-                    out.append(resolved)
-            return out
-
-        poll_changed = asyncio.Event()
-
-        async def poller() -> NoReturn:
-            """The safety poller, started again with new intervals after a reload."""
-            while True:
-                poll_changed.clear()
-                settings = _reconcile_settings(live.config)
-                try:
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(poll_forever(queue, lambda: extensions, settings))
-                        tg.create_task(_until(poll_changed, _Restart))
-                except* _Restart:
-                    pass
-
-        async def ringcentral() -> None:
-            await _login(rc, live)
-            extensions[:] = resolve(live.config.ringcentral.extensions)
-            log.info("logged in to RingCentral", extensions=len(extensions))
-            backend.connected.set()
-            for key in extensions:
-                queue.hint(key, "startup", immediate=True)
-            live.ws = WsSession(
-                rc,
-                filters=event_filters(extensions),
-                settings=ws_settings(live.config),
-                metrics=metrics,
-                on_hint=on_hint,
-                on_resync=on_resync,
-                on_state=on_state,
-                ssl_context=tls,
-                proxies=proxies,
-            )
-            live.refresh_status()
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(live.ws.run())
-                    tg.create_task(poller())
-            except* AuthFailed as group:
-                # Refresh and a new JWT grant were both refused mid-run: a restart would not help.
-                exc = group.exceptions[0]
-                assert isinstance(exc, AuthFailed)
-                raise FatalError(
-                    f"RingCentral refused the credentials ({exc.code}): {exc.message}", EX_CREDENTIALS
-                ) from None
-
-        async def apply(new: Config) -> None:
-            effective, applied, restart = merge_reload(live.config, new)
-            old, live.config = live.config, effective
-            if restart:
-                log.warning(
-                    "changed settings need a restart (systemctl restart faxd); the old values stay in effect",
-                    keys=restart,
-                )
-            if effective.logging != old.logging:
-                lg = effective.logging
-                configure_logging(level=lg.level, fmt=lg.format, redact_phi=lg.redact_phi)
-            if effective.reconcile != old.reconcile:
-                settings = _reconcile_settings(effective)
-                queue.queue.debounce, queue.queue.max_delay = settings.debounce, settings.max_delay
-                reconciler.settings = settings
-                rc.budget.share = effective.reconcile.rate_share
-                poll_changed.set()
-            if live.ws is not None and effective.websocket != old.websocket:
-                live.ws.update_settings(ws_settings(effective))
-            if backend.connected.is_set() and effective.ringcentral.extensions != old.ringcentral.extensions:
-                wanted = resolve(effective.ringcentral.extensions)
-                added = [key for key in wanted if key not in extensions]
-                extensions[:] = wanted
-                for key in added:
-                    queue.hint(key, "resync", immediate=True)
-                if live.ws is not None:
-                    await live.ws.update_filters(event_filters(extensions))
-            metrics.reloads.labels("ok").inc()
-            log.info("configuration reloaded", applied=applied, restart_needed=restart)
-
-        async def reloader() -> NoReturn:
-            while True:
-                await reload.wait()
-                reload.clear()
-                notifier.reloading()
-                if config_path is None:
-                    log.warning("reload requested, but faxd was not started from a config file")
-                    notifier.ready(live.status_line())
-                    continue
-                log.info("reloading configuration", path=config_path)
-                try:
-                    new = await asyncio.to_thread(load_config, config_path)
-                except ConfigError as exc:
-                    metrics.reloads.labels("error").inc()
-                    log.error(
-                        "reload failed; the running configuration stays in effect",
-                        path=config_path,
-                        problems=exc.problems,
-                    )
-                else:
-                    await apply(new)
-                notifier.ready(live.status_line())
-
-        started = time.monotonic()
-        fatal: list[BaseException] = []
-        crashed: list[BaseException] = []
-        try:
-            async with asyncio.TaskGroup() as consumers:
-                consumers.create_task(queue.run())
-                consumers.create_task(_watchdog(notifier, metrics, live))
-                try:
-                    async with asyncio.TaskGroup() as producers:
-                        producers.create_task(ringcentral())
-                        producers.create_task(reloader())
-                        producers.create_task(_until(stop))
-                except* _Stop:
-                    pass
-                live.stopping = True
-                notifier.stopping()
-                log.info("stopping: draining the reconcile queue", deadline=DRAIN_DEADLINE)
-                try:
-                    async with asyncio.timeout(DRAIN_DEADLINE):
-                        await queue.drain()
-                except TimeoutError:
-                    log.warning("drain deadline passed; pending work will be redone at start-up")
-                raise _Stop
-        except* _Stop:
-            pass
-        except* FatalError as group:
-            fatal = _flatten(group)
-        except* Exception as group:  # noqa: BLE001 - the supervisor logs every crash once, then exits 1
-            crashed = _flatten(group)
-        if fatal:
-            raise fatal[0]
-        for error in crashed:
-            log.error("faxd crashed", error=repr(error), exc_info=error)
-        if crashed:
-            return 1
-        log.info("faxd stopped", uptime_s=round(time.monotonic() - started, 1))
-        return 0
+                async with asyncio.TaskGroup() as producers:
+                    producers.create_task(upstream.run())
+                    producers.create_task(reloader.run(reload))
+                    producers.create_task(_until(stop))
+            except* _Stop:
+                pass
+            await _drain(queue, status)
+            raise _Stop
+    except* _Stop:
+        pass
+    except* FatalError as group:
+        fatal = _flatten(group)
+    except* Exception as group:  # noqa: BLE001 - the supervisor logs every crash once, then exits 1
+        crashed = _flatten(group)
+    if fatal:
+        raise fatal[0]
+    for error in crashed:
+        log.error("daemon.crashed", error=repr(error), exc_info=error)
+    if crashed:
+        return 1
+    log.info("daemon.stopped", uptime_s=round(time.monotonic() - started, 1))
+    return 0

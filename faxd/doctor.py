@@ -358,8 +358,6 @@ class _Doctor:
 
         Returns the ``Date`` header with the local times the request was sent and answered.
         """
-        url = self.config.ringcentral.server + "/restapi"
-        host = f"{self.server.hostname}:{self.server.port or (443 if self.server.scheme == 'https' else 80)}"
         if self.proxy_error is not None:
             self.add(
                 "connection",
@@ -368,13 +366,8 @@ class _Doctor:
                 "fix or unset the proxy environment variable named above, or set ringcentral.proxy",
             )
             return None
-        headers = {"Accept": "application/json"}
-        proxy_headers: dict[str, str] | None = None
-        if self.proxy is not None and (auth := self.proxy.authorization()) is not None:
-            if self.server.scheme == "https":
-                proxy_headers = {"Proxy-Authorization": auth}  # on the CONNECT only
-            else:
-                headers["Proxy-Authorization"] = auth  # a forwarded plain-http request
+        url = self.config.ringcentral.server + "/restapi"
+        headers, proxy_headers = self._probe_headers()
         sent = time.time()
         try:
             async with self.session.get(
@@ -389,63 +382,11 @@ class _Doctor:
                 received = time.time()
                 date = resp.headers.get("Date")
                 status = resp.status
-        except aiohttp.ClientConnectorCertificateError as exc:
-            reason = getattr(exc.certificate_error, "verify_message", None) or str(exc.certificate_error)
-            self.add(
-                "connection",
-                FAIL,
-                f"the TLS certificate of {host} is not trusted: {reason}",
-                "if a TLS-inspecting proxy or a private CA sits between this host and RingCentral, set "
-                "ringcentral.ca_file to its CA bundle (PEM); if the name does not match, ringcentral.server "
-                "must use the name the certificate is for; else update the system's CA certificates",
-            )
-            return None
-        except aiohttp.ClientProxyConnectionError as exc:
-            self.add(
-                "connection",
-                FAIL,
-                f"cannot reach the HTTP proxy: {exc.os_error.strerror or exc.os_error}",
-                "check the proxy's address and that it is up; without a proxy, remove its setting",
-            )
-            return None
-        except aiohttp.ClientSSLError as exc:
-            self.add(
-                "connection",
-                FAIL,
-                f"the TLS handshake with {host} failed: {exc}",
-                "faxd needs TLS 1.2 or later; a proxy that intercepts TLS needs its CA in "
-                "ringcentral.ca_file",
-            )
-            return None
-        except aiohttp.ClientConnectorError as exc:
-            self.add(
-                "connection",
-                FAIL,
-                f"cannot connect to {host}: {exc.os_error.strerror or exc.os_error}",
-                f"check ringcentral.server ({self.config.ringcentral.server}), DNS, and that this host may "
-                f"open TCP connections to port {host.rsplit(':', 1)[1]} (firewall); if it reaches the "
-                "internet only through an HTTP proxy, configure that proxy",
-            )
-            return None
-        except TimeoutError:
-            self.add(
-                "connection",
-                FAIL,
-                f"{host} did not answer within {PROBE_TIMEOUT.total:g} s",
-                "a firewall that drops packets, or a proxy that does not forward: check the path to "
-                f"{host} (curl -v {url})",
-            )
-            return None
-        except aiohttp.ClientError as exc:
-            self.add(
-                "connection",
-                FAIL,
-                f"GET {url} failed: {type(exc).__name__}: {exc}",
-                f"check ringcentral.server ({self.config.ringcentral.server}) and the network path",
-            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.add("connection", FAIL, *self._unreachable(exc, url))
             return None
         self.report.requests[NO_THROTTLING] += 1
-        answered = f"{host} answered GET /restapi (HTTP {status})"
+        answered = f"{self._host()} answered GET /restapi (HTTP {status})"
         if self.server.scheme != "https":
             self.add(
                 "connection",
@@ -457,6 +398,62 @@ class _Doctor:
         else:
             self.add("connection", PASS, f"{answered} over TLS (1.2 or later), certificate verified")
         return date, sent, received
+
+    def _host(self) -> str:
+        """host:port of the server, the port spelled out."""
+        return f"{self.server.hostname}:{self.server.port or (443 if self.server.scheme == 'https' else 80)}"
+
+    def _probe_headers(self) -> tuple[dict[str, str], dict[str, str] | None]:
+        """The probe's headers, and the proxy's (with the daemon's proxy credentials)."""
+        headers = {"Accept": "application/json"}
+        proxy_headers: dict[str, str] | None = None
+        if self.proxy is not None and (auth := self.proxy.authorization()) is not None:
+            if self.server.scheme == "https":
+                proxy_headers = {"Proxy-Authorization": auth}  # on the CONNECT only
+            else:
+                headers["Proxy-Authorization"] = auth  # a forwarded plain-http request
+        return headers, proxy_headers
+
+    def _unreachable(self, exc: aiohttp.ClientError | TimeoutError, url: str) -> tuple[str, str]:
+        """What went wrong on the way to the server, and the fix (most specific failure first)."""
+        host = self._host()
+        server = self.config.ringcentral.server
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            reason = getattr(exc.certificate_error, "verify_message", None) or str(exc.certificate_error)
+            return (
+                f"the TLS certificate of {host} is not trusted: {reason}",
+                "if a TLS-inspecting proxy or a private CA sits between this host and RingCentral, set "
+                "ringcentral.ca_file to its CA bundle (PEM); if the name does not match, ringcentral.server "
+                "must use the name the certificate is for; else update the system's CA certificates",
+            )
+        if isinstance(exc, aiohttp.ClientProxyConnectionError):
+            return (
+                f"cannot reach the HTTP proxy: {exc.os_error.strerror or exc.os_error}",
+                "check the proxy's address and that it is up; without a proxy, remove its setting",
+            )
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return (
+                f"the TLS handshake with {host} failed: {exc}",
+                "faxd needs TLS 1.2 or later; a proxy that intercepts TLS needs its CA in "
+                "ringcentral.ca_file",
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return (
+                f"cannot connect to {host}: {exc.os_error.strerror or exc.os_error}",
+                f"check ringcentral.server ({server}), DNS, and that this host may "
+                f"open TCP connections to port {host.rsplit(':', 1)[1]} (firewall); if it reaches the "
+                "internet only through an HTTP proxy, configure that proxy",
+            )
+        if isinstance(exc, TimeoutError):
+            return (
+                f"{host} did not answer within {PROBE_TIMEOUT.total:g} s",
+                "a firewall that drops packets, or a proxy that does not forward: check the path to "
+                f"{host} (curl -v {url})",
+            )
+        return (
+            f"GET {url} failed: {type(exc).__name__}: {exc}",
+            f"check ringcentral.server ({server}) and the network path",
+        )
 
     def _clock(self, date: str | None, sent: float, received: float) -> None:
         if date is None:

@@ -80,7 +80,7 @@ async def test_sigterm_stops_the_daemon_in_order_with_exit_0(sim: Simulator, sho
     lines: list[dict[str, object]] = []
     async with asyncio.timeout(30):
         # SIGTERM once it has logged in to RingCentral, so there is a session to close.
-        while not lines or lines[-1]["event"] != "logged in to RingCentral":
+        while not lines or lines[-1]["event"] != "upstream.logged_in":
             line = await proc.stdout.readline()
             assert line, "faxd exited early"
             lines.append(json.loads(line))
@@ -89,7 +89,7 @@ async def test_sigterm_stops_the_daemon_in_order_with_exit_0(sim: Simulator, sho
     lines.extend(json.loads(x) for x in rest.decode().splitlines() if x.strip())
     assert proc.returncode == 0
     events = [str(line["event"]) for line in lines]
-    assert events.index("faxd started") < events.index("faxd stopped")
+    assert events.index("daemon.started") < events.index("daemon.stopped")
     assert not (short_dir / "events.sock").exists(), "the socket file must be unlinked on exit"
     for line in lines:
         assert "faxd-sim-jwt" not in json.dumps(line)

@@ -258,3 +258,19 @@ def test_shut_down_drops_new_hints_runs_what_is_pending_now_and_retries_nothing(
     assert q.pop(0.4) == ("e2", {"poll"})  # the hint taken before the shutdown runs at once
     q.done("e2", 0.5, ok=True)
     assert q.is_idle()
+
+
+def test_retime_shapes_the_next_burst_and_refuses_a_bound_below_the_quiet_period(q: KeyedQueue) -> None:
+    q.add("e1", "push", now=0.0)
+    q.pop(0.0)
+    q.done("e1", 0.0, ok=True)
+    q.add("e1", "push", now=0.5)  # pending under the old timings: due at 1.0 (rate cap)
+    q.retime(3.0, 4.0)
+    assert q.next_deadline() == pytest.approx(1.0), "a pending key keeps its due time"
+    q.add("e1", "push", now=0.9)  # the next hint slides it by the new quiet period, within the new bound
+    assert q.next_deadline() == pytest.approx(3.9)
+    q.add("e1", "push", now=3.8)
+    assert q.next_deadline() == pytest.approx(4.5), "first hint at 0.5 + the new max_delay"
+    with pytest.raises(ValueError, match="max_delay"):
+        q.retime(2.0, 1.0)
+    assert (q.debounce, q.max_delay) == (3.0, 4.0)

@@ -155,3 +155,15 @@ async def test_credentials_revoked_mid_run_exit_78_without_a_login_storm(
         assert await task == 78
     grants = [r.status for r in sim.requests_to("/restapi/oauth/token")]
     assert grants == [200, 400, 400], "login; then one refresh and one JWT grant, both refused; then stop"
+
+
+async def test_credentials_refused_at_start_exit_78_after_one_grant(
+    sim: Simulator, make_config: Callable[..., Config]
+) -> None:
+    """A JWT RingCentral refuses at the first login: exit 78 (the unit's RestartPreventExitStatus), with
+    no retry, since a restart would not help either."""
+    config = make_config(sim)
+    sim.config.jwt = "another-jwt"  # the one in faxd's secret file is no longer valid
+    async with asyncio.timeout(30):
+        assert await daemon.run(config, registry=CollectorRegistry()) == 78
+    assert [r.status for r in sim.requests_to("/restapi/oauth/token")] == [400]

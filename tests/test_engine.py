@@ -755,7 +755,7 @@ async def test_a_stall_is_found_by_a_poll_once_not_by_every_push(sim: Simulator,
         await e.until({(fid, FAX_LEVEL, "stalled", "Queued")})
         await e.reconcile("poll", "push")
         assert len([x for x in e.events if x.transition.kind is EventKind.STALLED]) == 1
-        assert fid in e.reconciler._stalled  # not checked (nor journalled) again
+        assert e.reconciler.tracker.is_stalled(fid)  # not checked (nor journalled) again
 
 
 class Wall:

@@ -255,14 +255,14 @@ async def test_a_refusing_proxy_gives_a_clear_error_and_login_backs_off(
                 assert await faxd.stop() == 0
         finally:
             notify.close()
-    failures = [line for line in faxd.lines if line.get("event") == "login failed, retrying"]
+    failures = [line for line in faxd.lines if line.get("event") == "auth.login_failed"]
     refusals = guarded.seen
     assert all(r.status == 407 and r.authorization == basic("faxd", SECRET) for r in refusals)
     assert {f["code"] for f in failures} == {"proxy_407"}
     # One CONNECT per login attempt, each after the delay the previous failure announced.
     assert len(failures) <= len(refusals) <= len(failures) + 1
     for refused, failure, following in zip(refusals, failures, refusals[1:], strict=False):
-        assert following.at - refused.at >= failure["delay"] - 0.1
+        assert following.at - refused.at >= failure["retry_in"] - 0.1
     refused_lines = [line for line in faxd.lines if line.get("event") == "api.proxy_refused"]
     assert refused_lines
     assert {line["proxy"] for line in refused_lines} == {guarded.url}

@@ -139,7 +139,7 @@ async def test_socket_activation_serves_the_inherited_socket(sim: Simulator, sho
         assert hello["type"] == "hello"
         writer.close()
         await writer.wait_closed()
-        line = await faxd.wait_event("event socket passed by systemd (socket activation)")
+        line = await faxd.wait_event("socket.activated")
         assert line["level"] == "info"
         assert not (short_dir / "configured.sock").exists(), "the configured path must not be bound"
         faxd.signal(signal.SIGTERM)
@@ -162,18 +162,18 @@ async def test_sigterm_with_work_in_flight_journals_everything_and_exits_0(
         logging={"format": "json", "level": "debug"},
     )
     async with asyncio.timeout(30), daemon(config) as faxd:
-        await faxd.wait_event("logged in to RingCentral")
+        await faxd.wait_event("upstream.logged_in")
         await faxd.wait_event("ws.subscribed")
         start = len(faxd.lines)
         fax_id = sim.create_outbound_fax(None, [RecipientScript("+16505550100", after=3600)])
-        await faxd.wait_event("ws hint queued", start)
+        await faxd.wait_event("ws.hint_queued", start)
         signalled = time.monotonic()
         faxd.signal(signal.SIGTERM)
         assert await faxd.wait() == 0
         took = time.monotonic() - signalled
     assert took < DRAIN_DEADLINE
     events = faxd.events
-    assert events.index("stopping: draining the reconcile queue") < events.index("faxd stopped")
+    assert events.index("daemon.stopping") < events.index("daemon.stopped")
     store = Store(short_dir / "faxd.db")
     store.open()
     try:
@@ -401,7 +401,7 @@ async def test_events_group_of_a_group_faxd_is_not_in_is_a_clear_error(short_dir
     faxd = await _spawn(_group_config(short_dir, stranger.gr_name), spawn)
     async with asyncio.timeout(30):
         assert await faxd.wait() == 78
-    (line,) = [line for line in faxd.lines if line.get("event") == "faxd cannot run"]
+    (line,) = [line for line in faxd.lines if line.get("event") == "daemon.cannot_run"]
     uid = os.geteuid()
     assert line["reason"] == (
         f"events.group: cannot give the event socket {short_dir / 'events.sock'} to group "

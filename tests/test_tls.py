@@ -75,7 +75,7 @@ async def _refused(sim: Simulator, short_dir: Path, ca_file: Path | None) -> Non
     ringcentral = {"ca_file": ca_file.name} if ca_file else {}
     config = write_config(short_dir, sim, ringcentral=ringcentral)
     async with asyncio.timeout(30), daemon(config) as faxd:
-        failed = await faxd.wait_event("login failed, retrying")
+        failed = await faxd.wait_event("auth.login_failed")
         assert failed["code"] == "connection"
         assert await faxd.stop() == 0
     assert not sim.requests, "nothing may reach a server that failed verification"

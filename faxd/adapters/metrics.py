@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import platform
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from itertools import product
 
 import prometheus_client
 from aiohttp import web
@@ -118,227 +119,219 @@ def add_process_collectors(registry: CollectorRegistry) -> None:
     GCCollector(registry=registry)
 
 
+def _counter(
+    r: CollectorRegistry,
+    name: str,
+    doc: str,
+    labels: Sequence[str] = (),
+    children: Iterable[tuple[str, ...]] = (),
+) -> Counter:
+    """A counter; ``children`` are the label values known in advance, created so they scrape as 0."""
+    counter = Counter(name, doc, list(labels), registry=r)
+    for values in children:
+        counter.labels(*values)
+    return counter
+
+
+def _gauge(r: CollectorRegistry, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+    return Gauge(name, doc, list(labels), registry=r)
+
+
+def _histogram(
+    r: CollectorRegistry, name: str, doc: str, buckets: Sequence[float], labels: Sequence[str] = ()
+) -> Histogram:
+    return Histogram(name, doc, list(labels), registry=r, buckets=buckets)
+
+
 class Metrics:
-    """All metric families of faxd, registered in ``registry``."""
+    """All metric families of faxd, registered in ``registry`` (in this order on a scrape)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         # Counters and histograms would each get a `_created` series: noise for Prometheus.
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
-        r = registry
-        self.build_info = Info("faxd_build", "faxd version.", registry=r)
+        self.build_info = Info("faxd_build", "faxd version.", registry=registry)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
+        self._websocket(registry)
+        self._auth_and_rest(registry)
+        self._reconcile(registry)
+        self._socket_and_process(registry)
 
-        # WebSocket session
+    def _websocket(self, r: CollectorRegistry) -> None:
         self.ws_state = Enum(
             "faxd_ws_state", "State of the WebSocket session.", states=list(WS_STATES), registry=r
         )
-        self.ws_connects = Counter(
+        self.ws_connects = _counter(
+            r,
             "faxd_ws_connects_total",
             "WebSocket connections opened, fresh or by session recovery.",
             ["kind"],
-            registry=r,
+            product(WS_CONNECT_KINDS),
         )
-        for kind in WS_CONNECT_KINDS:
-            self.ws_connects.labels(kind)
-        self.ws_disconnects = Counter(
+        self.ws_disconnects = _counter(
+            r,
             "faxd_ws_disconnects_total",
             "WebSocket connections lost, by reason.",
             ["reason"],
-            registry=r,
+            product(WS_DISCONNECT_REASONS),
         )
-        for reason in WS_DISCONNECT_REASONS:
-            self.ws_disconnects.labels(reason)
-        self.ws_recoveries = Counter(
+        self.ws_recoveries = _counter(
+            r,
             "faxd_ws_recoveries_total",
             "WSG session recoveries attempted, by result.",
             ["result"],
-            registry=r,
+            product(("successful", "failed")),
         )
-        for result in ("successful", "failed"):
-            self.ws_recoveries.labels(result)
-        self.ws_last_message = Gauge(
+        self.ws_last_message = _gauge(
+            r,
             "faxd_ws_last_message_timestamp_seconds",
             "Unix time of the last frame received from the WebSocket gateway.",
-            registry=r,
         )
-        self.ws_bad_frames = Counter(
+        self.ws_bad_frames = _counter(
+            r,
             "faxd_ws_bad_frames_total",
             "WebSocket frames ignored as malformed or foreign, by reason.",
             ["reason"],
-            registry=r,
+            product(WS_BAD_FRAME_REASONS),
         )
-        for reason in WS_BAD_FRAME_REASONS:
-            self.ws_bad_frames.labels(reason)
-        self.ws_hints = Counter("faxd_ws_hints_total", "Fax change notifications received.", registry=r)
-        self.ws_ping_rtt = Histogram(
+        self.ws_hints = _counter(r, "faxd_ws_hints_total", "Fax change notifications received.")
+        self.ws_ping_rtt = _histogram(
+            r,
             "faxd_ws_ping_rtt_seconds",
             "Round trip of WebSocket pings (what the pong timeout adapts to).",
-            registry=r,
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.ws_ping_timeout = Gauge(
+        self.ws_ping_timeout = _gauge(
+            r,
             "faxd_ws_ping_timeout_seconds",
             "How long the next pong may take before the connection is called dead.",
-            registry=r,
         )
 
-        # Auth
-        self.token_expiry = Gauge(
-            "faxd_token_expiry_timestamp_seconds",
-            "Unix time when the access token expires.",
-            registry=r,
+    def _auth_and_rest(self, r: CollectorRegistry) -> None:
+        self.token_expiry = _gauge(
+            r, "faxd_token_expiry_timestamp_seconds", "Unix time when the access token expires."
         )
-        self.token_refreshes = Counter(
+        self.token_refreshes = _counter(
+            r,
             "faxd_token_refreshes_total",
             "OAuth token grants, by grant and result.",
             ["grant", "result"],
-            registry=r,
+            product(TOKEN_GRANTS, TOKEN_RESULTS),
         )
-        for grant in TOKEN_GRANTS:
-            for result in TOKEN_RESULTS:
-                self.token_refreshes.labels(grant, result)
-
-        # REST
-        self.api_requests = Counter(
+        self.api_requests = _counter(
+            r,
             "faxd_api_requests_total",
             "RingCentral REST requests, by endpoint template and code.",
             ["endpoint", "code"],
-            registry=r,
         )
-        self.api_latency = Histogram(
+        self.api_latency = _histogram(
+            r,
             "faxd_api_request_duration_seconds",
             "RingCentral REST request latency.",
+            (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             ["endpoint"],
-            registry=r,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        self.api_bad_bodies = Counter(
-            "faxd_api_bad_bodies_total",
-            "REST response bodies that could not be understood.",
-            ["endpoint"],
-            registry=r,
+        self.api_bad_bodies = _counter(
+            r, "faxd_api_bad_bodies_total", "REST response bodies that could not be understood.", ["endpoint"]
         )
-        self.rate_remaining = Gauge(
-            "faxd_rate_limit_remaining",
-            "Requests left in the window, per RingCentral group.",
-            ["group"],
-            registry=r,
+        self.rate_remaining = _gauge(
+            r, "faxd_rate_limit_remaining", "Requests left in the window, per RingCentral group.", ["group"]
         )
-        self.rate_limit = Gauge(
-            "faxd_rate_limit_limit",
-            "Requests allowed in the window, per RingCentral group.",
-            ["group"],
-            registry=r,
+        self.rate_limit = _gauge(
+            r, "faxd_rate_limit_limit", "Requests allowed in the window, per RingCentral group.", ["group"]
         )
-        self.rate_429 = Counter(
+        self.rate_429 = _counter(
+            r,
             "faxd_rate_limited_total",
             "429 answers received, per RingCentral group.",
             ["group"],
-            registry=r,
+            product(GROUPS),
         )
-        for group in GROUPS:
-            self.rate_429.labels(group)
 
-        # Reconcile
-        self.reconciles = Counter(
+    def _reconcile(self, r: CollectorRegistry) -> None:
+        self.reconciles = _counter(
+            r,
             "faxd_reconciles_total",
             "Reconciles run, by trigger and result.",
             ["trigger", "result"],
-            registry=r,
+            product(RECONCILE_TRIGGERS, ("ok", "error")),
         )
-        for trigger in RECONCILE_TRIGGERS:
-            for result in ("ok", "error"):
-                self.reconciles.labels(trigger, result)
-        self.reconcile_duration = Histogram(
+        self.reconcile_duration = _histogram(
+            r,
             "faxd_reconcile_duration_seconds",
             "Time one reconcile of one extension took.",
-            registry=r,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
-        self.sync_token_resets = Counter(
+        self.sync_token_resets = _counter(
+            r,
             "faxd_sync_token_resets_total",
             "Incremental syncs refused (400) whose sync token was dropped for a full sync, by error code.",
             ["code"],
-            registry=r,
+            product(SYNC_RESET_CODES),
         )
-        for code in SYNC_RESET_CODES:
-            self.sync_token_resets.labels(code)
-        self.full_sync_failing = Gauge(
+        self.full_sync_failing = _gauge(
+            r,
             "faxd_full_sync_failing",
             "Extensions whose last full sync failed; each is retried with backoff.",
-            registry=r,
         )
-        self.extensions_not_found = Gauge(
+        self.extensions_not_found = _gauge(
+            r,
             "faxd_extensions_not_found",
             "Configured extensions RingCentral answers 404 CMN-102 (extensionId) for: deleted or mistyped.",
-            registry=r,
         )
-        self.queue_depth = Gauge("faxd_queue_depth", "Extensions waiting to be reconciled.", registry=r)
-        self.last_sync = Gauge(
-            "faxd_last_sync_timestamp_seconds",
-            "Unix time of the last successful reconcile.",
-            registry=r,
+        self.queue_depth = _gauge(r, "faxd_queue_depth", "Extensions waiting to be reconciled.")
+        self.last_sync = _gauge(
+            r, "faxd_last_sync_timestamp_seconds", "Unix time of the last successful reconcile."
         )
-        self.transitions = Counter(
+        self.transitions = _counter(
+            r,
             "faxd_transitions_total",
             "Status transitions journalled, by direction and to_status.",
             ["direction", "to_status"],
-            registry=r,
+            product(("Outbound", "Inbound"), [status.value for status in FaxStatus]),
         )
-        for direction in ("Outbound", "Inbound"):
-            for status in FaxStatus:
-                self.transitions.labels(direction, status.value)
-        self.failures = Counter(
+        self.failures = _counter(
+            r,
             "faxd_fax_failures_total",
             "Recipients that ended in failure, by error category.",
             ["category"],
-            registry=r,
+            product(CATEGORIES),
         )
-        for category in CATEGORIES:
-            self.failures.labels(category)
-        self.in_flight = Gauge("faxd_faxes_in_flight", "Faxes whose status can still change.", registry=r)
-        self.oldest_in_flight = Gauge(
+        self.in_flight = _gauge(r, "faxd_faxes_in_flight", "Faxes whose status can still change.")
+        self.oldest_in_flight = _gauge(
+            r,
             "faxd_oldest_in_flight_fax_timestamp_seconds",
             "Unix creation time of the oldest fax still in flight; 0 when none is.",
-            registry=r,
         )
-        self.time_to_final = Histogram(
+        self.time_to_final = _histogram(
+            r,
             "faxd_time_to_final_seconds",
             "From a fax's creation to its final status.",
-            registry=r,
-            buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+            (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
         )
-        self.missed_by_push = Counter(
-            "faxd_missed_by_push_total",
-            "Transitions first found by a poll rather than after a push hint.",
-            registry=r,
+        self.missed_by_push = _counter(
+            r, "faxd_missed_by_push_total", "Transitions first found by a poll rather than after a push hint."
         )
 
-        # Event socket and journal
-        self.subscribers = Gauge(
-            "faxd_socket_subscribers", "Clients subscribed on the event socket.", registry=r
-        )
-        self.socket_disconnects = Counter(
+    def _socket_and_process(self, r: CollectorRegistry) -> None:
+        self.subscribers = _gauge(r, "faxd_socket_subscribers", "Clients subscribed on the event socket.")
+        self.socket_disconnects = _counter(
+            r,
             "faxd_socket_disconnects_total",
             "Event socket clients disconnected, by reason.",
             ["reason"],
-            registry=r,
+            product(SOCKET_DISCONNECT_REASONS),
         )
-        for reason in SOCKET_DISCONNECT_REASONS:
-            self.socket_disconnects.labels(reason)
-        self.journal_head = Gauge("faxd_journal_head_seq", "Newest journal seq.", registry=r)
-        self.journal_oldest = Gauge("faxd_journal_oldest_seq", "Oldest journal seq still kept.", registry=r)
-        self.loop_lag = Gauge(
-            "faxd_event_loop_lag_seconds", "How late the last event-loop probe ran.", registry=r
+        self.journal_head = _gauge(r, "faxd_journal_head_seq", "Newest journal seq.")
+        self.journal_oldest = _gauge(r, "faxd_journal_oldest_seq", "Oldest journal seq still kept.")
+        self.loop_lag = _gauge(r, "faxd_event_loop_lag_seconds", "How late the last event-loop probe ran.")
+        self.reloads = _counter(
+            r,
+            "faxd_config_reloads_total",
+            "Configuration reloads (SIGHUP), by result.",
+            ["result"],
+            product(("ok", "error")),
         )
-
-        # Process
-        self.reloads = Counter(
-            "faxd_config_reloads_total", "Configuration reloads (SIGHUP), by result.", ["result"], registry=r
-        )
-        for result in ("ok", "error"):
-            self.reloads.labels(result)
 
     def last_sync_time(self) -> float:
         """Unix time of the last successful reconcile, 0 if none (for STATUS= and /readyz)."""

@@ -31,16 +31,22 @@ Three parts, all thin around the core:
      and ``settled`` events (the ``Sent`` settle rule,
      :func:`faxd.core.status.settled`), committed with step 2's states.
 
-  Memory holds only the faxes that can still produce an event: in flight, or waiting to settle
-  (:attr:`Reconciler.faxes`, indexed per extension). Every other fax lives only in the store: a
-  record that message-sync returns for such a fax is diffed against its stored state, read by id
-  (one batched query per reconcile) before the diff, so nothing is repeated or lost; ``status``,
-  ``history`` and ``by_ref`` read it by primary key (or the UNIQUE ``ref``) on demand.
+  Memory holds only the faxes that can still produce an event: in flight, or waiting to settle. That
+  bookkeeping (the held faxes, their per-extension indexes, settle waits, stall marks) and the rules
+  of step 3 are :class:`faxd.core.tracking.Tracker`, pure and told only what the store committed;
+  the Reconciler does the I/O around it (REST, store, metrics, publishing). Every other fax lives only
+  in the store: a record that message-sync returns for such a fax is diffed against its stored state,
+  read by id (one batched query per reconcile) before the diff, so nothing is repeated or lost;
+  ``status``, ``history`` and ``by_ref`` read it by primary key (or the UNIQUE ``ref``) on demand.
 
 * :class:`ReconcileQueue` drives a :class:`faxd.core.debounce.KeyedQueue` on the event loop's clock.
 * :func:`poll_forever` asks for a reconcile of every extension every ``poll_interval``, of those with
   faxes in flight every ``active_poll_interval``, of those with a ``Sent`` due to settle when it is
-  due, and prunes the journal (``retention_days``) at start and every ``prune_interval``.
+  due, and prunes the journal (``retention_days``) at start and every ``prune_interval``. When is
+  :class:`faxd.core.polls.ReconcileTimers`; it only drives that on the loop's clock.
+
+Log events are named ``area.what`` (``reconcile.failed``, ``journal.pruned``); any human sentence is
+in the ``detail`` field.
 
 This module must not parse WebSocket frames or talk to socket clients; it gets keys and gives events.
 """
@@ -68,18 +74,10 @@ from faxd.adapters.rest import (
 from faxd.adapters.store import Journalled, Store
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind, FaxState, Source
+from faxd.core.polls import ReconcileTimers, Timer
 from faxd.core.protocol import SendError
-from faxd.core.status import (
-    RecordError,
-    SettleKey,
-    apply_record,
-    diff,
-    is_expected,
-    parse_time,
-    settled,
-    stalled,
-    unsettled,
-)
+from faxd.core.status import RecordError, apply_record, diff, is_expected, parse_time, unsettled
+from faxd.core.tracking import Tracker
 
 log = structlog.get_logger(__name__)
 
@@ -154,108 +152,55 @@ class Reconciler:
         self.publish = publish
         self.settings = settings
         self.wall = wall
-        #: The faxes held in memory: exactly those in flight or waiting to settle (the same states as
-        #: the store's; the store has every fax). Change it only through :meth:`_hold`.
-        self.faxes: dict[str, FaxState] = {}
-        self._held: dict[str, set[str]] = {}  # extension -> ids held
-        self._flying: dict[str, set[str]] = {}  # extension -> ids in flight
-        self._stalled: set[str] = set()  # held faxes whose stall was journalled (not checked again)
+        #: The faxes in flight or waiting to settle, with their indexes and settle waits (the store
+        #: has every fax): :mod:`faxd.core.tracking`, fed only after the store committed.
+        self.tracker = Tracker()
         self._sending_refs: set[str] = set()
         self._fsync_failing: set[str] = set()  # extensions whose last full sync failed
         self._not_found: set[str] = set()  # extensions RingCentral answered 404 extensionId for
-        # Unsettled Sent (fax or recipient) -> wall time faxd first saw it Sent; survives restarts
-        # through the journal. _settling counts the keys per fax.
-        self._settle: dict[SettleKey, float] = {}
-        self._settling: dict[str, int] = {}
         for state in store.load_faxes(in_flight_only=True).values():
-            self._hold(state)
+            self.tracker.hold(state)
         if settings.sent_settle > 0:
             # With sent_settle 0 every Sent is journalled final: nothing can wait, skip the journal scan.
+            # A wait survives restarts through the journal: since = when the Sent was journalled.
             waiting = [(key, at) for t, at in store.unsettled_sent() if (key := unsettled(t)) is not None]
             known = store.faxes_by_id({key[0] for key, _ in waiting if key[0] not in self.faxes})
-            for key, observed_at in waiting:
-                if key[0] in self.faxes or key[0] in known:
-                    self._settle_add(key, parse_time(observed_at) or wall())
-            for state in known.values():
-                self._hold(state)
+            self.tracker.restore(
+                [(key, parse_time(observed_at) or wall()) for key, observed_at in waiting], known
+            )
         #: Set whenever a timer (settle) may have to fire earlier than :func:`poll_forever` planned.
         self.timers_changed = asyncio.Event()
         self._update_gauges()
 
-    # -- what is held in memory ----------------------------------------------------------------------
+    # -- what is held in memory (the tracker's view) -------------------------------------------------
 
-    def _drop(self, fax_id: str) -> None:
-        """Forget a held fax (the store keeps it)."""
-        old = self.faxes.pop(fax_id, None)
-        if old is None:
-            return
-        self._stalled.discard(fax_id)
-        for index in (self._held, self._flying):
-            ids = index.get(old.extension_id)
-            if ids is not None:
-                ids.discard(fax_id)
-                if not ids:
-                    del index[old.extension_id]
-
-    def _hold(self, state: FaxState) -> None:
-        """Keep ``state`` in memory if it can still produce an event, else drop it (the store has it)."""
-        fax_id = state.fax_id
-        self._drop(fax_id)
-        if state.in_flight or fax_id in self._settling:
-            self.faxes[fax_id] = state
-            self._held.setdefault(state.extension_id, set()).add(fax_id)
-            if state.in_flight:
-                self._flying.setdefault(state.extension_id, set()).add(fax_id)
-
-    def _settle_add(self, key: SettleKey, since: float) -> None:
-        if key not in self._settle:
-            self._settle[key] = since
-            self._settling[key[0]] = self._settling.get(key[0], 0) + 1
-
-    def _settle_drop(self, key: SettleKey) -> None:
-        if self._settle.pop(key, None) is None:
-            return
-        left = self._settling[key[0]] - 1
-        if left:
-            self._settling[key[0]] = left
-            return
-        del self._settling[key[0]]
-        held = self.faxes.get(key[0])
-        if held is not None:
-            self._hold(held)  # nothing waits on it any more: dropped unless in flight
+    @property
+    def faxes(self) -> Mapping[str, FaxState]:
+        """The faxes held in memory: exactly those in flight or waiting to settle."""
+        return self.tracker.faxes
 
     def fax(self, fax_id: str) -> FaxState | None:
         """A fax by id: from memory when held, else from the store."""
-        held = self.faxes.get(fax_id)
+        held = self.tracker.get(fax_id)
         return held if held is not None else self.store.fax(fax_id)
 
     def in_flight(self, extension_id: str | None = None) -> list[FaxState]:
-        if extension_id is not None:
-            return [self.faxes[fax_id] for fax_id in self._flying.get(extension_id, ())]
-        return [self.faxes[fax_id] for ids in self._flying.values() for fax_id in ids]
+        return self.tracker.in_flight(extension_id)
 
     def in_flight_count(self) -> int:
-        return sum(len(ids) for ids in self._flying.values())
+        return self.tracker.in_flight_count()
 
     def active_extensions(self) -> list[str]:
         """Extensions with at least one fax in flight."""
-        return sorted(self._flying)
+        return self.tracker.active_extensions()
 
     def tracked(self, extension_id: str) -> list[FaxState]:
         """Faxes of ``extension_id`` that can still produce an event: in flight or waiting to settle."""
-        return [self.faxes[fax_id] for fax_id in self._held.get(extension_id, ())]
+        return self.tracker.tracked(extension_id)
 
     def next_settle(self) -> tuple[float, str] | None:
         """(wall time, extension) of the earliest ``Sent`` due to settle; None when nothing waits."""
-        best: tuple[float, str] | None = None
-        for (fax_id, _), since in self._settle.items():
-            fax = self.faxes.get(fax_id)
-            if fax is None:
-                continue
-            due = since + self.settings.sent_settle
-            if best is None or due < best[0]:
-                best = (due, fax.extension_id)
-        return best
+        return self.tracker.next_settle(self.settings.sent_settle)
 
     def problems(self) -> list[str]:
         """Short phrases for the STATUS= line about extensions faxd cannot track now; no ids."""
@@ -284,7 +229,8 @@ class Reconciler:
             if extension_id not in self._not_found:
                 # Once per episode: it is retried every missing_extension_retry until it is back.
                 log.error(
-                    "RingCentral does not know this extension (deleted, or mistyped in"
+                    "reconcile.extension_not_found",
+                    detail="RingCentral does not know this extension (deleted, or mistyped in"
                     " ringcentral.extensions); its faxes are not tracked until it is back",
                     extension=extension_id,
                     code=exc.code,
@@ -295,10 +241,10 @@ class Reconciler:
             raise
         except ApiError as exc:
             self.metrics.reconciles.labels(trigger, "error").inc()
-            log.warning("reconcile failed", extension=extension_id, code=exc.code, status=exc.status)
+            log.warning("reconcile.failed", extension=extension_id, code=exc.code, status=exc.status)
             raise
         if extension_id in self._not_found:
-            log.info("extension found again", extension=extension_id)
+            log.info("reconcile.extension_found", extension=extension_id)
             self._not_found.discard(extension_id)
             self.metrics.extensions_not_found.set(len(self._not_found))
         self.metrics.reconciles.labels(trigger, "ok").inc()
@@ -323,7 +269,12 @@ class Reconciler:
                 self.metrics.sync_token_resets.labels(code).inc()
                 # MSG-333 is RingCentral's routine "full sync required"; anything else is worth a look.
                 level = log.info if exc.code == "MSG-333" else log.warning
-                level("sync token refused, running a full sync", extension=extension_id, code=exc.code)
+                level(
+                    "reconcile.sync_token_refused",
+                    detail="running a full sync",
+                    extension=extension_id,
+                    code=exc.code,
+                )
                 self.store.commit([], [], observed_at=_iso(self.wall()), sync_tokens={extension_id: None})
         try:
             result = await self._full_sync(extension_id)
@@ -332,7 +283,8 @@ class Reconciler:
         except ApiError as exc:
             if extension_id not in self._fsync_failing:
                 log.warning(
-                    "full sync failed; retried with backoff",
+                    "reconcile.full_sync_failed",
+                    detail="retried with backoff",
                     extension=extension_id,
                     code=exc.code,
                     status=exc.status,
@@ -341,7 +293,7 @@ class Reconciler:
                 self.metrics.full_sync_failing.set(len(self._fsync_failing))
             raise
         if extension_id in self._fsync_failing:
-            log.info("full sync works again", extension=extension_id)
+            log.info("reconcile.full_sync_recovered", extension=extension_id)
             self._fsync_failing.discard(extension_id)
             self.metrics.full_sync_failing.set(len(self._fsync_failing))
         return result, True
@@ -355,10 +307,16 @@ class Reconciler:
             if not result.older_records_exist or count >= self.settings.fsync_max_record_count:
                 break
             count = min(self.settings.fsync_max_record_count, count * 4)
-            log.info("full sync frame too small, widening", extension=extension_id, record_count=count)
+            log.info(
+                "reconcile.full_sync_widened",
+                detail="olderRecordsExist: asking again with a larger recordCount",
+                extension=extension_id,
+                record_count=count,
+            )
         if result.older_records_exist:
             log.warning(
-                "full sync left older faxes out; tracked ones are read by id",
+                "reconcile.full_sync_truncated",
+                detail="older faxes left out; the tracked ones are read by id",
                 extension=extension_id,
                 record_count=count,
             )
@@ -366,12 +324,12 @@ class Reconciler:
 
     def _absorb(self, batch: _Batch, extension_id: str, record: Any, how: Source) -> None:
         fax_id = str(record.get("id")) if isinstance(record, dict) else ""
-        old = batch.changed.get(fax_id) or self.faxes.get(fax_id) or batch.base.get(fax_id)
+        old = batch.changed.get(fax_id) or self.tracker.get(fax_id) or batch.base.get(fax_id)
         try:
             new = apply_record(old, record, extension_id=extension_id)
         except RecordError as exc:
             self.metrics.api_bad_bodies.labels("message-record").inc()
-            log.warning("ignored a malformed message record", reason=str(exc))
+            log.warning("reconcile.bad_record", detail="malformed message record ignored", reason=str(exc))
             return
         if new is None:
             return
@@ -384,7 +342,7 @@ class Reconciler:
                 EventKind.STATUS,
                 EventKind.RECIPIENT,
             ):
-                log.warning("unexpected status move", fax_id=t.fax_id, frm=t.from_status, to=t.to_status)
+                log.warning("reconcile.unexpected_move", fax_id=t.fax_id, frm=t.from_status, to=t.to_status)
             batch.journal.append(Journalled(t, how))
 
     def _commit(self, batch: _Batch, *, sync_tokens: dict[str, str | None] | None = None) -> list[Event]:
@@ -392,15 +350,8 @@ class Reconciler:
         events = self.store.commit(
             list(batch.changed.values()), batch.journal, observed_at=_iso(now), sync_tokens=sync_tokens
         )
-        for event in events:
-            key = unsettled(event.transition)
-            if key is not None:
-                self._settle_add(key, now)
-                self.timers_changed.set()
-            elif event.transition.kind is EventKind.SETTLED:
-                self._settle_drop((event.transition.fax_id, event.transition.recipient_index))
-        for state in batch.changed.values():
-            self._hold(state)
+        if self.tracker.committed([e.transition for e in events], batch.changed.values(), now=now):
+            self.timers_changed.set()
         self._account(events, batch.changed)
         if events:
             self.publish(events)
@@ -421,61 +372,48 @@ class Reconciler:
         events = self._commit(synced, sync_tokens={extension_id: result.sync_token})
 
         checked = _Batch(seen=set(synced.seen))
-        failed: list[str] = []
         check = full or bool(reasons & CHECK_REASONS)
-        if check:
-            tracked = [f for f in self.tracked(extension_id) if f.fax_id not in synced.seen]
-            missing = [f.fax_id for f in tracked]
-            checked.base = {f.fax_id: f for f in tracked}  # in case one is dropped during the GET
-            if missing:
-                found = await self.rc.get_messages(extension_id, missing)
-                for fax_id in missing:
-                    if fax_id not in found:
-                        failed.append(fax_id)
-                        continue
-                    item = found[fax_id]
-                    # 404: RingCentral no longer has the message (purged and gone).
-                    record = item if item is not None else {"id": fax_id, "availability": "Purged"}
-                    # Found without a push hint: record it as a poll find, whatever asked.
-                    self._absorb(checked, extension_id, record, Source.POLL)
-        self._timers(checked, extension_id, source, stalls=check)
+        failed = await self._read_tracked(checked, extension_id) if check else []
+        checked.journal += [
+            Journalled(t, source)
+            for t in self.tracker.due(
+                extension_id,
+                checked.changed,
+                now=self.wall(),
+                stall_after=self.settings.stall_after,
+                settle_after=self.settings.sent_settle,
+                stalls=check,
+            )
+        ]
         events += self._commit(checked)
-        self._stalled.update(
-            j.transition.fax_id
-            for j in checked.journal
-            if j.transition.kind is EventKind.STALLED and j.transition.fax_id in self.faxes
-        )
+        self.tracker.mark_stalled(j.transition for j in checked.journal)
         if events:
-            log.info("reconciled", extension=extension_id, source=source.value, events=len(events))
+            log.info("reconcile.done", extension=extension_id, source=source.value, events=len(events))
         if failed:
             raise BulkIncomplete(0, "bulk_incomplete", f"{len(failed)} of the in-flight faxes not read")
 
-    def _timers(self, batch: _Batch, extension_id: str, source: Source, *, stalls: bool) -> None:
-        """Stalled (when ``stalls``) and settled events: rules on time, no API call.
+    async def _read_tracked(self, batch: _Batch, extension_id: str) -> list[str]:
+        """Step 2: bulk GET of the held faxes the sync did not return (``batch.seen``) into ``batch``.
 
-        The stall check walks the extension's faxes in flight, so it runs with the bulk GET (polls,
-        start-up, requests), not on every push; a fax found stalled is not checked again.
+        Returns the ids whose entry failed (not 404): they are read again on the retry.
         """
-        now = self.wall()
-        for state in self.in_flight(extension_id) if stalls else ():
-            if state.fax_id in self._stalled:
+        tracked = [f for f in self.tracked(extension_id) if f.fax_id not in batch.seen]
+        missing = [f.fax_id for f in tracked]
+        batch.base = {f.fax_id: f for f in tracked}  # in case one leaves memory during the GET
+        if not missing:
+            return []
+        failed: list[str] = []
+        found = await self.rc.get_messages(extension_id, missing)
+        for fax_id in missing:
+            if fax_id not in found:
+                failed.append(fax_id)
                 continue
-            current = batch.changed.get(state.fax_id, state)
-            t = stalled(current, now=now, stall_after=self.settings.stall_after)
-            if t is not None:
-                batch.journal.append(Journalled(t, source))
-        for key, since in list(self._settle.items()):
-            fax = batch.changed.get(key[0]) or self.faxes.get(key[0])
-            if fax is None:
-                self._settle_drop(key)
-                continue
-            if fax.extension_id != extension_id:
-                continue
-            verdict = settled(fax, key, since=since, now=now, settle_after=self.settings.sent_settle)
-            if verdict == "moot":
-                self._settle_drop(key)
-            elif verdict != "wait":
-                batch.journal.append(Journalled(verdict, source))
+            item = found[fax_id]
+            # 404: RingCentral no longer has the message (purged and gone).
+            record = item if item is not None else {"id": fax_id, "availability": "Purged"}
+            # Found without a push hint: record it as a poll find, whatever asked.
+            self._absorb(batch, extension_id, record, Source.POLL)
+        return failed
 
     def prune(self) -> tuple[int, int]:
         """Apply ``retention_days`` to the journal and to final faxes (see :meth:`Store.prune`).
@@ -492,12 +430,9 @@ class Reconciler:
         if gone:
             # Pruned faxes are final (never in flight); drop any that still waited to settle.
             kept = self.store.faxes_by_id(list(self.faxes))
-            for fax_id in [f for f in self.faxes if f not in kept]:
-                for key in [k for k in self._settle if k[0] == fax_id]:
-                    self._settle_drop(key)
-                self._drop(fax_id)
+            self.tracker.forget([f for f in self.faxes if f not in kept])
         if rows or gone:
-            log.info("journal pruned", rows=rows, faxes=gone, oldest_seq=self.store.oldest_seq())
+            log.info("journal.pruned", rows=rows, faxes=gone, oldest_seq=self.store.oldest_seq())
         self._update_gauges()
         return rows, gone
 
@@ -510,7 +445,7 @@ class Reconciler:
                     self.metrics.missed_by_push.inc()
                 if t.kind is EventKind.STATUS:
                     self.metrics.transitions.labels(t.direction, t.to_status).inc()
-                    fax = changed.get(t.fax_id) or self.faxes.get(t.fax_id)
+                    fax = changed.get(t.fax_id) or self.tracker.get(t.fax_id)
                     created = parse_time(fax.created) if fax else None
                     if t.final and t.from_status is not None and created is not None:
                         self.metrics.time_to_final.observe(max(0.0, now - created))
@@ -642,7 +577,7 @@ class ReconcileQueue:
             finally:
                 delay = self.queue.done(key, self._now(), ok=ok, at_least=at_least)
                 if delay is not None:
-                    log.info("reconcile will be retried", extension=key, delay=round(delay, 2))
+                    log.info("reconcile.retry_scheduled", extension=key, delay=round(delay, 2))
                 self.metrics.queue_depth.set(self.queue.depth)
 
     async def drain(self) -> None:
@@ -660,7 +595,8 @@ class ReconcileQueue:
 async def poll_forever(
     queue: ReconcileQueue, extensions: Callable[[], Sequence[str]], settings: ReconcileSettings
 ) -> None:
-    """The timers of the reconcile engine, until cancelled:
+    """The timers of the reconcile engine, until cancelled (the schedule is
+    :class:`faxd.core.polls.ReconcileTimers`; this only drives it on the loop's clock):
 
     * a safety poll of every extension every ``poll_interval``, hints or not;
     * an active poll of the extensions with faxes in flight every ``active_poll_interval``;
@@ -670,40 +606,33 @@ async def poll_forever(
     """
     loop = asyncio.get_running_loop()
     reconciler = queue.reconciler
-    now = loop.time()
-    next_full = now + settings.poll_interval
-    next_active = now + settings.active_poll_interval
-    next_prune = now if settings.retention_days is not None else float("inf")
-    settle_hinted: dict[str, float] = {}  # extension -> loop time of the last settle hint
+    timers: ReconcileTimers[str] = ReconcileTimers(
+        loop.time(),
+        interval=settings.poll_interval,
+        active_interval=settings.active_poll_interval,
+        prune_interval=settings.prune_interval if settings.retention_days is not None else None,
+        settle_quiet=max(settings.debounce, 0.5),
+    )
     while True:
         now = loop.time()
-        if now >= next_prune:
-            reconciler.prune()
-            next_prune = now + settings.prune_interval
-        if now >= next_full:
-            for key in sorted(set(extensions())):
-                queue.hint(key, "poll")
-            next_full = now + settings.poll_interval
-            next_active = now + settings.active_poll_interval
-        elif now >= next_active:
-            for key in reconciler.active_extensions():
-                queue.hint(key, "poll")
-            next_active = now + settings.active_poll_interval
-        wake = min(next_full, next_active, next_prune)
-        due = reconciler.next_settle()
-        if due is not None:
-            due_at = now + max(0.0, due[0] - reconciler.wall())
-            # A settle reconcile in progress does not settle at once (the queue is busy, or the
-            # reconcile failed and backs off): ask again at most once per quiet period.
-            again = settle_hinted.get(due[1], -float("inf")) + max(settings.debounce, 0.5)
-            if due_at <= now and now >= again:
-                queue.hint(due[1], "settle", immediate=True)
-                settle_hinted[due[1]] = now
-                continue
-            wake = min(wake, max(due_at, again))
+        for timer in timers.due(now):
+            if timer is Timer.PRUNE:
+                reconciler.prune()
+            else:
+                keys = (
+                    sorted(set(extensions())) if timer is Timer.POLL_ALL else reconciler.active_extensions()
+                )
+                for key in keys:
+                    queue.hint(key, "poll")
+        # Settle waits are kept in wall time; the timers run on the loop's clock.
+        first = reconciler.next_settle()
+        settle = None if first is None else (now + max(0.0, first[0] - reconciler.wall()), first[1])
+        if settle is not None and timers.settle_due(now, *settle):
+            queue.hint(settle[1], "settle", immediate=True)
+            continue
         reconciler.timers_changed.clear()
         try:
-            async with asyncio.timeout(max(0.0, wake - now)):
+            async with asyncio.timeout(max(0.0, timers.next_wake(settle) - now)):
                 await reconciler.timers_changed.wait()
         except TimeoutError:
             pass

@@ -130,6 +130,19 @@ class _Response:
 
 
 @dataclass(frozen=True)
+class _Request:
+    """One HTTP request as :meth:`RingCentral._send` makes it; repr never shows headers or body."""
+
+    method: str
+    path: str
+    endpoint: str  # the path's template, for metrics and logs
+    headers: Mapping[str, str] = field(repr=False)  # the Authorization header holds a token
+    params: Sequence[tuple[str, str]] | None = field(repr=False)
+    data: Any = field(repr=False)
+    timeout: aiohttp.ClientTimeout = field(repr=False)
+
+
+@dataclass(frozen=True)
 class _Tokens:
     access: str = field(repr=False)
     refresh: str | None = field(repr=False)
@@ -180,6 +193,12 @@ class RingCentral:
         self.on_response: Callable[[str, str, int, Mapping[str, str]], None] | None = None
         #: (method, endpoint) -> the group RingCentral's X-Rate-Limit-Group last named for it.
         self._server_groups: dict[tuple[str, str], str] = {}
+
+    def set_rate_share(self, share: float) -> None:
+        """Spend at most ``share`` of each rate-limit group's window from now on (a reload)."""
+        if not 0 < share <= 1:
+            raise ValueError("share must be in (0, 1]")
+        self.budget.share = share
 
     # ------------------------------------------------------------------ auth
 
@@ -577,21 +596,33 @@ class RingCentral:
     ) -> _Response:
         """One HTTP exchange, paced by the rate budget; 429 and 5xx raised, rest returned."""
         group = self._group_of(method, endpoint, path)
-        loop = asyncio.get_running_loop()
         if wait_budget:
-            while (delay := self.budget.delay(group, loop.time())) > 0:
-                log.debug("api.rate_wait", group=group, seconds=round(delay, 3))
-                await asyncio.sleep(delay)
-        started = loop.time()
+            await self._wait_for_budget(group)
+        started = asyncio.get_running_loop().time()
         self.budget.spent(group, started)
+        request = _Request(method, path, endpoint, headers, params, data, client_timeout)
+        resp = await self._exchange(request, started)
+        group = self._account(request, resp, group, started)
+        self._raise_if_throttled(resp, endpoint, group)
+        return resp
+
+    async def _wait_for_budget(self, group: str) -> None:
+        loop = asyncio.get_running_loop()
+        while (delay := self.budget.delay(group, loop.time())) > 0:
+            log.debug("api.rate_wait", group=group, seconds=round(delay, 3))
+            await asyncio.sleep(delay)
+
+    async def _exchange(self, request: _Request, started: float) -> _Response:
+        """The HTTP request itself, counted; a failure to get any answer is an ApiError with status 0."""
+        endpoint = request.endpoint
         try:
             async with self._http.request(
-                method,
-                self._server + path,
-                headers={**headers, **self._forward_headers},
-                params=list(params) if params is not None else None,
-                data=data,
-                timeout=client_timeout,
+                request.method,
+                self._server + request.path,
+                headers={**request.headers, **self._forward_headers},
+                params=list(request.params) if request.params is not None else None,
+                data=request.data,
+                timeout=request.timeout,
                 allow_redirects=False,
                 proxy=self._proxy.url if self._proxy is not None else None,
                 proxy_headers=self._proxy_headers or None,
@@ -612,26 +643,37 @@ class RingCentral:
         if resp.status == 407:  # only a proxy says this: one that forwards plain http
             raise self._proxy_refused(endpoint, 407, "", started)
         self._count(endpoint, str(resp.status), started)
+        return resp
+
+    def _account(self, request: _Request, resp: _Response, group: str, started: float) -> str:
+        """Feed the response's rate-limit headers to the budget and the metrics; returns the group the
+        request counted in."""
         # The server says which group it counted the request in (header names are case-insensitive
         # here, values are matched case-insensitively): that wins over the local table, for this
         # response's accounting and for the next request of this endpoint.
         server_group = ratebudget.group_name(resp.headers.get("X-Rate-Limit-Group"))
         if server_group is not None:
             if server_group != group:
-                log.info("api.rate_group", endpoint=endpoint, ours=group, server=server_group)
+                log.info("api.rate_group", endpoint=request.endpoint, ours=group, server=server_group)
                 self.budget.moved(group, server_group, started)
                 group = server_group
-            self._server_groups[(method, endpoint)] = server_group
+            self._server_groups[(request.method, request.endpoint)] = server_group
         if self.on_response is not None:
-            self.on_response(method, path, resp.status, resp.headers)
+            self.on_response(request.method, request.path, resp.status, resp.headers)
         limit, remaining, window = ratebudget.parse_headers(resp.headers)
         # On a 429 the server's Retry-After governs; its "Remaining: 0" would add a whole window.
         observed_remaining = None if resp.status == 429 else remaining
-        self.budget.observed(group, loop.time(), limit=limit, remaining=observed_remaining, window=window)
+        now = asyncio.get_running_loop().time()
+        self.budget.observed(group, now, limit=limit, remaining=observed_remaining, window=window)
         if remaining is not None:
             self._metrics.rate_remaining.labels(group).set(remaining)
         if limit is not None:
             self._metrics.rate_limit.labels(group).set(limit)
+        return group
+
+    def _raise_if_throttled(self, resp: _Response, endpoint: str, group: str) -> None:
+        """A 429 (RateLimited) or a 5xx (ApiError), after holding ``group`` back as the server asks."""
+        loop = asyncio.get_running_loop()
         if resp.status == 429:
             retry_after = ratebudget.parse_retry_after(resp.headers.get("Retry-After"), self._wall())
             self.budget.penalty(group, loop.time(), retry_after)
@@ -658,7 +700,6 @@ class RingCentral:
             raise ApiError(
                 resp.status, f"http_{resp.status}", _message_of(_maybe_json(resp)), retry_after=after
             )
-        return resp
 
     def _proxy_refused(self, endpoint: str, status: int, reason: str, started: float) -> ApiError:
         """The proxy would not connect us; status 0, as a 4xx would read as RingCentral's verdict."""
@@ -772,32 +813,13 @@ _BRACKETED = re.compile(r"\[([A-Za-z]+)\]")
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 
 
-def _bulk_entries(resp: _Response) -> list[tuple[int, str | None, Any]]:
+_BulkEntry = tuple[int, str | None, Any]
+
+
+def _bulk_entries(resp: _Response) -> list[_BulkEntry]:
     """(status, resource id or None, body) per id of a 207 bulk GET; ValueError if unreadable."""
-    ctype = resp.headers.get("Content-Type", "")
     if resp.content_type.startswith("multipart/"):
-        match = _BOUNDARY.search(ctype)
-        if not match:
-            raise ValueError("multipart without boundary")
-        parts = parse_multipart(resp.body, match.group(1))
-        if not parts:
-            raise ValueError("empty multipart")
-        head = _part_json(parts[0][1])
-        statuses = head.get("response") if isinstance(head, dict) else None
-        if not isinstance(statuses, list):
-            raise ValueError("first part without response[]")
-        entries: list[tuple[int, str | None, Any]] = []
-        for i, item in enumerate(statuses):
-            if not isinstance(item, dict):
-                raise ValueError("bad status entry")
-            status = item.get("status")
-            if isinstance(status, bool) or not isinstance(status, int):
-                raise ValueError("status entry without status")
-            href = item.get("href")
-            rid = href.rstrip("/").rsplit("/", 1)[-1] if isinstance(href, str) and href else None
-            body = _part_json(parts[i + 1][1]) if i + 1 < len(parts) else None
-            entries.append((status, rid, body))
-        return entries
+        return _multipart_bulk_entries(resp)
     # The JSON variant (Accept: application/vnd.ringcentral.multipart+json), or a plain array.
     try:
         doc = _loads(resp.body)
@@ -807,7 +829,7 @@ def _bulk_entries(resp: _Response) -> list[tuple[int, str | None, Any]]:
         doc = doc["response"]
     if not isinstance(doc, list):
         raise ValueError("JSON bulk body not an array")
-    out: list[tuple[int, str | None, Any]] = []
+    out: list[_BulkEntry] = []
     for item in doc:
         if not isinstance(item, dict) or isinstance(item.get("status"), bool):
             raise ValueError("bad JSON bulk entry")
@@ -817,6 +839,32 @@ def _bulk_entries(resp: _Response) -> list[tuple[int, str | None, Any]]:
         rid = item.get("resourceId")
         out.append((status, None if rid is None else str(rid), item.get("body")))
     return out
+
+
+def _multipart_bulk_entries(resp: _Response) -> list[_BulkEntry]:
+    """The multipart/mixed variant: a first part with ``response[]`` statuses, then one part per id."""
+    match = _BOUNDARY.search(resp.headers.get("Content-Type", ""))
+    if not match:
+        raise ValueError("multipart without boundary")
+    parts = parse_multipart(resp.body, match.group(1))
+    if not parts:
+        raise ValueError("empty multipart")
+    head = _part_json(parts[0][1])
+    statuses = head.get("response") if isinstance(head, dict) else None
+    if not isinstance(statuses, list):
+        raise ValueError("first part without response[]")
+    entries: list[_BulkEntry] = []
+    for i, item in enumerate(statuses):
+        if not isinstance(item, dict):
+            raise ValueError("bad status entry")
+        status = item.get("status")
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise ValueError("status entry without status")
+        href = item.get("href")
+        rid = href.rstrip("/").rsplit("/", 1)[-1] if isinstance(href, str) and href else None
+        body = _part_json(parts[i + 1][1]) if i + 1 < len(parts) else None
+        entries.append((status, rid, body))
+    return entries
 
 
 def _part_json(data: bytes) -> Any:

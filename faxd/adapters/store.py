@@ -325,70 +325,83 @@ class Store:
         Transitions already journalled (same dedup key) are skipped and not returned.
         """
         db = self.db
-        events: list[Event] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for s in states:
-                db.execute(
-                    "INSERT INTO faxes (fax_id, extension_id, direction, status, availability, pages,"
-                    " created, rc_modified, ref, from_phone, in_flight)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (fax_id) DO UPDATE SET extension_id = excluded.extension_id,"
-                    " direction = excluded.direction, status = excluded.status,"
-                    " availability = excluded.availability, pages = excluded.pages,"
-                    " created = excluded.created, rc_modified = excluded.rc_modified,"
-                    " ref = COALESCE(excluded.ref, faxes.ref), from_phone = excluded.from_phone,"
-                    " in_flight = excluded.in_flight",
-                    (
-                        s.fax_id,
-                        s.extension_id,
-                        s.direction,
-                        s.status,
-                        s.availability,
-                        s.pages,
-                        s.created,
-                        s.rc_modified,
-                        s.ref,
-                        s.from_phone,
-                        int(s.in_flight),
-                    ),
-                )
-                db.execute("DELETE FROM recipients WHERE fax_id = ?", (s.fax_id,))
-                db.executemany(
-                    "INSERT INTO recipients (fax_id, idx, phone, status, error_code) VALUES (?, ?, ?, ?, ?)",
-                    [(s.fax_id, r.index, r.phone, r.status, r.error_code) for r in s.recipients],
-                )
-            for j in transitions:
-                t = j.transition
-                # Check first rather than lean on the UNIQUE index: a skipped INSERT would still spend
-                # an AUTOINCREMENT value, and clients must see seq without gaps.
-                if db.execute(
-                    "SELECT 1 FROM journal WHERE fax_id = ? AND recipient_index = ? AND kind = ?"
-                    " AND to_status = ?",
-                    t.dedup_key,
-                ).fetchone():
-                    continue
-                cursor = db.execute(
-                    "INSERT INTO journal (fax_id, recipient_index, kind, to_status, observed_at,"
-                    " source, transition) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (*t.dedup_key, observed_at, j.source.value, _transition_json(t)),
-                )
-                assert cursor.lastrowid is not None
-                events.append(Event(cursor.lastrowid, self.epoch, t, observed_at, j.source))
-            for extension_id, token in (sync_tokens or {}).items():
-                if token is None:
-                    db.execute("DELETE FROM sync_tokens WHERE extension_id = ?", (extension_id,))
-                else:
-                    db.execute(
-                        "INSERT INTO sync_tokens (extension_id, token) VALUES (?, ?)"
-                        " ON CONFLICT (extension_id) DO UPDATE SET token = excluded.token",
-                        (extension_id, token),
-                    )
+            self._write_states(states)
+            events = self._journal(transitions, observed_at)
+            self._write_sync_tokens(sync_tokens or {})
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return events
+
+    def _write_states(self, states: Sequence[FaxState]) -> None:
+        db = self.db
+        for s in states:
+            db.execute(
+                "INSERT INTO faxes (fax_id, extension_id, direction, status, availability, pages,"
+                " created, rc_modified, ref, from_phone, in_flight)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (fax_id) DO UPDATE SET extension_id = excluded.extension_id,"
+                " direction = excluded.direction, status = excluded.status,"
+                " availability = excluded.availability, pages = excluded.pages,"
+                " created = excluded.created, rc_modified = excluded.rc_modified,"
+                " ref = COALESCE(excluded.ref, faxes.ref), from_phone = excluded.from_phone,"
+                " in_flight = excluded.in_flight",
+                (
+                    s.fax_id,
+                    s.extension_id,
+                    s.direction,
+                    s.status,
+                    s.availability,
+                    s.pages,
+                    s.created,
+                    s.rc_modified,
+                    s.ref,
+                    s.from_phone,
+                    int(s.in_flight),
+                ),
+            )
+            db.execute("DELETE FROM recipients WHERE fax_id = ?", (s.fax_id,))
+            db.executemany(
+                "INSERT INTO recipients (fax_id, idx, phone, status, error_code) VALUES (?, ?, ?, ?, ?)",
+                [(s.fax_id, r.index, r.phone, r.status, r.error_code) for r in s.recipients],
+            )
+
+    def _journal(self, transitions: Sequence[Journalled], observed_at: str) -> list[Event]:
+        """Append the transitions not journalled yet; their events, with the seq each got."""
+        db = self.db
+        events: list[Event] = []
+        for j in transitions:
+            t = j.transition
+            # Check first rather than lean on the UNIQUE index: a skipped INSERT would still spend
+            # an AUTOINCREMENT value, and clients must see seq without gaps.
+            if db.execute(
+                "SELECT 1 FROM journal WHERE fax_id = ? AND recipient_index = ? AND kind = ?"
+                " AND to_status = ?",
+                t.dedup_key,
+            ).fetchone():
+                continue
+            cursor = db.execute(
+                "INSERT INTO journal (fax_id, recipient_index, kind, to_status, observed_at,"
+                " source, transition) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*t.dedup_key, observed_at, j.source.value, _transition_json(t)),
+            )
+            assert cursor.lastrowid is not None
+            events.append(Event(cursor.lastrowid, self.epoch, t, observed_at, j.source))
+        return events
+
+    def _write_sync_tokens(self, sync_tokens: Mapping[str, str | None]) -> None:
+        for extension_id, token in sync_tokens.items():
+            if token is None:
+                self.db.execute("DELETE FROM sync_tokens WHERE extension_id = ?", (extension_id,))
+            else:
+                self.db.execute(
+                    "INSERT INTO sync_tokens (extension_id, token) VALUES (?, ?)"
+                    " ON CONFLICT (extension_id) DO UPDATE SET token = excluded.token",
+                    (extension_id, token),
+                )
 
     def unsettled_sent(self) -> list[tuple[Transition, str]]:
         """``Sent`` transitions journalled with ``final=false`` that have no ``settled`` event yet, with

@@ -83,6 +83,13 @@ class KeyedQueue:
             pending.due = max(pending.due, min(now + self.debounce, pending.first + self.max_delay))
         return True
 
+    def retime(self, debounce: float, max_delay: float) -> None:
+        """New quiet period and bound (a reload): they shape every hint from now on; a key already
+        pending keeps its due time until its next hint."""
+        if max_delay < debounce:
+            raise ValueError("max_delay must be >= debounce")
+        self.debounce, self.max_delay = debounce, max_delay
+
     def next_deadline(self) -> float | None:
         """When the earliest pending key becomes due; None when nothing is pending."""
         if not self._pending:
