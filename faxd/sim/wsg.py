@@ -273,27 +273,18 @@ class Gateway:
         access = request.query.get("access_token")
         wsc = request.query.get("wsc")
         if not access:
-            self._record("GET", "/ws", None, 4400, "ws", request.path_qs)
-            await ws.close(code=4400, message=b"access_token is required")
-            return ws
+            return await self._refuse(ws, request, 4400, 4400, b"access_token is required")
         ws_token = self._tokens.check_ws_token(access)
         if ws_token is None:
-            self._record("GET", "/ws", None, 4401, "ws", request.path_qs)
             frame = self._error_frame(401, "WSG-401", "Invalid or expired access token")
-            await ws.send_str(json.dumps(frame))
-            self._observe(_Outgoing(payload=frame))
-            await ws.close(code=4401, message=b"Unauthorized")
-            return ws
+            return await self._refuse(ws, request, 4401, 4401, b"Unauthorized", frame)
         recovery: tuple[str, str | None] | None = None
         if wsc is not None:
             session_id = decode_wsc(wsc)
             if session_id is None:
-                self._record("GET", "/ws", None, 400, "ws", request.path_qs)
-                frame = self._error_frame(400, "WSG-400", "Malformed WebSocket session context token")
-                await ws.send_str(json.dumps(frame))
-                self._observe(_Outgoing(payload=frame))
-                await ws.close(code=4400, message=b"Malformed WebSocket session context token")
-                return ws
+                text = "Malformed WebSocket session context token"
+                frame = self._error_frame(400, "WSG-400", text)
+                return await self._refuse(ws, request, 400, 4400, text.encode(), frame)
             session, recovery = self._recover(session_id, ws_token)
         else:
             self._supersede(ws_token.session_id)
@@ -323,6 +314,23 @@ class Gateway:
             await self._reader(conn)
         finally:
             await self._closed(conn)
+        return ws
+
+    async def _refuse(
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        status: int,
+        close_code: int,
+        reason: bytes,
+        frame: list[JsonDict] | None = None,
+    ) -> web.WebSocketResponse:
+        """Record the refused connection, send its Error frame (if any) and close it."""
+        self._record("GET", "/ws", None, status, "ws", request.path_qs)
+        if frame is not None:
+            await ws.send_str(json.dumps(frame))
+            self._observe(_Outgoing(payload=frame))
+        await ws.close(code=close_code, message=reason)
         return ws
 
     def _new_session(self, ws_token: WsToken) -> WsgSession:
