@@ -69,7 +69,7 @@ from faxd.core import proxy
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, FaxState
-from faxd.core.protocol import SendError, SendRequest
+from faxd.core.protocol import SendError, SendRequest, StoredEvent
 from faxd.core.status import parse_time
 from faxd.core.wsg import Hint, event_filters
 from faxd.logs import configure_logging
@@ -556,7 +556,7 @@ class _Backend:
     def oldest_seq(self) -> int:
         return self.store.oldest_seq()
 
-    def events_after(self, after_seq: int, limit: int) -> list[Event]:
+    def events_after(self, after_seq: int, limit: int) -> list[StoredEvent]:
         return self.store.events_after(after_seq, limit)
 
     def fax(self, fax_id: str | None = None, ref: str | None = None) -> FaxState | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from faxd.core.protocol import (
     Request,
     SendRequest,
     StatusRequest,
+    StoredEvent,
     SubscribeRequest,
     SyncRequest,
     decode_object,
@@ -385,6 +388,40 @@ def test_encode_event_writes_what_the_generic_encoder_writes(event: Event, inclu
     assert encoded == encode_line(event.to_wire(include_numbers=include_numbers))
     assert encoded.isascii()
     assert encoded.count(b"\n") == 1
+
+
+def _stored(event: Event, order: list[str] | None = None) -> StoredEvent:
+    """``event`` as the store reads it back: its transition as the journal's JSON text (Transition's
+    fields in their order, compact), or with the keys in ``order``."""
+    names = order or [f.name for f in dataclasses.fields(Transition)]
+    fields = {name: getattr(event.transition, name) for name in names}
+    fields["kind"] = event.transition.kind.value
+    text = json.dumps(fields, separators=(",", ":"))
+    return StoredEvent(event.seq, event.epoch, event.observed_at, event.source.value, text)
+
+
+@given(event=_events(), include_numbers=st.booleans(), shuffle=st.randoms(use_true_random=False))
+def test_a_stored_event_is_written_and_filtered_like_its_event(
+    event: Event, include_numbers: bool, shuffle: random.Random
+) -> None:
+    """Spliced from the journal's JSON (or, in any other key order, decoded first): the same bytes,
+    and the same filter verdicts, as the event it stands for."""
+    names = [f.name for f in dataclasses.fields(Transition)]
+    shuffle.shuffle(names)
+    expected = encode_event(event, include_numbers=include_numbers)
+    for stored in (_stored(event), _stored(event, names)):
+        assert encode_event(stored, include_numbers=include_numbers) == expected
+        t = event.transition
+        for flt in (
+            Filter(),
+            Filter(fax_ids=frozenset({t.fax_id})),
+            Filter(refs=frozenset({"order-1"})),
+            Filter(extensions=frozenset({t.extension_id, "x"})),
+            Filter(directions=frozenset({t.direction.casefold()})),
+            Filter(to_status=frozenset({"queued"})),
+            Filter(final_only=True),
+        ):
+            assert flt.matches(stored) is flt.matches(event), flt
 
 
 def test_client_phases_move_only_forward() -> None:
