@@ -304,7 +304,7 @@ class EventServer:
         self._server = await asyncio.start_unix_server(
             self._accept, sock=sock, limit=self._settings.max_send_line
         )
-        log.info("event socket listening", path=self._settings.path, mode=oct(self._settings.mode))
+        log.info("socket.listening", path=self._settings.path, mode=oct(self._settings.mode))
 
     async def close(self, reason: str = "shutdown") -> None:
         """Say ``bye`` to every client, close them, wait (bounded) for their tasks, unlink the socket."""
@@ -323,7 +323,11 @@ class EventServer:
         if self._runner is not None:
             _, pending = await asyncio.wait([self._runner], timeout=self._settings.close_timeout)
             if pending:
-                log.warning("event socket clients did not finish in time", clients=len(self._clients))
+                log.warning(
+                    "socket.close_timeout",
+                    clients=len(self._clients),
+                    detail="connections still busy at the close deadline are aborted",
+                )
                 for client in list(self._clients):
                     client.writer.transport.abort()
                 self._runner.cancel()
@@ -333,7 +337,7 @@ class EventServer:
         if self._server is not None:
             await self._server.wait_closed()
         self._unlink()
-        log.info("event socket closed", reason=reason)
+        log.info("socket.closed", reason=reason)
 
     async def _run(self, ready: asyncio.Event) -> None:
         # The TaskGroup outlives start(), so it needs a task of its own; close() awaits that task.
@@ -382,7 +386,7 @@ class EventServer:
             async with asyncio.timeout(1):
                 _, writer = await asyncio.open_unix_connection(path)
         except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale event socket", path=path)
+            log.info("socket.stale_removed", path=path)
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -447,7 +451,7 @@ class EventServer:
 
     def _overflow(self, client: _Client) -> None:
         resume = client.covered
-        log.warning("event socket client too slow", resume_after_seq=resume, **client.log_fields())
+        log.warning("socket.slow_consumer", resume_after_seq=resume, **client.log_fields())
         message = f"more than {self._settings.client_queue} events queued; resume after seq {resume}"
         line = encode_error(ErrorCode.SLOW_CONSUMER, message, resume_after_seq=resume)
         self._kill(client, "slow_consumer", line)
@@ -498,17 +502,17 @@ class EventServer:
         peer = peer_credentials(writer.get_extra_info("socket"))
         peer_fields = {"uid": peer.uid, "gid": peer.gid, "pid": peer.pid} if peer else {}
         if len(self._clients) >= self._settings.max_clients:
-            log.warning("event socket busy, connection refused", **peer_fields)
+            log.warning("socket.busy", max_clients=self._settings.max_clients, **peer_fields)
             await self._refuse(writer, ErrorCode.BUSY, f"more than {self._settings.max_clients} clients")
             return
         if not self._allowed(peer):
-            log.warning("event socket peer not allowed", **peer_fields)
+            log.warning("socket.unauthorized", **peer_fields)
             await self._refuse(writer, ErrorCode.UNAUTHORIZED, "this uid/gid may not use the socket")
             return
         self._next_id += 1
         client = _Client(self._next_id, reader, writer, peer)
         self._clients.add(client)
-        log.info("event socket client connected", **client.log_fields())
+        log.info("socket.client_connected", **client.log_fields())
         if self._heartbeat_timer is None:
             self._arm_heartbeat(client.loop.time() + self._settings.heartbeat_interval)
         b = self._backend
@@ -527,7 +531,7 @@ class EventServer:
                 tg.create_task(self._read_loop(client))
                 tg.create_task(self._write_loop(client))
         except Exception:  # one client's failure must not take the server down
-            log.exception("event socket client failed", **client.log_fields())
+            log.exception("socket.client_failed", **client.log_fields())
             self._kill(client, "error")
         finally:
             await self._finish(client)
@@ -545,7 +549,7 @@ class EventServer:
                 client.abort_timer.cancel()
         reason = client.close_reason or "eof"
         self._metrics.socket_disconnects.labels(reason).inc()
-        log.info("event socket client disconnected", reason=reason, **client.log_fields())
+        log.info("socket.client_disconnected", reason=reason, **client.log_fields())
 
     async def _read_loop(self, client: _Client) -> None:
         s = self._settings
@@ -578,7 +582,7 @@ class EventServer:
                 return
 
     def _line_too_long(self, client: _Client, limit: int) -> None:
-        log.warning("event socket request line too long", limit=limit, **client.log_fields())
+        log.warning("socket.line_too_long", limit=limit, **client.log_fields())
         message = f"request line longer than {limit} bytes; closing"
         self._kill(client, "line_too_long", encode_error(ErrorCode.BAD_REQUEST, message))
 
@@ -602,7 +606,7 @@ class EventServer:
         try:
             reply = await self._dispatch(client, request)
         except Exception:  # a bug behind one request must not kill the connection
-            log.exception("event socket request failed", request=type(request).__name__)
+            log.exception("socket.request_failed", request=type(request).__name__)
             reply = encode_error(ErrorCode.INTERNAL, "internal error; see the daemon's log", request.id)
         if reply is not None:
             client.send(reply)
@@ -635,17 +639,17 @@ class EventServer:
                 try:
                     await b.sync()
                 except Exception as exc:  # noqa: BLE001 - reported to the client, and logged
-                    log.warning("sync requested on the socket failed", error=str(exc))
+                    log.warning("socket.sync_failed", error=str(exc))
                     return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
                 return encode_ok(rid)
             case SendRequest():
                 try:
                     state = await b.send(request)
                 except SendError as exc:
-                    log.info("send refused", code=exc.code, rc_code=exc.rc_code, **client.log_fields())
+                    log.info("socket.send_refused", code=exc.code, rc_code=exc.rc_code, **client.log_fields())
                     return encode_error(exc.code, exc.message, rid, rc_code=exc.rc_code)
                 log.info(
-                    "fax sent for socket client",
+                    "socket.fax_sent",
                     fax_id=state.fax_id,
                     recipients=len(request.to),
                     documents=len(request.documents),
@@ -693,7 +697,7 @@ class EventServer:
         self._subscribers.add(client)
         self._metrics.subscribers.set(len(self._subscribers))
         log.info(
-            "event socket client subscribed",
+            "socket.client_subscribed",
             after_seq=request.after_seq,
             filtered=request.filter != Filter(),
             **client.log_fields(),
