@@ -243,8 +243,7 @@ class Engine:
             return
         settings = _reconcile_settings(new)
         self._keys.retime(settings.debounce, settings.max_delay)
-        # Reconciler has no method for new settings (yet): it reads this attribute at each use.
-        self.reconciler.settings = settings
+        self.reconciler.update_settings(settings)
 
 
 class Status:
