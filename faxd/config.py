@@ -495,12 +495,12 @@ class RingCentralConfig:
 @dataclass(frozen=True, kw_only=True)
 class WebSocketConfig:
     heartbeat_interval: float = _opt(60.0, _duration(positive=True), reload=True)
-    """Seconds between WSG Heartbeat frames we send; also how long silence is tolerated."""
+    """Seconds without a frame from the gateway after which a Heartbeat is sent (no reply is awaited)."""
     ping_interval: float = _opt(1.0, _duration(positive=True), reload=True)
     """Seconds between WebSocket pings (a few bytes each way)."""
-    ping_timeout_min: float = _opt(0.5, _duration(positive=True), reload=True)
+    ping_timeout_min: float = _opt(5.0, _duration(positive=True), reload=True)
     """Shortest wait for a pong, in seconds: the timeout follows measured round trips, never below this."""
-    ping_timeout: float = _opt(10.0, _duration(positive=True), reload=True)
+    ping_timeout: float = _opt(8.0, _duration(positive=True), reload=True)
     """Longest wait for a pong, in seconds, and the wait before any round trip is measured."""
     max_message_bytes: int = _opt(1048576, _integer(1), reload=True)
     """Largest WebSocket message accepted, in bytes."""

@@ -260,6 +260,7 @@ class Status:
         self._reconciler = reconciler
         self._poll_interval = config.reconcile.poll_interval
         self._ws_state = "disconnected"
+        self._push_refused: dict[str, str] = {}
         self._problem = ""
         self._stopping = False
 
@@ -267,9 +268,11 @@ class Status:
     def ws_state(self) -> str:
         return self._ws_state
 
-    def set_ws_state(self, state: str) -> None:
-        """The WebSocket session's state (up, subscribing, connecting, disconnected)."""
+    def set_ws_state(self, state: str, push_refused: Mapping[str, str] | None = None) -> None:
+        """The WebSocket session's state (up, subscribing, connecting, disconnected) and the extensions
+        whose event filters RingCentral refuses (extension -> reason), which are tracked by polling."""
         self._ws_state = state
+        self._push_refused = dict(push_refused or {})
 
     def set_problem(self, problem: str) -> None:
         """A problem of the upstream for STATUS= (e.g. "cannot reach RingCentral"); "" when none."""
@@ -281,6 +284,10 @@ class Status:
         in_flight = self._reconciler.in_flight_count()
         last = _clock(self._metrics.last_sync_time())
         text = f"WebSocket {ws}; {in_flight} faxes in flight; last sync {last}"
+        refused = self._push_refused
+        if refused:
+            why = ", ".join(sorted(set(refused.values())))
+            text += f"; push refused for {len(refused)} extension{'s' * (len(refused) != 1)} ({why}), polled"
         problems = [self._problem] if self._problem else []
         problems += self._reconciler.problems()
         return "; ".join([text, *problems])
@@ -427,7 +434,11 @@ class Upstream:
 
     def _on_ws_state(self, _: str) -> None:
         # The session reports its first state while it is being built, before self._ws is set.
-        self._status.set_ws_state(self._ws.state if self._ws is not None else "disconnected")
+        ws = self._ws
+        if ws is None:
+            self._status.set_ws_state("disconnected")
+        else:
+            self._status.set_ws_state(ws.state, ws.refused_extensions)
         self._status.refresh()
 
     async def _poll(self) -> NoReturn:

@@ -129,7 +129,7 @@ BAD_VALUES = [
     ("reconcile.max_delay", 0.5, "must be >= reconcile.debounce (1), got 0.5"),
     ("websocket.ping_timeout", "10 s", None),  # valid: spaces before the unit are fine
     ("websocket.ping_interval", None, 'expected a duration like 1.5, "90s" or "5m", got null'),
-    ("websocket.ping_timeout", "250ms", "must be >= websocket.ping_timeout_min (0.5), got 0.25"),
+    ("websocket.ping_timeout", "250ms", "must be >= websocket.ping_timeout_min (5), got 0.25"),
     ("websocket.ping_timeout_min", 0, "must be more than 0 seconds, got 0"),
     ("websocket.max_message_bytes", 0, "must be >= 1, got 0"),
     ("websocket.max_message_bytes", "1MB", 'expected an integer, got "1MB"'),

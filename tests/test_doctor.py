@@ -384,7 +384,10 @@ async def test_no_readable_store_skips_the_subscription(sim: Simulator, short_di
 
 @pytest.mark.parametrize(("code", "fix"), [("SUB-405", "admin rights"), ("SUB-528", "SubscriptionWebSocket")])
 async def test_a_refused_subscription(sim: Simulator, short_dir: Path, code: str, fix: str) -> None:
-    sim.refuse_subscriptions(code)
+    if code == "SUB-405":
+        sim.refuse_subscriptions("forbidden", [sim.config.extensions[0]])
+    else:
+        sim.refuse_subscriptions("permission")
     report = await doctor(write_config(short_dir, sim))
     subscription = check(report, "subscription")
     assert subscription.status == "fail"
@@ -397,7 +400,7 @@ async def test_a_refused_subscription(sim: Simulator, short_dir: Path, code: str
 async def test_disabled_filters_fail_the_subscription_which_is_deleted(
     sim: Simulator, short_dir: Path
 ) -> None:
-    sim.disable_filters([OTHER])
+    sim.refuse_subscriptions("disabled", [OTHER])
     report = await doctor(write_config(short_dir, sim, extensions=["~", OTHER]))
     subscription = check(report, "subscription")
     assert subscription.status == "fail"

@@ -243,3 +243,17 @@ def test_a_request_moved_to_the_servers_group() -> None:
     assert b.delay(HEAVY, 2.0) == pytest.approx(59.0)  # Heavy is full until 1.0 leaves its window
     b.moved(HEAVY, HEAVY, 1.0)
     assert b.delay(HEAVY, 2.0) == pytest.approx(59.0)
+
+
+def test_a_request_counts_from_its_answer_so_a_slow_one_cannot_crowd_the_servers_window() -> None:
+    """RingCentral counts a request on arrival, somewhere between send and answer: the slot is held
+    until the answer, so the request after a full window cannot reach the server inside it."""
+    b = RateBudget(share=1.0, defaults={LIGHT: (2, 10.0)})
+    b.spent(LIGHT, 0.0)
+    b.answered(LIGHT, 0.0, 0.5)  # a slow answer: the server may have counted it as late as 0.5
+    b.spent(LIGHT, 1.0)
+    b.answered(LIGHT, 1.0, 1.1)
+    assert b.delay(LIGHT, 10.0) == pytest.approx(0.5)  # not 0: the first may have arrived at 0.5
+    assert b.delay(LIGHT, 10.5) == 0.0
+    b.answered(LIGHT, 99.0, 100.0)  # an unknown send changes nothing
+    assert b.delay(LIGHT, 10.5) == 0.0

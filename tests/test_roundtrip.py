@@ -7,7 +7,9 @@ import random
 
 import pytest
 
+from faxd.config import WebSocketConfig
 from faxd.core.roundtrip import RoundTrip
+from faxd.sim.wsg import wan_pong_delay
 
 
 def test_nothing_known_waits_the_ceiling() -> None:
@@ -87,3 +89,45 @@ def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="above ceiling"):
         RoundTrip().timeout(5, 1)
     assert math.isfinite(RoundTrip(srtt=0.1).timeout(0.5, 0.5))
+
+
+def wan_hour(seed: int, interval: float) -> list[tuple[float, float]]:
+    """One hour of pings every ``interval`` on the simulator's WAN path: (acknowledged at, sent at).
+
+    Pongs come back in order (a TCP path never reorders them) and a pong acknowledges every earlier
+    ping still waiting, so a lost pong's ping is answered by the next pong that comes.
+    """
+    rng = random.Random(seed)
+    arrived: list[float | None] = []
+    last = 0.0
+    for n in range(int(3600 / interval)):
+        delay = wan_pong_delay(rng)
+        if delay is not None:
+            last = max(n * interval + delay, last)
+        arrived.append(None if delay is None else last)
+    acked: list[tuple[float, float]] = []
+    answer: float | None = None
+    for n in reversed(range(len(arrived))):
+        answer = arrived[n] if arrived[n] is not None else answer
+        if answer is not None:
+            acked.append((answer, n * interval))
+    return sorted(acked)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_default_timings_cut_no_healthy_connection_on_a_wan_path(seed: int) -> None:
+    """Twenty seeded hours of the WAN path faxd's defaults are chosen for: every ping is answered
+    before the timeout in force, and that timeout stays short enough to replace a dead connection
+    within 10 s (a ping interval + the timeout + about a second to reconnect)."""
+    defaults = WebSocketConfig()
+    rt = RoundTrip()
+    longest_wait = longest_timeout = 0.0
+    for answered, sent in wan_hour(seed, defaults.ping_interval):
+        timeout = rt.timeout(defaults.ping_timeout_min, defaults.ping_timeout)
+        wait = answered - sent
+        assert wait < timeout, f"ping sent at {sent:.0f} s waited {wait:.2f} s, timeout {timeout:.2f} s"
+        rt.observe(wait)
+        longest_wait = max(longest_wait, wait)
+        longest_timeout = max(longest_timeout, timeout)
+    assert longest_wait > 1, "the hour had its spikes"
+    assert defaults.ping_interval + longest_timeout + 1 <= 10

@@ -10,6 +10,7 @@ import pytest
 from faxd.core.wsg import (
     ClientResponse,
     ConnectionDetails,
+    DisabledFilter,
     ErrorFrame,
     FrameError,
     Heartbeat,
@@ -17,6 +18,7 @@ from faxd.core.wsg import (
     Notification,
     Wsc,
     WsgSession,
+    disabled_filters_of,
     encode_client_request,
     encode_heartbeat,
     encode_subscribe,
@@ -25,6 +27,7 @@ from faxd.core.wsg import (
     error_code_of,
     event_filters,
     extract_hint,
+    filter_key,
     newer_wsc,
     parse_frame,
     subscription_id_of,
@@ -300,18 +303,18 @@ A1, A2, B5 = Wsc("a", 1), Wsc("a", 2), Wsc("b", 5)
 
 
 @pytest.mark.parametrize(
-    ("stored", "incoming", "recovery", "kept"),
+    ("stored", "incoming", "from_details", "kept"),
     [
         (None, A1, False, A1),  # nothing stored
         (A1, None, False, A1),  # frame without wsc
         (A1, A2, False, A2),  # higher sequence
         (A2, A1, False, A2),  # older sequence ignored
-        (B5, A1, True, A1),  # ConnectionDetails with recoveryState: a new context wins
-        (B5, A1, False, B5),
+        (B5, A1, True, A1),  # ConnectionDetails (fresh or recovered): the new context wins
+        (B5, A1, False, B5),  # any other frame with a lower sequence
     ],
 )
-def test_newer_wsc(stored: Wsc | None, incoming: Wsc | None, recovery: bool, kept: Wsc | None) -> None:
-    assert newer_wsc(stored, incoming, recovery_details=recovery) == kept
+def test_newer_wsc(stored: Wsc | None, incoming: Wsc | None, from_details: bool, kept: Wsc | None) -> None:
+    assert newer_wsc(stored, incoming, connection_details=from_details) == kept
 
 
 def details(state: str | None = None, wsc: Wsc | None = A1, timeout: float = 180) -> ConnectionDetails:
@@ -349,8 +352,59 @@ def test_session_successful_without_subscription_resubscribes() -> None:
     assert s.connected(details("Successful"), presented_wsc=True) is False
 
 
+def test_a_fresh_connect_takes_the_new_sessions_wsc_even_at_a_lower_sequence() -> None:
+    s = WsgSession(wsc=B5, recovery_timeout=30, subscription_id="S1")
+    s.lost(0)
+    # The window passed: a fresh connect starts session "a" at sequence 1.
+    assert s.recovery_token(31) is None
+    assert s.connected(details(wsc=A1), presented_wsc=False) is False
+    assert s.wsc == A1
+    s.lost(40)
+    assert s.recovery_token(41) == "a"  # not the dead session's "b"
+
+
+def test_a_new_session_without_a_wsc_forgets_the_old_one() -> None:
+    s = WsgSession(wsc=B5)
+    s.connected(details(wsc=None), presented_wsc=False)
+    assert s.wsc is None
+    s.lost(0)
+    assert s.recovery_token(1) is None
+
+
 def test_session_forget() -> None:
     s = WsgSession(wsc=A1, subscription_id="S")
     s.forget()
     assert s.recovery_token(0) is None
     assert s.subscription_id is None
+
+
+def test_disabled_filters_of_a_reply() -> None:
+    body = {
+        "id": "S",
+        "disabledFilters": [
+            {"filter": "/restapi/v1.0/account/1/extension/2/message-store", "reason": "R", "message": "M"},
+            {"filter": "/restapi/v1.0/account/1/extension/3/fax?direction=Inbound"},  # reason missing
+            {"reason": "no filter"},  # skipped
+            "junk",
+        ],
+    }
+    reply = ClientResponse("m", 200, {}, body)
+    assert disabled_filters_of(reply) == [
+        DisabledFilter("/restapi/v1.0/account/1/extension/2/message-store", "R", "M"),
+        DisabledFilter("/restapi/v1.0/account/1/extension/3/fax?direction=Inbound", ""),
+    ]
+    assert disabled_filters_of(ClientResponse("m", 200, {}, {"id": "S"})) == []
+    assert disabled_filters_of(ClientResponse("m", 200, {}, {"disabledFilters": {}})) == []
+
+
+@pytest.mark.parametrize(
+    ("event_filter", "key"),
+    [
+        ("/restapi/v1.0/account/~/extension/200/message-store?type=Fax", ("200", "message-store")),
+        ("/restapi/v1.0/account/100/extension/200/fax?direction=Inbound", ("200", "fax")),
+        ("/account/~/extension/~/message-store", ("9", "message-store")),  # ~ is the owner
+        ("/restapi/v1.0/account/~/presence", None),
+    ],
+)
+def test_filter_key(event_filter: str, key: tuple[str, str] | None) -> None:
+    assert filter_key(event_filter, "9") == key

@@ -42,7 +42,6 @@ WS_DISCONNECT_REASONS = (
     "closed_abnormal",
     "connection_lost",
     "ping_timeout",
-    "silent",
     "too_large",
     "wsg_902",
     "wsg_903",
@@ -200,6 +199,12 @@ class Metrics:
             "faxd_ws_ping_rtt_seconds",
             "Round trip of WebSocket pings (what the pong timeout adapts to).",
             (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.ws_disabled_filters = _gauge(
+            r,
+            "faxd_ws_disabled_filters",
+            "Event filters RingCentral refused to subscribe to (disabledFilters or a 403); "
+            "their extensions get no push and are tracked by polling.",
         )
         self.ws_ping_timeout = _gauge(
             r,

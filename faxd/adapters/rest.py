@@ -598,11 +598,16 @@ class RingCentral:
         group = self._group_of(method, endpoint, path)
         if wait_budget:
             await self._wait_for_budget(group)
-        started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         self.budget.spent(group, started)
         request = _Request(method, path, endpoint, headers, params, data, client_timeout)
-        resp = await self._exchange(request, started)
-        group = self._account(request, resp, group, started)
+        try:
+            resp = await self._exchange(request, started)
+        finally:
+            answered = loop.time()
+            self.budget.answered(group, started, answered)
+        group = self._account(request, resp, group, answered)
         self._raise_if_throttled(resp, endpoint, group)
         return resp
 
@@ -645,9 +650,9 @@ class RingCentral:
         self._count(endpoint, str(resp.status), started)
         return resp
 
-    def _account(self, request: _Request, resp: _Response, group: str, started: float) -> str:
+    def _account(self, request: _Request, resp: _Response, group: str, counted_at: float) -> str:
         """Feed the response's rate-limit headers to the budget and the metrics; returns the group the
-        request counted in."""
+        request counted in (in the budget from ``counted_at``, when it was answered)."""
         # The server says which group it counted the request in (header names are case-insensitive
         # here, values are matched case-insensitively): that wins over the local table, for this
         # response's accounting and for the next request of this endpoint.
@@ -655,7 +660,7 @@ class RingCentral:
         if server_group is not None:
             if server_group != group:
                 log.info("api.rate_group", endpoint=request.endpoint, ours=group, server=server_group)
-                self.budget.moved(group, server_group, started)
+                self.budget.moved(group, server_group, counted_at)
                 group = server_group
             self._server_groups[(request.method, request.endpoint)] = server_group
         if self.on_response is not None:

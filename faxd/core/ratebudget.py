@@ -169,6 +169,19 @@ class RateBudget:
         self._expire(g, now)
         g.sent.append(now)
 
+    def answered(self, group: str, sent_at: float, now: float) -> None:
+        """The request sent at ``sent_at`` was answered (or failed) at ``now``.
+
+        RingCentral counts a request when it arrives, which is somewhere between our send and its
+        answer: a request that travelled slower than the one sent a window later would put both in
+        the server's window. Counting it from the answer keeps our share an upper bound of what the
+        server sees, at the cost of one round trip per window.
+        """
+        sent = self._group(group).sent
+        with contextlib.suppress(ValueError):
+            sent.remove(sent_at)
+            sent.insert(bisect.bisect_right(sent, now), now)
+
     def moved(self, old: str, new: str, sent_at: float) -> None:
         """The request sent at ``sent_at`` and counted in ``old`` belongs to ``new`` (the server's
         ``X-Rate-Limit-Group`` said so)."""

@@ -17,8 +17,10 @@ A ping that timed out gives no sample (Karn's rule): its round trip is unknown. 
 kept across connections, since the next connection travels the same path; the doubling keeps a
 path that suddenly got slower from timing out the first ping of every new connection, forever.
 A jittery or slow path raises ``rttvar`` and with it the timeout, so it is not torn down for
-being slow; the floor keeps a fast path from being torn down by a single lost packet (a Linux
-sender retransmits after 200 ms plus a round trip).
+being slow. The floor is what protects a path that is fast almost always: the smoothed estimate
+learns the common case and forgets a rare stall within a few samples, so only a floor above the
+longest stall a healthy path has (a spike of a few seconds; a lost pong, answered by the next
+ping's pong one ping interval later) keeps such a path from being cut on its bad second.
 
 This module must not read a clock or do I/O: the caller measures round trips and passes them in.
 """

@@ -443,44 +443,65 @@ def subscription_id_of(response: ClientResponse) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DisabledFilter:
-    """One entry of a subscription reply's ``disabledFilters``: accepted, but nothing will come."""
+    """One entry of a subscription reply's ``disabledFilters`` (spec ``DisabledFilterInfo``)."""
 
     filter: str
     reason: str
-    message: str | None = None
+    message: str = ""
 
 
 def disabled_filters_of(response: ClientResponse) -> list[DisabledFilter]:
-    """The ``disabledFilters`` of a 2xx subscription reply (spec ``DisabledFilterInfo``); entries
-    without a filter are kept with ``"?"`` so that a refusal is never lost to a missing field."""
+    """The filters a 2xx subscription reply says the user may not subscribe to.
+
+    Liberal: entries without a ``filter`` string are skipped, a missing ``reason`` is empty.
+    """
     body = response.body
     raw = body.get("disabledFilters") if isinstance(body, dict) else None
     if not isinstance(raw, list):
         return []
     out: list[DisabledFilter] = []
     for item in raw:
-        entry = item if isinstance(item, dict) else {}
-        flt, reason, message = entry.get("filter"), entry.get("reason"), entry.get("message")
+        if not isinstance(item, dict) or not isinstance(item.get("filter"), str):
+            continue
+        reason, message = item.get("reason"), item.get("message")
         out.append(
             DisabledFilter(
-                flt if isinstance(flt, str) and flt else "?",
-                reason if isinstance(reason, str) and reason else "unknown",
-                message if isinstance(message, str) and message else None,
+                item["filter"],
+                reason if isinstance(reason, str) else "",
+                message if isinstance(message, str) else "",
             )
         )
     return out
 
 
+_FILTER_KEY = re.compile(r"/extension/([^/?]+)/([^/?]+)")
+
+
+def filter_key(event_filter: str, owner_id: str | None = None) -> tuple[str, str] | None:
+    """(extension id, resource) of an event filter, e.g. ``("200000001", "message-store")``; ``~`` is
+    ``owner_id``. Matches a filter however the server spells its account part or prefix."""
+    match = _FILTER_KEY.search(event_filter.split("?", 1)[0])
+    if match is None:
+        return None
+    ext = match.group(1)
+    if ext == "~":
+        if owner_id is None:
+            return None
+        ext = owner_id
+    return ext, match.group(2)
+
+
 # --------------------------------------------------------------------------- session bookkeeping
 
 
-def newer_wsc(stored: Wsc | None, incoming: Wsc | None, *, recovery_details: bool = False) -> Wsc | None:
+def newer_wsc(stored: Wsc | None, incoming: Wsc | None, *, connection_details: bool = False) -> Wsc | None:
     """The wsc to keep: the incoming one when none is stored, when it comes with a
-    ConnectionDetails that has ``recoveryState`` (a new session context), or when its sequence
-    is higher; otherwise the stored one (docs/ringcentral.md §2.4)."""
+    ConnectionDetails (every connection starts a session context: a fresh connect a new session
+    whose sequence starts again at 1, a recovery the resumed one), or when its sequence is higher;
+    otherwise the stored one (docs/ringcentral.md §2.4)."""
     if incoming is None:
         return stored
-    if stored is None or recovery_details or incoming.sequence > stored.sequence:
+    if stored is None or connection_details or incoming.sequence > stored.sequence:
         return incoming
     return stored
 
@@ -500,8 +521,7 @@ class WsgSession:
 
     def frame(self, frame: Frame) -> None:
         """Keep the newest wsc of any frame."""
-        recovery = isinstance(frame, ConnectionDetails) and frame.recovery_state is not None
-        self.wsc = newer_wsc(self.wsc, frame.wsc, recovery_details=recovery)
+        self.wsc = newer_wsc(self.wsc, frame.wsc, connection_details=isinstance(frame, ConnectionDetails))
 
     def recovery_token(self, now: float) -> str | None:
         """The wsc token to present on the next connect, or None for a fresh session."""
@@ -523,13 +543,17 @@ class WsgSession:
 
     def connected(self, details: ConnectionDetails, *, presented_wsc: bool) -> bool:
         """Record a ConnectionDetails; True when the subscription survived (no resubscribe needed)."""
-        self.frame(details)
+        recovered = presented_wsc and details.recovery_state == "Successful"
+        if recovered:
+            self.frame(details)
+        else:
+            # A new session (fresh connect or failed recovery): the old session's wsc is dead even
+            # when these details carry none, and presenting it would fail the next recovery.
+            self.wsc = details.wsc
         if details.recovery_timeout is not None:
             self.recovery_timeout = details.recovery_timeout
         self.lost_at = None
-        survived = (
-            presented_wsc and details.recovery_state == "Successful" and self.subscription_id is not None
-        )
+        survived = recovered and self.subscription_id is not None
         if not survived:
             self.subscription_id = None
         return survived

@@ -260,6 +260,16 @@ class TokenStore:
             return None
         return ws
 
+    def expire_ws_tokens(self) -> int:
+        """Fault: every ws token issued so far is expired now (the gateway refuses it: WSG-401)."""
+        now = self._clock()
+        count = 0
+        for ws in self._ws.values():
+            if ws.expires_at > now:
+                ws.expires_at = now
+                count += 1
+        return count
+
     def expire_access_tokens(self) -> int:
         """Fault: every access token issued so far is expired now (refresh tokens still work)."""
         now = self._clock()

@@ -207,6 +207,28 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
         body = await _body(request)
         sim.delay_pongs(float(body.get("min", 0)), float(body.get("max", 0)))
 
+    async def refuse_subscriptions(request: web.Request) -> None:
+        body = await _body(request)
+        extensions = body.get("extensions", [])
+        if not isinstance(extensions, list):
+            raise ControlError("'extensions' must be a list of extension ids")
+        sim.refuse_subscriptions(str(body.get("how", "disabled")), [str(e) for e in extensions])
+
+    async def refuse_ws_upgrades(request: web.Request) -> None:
+        body = await _body(request)
+        sim.refuse_ws_upgrades(float(body.get("seconds", 5)), int(body.get("status", 503)))
+
+    async def expire_ws_tokens(_: web.Request) -> JsonDict:
+        return {"expired": sim.expire_ws_tokens()}
+
+    async def wan_path(request: web.Request) -> None:
+        body = await _body(request)
+        sim.wan_path(bool(body.get("on", True)))
+
+    async def ignore_heartbeats(request: web.Request) -> None:
+        body = await _body(request)
+        sim.ignore_heartbeats(bool(body.get("on", True)))
+
     async def malformed(request: web.Request) -> JsonDict:
         body = await _body(request)
         kind = str(body.get("kind", "malformed"))
@@ -238,14 +260,6 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     async def deny_reads(request: web.Request) -> None:
         sim.deny_message_reads(_ids(await _body(request)))
 
-    async def refuse_subscriptions(request: web.Request) -> None:
-        body = await _body(request)
-        code = body.get("code")
-        sim.refuse_subscriptions(None if code is None else str(code))
-
-    async def disable_filters(request: web.Request) -> None:
-        sim.disable_filters(_ids(await _body(request)))
-
     r = app.router
     r.add_get("/_sim/info", _wrap(info))
     r.add_post("/_sim/faxes/outbound", _wrap(outbound))
@@ -271,10 +285,13 @@ def add_control_routes(app: web.Application, sim: Simulator) -> None:
     r.add_post("/_sim/faults/remove-extension", _wrap(remove_extension))
     r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
     r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
+    r.add_post("/_sim/faults/refuse-subscriptions", _wrap(refuse_subscriptions))
+    r.add_post("/_sim/faults/refuse-ws-upgrades", _wrap(refuse_ws_upgrades))
+    r.add_post("/_sim/faults/expire-ws-tokens", _wrap(expire_ws_tokens))
+    r.add_post("/_sim/faults/wan-path", _wrap(wan_path))
+    r.add_post("/_sim/faults/ignore-heartbeats", _wrap(ignore_heartbeats))
     r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))
     r.add_post("/_sim/faults/foreign-notification", _wrap(foreign))
     r.add_post("/_sim/faults/skew-date", _wrap(skew_date))
     r.add_post("/_sim/faults/token-scope", _wrap(token_scope))
     r.add_post("/_sim/faults/deny-message-reads", _wrap(deny_reads))
-    r.add_post("/_sim/faults/refuse-subscriptions", _wrap(refuse_subscriptions))
-    r.add_post("/_sim/faults/disable-filters", _wrap(disable_filters))

@@ -337,6 +337,31 @@ class Simulator:
         overlapping), like a slow or jittery path; ``delay_pongs(0, 0)`` ends it."""
         self.gateway.delay_pongs(low, high)
 
+    def refuse_subscriptions(self, how: str, extensions: Sequence[str] = ()) -> None:
+        """Refuse subscription filters like RingCentral does for a user without the rights:
+        ``disabled`` (200 with ``disabledFilters`` for ``extensions``), ``forbidden`` (403 SUB-405 for
+        a request naming one of them), ``permission`` (403 SUB-528 for every request), ``off``."""
+        self.gateway.refuse_subscriptions(how, extensions)
+
+    def refuse_ws_upgrades(self, seconds: float, status: int = 503) -> None:
+        """Answer every WebSocket upgrade (``GET /ws``) with HTTP ``status`` for ``seconds``, before
+        looking at its ws token (a gateway overloaded or in maintenance); 0 ends it."""
+        self.gateway.refuse_upgrades(seconds, status)
+
+    def expire_ws_tokens(self) -> int:
+        """Every ws token issued so far is expired now: the gateway refuses it (WSG-401)."""
+        return self.tokens.expire_ws_tokens()
+
+    def wan_path(self, on: bool = True) -> None:
+        """Pongs come back like over a real WAN path (see ``faxd.sim.wsg.wan_pong_delay``): mostly
+        tens of ms, some hundreds, rare 1-3 s spikes, now and then none; ``wan_path(False)`` ends it.
+        Takes precedence over ``delay_pongs``."""
+        self.gateway.wan_path = on
+
+    def ignore_heartbeats(self, ignore: bool = True) -> None:
+        """Leave client Heartbeats unanswered (they still re-arm the idle timer); False ends it."""
+        self.gateway.answer_heartbeats = not ignore
+
     def send_malformed_frame(self, kind: str = "malformed", *, size: int = 5 * 1024 * 1024) -> int:
         """Send a broken frame on every socket: ``malformed`` (not a JSON array),
         ``oversize`` (a ``size``-byte frame, above the usual client limits)."""
@@ -362,16 +387,6 @@ class Simulator:
         """GETs of these extensions' message store and message-sync answer 403 ``CMN-408``
         (the JWT user lacks the ReadMessages permission for them); ``[]`` ends it."""
         self.rest.faults.unreadable = frozenset(self.store.resolve_extension(e) for e in extension_ids)
-
-    def refuse_subscriptions(self, code: str | None) -> None:
-        """Every subscription create/update is refused with 403 ``code`` (``SUB-405`` another
-        extension, ``SUB-528`` no WebSocket subscription permission); None ends it."""
-        self.gateway.refuse_subscriptions(code)
-
-    def disable_filters(self, extension_ids: Sequence[str]) -> None:
-        """Subscriptions are created, but the filters of these extensions come back in
-        ``disabledFilters`` and deliver nothing; ``[]`` ends it (for new subscriptions)."""
-        self.gateway.disable_filters({self.store.resolve_extension(e) for e in extension_ids})
 
     def send_foreign_notification(self, message_type: str = "SMS", extension_id: str | None = None) -> str:
         """An inbound SMS arrives and its notification goes to every subscription,

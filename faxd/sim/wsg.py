@@ -18,9 +18,10 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -43,14 +44,33 @@ _WSC_PREFIX = "wsc1:"
 RECOVERY_EXPIRED = "WSG-1001"
 
 SUBSCRIPTION_PATHS = ("/restapi/v1.0/subscription", "/restapi/v1.0/subscription/")
+#: SUB-405's message (the errors guide); also the simulator's ``disabledFilters`` message.
+OTHER_EXTENSIONS = "Not allowed subscribe for messages to other extensions"
 
-#: Messages of the 403 subscription refusals (RingCentral's API reference, createSubscription errors).
-SUBSCRIPTION_REFUSALS = {
-    "SUB-405": "Not allowed subscribe for messages to other extensions",
-    "SUB-528": "[SubscriptionWebSocket] application permission is required for [WebSocket] transport",
-}
-#: ``disabledFilters[].reason`` of the refuse_filters fault (RingCentral's wording is not documented).
-DISABLED_REASON = "Permission denied"
+#: The ``wan_path`` mode's pong delays: (probability, low s, high s); a pong that falls in none of
+#: these bands is "fast" (log-normal, median ``WAN_MEDIAN`` s). ``None`` as the range: lost.
+WAN_LOST = 0.002  # about 7 pongs an hour at one ping a second never come
+WAN_SPIKE = (0.005, 1.0, 3.0)  # about 18 an hour: a retransmission, a Wi-Fi or LTE hiccup
+WAN_SLOW = (0.05, 0.1, 0.9)  # one in 20: queueing somewhere on the way
+WAN_MEDIAN = 0.04
+WAN_SIGMA = 0.5  # most fast pongs take 15-110 ms
+
+
+def wan_pong_delay(rng: random.Random) -> float | None:
+    """One pong's delay on a realistic WAN path, in seconds; None: this pong is lost.
+
+    Heavy-tailed: mostly tens of milliseconds, one in twenty some hundreds, rare spikes of 1-3 s,
+    and now and then no pong at all.
+    """
+    draw = rng.random()
+    if draw < WAN_LOST:
+        return None
+    draw -= WAN_LOST
+    for chance, low, high in (WAN_SPIKE, WAN_SLOW):
+        if draw < chance:
+            return rng.uniform(low, high)
+        draw -= chance
+    return rng.lognormvariate(math.log(WAN_MEDIAN), WAN_SIGMA)
 
 
 def encode_wsc(session_id: str) -> str:
@@ -74,8 +94,7 @@ class Subscription:
     raw_filters: list[str]
     filters: list[EventFilter]
     creation_time: datetime
-    #: ``disabledFilters`` of the reply: filters accepted but never delivered (refuse_filters fault)
-    disabled: list[JsonDict] = field(default_factory=list)
+    disabled: list[JsonDict] = field(default_factory=list)  # disabledFilters of the last POST/PUT
 
 
 @dataclass
@@ -180,14 +199,17 @@ class Gateway:
         self.notification_delay = 0.0  # fault: hold every notification this long (loop seconds)
         self.notification_copies = 1  # fault: send every notification this many times
         self.pong_delay = (0.0, 0.0)  # fault: every pong [low, high] seconds late
+        self.wan_path = False  # mode: pong delays of a realistic WAN path (wan_pong_delay)
+        self.pongs_lost = 0  # pongs the wan_path mode never sent
+        self.answer_heartbeats = True  # fault (False): Heartbeats still count as activity, unanswered
+        self._refuse_upgrades_until = -1.0  # fault: upgrades answered with an HTTP error until then
+        self._refuse_upgrades_status = 503
+        self._refuse_how = "off"  # fault: refuse_subscriptions
+        self._refuse_extensions: frozenset[str] = frozenset()
         self._rng = random.Random(config.seed)
         self.stopping = False
         self._fail_next_recovery: str | None = None
         self.base_url = ""
-        #: fault: every subscription create/update is refused with this error code (403)
-        self.subscription_refusal: str | None = None
-        #: fault: filters of these extensions are listed in ``disabledFilters`` (and never delivered)
-        self.disabled_extensions: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -242,6 +264,10 @@ class Gateway:
     # -- the endpoint ----------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET /ws``: the WSG endpoint (aiohttp handler)."""
+        if self._timers.now() < self._refuse_upgrades_until:
+            status = self._refuse_upgrades_status
+            self._record("GET", "/ws", None, status, "ws", request.path_qs)
+            return web.Response(status=status, text="Service Unavailable", content_type="text/plain")
         ws = web.WebSocketResponse(autoping=False, max_msg_size=16 * 1024 * 1024)
         await ws.prepare(request)
         access = request.query.get("access_token")
@@ -270,6 +296,7 @@ class Gateway:
                 return ws
             session, recovery = self._recover(session_id, ws_token)
         else:
+            self._supersede(ws_token.session_id)
             session = self._new_session(ws_token)
         self._record("GET", "/ws", None, 101, "ws", request.path_qs)
         conn = Connection(self._next_conn, ws, request, session)
@@ -309,6 +336,18 @@ class Gateway:
         self.sessions[session.id] = session
         return session
 
+    def _supersede(self, oauth_session_id: str) -> None:
+        """A fresh connect abandons the disconnected WSG sessions of its OAuth session.
+
+        Their ``wsc`` is stale from now on: a client that presents one (instead of the ``wsc`` of
+        the new session's ConnectionDetails) gets ``Failed`` ``WSG-1001``. What RingCentral does
+        with an abandoned session inside its recovery window is undocumented; failing it is the
+        strict reading of "recover with the token of the connection that was lost".
+        """
+        for old in list(self.sessions.values()):
+            if old.oauth_session_id == oauth_session_id and old.connection is None:
+                self._discard(old)
+
     def _recover(self, session_id: str, ws_token: WsToken) -> tuple[WsgSession, tuple[str, str | None]]:
         old = self.sessions.get(session_id)
         code: str | None = None
@@ -346,11 +385,14 @@ class Gateway:
             elif msg.type == WSMsgType.PING:
                 if conn.blackholed:
                     continue
-                low, high = self.pong_delay
-                if high > 0:
+                delay = self._pong_delay()
+                if delay is None:
+                    self.pongs_lost += 1  # lost on the way
+                    continue
+                if delay > 0:
                     # A slow path: each pong is late by its own delay (they overlap, as on a real
                     # path) but never overtakes an earlier one.
-                    due = max(self._timers.now() + self._rng.uniform(low, high), conn.pong_due)
+                    due = max(self._timers.now() + delay, conn.pong_due)
                     conn.pong_due = due
                     pong = _Outgoing(pong=msg.data)
                     self._timers.call_later(
@@ -362,6 +404,13 @@ class Gateway:
                 continue
             else:  # CLOSE, CLOSING, CLOSED, ERROR
                 return
+
+    def _pong_delay(self) -> float | None:
+        """How late the pong to a ping goes out (0: at once), or None when it is lost."""
+        if self.wan_path:
+            return wan_pong_delay(self._rng)
+        low, high = self.pong_delay
+        return self._rng.uniform(low, high) if high > 0 else 0.0
 
     async def _writer(self, conn: Connection) -> None:
         ws = conn.ws
@@ -474,6 +523,8 @@ class Gateway:
         kind = meta.get("type")
         if kind == "Heartbeat":
             self._record("Heartbeat", "Heartbeat", None, 200, "ws", "Heartbeat")
+            if not self.answer_heartbeats:
+                return
             reply = {
                 "type": "Heartbeat",
                 "messageId": meta.get("messageId"),
@@ -575,28 +626,12 @@ class Gateway:
             raise ApiError(400, api_error("CMN-103", "JSON can't be parsed."))
         filters = parse_filters(body.get("eventFilters"), session.owner_id, self._config)
         self._check_delivery_mode(body)
-        self._refusal()
-        filters, disabled = self._disable(filters)
+        filters, disabled = self._refusals(filters)
         # One subscription per WSG session: a second one replaces the first.
         session.subscription = Subscription(
-            new_uuid(), list(body["eventFilters"]), filters, self._wall(), disabled
+            new_uuid(), [f.raw for f in filters], filters, self._wall(), disabled
         )
         return self._subscription_info(session.subscription)
-
-    def _refusal(self) -> None:
-        code = self.subscription_refusal
-        if code is not None:
-            raise ApiError(403, api_error(code, SUBSCRIPTION_REFUSALS.get(code, "Not allowed")))
-
-    def _disable(self, filters: list[EventFilter]) -> tuple[list[EventFilter], list[JsonDict]]:
-        """The filters that stay active, and the ``disabledFilters`` entries of the others."""
-        active = [f for f in filters if f.extension_id not in self.disabled_extensions]
-        disabled = [
-            {"filter": f.raw, "reason": DISABLED_REASON, "message": SUBSCRIPTION_REFUSALS["SUB-405"]}
-            for f in filters
-            if f.extension_id in self.disabled_extensions
-        ]
-        return active, disabled
 
     def _update_subscription(self, session: WsgSession, current: Subscription, body: Any) -> JsonDict:
         if not isinstance(body, dict):
@@ -604,10 +639,32 @@ class Gateway:
         filters = parse_filters(body.get("eventFilters"), session.owner_id, self._config)
         if "deliveryMode" in body:
             self._check_delivery_mode(body)
-        self._refusal()
-        current.raw_filters = list(body["eventFilters"])
-        current.filters, current.disabled = self._disable(filters)
+        filters, current.disabled = self._refusals(filters)
+        current.raw_filters = [f.raw for f in filters]
+        current.filters = filters
         return self._subscription_info(current)
+
+    def _refusals(self, filters: list[EventFilter]) -> tuple[list[EventFilter], list[JsonDict]]:
+        """The ``refuse_subscriptions`` fault: the filters granted and the ``disabledFilters``, or
+        the 403 that refuses the whole request."""
+        how = self._refuse_how
+        if how == "permission":
+            message = "[SubscriptionWebSocket] application permission is required for [WebSocket] transport"
+            raise ApiError(403, api_error("SUB-528", message))
+        hit = [f for f in filters if f.extension_id in self._refuse_extensions]
+        if how == "off" or not hit:
+            return filters, []
+        if how == "forbidden":
+            raise ApiError(403, api_error("SUB-405", OTHER_EXTENSIONS))
+        disabled = [
+            {
+                "filter": f.raw,
+                "reason": "PermissionDenied",
+                "message": OTHER_EXTENSIONS,
+            }
+            for f in hit
+        ]
+        return [f for f in filters if f not in hit], disabled
 
     def _subscription_info(self, sub: Subscription) -> JsonDict:
         ttl = self._config.absolute_timeout
@@ -621,7 +678,7 @@ class Gateway:
             "expirationTime": iso(datetime.fromtimestamp(expires, tz=sub.creation_time.tzinfo)),
             "expiresIn": ttl - 1,
             "deliveryMode": {"transportType": "WebSocket", "encryption": False},
-            **({"disabledFilters": [dict(d) for d in sub.disabled]} if sub.disabled else {}),
+            **({"disabledFilters": list(sub.disabled)} if sub.disabled else {}),
         }
 
     # -- notifications ---------------------------------------------------------------------
@@ -684,16 +741,27 @@ class Gateway:
             self._timers.cancel(conn.absolute)
         return len(conns)
 
+    def refuse_upgrades(self, seconds: float, status: int = 503) -> None:
+        """Answer every WebSocket upgrade with HTTP ``status`` for ``seconds`` (0 ends it)."""
+        if not 400 <= status <= 599:
+            raise ValueError("status must be an HTTP error status")
+        self._refuse_upgrades_until = self._timers.now() + max(0.0, seconds)
+        self._refuse_upgrades_status = status
+
+    def refuse_subscriptions(self, how: str, extensions: Sequence[str] = ()) -> None:
+        """Refuse subscription filters from now on (POST and PUT): ``disabled`` lists the filters of
+        ``extensions`` in ``disabledFilters`` of a 200 and grants the rest; ``forbidden`` answers a
+        request naming one of them 403 ``SUB-405``; ``permission`` answers every request 403
+        ``SUB-528``; ``off`` ends it. Existing subscriptions are left as they are."""
+        if how not in ("off", "disabled", "forbidden", "permission"):
+            raise ValueError("how must be off, disabled, forbidden or permission")
+        if how in ("disabled", "forbidden") and not extensions:
+            raise ValueError(f"{how} needs the extensions to refuse")
+        self._refuse_how = how
+        self._refuse_extensions = frozenset(str(e) for e in extensions)
+
     def fail_next_recovery(self, code: str = RECOVERY_EXPIRED) -> None:
         self._fail_next_recovery = code
-
-    def refuse_subscriptions(self, code: str | None) -> None:
-        if code is not None and code not in SUBSCRIPTION_REFUSALS:
-            raise ValueError(f"code must be one of {sorted(SUBSCRIPTION_REFUSALS)} or null")
-        self.subscription_refusal = code
-
-    def disable_filters(self, extension_ids: set[str]) -> None:
-        self.disabled_extensions = set(extension_ids)
 
     def delay_pongs(self, low: float, high: float) -> None:
         if not 0 <= low <= high:

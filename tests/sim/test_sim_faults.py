@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -21,7 +22,7 @@ from sim_helpers import (
     ws_token,
 )
 
-from faxd.sim import Simulator
+from faxd.sim import SimConfig, Simulator
 
 
 async def control(
@@ -306,3 +307,132 @@ async def test_remove_extension(sim: Simulator, http: aiohttp.ClientSession) -> 
         assert resp.status == 200
     status, _ = await control(http, sim, "POST", "faults/remove-extension", {"extensionId": "1"})
     assert status == 400
+
+
+@pytest.mark.looptime
+async def test_ignore_heartbeats_leaves_them_unanswered_but_counted_as_activity(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with Simulator(SimConfig(idle_timeout=100)) as sim:
+        tok = await login(http, sim)
+        ws, _ = await connect(http, sim, tok)
+        status, _ = await control(http, sim, "POST", "faults/ignore-heartbeats", {"on": True})
+        assert status == 200
+        for n in range(5):  # 5 x 60 s: well past idle_timeout, kept alive by the Heartbeats alone
+            await ws.send_str(json.dumps([{"type": "Heartbeat", "messageId": f"hb-{n}"}]))
+            with pytest.raises(TimeoutError):
+                await recv(ws, limit=60)  # no echo, and no WSG-902 either
+        assert len(sim.requests_to("Heartbeat")) == 5
+        await control(http, sim, "POST", "faults/ignore-heartbeats", {"on": False})
+        assert await barrier(ws) == []  # answered again
+        await ws.close()
+
+
+@pytest.mark.looptime
+async def test_wan_path_pongs_are_heavy_tailed_in_order_and_sometimes_lost(
+    http: aiohttp.ClientSession,
+) -> None:
+    async with Simulator(SimConfig(seed=11, idle_timeout=10_000)) as sim:  # pings are no activity
+        tok = await login(http, sim)
+        wst = await ws_token(http, sim, tok)
+        url = f"{wst['uri']}?access_token={wst['ws_access_token']}"
+        async with http.ws_connect(url, autoping=False) as ws:
+            await recv(ws)  # ConnectionDetails
+            status, _ = await control(http, sim, "POST", "faults/wan-path", {"on": True})
+            assert status == 200
+            loop = asyncio.get_running_loop()
+            sent: dict[bytes, float] = {}
+            waits: dict[bytes, float] = {}
+            order: list[int] = []
+
+            async def read_pongs() -> None:
+                while True:
+                    msg = await ws.receive()
+                    assert msg.type == aiohttp.WSMsgType.PONG
+                    order.append(int.from_bytes(msg.data, "big"))
+                    waits[msg.data] = loop.time()
+
+            reader = asyncio.create_task(read_pongs())
+            for n in range(2000):  # a ping a second, like faxd
+                payload = n.to_bytes(2, "big")
+                sent[payload] = loop.time()
+                await ws.ping(payload)
+                await asyncio.sleep(1)
+            await asyncio.sleep(10)  # fake time: the last pongs' longest possible delay
+            assert not reader.done()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await control(http, sim, "POST", "faults/wan-path", {"on": False})
+        assert order == sorted(order)  # a path delivers in order
+        lost = len(sent) - len(waits)
+        assert lost == sim.gateway.pongs_lost >= 1
+        delays = sorted(at - sent[p] for p, at in waits.items())
+        assert 0.015 < delays[len(delays) // 2] < 0.1  # mostly tens of milliseconds
+        assert delays[-1] > 1  # with spikes
+        assert delays[-1] < 4
+
+
+@pytest.mark.looptime
+async def test_refused_upgrades_then_expired_ws_tokens(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    tok = await login(http, sim)
+    wst = await ws_token(http, sim, tok)
+    url = f"{wst['uri']}?access_token={wst['ws_access_token']}"
+    status, _ = await control(http, sim, "POST", "faults/refuse-ws-upgrades", {"seconds": 4})
+    assert status == 200
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(url)
+    assert refused.value.status == 503
+    await asyncio.sleep(4)
+    async with http.ws_connect(url) as ws:  # the same ws token: the refusal did not spend it
+        assert (await recv(ws))[0]["type"] == "ConnectionDetails"
+    status, body = await control(http, sim, "POST", "faults/expire-ws-tokens")
+    assert body == {"expired": 1}
+    async with http.ws_connect(url) as ws:
+        frame = await recv(ws)
+        assert frame[1] == {"errorCode": "WSG-401", "message": "Invalid or expired access token"}
+    assert [r.status for r in sim.requests if r.path == "/ws"] == [503, 101, 4401]
+    status, body = await control(http, sim, "POST", "faults/refuse-ws-upgrades", {"status": 200})
+    assert status == 400
+
+
+async def test_refuse_subscriptions(http: aiohttp.ClientSession) -> None:
+    async with Simulator(SimConfig(extensions=("200000001", "200000002"))) as sim:
+        own = "/restapi/v1.0/account/~/extension/200000001/message-store?type=Fax"
+        other = "/restapi/v1.0/account/~/extension/200000002/message-store?type=Fax"
+        tok = await login(http, sim)
+        ws, _ = await connect(http, sim, tok)
+        body = {"how": "disabled", "extensions": ["200000002"]}
+        status, _ = await control(http, sim, "POST", "faults/refuse-subscriptions", body)
+        assert status == 200
+        meta, info = await subscribe(ws, [own, other])
+        assert meta["status"] == 200
+        assert info["eventFilters"] == [own]
+        assert info["disabledFilters"] == [
+            {
+                "filter": other,
+                "reason": "PermissionDenied",
+                "message": "Not allowed subscribe for messages to other extensions",
+            }
+        ]
+        sim.create_inbound_fax("200000002", "+14155550100")
+        assert await barrier(ws) == []  # nothing for the refused extension
+        sim.create_inbound_fax("200000001", "+14155550100")
+        assert len(await barrier(ws, "hb-2")) == 1
+
+        sim.refuse_subscriptions("forbidden", ["200000002"])
+        meta, body = await subscribe(ws, [own, other])
+        assert (meta["status"], body["errorCode"]) == (403, "SUB-405")
+        meta, _ = await subscribe(ws, [own])
+        assert meta["status"] == 200
+        sim.refuse_subscriptions("permission")
+        meta, body = await subscribe(ws, [own])
+        assert (meta["status"], body["errorCode"]) == (403, "SUB-528")
+        sim.refuse_subscriptions("off")
+        meta, info = await subscribe(ws, [own, other])
+        assert meta["status"] == 200
+        assert "disabledFilters" not in info
+        status, err = await control(http, sim, "POST", "faults/refuse-subscriptions", {"how": "forbidden"})
+        assert status == 400
+        assert "needs the extensions" in err["error"]
+        await ws.close()

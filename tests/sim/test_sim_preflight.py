@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sim_helpers import EXT, FAX_FILTER, bearer, connect, login, subscribe
+from sim_helpers import EXT, bearer, login
 
 from faxd.sim import SimConfig, Simulator
 
@@ -86,32 +86,3 @@ async def test_deny_message_reads(sim: Simulator, http: aiohttp.ClientSession) -
     async with http.get(sim.url + other + "/message-store", headers=bearer(token)) as resp:
         assert resp.status == 200
     assert await control(http, sim, "deny-message-reads", {"extensionIds": ["999"]}) == 400
-
-
-@pytest.mark.parametrize("code", ["SUB-405", "SUB-528"])
-async def test_refuse_subscriptions(sim: Simulator, http: aiohttp.ClientSession, code: str) -> None:
-    assert await control(http, sim, "refuse-subscriptions", {"code": code}) == 200
-    ws, _ = await connect(http, sim, await login(http, sim))
-    async with ws:
-        meta, body = await subscribe(ws, [FAX_FILTER])
-        assert (meta["status"], body["errorCode"]) == (403, code)
-        assert sim.gateway.subscribed_sessions() == []
-        assert await control(http, sim, "refuse-subscriptions", {"code": None}) == 200
-        meta, _ = await subscribe(ws, [FAX_FILTER])
-        assert meta["status"] == 200
-    assert await control(http, sim, "refuse-subscriptions", {"code": "SUB-999"}) == 400
-
-
-async def test_disable_filters(sim: Simulator, http: aiohttp.ClientSession) -> None:
-    assert await control(http, sim, "disable-filters", {"extensionIds": [OTHER]}) == 200
-    ws, _ = await connect(http, sim, await login(http, sim))
-    async with ws:
-        meta, body = await subscribe(ws, [FAX_FILTER, OTHER_FILTER])
-        assert meta["status"] == 200
-        assert body["eventFilters"] == [FAX_FILTER, OTHER_FILTER]
-        assert [d["filter"] for d in body["disabledFilters"]] == [OTHER_FILTER]
-        assert body["disabledFilters"][0]["reason"]
-        # A disabled filter delivers nothing.
-        [session] = sim.gateway.subscribed_sessions()
-        assert session.subscription is not None
-        assert {f.extension_id for f in session.subscription.filters} == {OWNER}

@@ -339,6 +339,26 @@ async def test_recovery_within_the_window(sim: Simulator, http: aiohttp.ClientSe
     await ws2.close()
 
 
+async def test_a_fresh_connect_makes_the_old_sessions_wsc_stale(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    tok = await login(http, sim)
+    ws, old = await connect(http, sim, tok)
+    await subscribe(ws, [FAX_FILTER])
+    await drop_and_wait(sim, ws)
+    ws2, new = await connect(http, sim, tok)  # fresh, inside the old session's recovery window
+    assert "recoveryState" not in new[1]
+    assert new[0]["wsc"]["sequence"] == 1
+    await subscribe(ws2, [FAX_FILTER])
+    await drop_and_wait(sim, ws2)
+    ws3, d3 = await connect(http, sim, tok, wsc=new[0]["wsc"]["token"])
+    assert d3[1]["recoveryState"] == "Successful"  # the new session's wsc recovers
+    stale, d4 = await connect(http, sim, tok, wsc=old[0]["wsc"]["token"])
+    assert (d4[1]["recoveryState"], d4[1]["recoveryErrorCode"]) == ("Failed", "WSG-1001")
+    await stale.close()
+    await ws3.close()
+
+
 async def test_recovery_with_a_new_login_fails_1003(sim: Simulator, http: aiohttp.ClientSession) -> None:
     tok = await login(http, sim)
     ws, details = await connect(http, sim, tok)
