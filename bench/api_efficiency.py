@@ -43,16 +43,16 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 from report import Report, add_options, apply_quick
 
-from faxd import daemon
+from faxd import daemon, testbed
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.rest import RingCentral
 from faxd.adapters.ws_session import WsSession, WsSettings
-from faxd.config import parse_config
+from faxd.core.model import FAX_LEVEL, event_key
 from faxd.core.wsg import Hint, event_filters
 from faxd.logs import configure_logging
 from faxd.sim import RecipientScript, SimConfig, Simulator
 
-Key = tuple[str, int | None, str]  # (fax, recipient or None, status)
+Key = tuple[str, int, str]  # (fax, recipient or FAX_LEVEL, status): event_key without the kind
 EXT = "200000001"
 
 
@@ -82,7 +82,7 @@ class Truth:
         now = asyncio.get_running_loop().time()
         for m in self.sim.messages():
             fid = str(m["id"])
-            self.seen.setdefault((fid, None, m["messageStatus"]), now)
+            self.seen.setdefault((fid, FAX_LEVEL, m["messageStatus"]), now)
             for i, r in enumerate(m.get("to") or []):
                 self.seen.setdefault((fid, i, r["messageStatus"]), now)
         return False
@@ -96,7 +96,7 @@ class Truth:
         out: dict[Key, float] = {}
         for m in self.sim.messages():
             fid = str(m["id"])
-            keys = [(fid, None, m["messageStatus"])]
+            keys = [(fid, FAX_LEVEL, m["messageStatus"])]
             keys += [(fid, i, r["messageStatus"]) for i, r in enumerate(m.get("to") or [])]
             out.update({k: self.seen[k] for k in keys if k in self.seen})
         return out
@@ -136,25 +136,7 @@ async def drive(sim: Simulator, plan: list[tuple[float, list[RecipientScript]]])
 
 
 async def run_faxd(sim: Simulator, workdir: Path, result: Result, done: asyncio.Event) -> None:
-    for name, value in (("client_secret", sim.config.client_secret), ("jwt", sim.config.jwt)):
-        (workdir / name).write_text(value)
-        (workdir / name).chmod(0o600)
-    config = parse_config(
-        {
-            "ringcentral": {
-                "server": sim.url,
-                "client_id": sim.config.client_id,
-                "client_secret": {"file": str(workdir / "client_secret")},
-                "jwt": {"file": str(workdir / "jwt")},
-            },
-            "store": {"path": str(workdir / "faxd.db")},
-            "events": {"socket": str(workdir / "events.sock")},
-            "metrics": {"listen": None},
-            "logging": {"level": "warning"},
-        },
-        environ={},
-        base_dir=str(workdir),
-    )
+    config = testbed.load(sim, workdir, logging={"level": "warning"})
     stop = asyncio.Event()
     ready = asyncio.Event()
     task = asyncio.create_task(
@@ -170,8 +152,8 @@ async def run_faxd(sim: Simulator, workdir: Path, result: Result, done: asyncio.
         while line := await reader.readline():
             e = json.loads(line)
             if e["type"] == "event" and e["kind"] in ("status", "recipient"):
-                index = e["recipient"]["index"] if e["recipient"] else None
-                result.add((e["fax_id"], index, e["to_status"]), loop.time())
+                fax_id, index, _, to_status = event_key(e)
+                result.add((fax_id, index, to_status), loop.time())
 
     reading = asyncio.create_task(read())
     await done.wait()
@@ -211,7 +193,7 @@ async def run_baseline(sim: Simulator, result: Result, done: asyncio.Event) -> N
                 now = loop.time()
                 for m in body["records"]:
                     fid = str(m["id"])
-                    result.add((fid, None, m["messageStatus"]), now)
+                    result.add((fid, FAX_LEVEL, m["messageStatus"]), now)
                     for i, rec in enumerate(m.get("to") or []):
                         result.add((fid, i, rec["messageStatus"]), now)
                 return

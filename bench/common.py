@@ -37,8 +37,9 @@ import aiohttp
 import yaml
 from report import machine
 
+from faxd import testbed
 from faxd.adapters.store import Journalled, Store
-from faxd.core.model import EventKind, FaxState, RecipientState, Source, Transition
+from faxd.core.model import EventKind, FaxState, RecipientState, Source, Transition, event_key
 from faxd.sim import SimConfig, Simulator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,8 +155,7 @@ class Tap:
                 if msg.get("type") != "event":
                     continue
                 self.events += 1
-                rec = -1 if msg["recipient"] is None else msg["recipient"]["index"]
-                self.arrived.setdefault((msg["fax_id"], rec, msg["kind"], msg["to_status"]), now)
+                self.arrived.setdefault(event_key(msg), now)
                 self.changed.set()
         finally:
             writer.close()
@@ -292,28 +292,13 @@ def write_config(
     workdir: Path, sim: Simulator, extensions: Sequence[str], **sections: dict[str, Any]
 ) -> Path:
     """A daemon config for ``sim`` in ``workdir`` (secrets in 0600 files); ``sections`` override keys."""
-    cfg = sim.config
-    for name, value in (("client_secret", cfg.client_secret), ("jwt", cfg.jwt)):
-        (workdir / name).write_text(value)
-        os.chmod(workdir / name, 0o600)
-    data: dict[str, Any] = {
-        "ringcentral": {
-            "server": sim.url,
-            "client_id": cfg.client_id,
-            "client_secret": {"file": "client_secret"},
-            "jwt": {"file": "jwt"},
-            "extensions": list(extensions),
-        },
-        "store": {"path": "faxd.db"},
-        "events": {"socket": "events.sock", "client_queue": 100_000},
+    bench = {
+        "ringcentral": {"extensions": list(extensions)},
+        "events": {"client_queue": 100_000},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         "logging": {"level": "info", "format": "json"},
     }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return testbed.write_config(sim, workdir, defaults=bench, **sections)
 
 
 def free_port() -> int:

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -44,10 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from report import Report, add_options, apply_quick
 
+from faxd import testbed
+from faxd.core.model import event_key
 from faxd.sim import RecipientScript, SimConfig, Simulator
 
 WS_FAULTS = ("drop", "drop_failed_recovery", "blackhole", "malformed", "expire_tokens")
@@ -125,8 +125,8 @@ class Client:
         if seq != self.last_seq + 1:
             self.gaps += 1
         self.last_seq = seq
-        recipient = -1 if event["recipient"] is None else event["recipient"]["index"]
-        key = (event["fax_id"], recipient, event["kind"], event["to_status"])
+        key = event_key(event)
+        recipient = key[1]
         if key in self.seen and self.seen[key] != seq:
             self.duplicates += 1
         self.seen[key] = seq
@@ -222,33 +222,25 @@ async def soak(args: argparse.Namespace, report: Report) -> int:
     duration = args.minutes * 60
     sim_config = SimConfig(seed=args.seed, default_delay=(2.0, 40.0), recovery_timeout=60)
     async with Simulator(sim_config) as sim:
-        for name, value in (("client_secret", sim_config.client_secret), ("jwt", sim_config.jwt)):
-            (workdir / name).write_text(value)
-            os.chmod(workdir / name, 0o600)
         metrics_port = free_port()
-        config = {
-            "ringcentral": {
-                "server": sim.url,
-                "client_id": sim_config.client_id,
-                "client_secret": {"file": "client_secret"},
-                "jwt": {"file": "jwt"},
-            },
-            "websocket": {
-                key: value
-                for key, value in (
-                    ("ping_interval", args.ping_interval),
-                    ("ping_timeout_min", args.ping_timeout_min),
-                    ("ping_timeout", args.ping_timeout),
-                )
-                if value is not None  # faxd's defaults unless the command line says otherwise
-            },
-            "reconcile": {"active_poll_interval": 30, "poll_interval": 120},
-            "store": {"path": "faxd.db"},
-            "events": {"socket": "events.sock", "client_queue": 100},
-            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-            "logging": {"level": "info", "format": "json"},
+        websocket = {
+            key: value
+            for key, value in (
+                ("ping_interval", args.ping_interval),
+                ("ping_timeout_min", args.ping_timeout_min),
+                ("ping_timeout", args.ping_timeout),
+            )
+            if value is not None  # faxd's defaults unless the command line says otherwise
         }
-        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        testbed.write_config(
+            sim,
+            workdir,
+            websocket=websocket,
+            reconcile={"active_poll_interval": 30, "poll_interval": 120},
+            events={"client_queue": 100},
+            metrics={"listen": f"127.0.0.1:{metrics_port}"},
+            logging={"level": "info", "format": "json"},
+        )
         daemon = Daemon(workdir / "config.yaml", workdir / "faxd.log")
         await daemon.start()
         stop = asyncio.Event()

@@ -45,6 +45,13 @@ class ClientError(Exception):
         self.exit_code = exit_code
 
 
+class ConnectionLost(ClientError):
+    """The daemon closed the connection, or it broke."""
+
+    def __init__(self) -> None:
+        super().__init__("connection to faxd lost")
+
+
 class Connection:
     """One connection to the daemon: the ``hello``, requests with replies, and the message stream."""
 
@@ -106,7 +113,7 @@ class Connection:
             self._writer.write(encode_line(message))
             await self._writer.drain()
         except ConnectionError:
-            raise ClientError("connection to faxd lost") from None
+            raise ConnectionLost from None
 
     async def _read(self) -> dict[str, Any]:
         try:
@@ -114,9 +121,9 @@ class Connection:
         except ValueError:
             raise ClientError("faxd sent a line longer than the client accepts") from None
         except ConnectionError:
-            raise ClientError("connection to faxd lost") from None
+            raise ConnectionLost from None
         if not line.endswith(b"\n"):
-            raise ClientError("connection to faxd lost")
+            raise ConnectionLost
         try:
             return decode_object(line)
         except ProtocolError as exc:

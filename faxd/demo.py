@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -21,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faxd import daemon
+from faxd import daemon, testbed
 from faxd.client import format_event
-from faxd.config import parse_config
 from faxd.logs import configure_logging
 from faxd.sim import SimConfig, Simulator
 
@@ -108,27 +106,31 @@ async def _drive(sim: Simulator, socket_path: str, out: Any, color: bool) -> str
                 if message.get("id") == f"send-{len(samples) - 1}" and inbound_id is None:
                     # All outbound faxes are in; let a fax arrive too.
                     inbound_id = sim.create_inbound_fax(None, "+14155550123", pages=2)
-                continue
-            if kind != "event":
-                continue
-            print(format_event(message, color=color), file=out, flush=True)
-            if message["direction"] == "Inbound" and message["to_status"] == "Received":
-                inbound_seen = True
-            found = by_ref.get(message.get("ref") or "")
-            if found is None:
-                continue
-            sample = found
-            if message["kind"] == "recipient":
-                sample.seen[message["recipient"]["index"]] = message["to_status"]
-            elif message["kind"] == "status":
-                sample.fax_final = sample.fax_final or message["final"]
-                if len(sample.to) == 1 and message["final"]:
-                    # A one-recipient fax may report the outcome on the fax event alone.
-                    sample.seen.setdefault(0, message["to_status"])
+            elif kind == "event":
+                print(format_event(message, color=color), file=out, flush=True)
+                if _note(message, by_ref):
+                    inbound_seen = True
         return None
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+def _note(event: dict[str, Any], by_ref: dict[str, Expectation]) -> bool:
+    """Apply an event to the sample it belongs to; True if it is the inbound fax's arrival."""
+    if event["direction"] == "Inbound" and event["to_status"] == "Received":
+        return True
+    sample = by_ref.get(event.get("ref") or "")
+    if sample is None:
+        return False
+    if event["kind"] == "recipient":
+        sample.seen[event["recipient"]["index"]] = event["to_status"]
+    elif event["kind"] == "status":
+        sample.fax_final = sample.fax_final or event["final"]
+        if len(sample.to) == 1 and event["final"]:
+            # A one-recipient fax may report the outcome on the fax event alone.
+            sample.seen.setdefault(0, event["to_status"])
+    return False
 
 
 async def run(*, give_up_after: float = 90.0, keep: bool = False, out: Any = None) -> int:
@@ -138,26 +140,11 @@ async def run(*, give_up_after: float = 90.0, keep: bool = False, out: Any = Non
     try:
         sim_config = SimConfig(default_delay=(1.0, 4.0))
         async with Simulator(sim_config) as sim:
-            for name, value in (("client_secret", sim_config.client_secret), ("jwt", sim_config.jwt)):
-                path = workdir / name
-                path.write_text(value)
-                os.chmod(path, 0o600)
-            config = parse_config(
-                {
-                    "ringcentral": {
-                        "server": sim.url,
-                        "client_id": sim_config.client_id,
-                        "client_secret": {"file": str(workdir / "client_secret")},
-                        "jwt": {"file": str(workdir / "jwt")},
-                    },
-                    "reconcile": {"debounce": 0.3, "max_delay": 2, "active_poll_interval": 10},
-                    "store": {"path": str(workdir / "faxd.db")},
-                    "events": {"socket": str(workdir / "events.sock")},
-                    "metrics": {"listen": None},
-                    "logging": {"level": "warning"},
-                },
-                environ={},
-                base_dir=str(workdir),
+            config = testbed.load(
+                sim,
+                workdir,
+                reconcile={"debounce": 0.3, "max_delay": 2, "active_poll_interval": 10},
+                logging={"level": "warning"},
             )
             configure_logging(level="warning", fmt="console", redact_phi=True, stream=sys.stderr)
             print(f"faxd demo: simulator at {sim.url}, daemon state in {workdir}", file=out)

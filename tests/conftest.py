@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 import warnings
@@ -15,7 +14,8 @@ import pytest
 from daemon_support import running  # noqa: F401 - the shared in-process daemon fixture
 from fidelity.plugin import rc_spec_validation  # noqa: F401 - every simulator body is checked against the spec
 
-from faxd.config import Config, parse_config
+from faxd import testbed
+from faxd.config import Config
 from faxd.sim import SimConfig, Simulator
 
 
@@ -79,25 +79,10 @@ def make_config(short_dir: Path) -> Callable[..., Config]:
     return make
 
 
+#: How the tests run an in-process daemon, beyond faxd.testbed's base: reconciles that do not wait long.
+TEST_SECTIONS = {"reconcile": {"debounce": 0.05, "max_delay": 0.5}}
+
+
 def daemon_config(sim: Simulator, workdir: Path, **sections: dict[str, Any]) -> Config:
     """A daemon config for ``sim``: secrets in 0600 files, state and socket in ``workdir``."""
-    cfg = sim.config
-    for name, value in (("client_secret", cfg.client_secret), ("jwt", cfg.jwt)):
-        path = workdir / name
-        path.write_text(value)
-        os.chmod(path, 0o600)
-    data: dict[str, Any] = {
-        "ringcentral": {
-            "server": sim.url,
-            "client_id": cfg.client_id,
-            "client_secret": {"file": str(workdir / "client_secret")},
-            "jwt": {"file": str(workdir / "jwt")},
-        },
-        "reconcile": {"debounce": 0.05, "max_delay": 0.5},
-        "store": {"path": str(workdir / "faxd.db")},
-        "events": {"socket": str(workdir / "events.sock")},
-        "metrics": {"listen": None},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    return parse_config(data, environ={}, base_dir=str(workdir))
+    return testbed.load(sim, workdir, defaults=TEST_SECTIONS, **sections)

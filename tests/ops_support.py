@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
+from faxd import testbed
 from faxd.sim import Simulator
 
 FAXD = [sys.executable, "-m", "faxd"]
@@ -32,29 +32,17 @@ def free_port() -> int:
         return port
 
 
+#: How the ops tests run a daemon subprocess, beyond faxd.testbed's base: quick reconciles, JSON logs
+#: the tests read.
+OPS_SECTIONS = {
+    "reconcile": {"debounce": 0.05, "max_delay": 0.5},
+    "logging": {"format": "json", "level": "info"},
+}
+
+
 def write_config(workdir: Path, sim: Simulator, **sections: Mapping[str, Any]) -> Path:
     """A config file for ``sim`` in ``workdir`` (secrets in 0600 files); returns its path."""
-    for name, value in (("client_secret", sim.config.client_secret), ("jwt", sim.config.jwt)):
-        (workdir / name).write_text(value)
-        os.chmod(workdir / name, 0o600)
-    data: dict[str, Any] = {
-        "ringcentral": {
-            "server": sim.url,
-            "client_id": sim.config.client_id,
-            "client_secret": {"file": "client_secret"},
-            "jwt": {"file": "jwt"},
-        },
-        "reconcile": {"debounce": 0.05, "max_delay": 0.5},
-        "store": {"path": "faxd.db"},
-        "events": {"socket": "events.sock"},
-        "metrics": {"listen": None},
-        "logging": {"format": "json", "level": "info"},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return testbed.write_config(sim, workdir, defaults=OPS_SECTIONS, **sections)
 
 
 class NotifySocket:

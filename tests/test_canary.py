@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import signal
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from ops_support import NotifySocket, daemon, free_port, scrape, status_of, write_config, ws_up
+from socket_client import SocketClient
 
 from faxd.sim import RecipientScript, SimConfig, Simulator
 
@@ -28,13 +27,11 @@ def sim_config() -> SimConfig:
     return SimConfig(seed=11, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, jwt=JWT)
 
 
-async def _events_until_final(reader: asyncio.StreamReader, fax_ids: set[str]) -> None:
+async def _events_until_final(client: SocketClient, fax_ids: set[str]) -> None:
     """Read the event stream until every fax of ``fax_ids`` had a final event."""
     waiting = set(fax_ids)
     while waiting:
-        line = await reader.readline()
-        assert line, "the event socket closed"
-        message: dict[str, Any] = json.loads(line)
+        message = await client.recv()
         if message.get("type") == "event" and message.get("final") and message.get("kind") == "status":
             waiting.discard(str(message["fax_id"]))
 
@@ -63,9 +60,8 @@ async def test_no_secret_token_or_number_leaks(sim: Simulator, short_dir: Path) 
     try:
         async with asyncio.timeout(45), daemon(config, env=env) as faxd:
             await notify.wait_for(ws_up)
-            reader, writer = await asyncio.open_unix_connection(str(short_dir / "events.sock"))
-            await reader.readline()  # hello
-            writer.write(b'{"type":"subscribe"}\n')
+            client = await SocketClient.connect(str(short_dir / "events.sock"))
+            await client.send({"type": "subscribe"})
 
             sim.send_malformed_frame()
             await faxd.wait_event("ws.bad_frame")
@@ -80,7 +76,7 @@ async def test_no_secret_token_or_number_leaks(sim: Simulator, short_dir: Path) 
                 ],
             )
             inbound = sim.create_inbound_fax(None, PHONES[2])
-            await _events_until_final(reader, {outbound, inbound})
+            await _events_until_final(client, {outbound, inbound})
 
             # A dropped WebSocket: down, then recovered with the wsc token.
             sim.drop_ws()
@@ -95,8 +91,7 @@ async def test_no_secret_token_or_number_leaks(sim: Simulator, short_dir: Path) 
 
             status, metrics = await scrape(port)
             assert status == 200
-            writer.close()
-            await writer.wait_closed()
+            await client.close()
             faxd.signal(signal.SIGTERM)
             assert await faxd.wait() == 0
         notify.drain()

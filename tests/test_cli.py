@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 import yaml
 
+from faxd import testbed
 from faxd.sim import Simulator
 
 FAXD = [sys.executable, "-m", "faxd"]
@@ -33,28 +34,8 @@ async def faxd(*args: str, env: dict[str, str] | None = None) -> tuple[int, str,
     return proc.returncode, out.decode(), err.decode()
 
 
-def write_config(path: Path, sim_url: str, workdir: Path, **extra: object) -> None:
-    for name, value in (("client_secret", "faxd-sim-secret"), ("jwt", "faxd-sim-jwt")):
-        (workdir / name).write_text(value)
-        os.chmod(workdir / name, 0o600)
-    data = {
-        "ringcentral": {
-            "server": sim_url,
-            "client_id": "faxd-sim-client",
-            "client_secret": {"file": "client_secret"},
-            "jwt": {"file": "jwt"},
-        },
-        "store": {"path": "faxd.db"},
-        "events": {"socket": "events.sock"},
-        "metrics": {"listen": None},
-        "logging": {"format": "json"},
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(data))
-
-
 async def test_check_config_accepts_a_good_file_and_masks_secrets(short_dir: Path) -> None:
-    write_config(short_dir / "config.yaml", "http://127.0.0.1:1", short_dir)
+    testbed.write_config("http://127.0.0.1:1", short_dir, logging={"format": "json"})
     code, out, err = await faxd("check-config", "-c", str(short_dir / "config.yaml"))
     assert code == 0, err
     assert "faxd-sim-secret" not in out
@@ -63,10 +44,10 @@ async def test_check_config_accepts_a_good_file_and_masks_secrets(short_dir: Pat
 
 
 async def test_check_config_names_every_bad_key_and_exits_78(short_dir: Path) -> None:
-    write_config(
-        short_dir / "config.yaml",
+    testbed.write_config(
         "http://127.0.0.1:1",
         short_dir,
+        logging={"format": "json"},
         reconcile={"debounce": "fast"},
         bogus={"x": 1},
     )
@@ -86,7 +67,7 @@ async def test_missing_config_file_exits_78(short_dir: Path) -> None:
 
 
 async def test_sigterm_stops_the_daemon_in_order_with_exit_0(sim: Simulator, short_dir: Path) -> None:
-    write_config(short_dir / "config.yaml", sim.url, short_dir)
+    testbed.write_config(sim, short_dir, logging={"format": "json"})
     proc = await asyncio.create_subprocess_exec(
         *FAXD,
         "run",

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import random
 import sqlite3
 import sys
@@ -26,42 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from socket_client import SocketClient
 
+from faxd import testbed
+from faxd.client import ConnectionLost
+from faxd.core.model import FAX_LEVEL, event_key
 from faxd.core.status import parse_time
 from faxd.sim import RecipientScript, SimConfig, Simulator
 
 KILLS = 20
 #: A kill this soon after the incarnation's newest commit landed while journalling was under way.
 UNDER_WAY = 1.5
-Key = tuple[str, int | None, str, str]
+Key = tuple[str, int, str, str]  # a dedup key (faxd.core.model.event_key)
 LIMITS = {  # every start logs in afresh (Auth); keep the simulator from refusing that
     "Light": (100000, 60, 60),  # faxd keeps a 20 % reserve of what the server reports left
     "Medium": (1000, 60, 60),
     "Heavy": (100, 60, 60),
     "Auth": (1000, 60, 60),
 }
-
-
-def write_config(sim: Simulator, workdir: Path) -> Path:
-    for name, value in (("client_secret", sim.config.client_secret), ("jwt", sim.config.jwt)):
-        (workdir / name).write_text(value)
-        os.chmod(workdir / name, 0o600)
-    config = {  # JSON is YAML
-        "ringcentral": {
-            "server": sim.url,
-            "client_id": sim.config.client_id,
-            "client_secret": {"file": str(workdir / "client_secret")},
-            "jwt": {"file": str(workdir / "jwt")},
-        },
-        "reconcile": {"debounce": 0.05, "max_delay": 0.3, "poll_interval": 2, "active_poll_interval": 0.5},
-        "store": {"path": str(workdir / "faxd.db")},
-        "events": {"socket": str(workdir / "events.sock")},
-        "metrics": {"listen": None},
-        "logging": {"level": "warning"},
-    }
-    path = workdir / "config.yaml"
-    path.write_text(json.dumps(config))
-    return path
 
 
 class Follower:
@@ -81,37 +61,29 @@ class Follower:
         """Connect (waiting for the daemon's socket), subscribe after ``last_seq``, read until EOF."""
         for _ in range(500):
             try:
-                reader, writer = await asyncio.open_unix_connection(self.socket, limit=2**22)
+                client = await SocketClient.connect(self.socket, hello=False)
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 await asyncio.sleep(0.01)  # another process: nothing to await but its socket file
         else:
             return
         try:
-            hello = json.loads(await reader.readline() or b"null")
-            if not hello:
-                return
-            self.epoch = self.epoch or hello["epoch"]
-            assert hello["epoch"] == self.epoch, "the journal's epoch changed"
-            request = {"type": "subscribe", "after_seq": self.last_seq, "epoch": self.epoch}
-            writer.write(json.dumps(request).encode() + b"\n")
-            while line := await reader.readline():
-                message = json.loads(line)
-                if message["type"] == "event":
+            async for message in client.messages():
+                if message["type"] == "hello":
+                    self.epoch = self.epoch or message["epoch"]
+                    assert message["epoch"] == self.epoch, "the journal's epoch changed"
+                    await client.send({"type": "subscribe", "after_seq": self.last_seq, "epoch": self.epoch})
+                elif message["type"] == "event":
                     assert message["seq"] == self.last_seq + 1, "a seq was skipped or repeated"
                     self.events.append(message)
                     self.changed.set()
-        except (ConnectionResetError, BrokenPipeError):
+        except ConnectionLost:  # killed while we subscribed
             pass
         finally:
-            writer.close()
+            await client.close()
 
     def keys(self) -> list[Key]:
-        out = []
-        for e in self.events:
-            r = e["recipient"]
-            out.append((e["fax_id"], None if r is None else r["index"], e["kind"], e["to_status"]))
-        return out
+        return [event_key(e) for e in self.events]
 
 
 @dataclass(frozen=True)
@@ -148,7 +120,7 @@ def journal_tail(db_path: Path) -> tuple[int, float | None]:
 def truth(sim: Simulator) -> set[Key]:
     out: set[Key] = set()
     for m in sim.messages():
-        out.add((str(m["id"]), None, "status", m["messageStatus"]))
+        out.add((str(m["id"]), FAX_LEVEL, "status", m["messageStatus"]))
         if m["direction"] == "Outbound":
             for i, r in enumerate(m["to"]):
                 out.add((str(m["id"]), i, "recipient", r["messageStatus"]))
@@ -190,7 +162,12 @@ async def make_faxes(
 async def test_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(short_dir: Path) -> None:
     rng = random.Random(20261124)
     async with Simulator(SimConfig(seed=11, rate_limits=LIMITS)) as sim:
-        config = write_config(sim, short_dir)
+        config = testbed.write_config(
+            sim,
+            short_dir,
+            reconcile={"debounce": 0.05, "max_delay": 0.3, "poll_interval": 2, "active_poll_interval": 0.5},
+            logging={"level": "warning"},
+        )
         follower = Follower(str(short_dir / "events.sock"))
         stop_making = asyncio.Event()
         ends: dict[str, list[str]] = {}

@@ -24,9 +24,9 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
-import yaml
 from connect_proxy import ConnectProxy
 
+from faxd import testbed
 from faxd.doctor import EX_CONFIG, EX_FAILED, EX_OK, Report, check_names, clock_skew, run_checks
 from faxd.sim import SimConfig, Simulator
 
@@ -40,30 +40,11 @@ def sim_config() -> SimConfig:
     return SimConfig(seed=11, extensions=(OWNER, OTHER))
 
 
-def write_config(
-    workdir: Path, sim: Simulator | None, *, server: str | None = None, **ringcentral: Any
-) -> str:
-    """A config file for ``sim`` (secrets in 0600 files); returns its path."""
-    cfg = sim.config if sim is not None else SimConfig()
-    for name, value in (("client_secret", cfg.client_secret), ("jwt", cfg.jwt)):
-        path = workdir / name
-        if not path.exists():
-            path.write_text(value)
-            path.chmod(0o600)
-    data = {
-        "ringcentral": {
-            "server": server or (sim.url if sim is not None else "http://127.0.0.1:9"),
-            "client_id": cfg.client_id,
-            "client_secret": {"file": "client_secret"},
-            "jwt": {"file": "jwt"},
-            **ringcentral,
-        },
-        "store": {"path": "faxd.db"},
-        "events": {"socket": "events.sock"},
-    }
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+def write_config(workdir: Path, sim: Simulator | None, **ringcentral: Any) -> str:
+    """A config file for ``sim`` (None: a server nobody answers on) with these ``ringcentral`` keys;
+    returns its path."""
+    nobody = {"server": "http://127.0.0.1:9"} if sim is None else {}
+    return str(testbed.write_config(sim, workdir, ringcentral={**nobody, **ringcentral}, metrics=None))
 
 
 async def doctor(config: str) -> Report:

@@ -3,70 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from daemon_support import RunningDaemon
 from prometheus_client import CollectorRegistry
+from socket_client import SocketClient
 
 from faxd import daemon
 from faxd.config import Config
+from faxd.core.model import FAX_LEVEL, event_key
 from faxd.sim import RecipientScript, SimConfig, Simulator
 
 
-@dataclass
-class Client:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    async def send(self, message: dict[str, Any]) -> None:
-        self.writer.write(json.dumps(message).encode() + b"\n")
-        await self.writer.drain()
-
-    async def recv(self) -> dict[str, Any]:
-        async with asyncio.timeout(30):
-            line = await self.reader.readline()
-        assert line, "the daemon closed the connection"
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    async def next_of(self, *types: str) -> dict[str, Any]:
-        while True:
-            message = await self.recv()
-            if message["type"] in types:
-                return message
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-
-
-async def connect(path: str) -> tuple[Client, dict[str, Any]]:
-    reader, writer = await asyncio.open_unix_connection(path, limit=2**22)
-    client = Client(reader, writer)
-    hello = await client.recv()
-    assert hello["type"] == "hello"
-    return client, hello
-
-
-def key(event: dict[str, Any]) -> tuple[str, int | None]:
-    recipient = event["recipient"]
-    return event["fax_id"], None if recipient is None else recipient["index"]
-
-
 async def collect_until_final(
-    client: Client, expected: dict[tuple[str, int | None], str]
+    client: SocketClient, expected: dict[tuple[str, int], str]
 ) -> list[dict[str, Any]]:
     """Events until every (fax, recipient) in ``expected`` has reached its expected final status."""
     events: list[dict[str, Any]] = []
-    reached: set[tuple[str, int | None]] = set()
+    reached: set[tuple[str, int]] = set()
     while reached != set(expected):
         event = await client.next_of("event")
         events.append(event)
-        k = key(event)
+        k = event_key(event)[:2]
         if k in expected and event["to_status"] == expected[k] and event["kind"] in ("status", "recipient"):
             reached.add(k)
     return events
@@ -75,7 +35,8 @@ async def collect_until_final(
 async def test_outcomes_reach_a_socket_client_exactly_and_replay_resumes(
     sim: Simulator, running: RunningDaemon
 ) -> None:
-    client, hello = await connect(running.socket)
+    client = await SocketClient.connect(running.socket)
+    hello = client.hello
     assert hello["proto"] == 1
     await client.send({"type": "subscribe", "after_seq": 0, "epoch": hello["epoch"]})
     assert (await client.next_of("caught_up"))["seq"] == hello["head_seq"]
@@ -93,15 +54,15 @@ async def test_outcomes_reach_a_socket_client_exactly_and_replay_resumes(
     )
     inbound = sim.create_inbound_fax(None, "+14155550123", pages=3)
 
-    expected: dict[tuple[str, int | None], str] = {
-        (sent, None): "Sent",
+    expected: dict[tuple[str, int], str] = {
+        (sent, FAX_LEVEL): "Sent",
         (sent, 0): "Sent",
-        (busy, None): "SendingFailed",
+        (busy, FAX_LEVEL): "SendingFailed",
         (busy, 0): "SendingFailed",
-        (mixed, None): "SendingFailed",
+        (mixed, FAX_LEVEL): "SendingFailed",
         (mixed, 0): "Sent",
         (mixed, 1): "SendingFailed",
-        (inbound, None): "Received",
+        (inbound, FAX_LEVEL): "Received",
     }
     events = await collect_until_final(client, expected)
 
@@ -110,31 +71,31 @@ async def test_outcomes_reach_a_socket_client_exactly_and_replay_resumes(
     assert len(set(seqs)) == len(seqs)
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq has gaps"
     # Each (fax, recipient) moves along one chain: every from_status is the previous to_status.
-    last: dict[tuple[str, int | None], str | None] = {}
+    last: dict[tuple[str, int], str | None] = {}
     for e in events:
         if e["kind"] in ("status", "recipient"):
-            k = key(e)
+            k = event_key(e)[:2]
             start = None if e["kind"] == "status" else last.get(k, "Queued")
             assert e["from_status"] == last.get(k, start), e
             last[k] = e["to_status"]
     assert {k: last[k] for k in expected} == expected
 
-    finals = {key(e): e for e in events if e["final"]}
+    finals = {event_key(e)[:2]: e for e in events if e["final"]}
     assert finals[(busy, 0)]["error_code"] == "LineBusy"
     assert finals[(busy, 0)]["error_category"] == "busy"
     assert finals[(busy, 0)]["retryable"] is True
-    assert finals[(busy, None)]["error_code"] == "LineBusy"
+    assert finals[(busy, FAX_LEVEL)]["error_code"] == "LineBusy"
     assert finals[(mixed, 1)]["error_code"] == "NoAnswer"
     assert finals[(mixed, 0)]["error_code"] is None
     assert finals[(mixed, 0)]["recipient"]["phone"] == "+16505550102"
-    assert finals[(inbound, None)]["direction"] == "Inbound"
-    assert finals[(inbound, None)]["pages"] == 3
+    assert finals[(inbound, FAX_LEVEL)]["direction"] == "Inbound"
+    assert finals[(inbound, FAX_LEVEL)]["pages"] == 3
     assert all(e["epoch"] == hello["epoch"] for e in events)
 
     # A second client that saw up to the middle resumes and gets exactly the rest, then caught_up.
     middle = events[len(events) // 2]["seq"]
-    late, hello2 = await connect(running.socket)
-    await late.send({"type": "subscribe", "after_seq": middle, "epoch": hello2["epoch"]})
+    late = await SocketClient.connect(running.socket)
+    await late.subscribe(after_seq=middle)
     replayed = []
     while True:
         message = await late.next_of("event", "caught_up")
@@ -155,7 +116,7 @@ async def test_outcomes_reach_a_socket_client_exactly_and_replay_resumes(
 
 
 async def test_a_stale_epoch_is_refused_with_cursor_expired(running: RunningDaemon) -> None:
-    client, _ = await connect(running.socket)
+    client = await SocketClient.connect(running.socket)
     await client.send({"type": "subscribe", "after_seq": 0, "epoch": "not-this-journal"})
     reply = await client.next_of("error")
     assert reply["code"] == "cursor_expired"

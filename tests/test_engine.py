@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from socket_client import SocketClient
 from structlog.testing import capture_logs
 
 from faxd import daemon
@@ -30,18 +30,13 @@ from faxd.adapters.rest import RingCentral
 from faxd.adapters.store import Store
 from faxd.config import Config
 from faxd.core.debounce import KeyedQueue
-from faxd.core.model import Event, EventKind
+from faxd.core.model import FAX_LEVEL, Event, EventKind, event_key
 from faxd.core.status import parse_time
 from faxd.sim import RecipientScript, RecordedRequest, SimConfig, Simulator
 from faxd.sim.observe import ServedJson
 
 EXT = "200000001"
-Key = tuple[str, int | None, str, str]  # (fax, recipient, kind, to_status)
-
-
-def key_of(e: dict[str, Any]) -> Key:
-    r = e["recipient"]
-    return (e["fax_id"], None if r is None else r["index"], e["kind"], e["to_status"])
+Key = tuple[str, int, str, str]  # (fax, recipient or FAX_LEVEL, kind, to_status): a dedup key
 
 
 def truth(sim: Simulator, ids: Sequence[str] | None = None) -> set[Key]:
@@ -50,7 +45,7 @@ def truth(sim: Simulator, ids: Sequence[str] | None = None) -> set[Key]:
     for m in sim.messages():
         if ids is not None and str(m["id"]) not in ids:
             continue
-        out.add((str(m["id"]), None, "status", m["messageStatus"]))
+        out.add((str(m["id"]), FAX_LEVEL, "status", m["messageStatus"]))
         for i, r in enumerate(m.get("to") or [] if m["direction"] == "Outbound" else []):
             out.add((str(m["id"]), i, "recipient", r["messageStatus"]))
     return out
@@ -68,24 +63,22 @@ def all_final(sim: Simulator, ids: Sequence[str]) -> Callable[[], bool]:
 
 @dataclass
 class Watcher:
-    """A socket client subscribed from seq 0 that keeps every event it receives."""
+    """The events of a socket client subscribed from seq 0, read as they arrive."""
 
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    client: SocketClient
     events: list[dict[str, Any]] = field(default_factory=list)
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
     task: asyncio.Task[None] | None = None
 
     async def _read(self) -> None:
-        while line := await self.reader.readline():
-            message = json.loads(line)
+        async for message in self.client.messages():
             if message["type"] == "event":
                 async with self.arrived:
                     self.events.append(message)
                     self.arrived.notify_all()
 
     def keys(self) -> set[Key]:
-        return {key_of(e) for e in self.events}
+        return {event_key(e) for e in self.events}
 
     async def until(self, wanted: set[Key], within: float = 20) -> None:
         async with asyncio.timeout(within), self.arrived:
@@ -100,10 +93,7 @@ async def running(sim: Simulator, config: Config) -> AsyncIterator[tuple[Watcher
     task = asyncio.create_task(daemon.run(config, registry=registry, stop=stop, on_ready=ready.set))
     await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
     assert ready.is_set(), "daemon did not start"
-    reader, writer = await asyncio.open_unix_connection(config.events.socket, limit=2**22)
-    hello = json.loads(await reader.readline())
-    writer.write(json.dumps({"type": "subscribe", "after_seq": 0, "epoch": hello["epoch"]}).encode() + b"\n")
-    watcher = Watcher(reader, writer)
+    watcher = Watcher(await SocketClient.subscribed(config.events.socket))
     watcher.task = asyncio.create_task(watcher._read())
     try:
         yield watcher, registry
@@ -112,11 +102,11 @@ async def running(sim: Simulator, config: Config) -> AsyncIterator[tuple[Watcher
         async with asyncio.timeout(20):
             assert await task == 0
         watcher.task.cancel()
-        writer.close()
+        await watcher.client.close()
 
 
 def no_duplicates(events: Sequence[dict[str, Any]]) -> None:
-    keys = [key_of(e) for e in events]
+    keys = [event_key(e) for e in events]
     assert len(keys) == len(set(keys)), "a transition was journalled twice"
     seqs = [e["seq"] for e in events]
     assert seqs == sorted(set(seqs))
@@ -156,7 +146,7 @@ async def test_a_burst_of_hints_coalesces_into_few_message_syncs(
 
 def truth_after(sim: Simulator, ids: Sequence[str]) -> set[Key]:
     """The final keys of ``ids`` as their scripts will end (Sent for every recipient here)."""
-    return {(i, None, "status", "Sent") for i in ids} | {(i, 0, "recipient", "Sent") for i in ids}
+    return {(i, FAX_LEVEL, "status", "Sent") for i in ids} | {(i, 0, "recipient", "Sent") for i in ids}
 
 
 async def full_sync_follows_msg_333(sim: Simulator) -> None:
@@ -235,14 +225,14 @@ async def test_multi_recipient_mixed_outcomes(sim: Simulator, make_config: Calla
         )
         await sim.wait_for(lambda: sim.message(fid)["to"][2]["messageStatus"] == "Delivered")
         await watcher.until(truth(sim, [fid]))
-    finals = {key_of(e)[1]: e for e in watcher.events if e["fax_id"] == fid and e["final"]}
+    finals = {event_key(e)[1]: e for e in watcher.events if e["fax_id"] == fid and e["final"]}
     assert finals[0]["to_status"] == "Sent"
     assert (finals[1]["to_status"], finals[1]["error_category"], finals[1]["retryable"]) == (
         "SendingFailed",
         "no_answer",
         True,
     )
-    assert finals[None]["to_status"] == "SendingFailed"
+    assert finals[FAX_LEVEL]["to_status"] == "SendingFailed"
     delivered = [
         e for e in watcher.events if e["fax_id"] == fid and e["recipient"] and e["recipient"]["index"] == 2
     ]
@@ -303,7 +293,7 @@ async def _lose_the_state_and_restart(sim: Simulator, config: Config) -> None:
         ]
         await sim.wait_for(lambda: sim.message(ids[2])["to"][0]["messageStatus"] == "Delivered")
         await watcher.until(truth(sim, ids))
-        before = [key_of(e) for e in watcher.events]
+        before = [event_key(e) for e in watcher.events]
     with sqlite3.connect(config.store.path) as db:
         lost = db.execute("SELECT count(*) FROM faxes").fetchone()[0]
         db.execute("DELETE FROM recipients")
@@ -316,7 +306,7 @@ async def _lose_the_state_and_restart(sim: Simulator, config: Config) -> None:
         # so once it arrives every repeat the FSync could have journalled has been published.
         marker = sim.create_outbound_fax(None, [RecipientScript("+16505550104", "Sent", after=0.1)])
         await watcher.until(truth_after(sim, [marker]))
-    assert [key_of(e) for e in watcher.events if e["fax_id"] != marker] == before
+    assert [event_key(e) for e in watcher.events if e["fax_id"] != marker] == before
     no_duplicates(watcher.events)
 
 
@@ -363,15 +353,7 @@ class Engine:
     changed: asyncio.Condition
 
     def keys(self) -> set[Key]:
-        return {
-            (
-                e.transition.fax_id,
-                e.transition.recipient_index,
-                e.transition.kind.value,
-                e.transition.to_status,
-            )
-            for e in self.events
-        }
+        return {e.transition.dedup_key for e in self.events}
 
     async def until(self, wanted: set[Key], within: float = 20) -> None:
         async with asyncio.timeout(within), self.changed:
@@ -486,7 +468,9 @@ async def test_deleted_and_vanished_faxes_become_availability_events(sim: Simula
         sim.store.delete(sim.store.messages[int(done)])  # ISync: id + availability only
         del sim.store.messages[int(gone)]  # metadata gone: the bulk GET answers 404
         await e.reconcile("poll")
-        await e.until({(done, None, "availability", "Deleted"), (gone, None, "availability", "Purged")})
+        await e.until(
+            {(done, FAX_LEVEL, "availability", "Deleted"), (gone, FAX_LEVEL, "availability", "Purged")}
+        )
         assert e.reconciler.in_flight() == []
         await e.reconcile("poll")  # nothing new: idempotent
         keys = [(x.transition.dedup_key) for x in e.events]
@@ -524,7 +508,7 @@ async def test_sent_settles_only_after_holding_and_delivered_needs_no_settling(
         )
         await sim.wait_for(lambda: sim.message(plain)["messageStatus"] == "Sent")
         e.queue.hint(EXT, "push")
-        await e.until({(plain, None, "settled", "Sent"), (plain, 0, "settled", "Sent")})
+        await e.until({(plain, FAX_LEVEL, "settled", "Sent"), (plain, 0, "settled", "Sent")})
         await sim.wait_for_status(moving, "Delivered")
         e.queue.hint(EXT, "push")
         await e.until({(moving, 0, "recipient", "Delivered")})
@@ -610,7 +594,7 @@ async def test_a_fax_finished_long_ago_is_read_from_the_store_when_it_changes(
         # ISync returns the deleted fax as id + availability only: only a known fax can use it.
         sim.store.delete(sim.store.messages[int(fid)])
         await e.reconcile("push")
-        await e.until({(fid, None, "availability", "Deleted")})
+        await e.until({(fid, FAX_LEVEL, "availability", "Deleted")})
         await e.reconcile("push", "poll")  # nothing new: idempotent
         assert [(x.transition.kind, x.transition.from_status, x.transition.to_status) for x in e.events] == [
             (EventKind.AVAILABILITY, "Alive", "Deleted")
@@ -636,7 +620,7 @@ async def test_a_late_move_of_a_fax_not_in_memory_has_the_right_from_status(
         assert e.reconciler.faxes == {}
         await sim.wait_for(lambda: sim.message(fid)["to"][0]["messageStatus"] == "Delivered")
         e.queue.hint(EXT, "push")
-        await e.until({(fid, 0, "recipient", "Delivered"), (fid, None, "status", "Delivered")})
+        await e.until({(fid, 0, "recipient", "Delivered"), (fid, FAX_LEVEL, "status", "Delivered")})
         await e.reconcile("startup")  # FSync returns the fax again: nothing repeated
         moves = {
             (x.transition.recipient_index, x.transition.from_status, x.transition.to_status) for x in e.events
@@ -680,13 +664,13 @@ async def test_sent_waiting_to_settle_is_held_across_a_restart_and_dropped_once_
     await sim.wait_for_status(fid, "Sent")
     async with engine(sim, db, sent_settle=3600) as e:
         await e.reconcile("startup")
-        await e.until({(fid, None, "status", "Sent")})
+        await e.until({(fid, FAX_LEVEL, "status", "Sent")})
         assert set(e.reconciler.faxes) == {fid}  # final status, but waiting to settle
     async with engine(sim, db, sent_settle=0.3) as e:
         assert set(e.reconciler.faxes) == {fid}  # re-armed from the journal
         assert e.reconciler.in_flight() == []
         assert e.reconciler.next_settle() is not None
-        await e.until({(fid, None, "settled", "Sent"), (fid, 0, "settled", "Sent")})
+        await e.until({(fid, FAX_LEVEL, "settled", "Sent"), (fid, 0, "settled", "Sent")})
         assert e.reconciler.faxes == {}
         assert e.reconciler.next_settle() is None
 
@@ -723,7 +707,7 @@ async def test_status_history_and_list_of_an_old_fax_over_the_socket_after_a_res
         )
         assert sent["type"] == "accepted", sent
         fid = sent["fax_id"]
-        await watcher.until({(fid, None, "status", "Sent"), (fid, 0, "recipient", "Sent")})
+        await watcher.until({(fid, FAX_LEVEL, "status", "Sent"), (fid, 0, "recipient", "Sent")})
         seqs = [e["seq"] for e in watcher.events if e["fax_id"] == fid]
         newer = sim.create_outbound_fax(None, [RecipientScript("+16505550101", "Sent", after=0.05)])
         await watcher.until(truth_after(sim, [newer]))
@@ -752,17 +736,12 @@ async def test_status_history_and_list_of_an_old_fax_over_the_socket_after_a_res
 
 async def ask(config: Config, request: dict[str, Any]) -> dict[str, Any]:
     """One request on a connection of its own; the reply (events and heartbeats are skipped)."""
-    reader, writer = await asyncio.open_unix_connection(config.events.socket, limit=2**22)
+    client = await SocketClient.connect(config.events.socket)
     try:
-        await reader.readline()  # hello
-        writer.write(json.dumps({**request, "id": "q"}).encode() + b"\n")
-        async with asyncio.timeout(20):
-            while True:
-                reply: dict[str, Any] = json.loads(await reader.readline())
-                if reply.get("id") == "q":
-                    return reply
+        await client.send({**request, "id": "q"})
+        return await client.until(lambda m: m.get("id") == "q", within=20)
     finally:
-        writer.close()
+        await client.close()
 
 
 async def test_a_stall_is_found_by_a_poll_once_not_by_every_push(sim: Simulator, tmp_path: Path) -> None:
@@ -770,10 +749,10 @@ async def test_a_stall_is_found_by_a_poll_once_not_by_every_push(sim: Simulator,
         await e.reconcile("startup")  # FSync first (a full sync checks stalls too)
         fid = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=60)])
         e.queue.hint(EXT, "push")
-        await e.until({(fid, None, "status", "Queued")})
+        await e.until({(fid, FAX_LEVEL, "status", "Queued")})
         assert [x for x in e.events if x.transition.kind is EventKind.STALLED] == []
         await e.reconcile("poll")
-        await e.until({(fid, None, "stalled", "Queued")})
+        await e.until({(fid, FAX_LEVEL, "stalled", "Queued")})
         await e.reconcile("poll", "push")
         assert len([x for x in e.events if x.transition.kind is EventKind.STALLED]) == 1
         assert e.reconciler.tracker.is_stalled(fid)  # not checked (nor journalled) again
@@ -801,11 +780,11 @@ async def test_isync_keeps_the_frame_of_the_full_sync(tmp_path: Path) -> None:
         async with engine(sim, tmp_path / "db", wall=wall.faxd) as e:
             fid = sim.create_inbound_fax(None, "+14155550123")
             await e.reconcile("startup")
-            assert {(fid, None, "status", "Received")} <= e.keys()
+            assert {(fid, FAX_LEVEL, "status", "Received")} <= e.keys()
             wall.now += timedelta(days=8)  # the fax is now older than fsync_days (7)
             sim.store.delete(sim.store.messages[int(fid)])
             await e.reconcile("push")
-            assert {(fid, None, "availability", "Deleted")} <= e.keys()
+            assert {(fid, FAX_LEVEL, "availability", "Deleted")} <= e.keys()
         isyncs = [r.raw_path for r in sim.requests_to("/message-sync") if "syncType=ISync" in r.raw_path]
         assert isyncs
         assert all("dateFrom" not in raw for raw in isyncs)

@@ -1,12 +1,9 @@
-"""The event socket over real Unix sockets, against a small in-memory Backend.
-
-``MemoryBackend`` and ``SocketClient`` are also used by tests/test_client.py.
-"""
+"""The event socket over real Unix sockets, against a small in-memory Backend, read by the tests'
+socket client (tests/socket_client.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -21,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 from prometheus_client import CollectorRegistry
+from socket_client import SocketClient
 from test_protocol import ERROR_CODES, FUZZ_EXAMPLES, request_lines
 
 from faxd.adapters import event_server as es
@@ -165,68 +163,6 @@ class MemoryBackend:
 
     def prune(self, upto: int) -> None:
         self.journal = [e for e in self.journal if e.seq > upto]
-
-
-class SocketClient:
-    """A raw protocol client for tests: JSON lines in and out, every read bounded by a timeout."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def connect(cls, path: str, *, hello: bool = True, limit: int = 2**24) -> SocketClient:
-        # The StreamReader keeps reading into memory up to 2 * limit: a small limit makes a client slow.
-        reader, writer = await asyncio.open_unix_connection(path, limit=limit)
-        client = cls(reader, writer)
-        if hello:
-            assert (await client.recv())["type"] == "hello"
-        return client
-
-    async def send(self, message: dict[str, Any] | bytes) -> None:
-        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def recv(self, within: float = TIMEOUT) -> dict[str, Any]:
-        async with asyncio.timeout(within):
-            line = await self.reader.readline()
-        assert line.endswith(b"\n"), f"connection closed (got {line!r})"
-        value: dict[str, Any] = json.loads(line)
-        return value
-
-    async def recv_type(self, kind: str) -> dict[str, Any]:
-        """The next message of ``kind``, skipping heartbeats."""
-        while True:
-            message = await self.recv()
-            if message["type"] != "heartbeat":
-                assert message["type"] == kind, message
-                return message
-
-    async def expect_eof(self) -> None:
-        """The server closed the connection (a reset counts: it closed with our bytes unread)."""
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                rest = await self.reader.read()
-        except ConnectionResetError:
-            return
-        assert rest == b"", rest
-
-    async def events_until(self, seq: int) -> list[dict[str, Any]]:
-        """Events (and nothing else but heartbeats/caught_up) until one with ``seq`` >= the given one."""
-        events: list[dict[str, Any]] = []
-        while not events or events[-1]["seq"] < seq:
-            message = await self.recv()
-            if message["type"] == "event":
-                events.append(message)
-            else:
-                assert message["type"] in ("heartbeat", "caught_up"), message
-        return events
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
 
 
 class Harness:

@@ -4,33 +4,32 @@ delayed notifications, slow RingCentral answers. Every outcome must still arrive
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from socket_client import SocketClient
 
 from faxd import daemon
 from faxd.config import Config
+from faxd.core.model import FAX_LEVEL, event_key
 from faxd.sim import RecipientScript, Simulator
 
 Key = tuple[str, int, str, str]
 
 
 class Follower:
-    """A socket client subscribed from seq 0 that keeps every event."""
+    """The events of a socket client subscribed from seq 0."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self, client: SocketClient) -> None:
+        self.client = client
         self.events: list[dict[str, Any]] = []
 
     async def until_final(self, expected: dict[tuple[str, int], str]) -> None:
         async with asyncio.timeout(30):
             while any(self.latest().get(k) != v for k, v in expected.items()):
-                line = await self.reader.readline()
-                assert line, "the daemon closed the connection"
-                message = json.loads(line)
+                message = await self.client.recv()
                 if message["type"] == "event":
                     self.events.append(message)
 
@@ -38,19 +37,11 @@ class Follower:
         out: dict[tuple[str, int], str] = {}
         for e in self.events:
             if e["kind"] in ("status", "recipient"):
-                out[(e["fax_id"], -1 if e["recipient"] is None else e["recipient"]["index"])] = e["to_status"]
+                out[event_key(e)[:2]] = e["to_status"]
         return out
 
     def keys(self) -> list[Key]:
-        return [
-            (
-                e["fax_id"],
-                -1 if e["recipient"] is None else e["recipient"]["index"],
-                e["kind"],
-                e["to_status"],
-            )
-            for e in self.events
-        ]
+        return [event_key(e) for e in self.events]
 
 
 @pytest.fixture
@@ -62,15 +53,13 @@ async def follower(
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(daemon.run(config, registry=registry, stop=stop, on_ready=ready.set))
     await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-    reader, writer = await asyncio.open_unix_connection(config.events.socket, limit=2**22)
-    hello = json.loads(await reader.readline())
-    writer.write(json.dumps({"type": "subscribe", "after_seq": 0, "epoch": hello["epoch"]}).encode() + b"\n")
+    client = await SocketClient.subscribed(config.events.socket)
     async with asyncio.timeout(10):
         await sim.wait_for(lambda: bool(sim.requests_to("/subscription", "POST")))
     try:
-        yield Follower(reader, writer), registry
+        yield Follower(client), registry
     finally:
-        writer.close()
+        await client.close()
         stop.set()
         async with asyncio.timeout(20):
             assert await task == 0
@@ -81,7 +70,7 @@ def outcomes(sim: Simulator, scripts: list[list[RecipientScript]]) -> dict[tuple
     for recipients in scripts:
         fax = sim.create_outbound_fax(None, recipients)
         statuses = [r.outcome for r in recipients]
-        expected[(fax, -1)] = "SendingFailed" if "SendingFailed" in statuses else "Sent"
+        expected[(fax, FAX_LEVEL)] = "SendingFailed" if "SendingFailed" in statuses else "Sent"
         for i, status in enumerate(statuses):
             expected[(fax, i)] = status
     return expected

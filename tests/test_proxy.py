@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import trustme
-import yaml
 from connect_proxy import ConnectProxy, basic
 from daemon_support import started
 from ops_support import FAXD, NotifySocket, daemon, status_of, write_config, ws_up
 from prometheus_client import CollectorRegistry
+from socket_client import SocketClient
 
+from faxd import testbed
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.rest import ApiError, RingCentral
 from faxd.adapters.ws_session import WsSession, WsSettings
@@ -62,24 +61,8 @@ async def run_faxd(*args: str, env: dict[str, str] | None = None) -> tuple[int, 
 
 
 def config_file(workdir: Path, **ringcentral: object) -> Path:
-    """A config for a RingCentral nobody connects to, secrets in 0600 files."""
-    for name in ("client_secret", "jwt"):
-        (workdir / name).write_text(f"{name}-value")
-        (workdir / name).chmod(0o600)
-    data = {
-        "ringcentral": {
-            "client_id": "app",
-            "client_secret": {"file": "client_secret"},
-            "jwt": {"file": "jwt"},
-            **ringcentral,
-        },
-        "store": {"path": "faxd.db"},
-        "events": {"socket": "events.sock"},
-        "metrics": {"listen": None},
-        "logging": {"format": "json"},
-    }
-    (workdir / "config.yaml").write_text(yaml.safe_dump(data))
-    return workdir / "config.yaml"
+    """A config for RingCentral itself (nobody connects to it here), secrets in 0600 files."""
+    return testbed.write_config(None, workdir, ringcentral=ringcentral, logging={"format": "json"})
 
 
 async def test_a_password_in_the_config_file_exits_78_without_showing_it(short_dir: Path) -> None:
@@ -137,41 +120,7 @@ def ca_file(ca: trustme.CA, short_dir: Path) -> Path:
     return path
 
 
-class EventClient:
-    """A socket client of the daemon that subscribes from the journal's head."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, path: str) -> EventClient:
-        reader, writer = await asyncio.open_unix_connection(path, limit=2**22)
-        client = cls(reader, writer)
-        hello = await client.recv()
-        writer.write(
-            json.dumps({"type": "subscribe", "epoch": hello["epoch"], "after_seq": 0}).encode() + b"\n"
-        )
-        await writer.drain()
-        return client
-
-    async def recv(self) -> dict[str, Any]:
-        line = await self.reader.readline()
-        assert line, "the daemon closed the connection"
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    async def final(self, fax_id: str) -> dict[str, Any]:
-        while True:
-            message = await self.recv()
-            if message["type"] == "event" and message["fax_id"] == fax_id and message["final"]:
-                return message
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-
-
-async def fax_through(sim: Simulator, client: EventClient, phone: str) -> None:
+async def fax_through(sim: Simulator, client: SocketClient, phone: str) -> None:
     fax_id = sim.create_outbound_fax(None, [RecipientScript(phone, "Sent", after=0.5)])
     event = await client.final(fax_id)
     assert event["to_status"] == "Sent"
@@ -191,7 +140,7 @@ async def test_rest_and_websocket_go_through_the_configured_proxy(
     sim, target = named_sim, f"{NAME}:{named_sim.port}"
     config = make_config(sim, ringcentral={"ca_file": str(ca_file), "proxy": clinic_proxy.url})
     async with asyncio.timeout(30), started(config) as faxd:
-        client = await EventClient.connect(faxd.socket)
+        client = await SocketClient.subscribed(faxd.socket)
         await sim.wait_for(lambda: subscribed(sim) >= 1)  # REST login and ws token, then the WSS subscribe
         await fax_through(sim, client, "+16505550100")
         tunnels = clinic_proxy.tunnels()
@@ -220,7 +169,7 @@ async def test_the_environment_variables_alone_send_both_through_the_proxy(
     config = make_config(named_sim, ringcentral={"ca_file": str(ca_file)})
     assert config.ringcentral.proxy is None
     async with asyncio.timeout(30), started(config) as faxd:
-        client = await EventClient.connect(faxd.socket)
+        client = await SocketClient.subscribed(faxd.socket)
         await named_sim.wait_for(lambda: subscribed(named_sim) >= 1)
         await fax_through(named_sim, client, "+16505550100")
         await client.close()
@@ -241,7 +190,7 @@ async def test_no_proxy_goes_around_the_proxy(
         monkeypatch.setenv("no_proxy", "platform.ringcentral.com, 127.0.0.0/8")
         config = make_config(sim, ringcentral={"ca_file": str(ca_file)})
         async with asyncio.timeout(30), started(config) as faxd:
-            client = await EventClient.connect(faxd.socket)
+            client = await SocketClient.subscribed(faxd.socket)
             await sim.wait_for(lambda: subscribed(sim) >= 1)
             await fax_through(sim, client, "+16505550100")
             await client.close()

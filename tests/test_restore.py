@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from socket_client import SocketClient
 
 from faxd import daemon
 from faxd.config import Config
@@ -42,36 +43,6 @@ async def serving(config: Config) -> AsyncIterator[None]:
         stop.set()
         async with asyncio.timeout(20):
             assert await task == 0
-
-
-class Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, path: str) -> tuple[Client, dict[str, Any]]:
-        client = cls(*await asyncio.open_unix_connection(path, limit=2**22))
-        return client, await client.recv()
-
-    async def send(self, message: dict[str, Any]) -> None:
-        self.writer.write(json.dumps(message).encode() + b"\n")
-        await self.writer.drain()
-
-    async def recv(self) -> dict[str, Any]:
-        async with asyncio.timeout(TIMEOUT):
-            line = await self.reader.readline()
-        assert line, "faxd closed the connection"
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    async def until(self, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        while not done(message := await self.recv()):
-            pass
-        return message
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
 
 
 async def store_command(*args: str) -> tuple[int, str, str]:
@@ -110,7 +81,8 @@ async def test_a_client_resuming_across_a_restore_gets_cursor_expired(
     backup_file = short_dir / "backup.db"
 
     async with serving(config):
-        client, hello = await Client.connect(config.events.socket)
+        client = await SocketClient.connect(config.events.socket)
+        hello = client.hello
         await client.send({"type": "subscribe", "after_seq": 0})
         before = sim.create_inbound_fax(None, "+16505550123")
         await client.until(final_of(before))
@@ -138,7 +110,8 @@ async def test_a_client_resuming_across_a_restore_gets_cursor_expired(
     async with serving(config):
         # faxd re-syncs from the backup's sync token: the lost faxes are journalled again, under seqs
         # the client already processed, and the journal grows past the saved cursor.
-        watcher, hello = await Client.connect(config.events.socket)
+        watcher = await SocketClient.connect(config.events.socket)
+        hello = watcher.hello
         assert hello["epoch"] != cursor[0]
         await watcher.send({"type": "subscribe", "after_seq": 0})
         later = sim.create_inbound_fax(None, "+16505550999")
@@ -150,7 +123,7 @@ async def test_a_client_resuming_across_a_restore_gets_cursor_expired(
         assert min(journalled[fax_id] for fax_id in lost) <= cursor[1], "seqs the client saw are reused"
         await watcher.close()
 
-        resumer, _ = await Client.connect(config.events.socket)
+        resumer = await SocketClient.connect(config.events.socket)
         await resumer.send({"type": "subscribe", "after_seq": cursor[1], "epoch": cursor[0], "id": "r"})
         reply = await resumer.until(lambda m: m.get("id") == "r" or m["type"] == "event")
         assert reply["type"] == "error", f"resumed silently past re-journalled events: {reply}"

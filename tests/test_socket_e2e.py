@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from daemon_support import RunningDaemon
+from socket_client import SocketClient
 from test_event_server import EPOCH, Harness, MemoryBackend, seed, start_harness, transition
 
 from faxd.config import DEFAULT_EVENT_SOCKET
-from faxd.core.model import FINAL_STATUSES, Event
+from faxd.core.model import FAX_LEVEL, FINAL_STATUSES, Event, event_key
 from faxd.sim import SimConfig, Simulator
 from faxd.sim.store import TINY_PDF
 from tools import require_tool
@@ -35,63 +34,22 @@ def sim_config() -> SimConfig:
     return SimConfig(seed=11, default_delay=(0.2, 0.8))
 
 
-@dataclass
-class Client:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    hello: dict[str, Any]
-
-    @classmethod
-    async def connect(cls, path: str) -> Client:
-        reader, writer = await asyncio.open_unix_connection(path, limit=2**24)
-        client = cls(reader, writer, {})
-        client.hello = await client.recv()
-        assert client.hello["type"] == "hello"
-        return client
-
-    async def send(self, message: dict[str, Any]) -> None:
-        self.writer.write(json.dumps(message).encode() + b"\n")
-        await self.writer.drain()
-
-    async def recv(self) -> dict[str, Any]:
-        async with asyncio.timeout(TIMEOUT):
-            line = await self.reader.readline()
-        assert line.endswith(b"\n"), "the daemon closed the connection"
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    async def reply(self, request_id: str) -> dict[str, Any]:
-        """The reply to the request with ``request_id``; events that arrive meanwhile are kept."""
-        while True:
-            message = await self.recv()
-            if message.get("id") == request_id:
-                return message
-            assert message["type"] in ("event", "heartbeat"), message
-            if message["type"] == "event":
-                self.early.append(message)
-
-    def __post_init__(self) -> None:
-        self.early: list[dict[str, Any]] = []
-
-
-Connect = Callable[[], Awaitable[Client]]
+Connect = Callable[[], Awaitable[SocketClient]]
 
 
 @pytest.fixture
 async def connect(running: RunningDaemon) -> AsyncIterator[Connect]:
     """``await connect()``: a client of the running daemon, closed at teardown even if the test fails."""
-    clients: list[Client] = []
+    clients: list[SocketClient] = []
 
-    async def open_one() -> Client:
-        client = await Client.connect(running.socket)
+    async def open_one() -> SocketClient:
+        client = await SocketClient.connect(running.socket)
         clients.append(client)
         return client
 
     yield open_one
     for client in clients:
-        client.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await client.writer.wait_closed()
+        await client.close()
 
 
 def document(name: str, content_type: str, data: bytes) -> dict[str, str]:
@@ -104,22 +62,22 @@ DOCUMENTS = [
 ]
 
 
-async def subscribed(client: Client) -> Client:
+async def subscribed(client: SocketClient) -> SocketClient:
     """Subscribe from the hello's head (before anything is sent: no event of ours can be missed)."""
     await client.send({"type": "subscribe", "after_seq": client.hello["head_seq"], "id": "sub"})
     assert (await client.reply("sub"))["type"] == "caught_up"
     return client
 
 
-async def until_final(client: Client, fax_id: str, recipients: int) -> list[dict[str, Any]]:
+async def until_final(client: SocketClient, fax_id: str, recipients: int) -> list[dict[str, Any]]:
     """The fax's events until its status and every recipient are final (others are ignored)."""
     events = [e for e in client.early if e["fax_id"] == fax_id]
-    status: dict[int | None, str] = {}
+    status: dict[int, str] = {}
     for e in events:
-        status[None if e["recipient"] is None else e["recipient"]["index"]] = e["to_status"]
+        status[event_key(e)[1]] = e["to_status"]
 
     def done() -> bool:
-        keys = [None, *range(recipients)]
+        keys = [FAX_LEVEL, *range(recipients)]
         return all(status.get(k) in FINAL_STATUSES for k in keys)
 
     while not done():
@@ -128,8 +86,7 @@ async def until_final(client: Client, fax_id: str, recipients: int) -> list[dict
             continue
         events.append(message)
         if message["kind"] in ("status", "recipient"):
-            index = None if message["recipient"] is None else message["recipient"]["index"]
-            status[index] = message["to_status"]
+            status[event_key(message)[1]] = message["to_status"]
     return events
 
 
@@ -168,10 +125,10 @@ async def test_send_with_ref_is_accepted_tracked_and_queryable(sim: Simulator, c
     assert events[0]["source"] == "send"
     assert {e["source"] for e in events[1:]} <= {"push", "poll", "startup"}
     assert len({e["source"] for e in events}) > 1, "no event after the send's own"
-    last = {(None if e["recipient"] is None else e["recipient"]["index"]): e for e in events if e["final"]}
+    last = {event_key(e)[1]: e for e in events if e["final"]}
     assert last[1]["error_code"] == "LineBusy"
     assert last[1]["recipient"]["phone"] == "+16505550001"
-    assert last[None]["to_status"] == "SendingFailed"
+    assert last[FAX_LEVEL]["to_status"] == "SendingFailed"
 
     # status by ref: the same fax, with its recipients.
     await client.send({"type": "status", "ref": "order-77", "id": "q"})

@@ -6,6 +6,7 @@ library's typing helpers; every other layer builds on it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -53,6 +54,9 @@ FINAL_STATUSES = frozenset(
 )
 #: Statuses that count as a successful delivery for ``faxd send --wait``.
 SUCCESS_STATUSES = frozenset({FaxStatus.SENT, FaxStatus.DELIVERED, FaxStatus.RECEIVED})
+
+#: The recipient index of a fax-level transition in a dedup key (:attr:`Transition.dedup_key`).
+FAX_LEVEL = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +118,7 @@ class Transition:
     @property
     def dedup_key(self) -> tuple[str, int, str, str]:
         """(fax, recipient, kind, to_status): journalled at most once."""
-        index = -1 if self.recipient_index is None else self.recipient_index
+        index = FAX_LEVEL if self.recipient_index is None else self.recipient_index
         return (self.fax_id, index, self.kind.value, self.to_status)
 
 
@@ -158,3 +162,11 @@ class Event:
             "observed_at": self.observed_at,
             "source": self.source.value,
         }
+
+
+def event_key(event: Mapping[str, Any]) -> tuple[str, int, str, str]:
+    """The :attr:`Transition.dedup_key` of an event as a socket client receives it
+    (:meth:`Event.to_wire`): (fax, recipient index or :data:`FAX_LEVEL`, kind, to_status)."""
+    recipient = event["recipient"]
+    index = FAX_LEVEL if recipient is None else int(recipient["index"])
+    return (str(event["fax_id"]), index, str(event["kind"]), str(event["to_status"]))

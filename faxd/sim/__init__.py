@@ -8,7 +8,8 @@ See ``docs/simulator.md``.
 Modules: :mod:`.config` (knobs, scripts), :mod:`.common` (helpers), :mod:`.auth` (OAuth state),
 :mod:`.store` (message store + lifecycle engine), :mod:`.events` (filters, notification
 bodies), :mod:`.ratelimit`, :mod:`.rest` (REST endpoints), :mod:`.wsg` (WebSocket gateway),
-:mod:`.control` (``/_sim/`` API), :mod:`.server` (:class:`Simulator`), :mod:`.cli`.
+:mod:`.control` (``/_sim/`` API), :mod:`.server` (:class:`Simulator`), :mod:`.cli`. Their layers
+(cli over server over control | rest | wsg over the state) are an import-linter contract.
 """
 
 from faxd.sim.common import RecordedRequest, loop_wall_clock

@@ -1,6 +1,7 @@
 """``faxd simulate``: run the simulator in the foreground until SIGINT/SIGTERM.
 
-Prints the URL and the credentials a daemon (or an official SDK) should be configured with.
+Prints the URL and the credentials a daemon (or an official SDK) should be configured with on
+stdout; its log events (``sim.*``, e.g. ``sim.fault_injected``) go to stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import signal
 import sys
 
+from faxd.logs import configure_logging
 from faxd.sim.config import SimConfig
 from faxd.sim.server import Simulator
 
@@ -70,6 +72,8 @@ async def serve(host: str, port: int, seed: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     host, port = args.listen
+    # stdout is the banner (scripts read the URL from it); the log goes beside it.
+    configure_logging(level="info", fmt="auto", redact_phi=True, stream=sys.stderr)
     try:
         asyncio.run(serve(host, port, args.seed))
     except OSError as exc:

@@ -1,32 +1,200 @@
 """The control API under ``/_sim/`` (JSON): scripting, ground truth and fault injection.
 
-Not part of RingCentral's protocol. Control requests are neither recorded nor rate limited.
-Every endpoint mirrors a :class:`~faxd.sim.server.Simulator` method (see docs/simulator.md).
+An aiohttp sub-application built from one route table (:func:`route_table`): the scripting and
+ground-truth routes of :data:`ROUTES`, then one ``POST /_sim/faults/NAME`` for each simulator method
+marked with :func:`fault`. The mark is the whole HTTP side of a fault (its name, which JSON keys
+become which arguments, what the reply calls the result), so a new fault is one decorated method.
+
+This module knows the simulator only as :class:`Controlled`, what the routes call, and must not
+import :mod:`faxd.sim.server` (the import-linter contract "Simulator layers" keeps it so). Not part
+of RingCentral's protocol: control requests are neither recorded nor rate limited (see
+docs/simulator.md).
 """
 
 from __future__ import annotations
 
+import enum
+import inspect
 import json
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
-from faxd.sim.common import JsonDict
-from faxd.sim.config import RecipientScript
+from faxd.logs import get_logger
+from faxd.sim.common import JsonDict, RecordedRequest
+from faxd.sim.config import RecipientScript, SimConfig
 
-if TYPE_CHECKING:
-    from faxd.sim.server import Simulator
+log = get_logger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Where :func:`control_app` is mounted.
+PREFIX = "/_sim"
 
 
 class ControlError(Exception):
-    pass
+    """A control request the simulator cannot act on: answered 400 with the reason."""
 
 
-def _ok(body: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+class Controlled(Protocol):
+    """What the control routes need of a simulator (faults are found by their :func:`fault` mark)."""
+
+    config: SimConfig
+    url: str
+    requests: list[RecordedRequest]
+
+    def create_outbound_fax(
+        self, extension_id: str | None, recipients: Sequence[RecipientScript], *, pages: int = 1
+    ) -> str: ...
+
+    def create_inbound_fax(self, extension_id: str | None, from_phone: str, *, pages: int = 1) -> str: ...
+
+    def set_outcome(self, phone: str, script: RecipientScript) -> None: ...
+
+    def message(self, message_id: str) -> dict[str, Any]: ...
+
+    def messages(self) -> list[dict[str, Any]]: ...
+
+
+# -- fault marks ------------------------------------------------------------------------------
+
+
+class _Default(enum.Enum):
+    OMIT = "omit"  # the key is optional; when absent the method's own default applies
+
+
+OMIT = _Default.OMIT
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One JSON key of a fault's body and how it becomes a keyword argument of the fault's method."""
+
+    convert: Callable[[Any], Any]
+    #: The value when the key is absent; OMIT: the method's default (the key is required if it has none).
+    default: Any = OMIT
+    #: The JSON key; None: the argument's name in camelCase (``retry_after`` -> ``retryAfter``).
+    key: str | None = None
+
+
+def arg(convert: Callable[[Any], Any], default: Any = OMIT, *, key: str | None = None) -> Arg:
+    return Arg(convert, default, key)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """The HTTP side of one fault: ``POST /_sim/faults/{name}`` calls the marked method."""
+
+    name: str
+    args: Mapping[str, Arg]
+    #: The reply's key for the method's return value (``{"dropped": 2}``); None: ``{"ok": true}``.
+    result: str | None = None
+    required: frozenset[str] = field(default=frozenset())
+
+    def keyword_args(self, body: JsonDict) -> dict[str, Any]:
+        """The method's keyword arguments from a request body; ControlError names a bad key."""
+        kwargs: dict[str, Any] = {}
+        for name, spec in self.args.items():
+            key = spec.key or _camel(name)
+            if key in body:
+                try:
+                    kwargs[name] = spec.convert(body[key])
+                except (TypeError, ValueError) as exc:
+                    raise ControlError(f"'{key}': {exc}") from None
+            elif name in self.required:
+                raise ControlError(f"'{key}' is required")
+            elif spec.default is not OMIT:
+                kwargs[name] = spec.default
+        return kwargs
+
+    def reply(self, value: Any) -> Any:
+        return None if self.result is None else {self.result: value}
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_MARK = "__sim_fault__"
+
+
+def fault(name: str, *, result: str | None = None, **args: Arg) -> Callable[[_F], _F]:
+    """Mark a simulator method as the fault ``POST /_sim/faults/{name}``.
+
+    ``args`` maps each keyword argument of the method to its JSON key (:func:`arg`); an argument
+    without a default, here or in the method, is a required key. A mark that does not fit the
+    method's signature is a TypeError when the class is defined, not when a test first calls it.
+    """
+
+    def mark(method: _F) -> _F:
+        params = dict(inspect.signature(method).parameters)
+        params.pop("self", None)
+        unknown = sorted(set(args) - set(params))
+        if unknown:
+            raise TypeError(f"fault {name!r}: {method.__name__} has no argument {', '.join(unknown)}")
+        required = {p.name for p in params.values() if p.default is inspect.Parameter.empty}
+        missing = sorted(required - set(args))
+        if missing:
+            raise TypeError(f"fault {name!r}: no JSON key for {', '.join(missing)}")
+        needed = frozenset(n for n in required if args[n].default is OMIT)
+        setattr(method, _MARK, Fault(name, dict(args), result, needed))
+        return method
+
+    return mark
+
+
+def marked_faults(sim: object) -> Iterator[tuple[Fault, Callable[..., Any]]]:
+    """Each fault of ``sim`` (a method marked with :func:`fault`) with its bound method, in the order
+    the class defines them."""
+    seen: set[str] = set()
+    for klass in type(sim).__mro__:
+        for attr, member in vars(klass).items():
+            spec = getattr(member, _MARK, None)
+            if isinstance(spec, Fault) and attr not in seen:
+                seen.add(attr)
+                yield spec, getattr(sim, attr)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(word.title() for word in rest)
+
+
+# -- converters for Arg: each raises ValueError or TypeError with the reason ------------------------
+
+
+def text(value: Any) -> str:
+    """A JSON string (not any value turned into one)."""
+    if not isinstance(value, str):
+        raise TypeError("must be a string")
+    return value
+
+
+def optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``convert``, with JSON null passed on as None."""
+    return lambda value: None if value is None else convert(value)
+
+
+def string_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError("must be a list of strings")
+    return value
+
+
+def seconds_or_text(value: Any) -> Any:
+    """Seconds (a number), a string sent as it is, or null."""
+    if value is not None and not isinstance(value, str | int | float):
+        raise TypeError("must be seconds, a string or null")
+    return value
+
+
+# -- scripting and ground truth ---------------------------------------------------------------------
+
+Handler = Callable[["Controlled", web.Request], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # under PREFIX
+    handler: Handler
 
 
 async def _body(request: web.Request) -> JsonDict:
@@ -55,243 +223,113 @@ def _script(item: Any) -> RecipientScript:
     )
 
 
-def _wrap(handler: Callable[[web.Request], Awaitable[Any]]) -> Handler:
+async def _info(sim: Controlled, _: web.Request) -> JsonDict:
+    c = sim.config
+    return {
+        "url": sim.url,
+        "clientId": c.client_id,
+        "clientSecret": c.client_secret,
+        "jwt": c.jwt,
+        "accountId": c.account_id,
+        "extensions": list(c.extensions),
+    }
+
+
+async def _outbound(sim: Controlled, request: web.Request) -> JsonDict:
+    body = await _body(request)
+    recipients = body.get("recipients")
+    if not isinstance(recipients, list) or not recipients:
+        raise ControlError("'recipients' must be a non-empty list")
+    mid = sim.create_outbound_fax(
+        body.get("extensionId"),
+        [_script(r) for r in recipients],
+        pages=int(body.get("pages", 1)),
+    )
+    return {"id": mid, "message": sim.message(mid)}
+
+
+async def _inbound(sim: Controlled, request: web.Request) -> JsonDict:
+    body = await _body(request)
+    sender = body.get("from")
+    if not isinstance(sender, str):
+        raise ControlError("'from' (the sender's number) is required")
+    mid = sim.create_inbound_fax(body.get("extensionId"), sender, pages=int(body.get("pages", 1)))
+    return {"id": mid, "message": sim.message(mid)}
+
+
+async def _outcome(sim: Controlled, request: web.Request) -> None:
+    script = _script(await _body(request))
+    sim.set_outcome(script.phone, script)
+
+
+async def _requests(sim: Controlled, request: web.Request) -> JsonDict:
+    since = int(request.query.get("since", "0"))
+    return {"count": len(sim.requests), "requests": [r.as_dict() for r in sim.requests[since:]]}
+
+
+async def _clear_requests(sim: Controlled, _: web.Request) -> None:
+    sim.requests.clear()
+
+
+async def _messages(sim: Controlled, _: web.Request) -> JsonDict:
+    return {"records": sim.messages()}
+
+
+async def _message(sim: Controlled, request: web.Request) -> JsonDict:
+    return sim.message(request.match_info["id"])
+
+
+#: Scripting and ground truth; the faults follow from the simulator's marks (:func:`route_table`).
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/info", _info),
+    Route("POST", "/faxes/outbound", _outbound),
+    Route("POST", "/faxes/inbound", _inbound),
+    Route("POST", "/outcomes", _outcome),
+    Route("GET", "/requests", _requests),
+    Route("DELETE", "/requests", _clear_requests),
+    Route("GET", "/messages", _messages),
+    Route("GET", "/messages/{id}", _message),
+)
+
+
+def _fault_route(spec: Fault, method: Callable[..., Any]) -> Route:
+    async def inject(_: Controlled, request: web.Request) -> Any:
+        kwargs = spec.keyword_args(await _body(request))
+        value = method(**kwargs)
+        log.info("sim.fault_injected", fault=spec.name, **kwargs)
+        return spec.reply(value)
+
+    return Route("POST", f"/faults/{spec.name}", inject)
+
+
+def route_table(sim: Controlled) -> list[Route]:
+    """Every control route of ``sim``: :data:`ROUTES`, then one per fault it marks."""
+    return [*ROUTES, *(_fault_route(spec, method) for spec, method in marked_faults(sim))]
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+
+
+def _serve(sim: Controlled, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def run(request: web.Request) -> web.StreamResponse:
         try:
-            result = await handler(request)
+            result = await handler(sim, request)
         except (ControlError, ValueError, TypeError) as exc:
-            return _ok({"error": str(exc)}, 400)
+            return _json({"error": str(exc)}, 400)
         except KeyError as exc:
-            return _ok({"error": f"not found: {exc}"}, 404)
-        if isinstance(result, web.StreamResponse):
-            return result
-        return _ok(result if result is not None else {"ok": True})
+            return _json({"error": f"not found: {exc}"}, 404)
+        return _json(result if result is not None else {"ok": True})
 
     return run
 
 
-def add_control_routes(app: web.Application, sim: Simulator) -> None:
-    """Register the ``/_sim/`` routes for ``sim``."""
-
-    async def info(_: web.Request) -> JsonDict:
-        c = sim.config
-        return {
-            "url": sim.url,
-            "clientId": c.client_id,
-            "clientSecret": c.client_secret,
-            "jwt": c.jwt,
-            "accountId": c.account_id,
-            "extensions": list(c.extensions),
-        }
-
-    async def outbound(request: web.Request) -> JsonDict:
-        body = await _body(request)
-        recipients = body.get("recipients")
-        if not isinstance(recipients, list) or not recipients:
-            raise ControlError("'recipients' must be a non-empty list")
-        mid = sim.create_outbound_fax(
-            body.get("extensionId"),
-            [_script(r) for r in recipients],
-            pages=int(body.get("pages", 1)),
-        )
-        return {"id": mid, "message": sim.message(mid)}
-
-    async def inbound(request: web.Request) -> JsonDict:
-        body = await _body(request)
-        sender = body.get("from")
-        if not isinstance(sender, str):
-            raise ControlError("'from' (the sender's number) is required")
-        mid = sim.create_inbound_fax(body.get("extensionId"), sender, pages=int(body.get("pages", 1)))
-        return {"id": mid, "message": sim.message(mid)}
-
-    async def outcome(request: web.Request) -> JsonDict:
-        body = await _body(request)
-        script = _script(body)
-        sim.set_outcome(script.phone, script)
-        return {"ok": True}
-
-    async def requests(request: web.Request) -> JsonDict:
-        since = int(request.query.get("since", "0"))
-        return {
-            "count": len(sim.requests),
-            "requests": [r.as_dict() for r in sim.requests[since:]],
-        }
-
-    async def clear_requests(_: web.Request) -> None:
-        sim.requests.clear()
-
-    async def messages(_: web.Request) -> JsonDict:
-        return {"records": sim.messages()}
-
-    async def message(request: web.Request) -> JsonDict:
-        return sim.message(request.match_info["id"])
-
-    async def drop_ws(_: web.Request) -> JsonDict:
-        return {"dropped": sim.drop_ws()}
-
-    async def pause(_: web.Request) -> None:
-        sim.pause_notifications()
-
-    async def resume(_: web.Request) -> None:
-        sim.resume_notifications()
-
-    async def expire_tokens(_: web.Request) -> JsonDict:
-        return {"expired": sim.expire_access_tokens()}
-
-    async def stale_sync(request: web.Request) -> JsonDict:
-        body = await _body(request)
-        return {"staled": sim.stale_sync_tokens(str(body.get("code", "MSG-333")))}
-
-    async def fail_recovery(request: web.Request) -> None:
-        body = await _body(request)
-        if "code" in body:
-            sim.fail_next_recovery(str(body["code"]))
+def control_app(sim: Controlled) -> web.Application:
+    """The ``/_sim/`` sub-application of ``sim`` (mount it at :data:`PREFIX`)."""
+    app = web.Application()
+    for route in route_table(sim):
+        if route.method == "GET":
+            app.router.add_get(route.path, _serve(sim, route.handler))
         else:
-            sim.fail_next_recovery()
-
-    async def fail_requests(request: web.Request) -> None:
-        body = await _body(request)
-        match = body.get("match")
-        retry_after = body.get("retryAfter", "1")
-        if retry_after is not None and not isinstance(retry_after, str | int | float):
-            raise ControlError("'retryAfter' must be seconds, a string or null")
-        sim.fail_next_requests(
-            int(body.get("count", 1)),
-            status=int(body.get("status", 503)),
-            html=bool(body.get("html", False)),
-            match=None if match is None else str(match),
-            retry_after=retry_after,
-        )
-
-    async def delay_requests(request: web.Request) -> None:
-        body = await _body(request)
-        sim.delay_next_requests(int(body.get("count", 1)), float(body.get("seconds", 5)))
-
-    async def delay_notifications(request: web.Request) -> None:
-        body = await _body(request)
-        sim.delay_notifications(float(body.get("seconds", 5)))
-
-    async def duplicate_notifications(request: web.Request) -> None:
-        body = await _body(request)
-        sim.duplicate_notifications(int(body.get("copies", 2)))
-
-    async def storm(request: web.Request) -> None:
-        body = await _body(request)
-        group = body.get("group")
-        if group not in sim.config.rate_limits:
-            raise ControlError(f"'group' must be one of {sorted(sim.config.rate_limits)}")
-        sim.rate_limit_storm(group, float(body.get("seconds", 60)))
-
-    async def remove_extension(request: web.Request) -> None:
-        body = await _body(request)
-        extension = body.get("extensionId")
-        if not isinstance(extension, str):
-            raise ControlError("'extensionId' is required")
-        sim.remove_extension(extension, restore=bool(body.get("restore", False)))
-
-    async def bulk_get(request: web.Request) -> None:
-        body = await _body(request)
-        sim.bulk_get_fault(str(body.get("mode", "shuffle")), int(body.get("count", 1)))
-
-    async def rate_limit_group(request: web.Request) -> None:
-        body = await _body(request)
-        method, path, group = body.get("method"), body.get("path"), body.get("group")
-        if not isinstance(method, str) or not isinstance(path, str) or not isinstance(group, str):
-            raise ControlError("'method', 'path' (a route suffix) and 'group' are required")
-        sim.set_rate_limit_group(method, path, group)
-
-    async def blackhole(_: web.Request) -> JsonDict:
-        return {"blackholed": sim.blackhole_ws()}
-
-    async def delay_pongs(request: web.Request) -> None:
-        body = await _body(request)
-        sim.delay_pongs(float(body.get("min", 0)), float(body.get("max", 0)))
-
-    async def refuse_subscriptions(request: web.Request) -> None:
-        body = await _body(request)
-        extensions = body.get("extensions", [])
-        if not isinstance(extensions, list):
-            raise ControlError("'extensions' must be a list of extension ids")
-        sim.refuse_subscriptions(str(body.get("how", "disabled")), [str(e) for e in extensions])
-
-    async def refuse_ws_upgrades(request: web.Request) -> None:
-        body = await _body(request)
-        sim.refuse_ws_upgrades(float(body.get("seconds", 5)), int(body.get("status", 503)))
-
-    async def expire_ws_tokens(_: web.Request) -> JsonDict:
-        return {"expired": sim.expire_ws_tokens()}
-
-    async def wan_path(request: web.Request) -> None:
-        body = await _body(request)
-        sim.wan_path(bool(body.get("on", True)))
-
-    async def ignore_heartbeats(request: web.Request) -> None:
-        body = await _body(request)
-        sim.ignore_heartbeats(bool(body.get("on", True)))
-
-    async def malformed(request: web.Request) -> JsonDict:
-        body = await _body(request)
-        kind = str(body.get("kind", "malformed"))
-        size = int(body.get("size", 5 * 1024 * 1024))
-        return {"sent": sim.send_malformed_frame(kind, size=size)}
-
-    async def foreign(request: web.Request) -> JsonDict:
-        body = await _body(request)
-        mid = sim.send_foreign_notification(str(body.get("type", "SMS")), body.get("extensionId"))
-        return {"id": mid}
-
-    def _ids(body: JsonDict) -> list[str]:
-        ids = body.get("extensionIds", [])
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ControlError("'extensionIds' must be a list of extension ids")
-        return ids
-
-    async def skew_date(request: web.Request) -> None:
-        body = await _body(request)
-        sim.skew_date(float(body.get("seconds", 0)))
-
-    async def token_scope(request: web.Request) -> None:
-        body = await _body(request)
-        scope = body.get("scope")
-        if not isinstance(scope, str):
-            raise ControlError("'scope' (space-separated permissions) is required")
-        sim.set_token_scope(scope)
-
-    async def deny_reads(request: web.Request) -> None:
-        sim.deny_message_reads(_ids(await _body(request)))
-
-    r = app.router
-    r.add_get("/_sim/info", _wrap(info))
-    r.add_post("/_sim/faxes/outbound", _wrap(outbound))
-    r.add_post("/_sim/faxes/inbound", _wrap(inbound))
-    r.add_post("/_sim/outcomes", _wrap(outcome))
-    r.add_get("/_sim/requests", _wrap(requests))
-    r.add_delete("/_sim/requests", _wrap(clear_requests))
-    r.add_get("/_sim/messages", _wrap(messages))
-    r.add_get("/_sim/messages/{id}", _wrap(message))
-    r.add_post("/_sim/faults/drop-ws", _wrap(drop_ws))
-    r.add_post("/_sim/faults/pause-notifications", _wrap(pause))
-    r.add_post("/_sim/faults/resume-notifications", _wrap(resume))
-    r.add_post("/_sim/faults/expire-tokens", _wrap(expire_tokens))
-    r.add_post("/_sim/faults/stale-sync-tokens", _wrap(stale_sync))
-    r.add_post("/_sim/faults/fail-next-recovery", _wrap(fail_recovery))
-    r.add_post("/_sim/faults/fail-requests", _wrap(fail_requests))
-    r.add_post("/_sim/faults/delay-requests", _wrap(delay_requests))
-    r.add_post("/_sim/faults/delay-notifications", _wrap(delay_notifications))
-    r.add_post("/_sim/faults/duplicate-notifications", _wrap(duplicate_notifications))
-    r.add_post("/_sim/faults/rate-limit-storm", _wrap(storm))
-    r.add_post("/_sim/faults/rate-limit-group", _wrap(rate_limit_group))
-    r.add_post("/_sim/faults/bulk-get", _wrap(bulk_get))
-    r.add_post("/_sim/faults/remove-extension", _wrap(remove_extension))
-    r.add_post("/_sim/faults/blackhole-ws", _wrap(blackhole))
-    r.add_post("/_sim/faults/delay-pongs", _wrap(delay_pongs))
-    r.add_post("/_sim/faults/refuse-subscriptions", _wrap(refuse_subscriptions))
-    r.add_post("/_sim/faults/refuse-ws-upgrades", _wrap(refuse_ws_upgrades))
-    r.add_post("/_sim/faults/expire-ws-tokens", _wrap(expire_ws_tokens))
-    r.add_post("/_sim/faults/wan-path", _wrap(wan_path))
-    r.add_post("/_sim/faults/ignore-heartbeats", _wrap(ignore_heartbeats))
-    r.add_post("/_sim/faults/malformed-frame", _wrap(malformed))
-    r.add_post("/_sim/faults/foreign-notification", _wrap(foreign))
-    r.add_post("/_sim/faults/skew-date", _wrap(skew_date))
-    r.add_post("/_sim/faults/token-scope", _wrap(token_scope))
-    r.add_post("/_sim/faults/deny-message-reads", _wrap(deny_reads))
+            app.router.add_route(route.method, route.path, _serve(sim, route.handler))
+    return app

@@ -80,11 +80,15 @@ def parse_filter(raw: str, owner: str, config: SimConfig) -> EventFilter:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise _invalid([raw]) from None
-    kind: FilterKind = "fax" if match["resource"] == "fax" else "message-store"
-    if kind == "fax":
+    if match["resource"] == "fax":
         if set(params) != {"direction"} or params["direction"] != ["Inbound"]:
             raise _invalid([raw])
-        return EventFilter(raw, kind, extension, frozenset({"Fax"}), "Inbound")
+        return EventFilter(raw, "fax", extension, frozenset({"Fax"}), "Inbound")
+    return _message_store_filter(raw, extension, params)
+
+
+def _message_store_filter(raw: str, extension: str, params: dict[str, list[str]]) -> EventFilter:
+    """A message-store filter's query: optional ``type`` (comma-separated) and ``direction``."""
     if set(params) - {"type", "direction"}:
         raise _invalid([raw])
     types: frozenset[str] | None = None
@@ -99,7 +103,7 @@ def parse_filter(raw: str, owner: str, config: SimConfig) -> EventFilter:
         if len(values) != 1 or values[0] not in DIRECTIONS:
             raise _invalid([raw])
         direction = values[0]
-    return EventFilter(raw, kind, extension, types, direction)
+    return EventFilter(raw, "message-store", extension, types, direction)
 
 
 def parse_filters(raws: object, owner: str, config: SimConfig) -> list[EventFilter]:

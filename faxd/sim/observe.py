@@ -11,12 +11,13 @@ the simulator carries on.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-log = logging.getLogger(__name__)
+from faxd.logs import get_logger
+
+log = get_logger(__name__)
 
 #: ``response``: an HTTP response body; ``part``: one JSON part of a multipart/mixed response;
 #: ``ClientRequest``/``ServerNotification``/``Error``/``ConnectionDetails``/``Heartbeat``:
@@ -75,7 +76,9 @@ def notify(observers: Iterable[Observer], served: ServedJson) -> None:
         try:
             observer(served)
         except Exception:
-            log.exception("simulator response observer failed")
+            log.exception(
+                "sim.observer_failed", detail="a response observer raised; the body was served anyway"
+            )
 
 
 class ObserverSet:

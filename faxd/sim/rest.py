@@ -601,20 +601,26 @@ class RestApi:
         if not ctype.startswith("multipart/"):
             raise ApiError(415, api_error("MSG-348", f"Unsupported media type [{ctype}]"))
         envelope, fields, attachments = await _read_fax_multipart(request)
-        to_raw: list[Any] = []
-        if envelope is not None:
-            value = envelope.get("to")
-            if isinstance(value, list):
-                to_raw.extend(value)
-            elif value is not None:
-                to_raw.append(value)
-        for text in fields.get("to", []):
-            to_raw.append(_maybe_json(text))
-        options: dict[str, Any] = dict(envelope or {})
-        for key in ("faxResolution", "coverIndex", "coverPageText", "sendTime", "isoCode"):
-            if key in fields and key not in options:
-                options[key] = fields[key][0]
+        to_raw, options = _fax_request(envelope, fields)
         recipients = _parse_recipients(to_raw)
+        resolution, cover_index, cover_text = self._fax_options(options)
+        if not attachments or not any(data for data, _, _ in attachments):
+            raise ApiError(400, api_error("MSG-347", "Empty attachment"))
+        pages = sum(count_pdf_pages(data) for data, _, _ in attachments if data)
+        message = self.store.create_outbound(
+            ext,
+            [self.store.script_for(phone) for phone, _ in recipients],
+            pages=pages,
+            names=[name for _, name in recipients],
+            resolution=resolution,
+            cover_index=cover_index,
+            cover_text=cover_text,
+            attachments=attachments,
+        )
+        return json_response(self.store.fax_response(message))
+
+    def _fax_options(self, options: dict[str, Any]) -> tuple[str, int | None, str | None]:
+        """The resolution, cover page index and cover text of a send, checked (400 ``CMN-101``)."""
         resolution = options.get("faxResolution", "Low")
         if resolution not in ("High", "Low"):
             raise invalid_parameter("faxResolution")
@@ -637,20 +643,7 @@ class RestApi:
                 parse_iso(str(options["sendTime"]))
             except ValueError:
                 raise invalid_parameter("sendTime") from None
-        if not attachments or not any(data for data, _, _ in attachments):
-            raise ApiError(400, api_error("MSG-347", "Empty attachment"))
-        pages = sum(count_pdf_pages(data) for data, _, _ in attachments if data)
-        message = self.store.create_outbound(
-            ext,
-            [self.store.script_for(phone) for phone, _ in recipients],
-            pages=pages,
-            names=[name for _, name in recipients],
-            resolution=resolution,
-            cover_index=cover_index,
-            cover_text=cover_text,
-            attachments=attachments,
-        )
-        return json_response(self.store.fax_response(message))
+        return resolution, cover_index, cover_text
 
     async def _resend(self, request: web.Request, ext: str) -> Message:
         try:
@@ -676,6 +669,27 @@ class RestApi:
             cover_text=original.cover_text,
             attachments=[(a.data, a.content_type, a.file_name) for a in original.attachments],
         )
+
+
+def _fax_request(
+    envelope: dict[str, Any] | None, fields: dict[str, list[str]]
+) -> tuple[list[Any], dict[str, Any]]:
+    """The raw ``to`` entries and the options of a multipart send: the JSON envelope's, then the
+    plain form fields' (an envelope's value wins)."""
+    to_raw: list[Any] = []
+    if envelope is not None:
+        value = envelope.get("to")
+        if isinstance(value, list):
+            to_raw.extend(value)
+        elif value is not None:
+            to_raw.append(value)
+    for text in fields.get("to", []):
+        to_raw.append(_maybe_json(text))
+    options: dict[str, Any] = dict(envelope or {})
+    for key in ("faxResolution", "coverIndex", "coverPageText", "sendTime", "isoCode"):
+        if key in fields and key not in options:
+            options[key] = fields[key][0]
+    return to_raw, options
 
 
 def _split_multipart(raw: bytes, boundary: str) -> list[tuple[str, bytes]]:

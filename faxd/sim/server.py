@@ -3,6 +3,10 @@
 Runs a real aiohttp server on loopback. Everything time-based runs on the running event
 loop (timers owned here, cancelled in :meth:`Simulator.stop`), so tests can use ``looptime``;
 wall-clock timestamps come from the injectable ``wall_clock``.
+
+Each fault is one method here, marked with :func:`~faxd.sim.control.fault`: the mark makes it an
+endpoint of the control API too. The fault's mechanics belong in the part it disturbs (the gateway,
+the REST app, the store, the token store); this module must not grow protocol logic.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from aiohttp import web
 from faxd.sim.auth import TokenStore
 from faxd.sim.common import RecordedRequest, Timers, default_wall_clock
 from faxd.sim.config import RecipientScript, SimConfig
+from faxd.sim.control import PREFIX, arg, control_app, fault, optional, seconds_or_text, string_list, text
 from faxd.sim.events import NotificationHub
 from faxd.sim.observe import Observer, ObserverSet
 from faxd.sim.ratelimit import RateLimiter
@@ -101,11 +106,9 @@ class Simulator:
         return self.url.replace("http", "ws", 1) + "/ws"
 
     def build_app(self) -> web.Application:
-        from faxd.sim.control import add_control_routes
-
         app = web.Application(middlewares=[self.rest.middleware])
         self.rest.add_routes(app)
-        add_control_routes(app, self)
+        app.add_subapp(PREFIX, control_app(self))
         return app
 
     async def start(self) -> None:
@@ -229,11 +232,13 @@ class Simulator:
             if r.path.endswith(path_suffix) and (method is None or r.method == method)
         ]
 
-    # -- faults ----------------------------------------------------------------------------
+    # -- faults (each also POST /_sim/faults/NAME: see faxd.sim.control.fault) --------------
+    @fault("drop-ws", result="dropped")
     def drop_ws(self) -> int:
         """Abort every WebSocket (network failure). Sessions stay recoverable."""
         return self.gateway.drop_all()
 
+    @fault("pause-notifications")
     def pause_notifications(self) -> None:
         """Changes keep happening, but no notification is sent (nor buffered).
 
@@ -242,30 +247,44 @@ class Simulator:
         self.hub.flush()
         self.gateway.paused = True
 
+    @fault("delay-notifications", seconds=arg(float, 5))
     def delay_notifications(self, seconds: float) -> None:
         """Hold every notification ``seconds`` before it is sent (0 ends the fault)."""
         self.gateway.notification_delay = max(0.0, seconds)
 
+    @fault("duplicate-notifications", copies=arg(int, 2))
     def duplicate_notifications(self, copies: int) -> None:
         """Send every notification ``copies`` times (1 ends the fault)."""
         self.gateway.notification_copies = max(1, copies)
 
+    @fault("resume-notifications")
     def resume_notifications(self) -> None:
         self.gateway.paused = False
 
+    @fault("expire-tokens", result="expired")
     def expire_access_tokens(self) -> int:
         """Every access token issued so far is expired now (OAU-128); refresh still works."""
         return self.tokens.expire_access_tokens()
 
+    @fault("stale-sync-tokens", result="staled", code=arg(str))
     def stale_sync_tokens(self, code: str = "MSG-333") -> int:
         """Every sync token issued so far now gets 400 ``code``: ``MSG-333`` (full synchronization is
         required) or ``CMN-101`` ("Parameter [syncToken] value is invalid")."""
         return self.store.stale_sync_tokens(code)
 
+    @fault("fail-next-recovery", code=arg(str))
     def fail_next_recovery(self, code: str = RECOVERY_EXPIRED) -> None:
         """The next ``wsc`` reconnect gets ``recoveryState: Failed`` with ``code``."""
         self.gateway.fail_next_recovery(code)
 
+    @fault(
+        "fail-requests",
+        count=arg(int, 1),
+        status=arg(int),
+        html=arg(bool),
+        match=arg(optional(str)),
+        retry_after=arg(seconds_or_text),
+    )
     def fail_next_requests(
         self,
         count: int,
@@ -288,15 +307,20 @@ class Simulator:
             retry_after = f"{retry_after:g}"
         self.rest.faults.fail_retry_after = retry_after
 
+    @fault("delay-requests", count=arg(int, 1), seconds=arg(float, 5))
     def delay_next_requests(self, count: int, seconds: float) -> None:
         """Hold each of the next ``count`` REST requests for ``seconds`` (loop time)."""
         self.rest.faults.delay_next = count
         self.rest.faults.delay_seconds = seconds
 
+    @fault("rate-limit-storm", group=arg(text), seconds=arg(float, 60))
     def rate_limit_storm(self, group: str, seconds: float) -> None:
         """Answer every request of throttling ``group`` with 429 for ``seconds``."""
+        if group not in self.config.rate_limits:
+            raise ValueError(f"'group' must be one of {sorted(self.config.rate_limits)}")
         self.limiter.storm(group, seconds)
 
+    @fault("remove-extension", extension_id=arg(text), restore=arg(bool))
     def remove_extension(self, extension_id: str, *, restore: bool = False) -> None:
         """The extension is deleted from the account (``restore``: it is back): every REST request
         naming it, its messages included, gets 404 ``CMN-102`` "Resource for parameter
@@ -307,6 +331,7 @@ class Simulator:
         else:
             self.rest.removed_extensions.add(ext)
 
+    @fault("bulk-get", mode=arg(str, "shuffle"), count=arg(int))
     def bulk_get_fault(self, mode: str, count: int = 1) -> None:
         """The next ``count`` bulk GETs (207) answer out of step: ``shuffle`` (the records come in
         another order than the status entries that name them) or ``unasked`` (the last id is answered
@@ -318,6 +343,7 @@ class Simulator:
         self.rest.faults.bulk_mode = mode
         self.rest.faults.bulk_next = count
 
+    @fault("rate-limit-group", method=arg(text), path_suffix=arg(text, key="path"), group=arg(text))
     def set_rate_limit_group(self, method: str, path_suffix: str, group: str) -> None:
         """Count ``method`` requests whose route template ends with ``path_suffix`` in throttling
         ``group`` (limits and the ``X-Rate-Limit-Group`` header), not in the spec's group.
@@ -328,40 +354,48 @@ class Simulator:
             raise ValueError(f"group must be one of {sorted(self.config.rate_limits)}")
         self.rest.group_overrides.append((method.upper(), path_suffix, group))
 
+    @fault("blackhole-ws", result="blackholed")
     def blackhole_ws(self) -> int:
         """Open sockets go silent (no frames, no pongs, no replies) without closing."""
         return self.gateway.blackhole_all()
 
+    @fault("delay-pongs", low=arg(float, 0, key="min"), high=arg(float, 0, key="max"))
     def delay_pongs(self, low: float, high: float) -> None:
         """Every pong goes out a random ``low``..``high`` seconds late (in order, delays
         overlapping), like a slow or jittery path; ``delay_pongs(0, 0)`` ends it."""
         self.gateway.delay_pongs(low, high)
 
+    @fault("refuse-subscriptions", how=arg(str, "disabled"), extensions=arg(string_list, []))
     def refuse_subscriptions(self, how: str, extensions: Sequence[str] = ()) -> None:
         """Refuse subscription filters like RingCentral does for a user without the rights:
         ``disabled`` (200 with ``disabledFilters`` for ``extensions``), ``forbidden`` (403 SUB-405 for
         a request naming one of them), ``permission`` (403 SUB-528 for every request), ``off``."""
         self.gateway.refuse_subscriptions(how, extensions)
 
+    @fault("refuse-ws-upgrades", seconds=arg(float, 5), status=arg(int, 503))
     def refuse_ws_upgrades(self, seconds: float, status: int = 503) -> None:
         """Answer every WebSocket upgrade (``GET /ws``) with HTTP ``status`` for ``seconds``, before
         looking at its ws token (a gateway overloaded or in maintenance); 0 ends it."""
         self.gateway.refuse_upgrades(seconds, status)
 
+    @fault("expire-ws-tokens", result="expired")
     def expire_ws_tokens(self) -> int:
         """Every ws token issued so far is expired now: the gateway refuses it (WSG-401)."""
         return self.tokens.expire_ws_tokens()
 
+    @fault("wan-path", on=arg(bool, True))
     def wan_path(self, on: bool = True) -> None:
         """Pongs come back like over a real WAN path (see ``faxd.sim.wsg.wan_pong_delay``): mostly
         tens of ms, some hundreds, rare 1-3 s spikes, now and then none; ``wan_path(False)`` ends it.
         Takes precedence over ``delay_pongs``."""
         self.gateway.wan_path = on
 
+    @fault("ignore-heartbeats", ignore=arg(bool, True, key="on"))
     def ignore_heartbeats(self, ignore: bool = True) -> None:
         """Leave client Heartbeats unanswered (they still re-arm the idle timer); False ends it."""
         self.gateway.answer_heartbeats = not ignore
 
+    @fault("malformed-frame", result="sent", kind=arg(str), size=arg(int))
     def send_malformed_frame(self, kind: str = "malformed", *, size: int = 5 * 1024 * 1024) -> int:
         """Send a broken frame on every socket: ``malformed`` (not a JSON array),
         ``oversize`` (a ``size``-byte frame, above the usual client limits)."""
@@ -374,20 +408,29 @@ class Simulator:
             raise ValueError("kind must be 'malformed' or 'oversize'")
         return self.gateway.send_raw_all(text)
 
+    @fault("skew-date", seconds=arg(float, 0))
     def skew_date(self, seconds: float) -> None:
         """The ``Date`` header of every REST response is ``seconds`` off the simulator's clock
         (a server, or a local clock, that is wrong); 0 ends it."""
         self.rest.faults.date_skew = seconds
 
+    @fault("token-scope", scope=arg(text))
     def set_token_scope(self, scope: str) -> None:
         """Token replies carry this ``scope`` (the app's permissions, space-separated)."""
         self.tokens.scope = scope
 
+    @fault("deny-message-reads", extension_ids=arg(string_list, []))
     def deny_message_reads(self, extension_ids: Sequence[str]) -> None:
         """GETs of these extensions' message store and message-sync answer 403 ``CMN-408``
         (the JWT user lacks the ReadMessages permission for them); ``[]`` ends it."""
         self.rest.faults.unreadable = frozenset(self.store.resolve_extension(e) for e in extension_ids)
 
+    @fault(
+        "foreign-notification",
+        result="id",
+        message_type=arg(str, key="type"),
+        extension_id=arg(optional(str)),
+    )
     def send_foreign_notification(self, message_type: str = "SMS", extension_id: str | None = None) -> str:
         """An inbound SMS arrives and its notification goes to every subscription,
         whatever its filters say (type filter not honoured)."""

@@ -17,7 +17,6 @@ import binascii
 import contextlib
 import functools
 import json
-import logging
 import math
 import random
 from collections import deque
@@ -28,6 +27,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from faxd.logs import get_logger
 from faxd.sim.auth import TokenStore, WsToken
 from faxd.sim.common import ApiError, JsonDict, Timers, api_error, iso, new_token, new_uuid
 from faxd.sim.config import SimConfig
@@ -36,7 +36,7 @@ from faxd.sim.observe import ObserverSet, ServedJson
 from faxd.sim.ratelimit import RateLimiter, rate_exceeded_body
 from faxd.sim.store import Change, Message, MessageStore
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _WSC_PREFIX = "wsc1:"
 #: recoveryErrorCode when the WSG session is unknown or its recovery window has passed.
@@ -440,7 +440,7 @@ class Gateway:
                 await ws.send_str(json.dumps(item.payload))
                 self._observe(item)
             except (ConnectionError, RuntimeError) as exc:
-                log.debug("ws %s: send failed: %s", conn.id, exc)
+                log.debug("sim.ws_send_failed", conn=conn.id, error=str(exc))
                 return
 
     def _observe(self, item: _Outgoing) -> None:
@@ -513,10 +513,10 @@ class Gateway:
         try:
             frame = json.loads(text)
         except ValueError:
-            log.debug("ws %s: not JSON: %.100s", conn.id, text)
+            log.debug("sim.ws_frame_ignored", conn=conn.id, detail="not JSON", frame=text[:100])
             return
         if not isinstance(frame, list) or not frame or not isinstance(frame[0], dict):
-            log.debug("ws %s: not a WSG frame: %.100s", conn.id, text)
+            log.debug("sim.ws_frame_ignored", conn=conn.id, detail="not a WSG frame", frame=text[:100])
             return
         meta: JsonDict = frame[0]
         body = frame[1] if len(frame) > 1 else None
@@ -535,66 +535,29 @@ class Gateway:
         elif kind == "ClientRequest":
             self._client_request(conn, meta, body)
         else:
-            log.debug("ws %s: ignoring frame type %r", conn.id, kind)
+            log.debug("sim.ws_frame_ignored", conn=conn.id, detail="unknown frame type", type=kind)
 
     def _client_request(self, conn: Connection, meta: JsonDict, body: Any) -> None:
         method = str(meta.get("method", "")).upper()
         raw_path = str(meta.get("path", ""))
-        path = raw_path.split("?", 1)[0]
-        if "://" in path:  # absolute URLs are accepted too
-            path = "/" + path.split("://", 1)[1].split("/", 1)[-1]
-        session = conn.session
-        sub_id: str | None = None
-        if path in SUBSCRIPTION_PATHS:
-            template = "/restapi/v1.0/subscription"
-        elif path.startswith("/restapi/v1.0/subscription/"):
-            sub_id = path[len("/restapi/v1.0/subscription/") :].rstrip("/")
-            template = "/restapi/v1.0/subscription/{subscriptionId}"
-        else:
-            template = path
+        template, sub_id = _subscription_route(raw_path)
         group: str | None = None
         if template.startswith("/restapi/v1.0/subscription"):
             group = "Light" if method == "GET" else "Medium"
         headers: JsonDict = {"RCRequestId": new_uuid(), "Content-Type": "application/json"}
-        status = 200
-        reply_body: Any = None
         try:
             if group is not None:
                 verdict = self._limiter.check(group)
                 headers.update(verdict.headers())
                 if not verdict.allowed:
                     raise ApiError(429, rate_exceeded_body())
-            if template == "/restapi/v1.0/subscription" and method == "POST":
-                reply_body = self._create_subscription(session, body)
-            elif sub_id is not None and method in ("GET", "PUT", "DELETE"):
-                current = session.subscription
-                if current is None or current.id != sub_id:
-                    raise ApiError(
-                        404,
-                        api_error(
-                            "CMN-102",
-                            "Resource for parameter [subscriptionId] is not found",
-                            "subscriptionId",
-                        ),
-                    )
-                if method == "GET":
-                    reply_body = self._subscription_info(current)
-                elif method == "PUT":
-                    reply_body = self._update_subscription(session, current, body)
-                else:
-                    session.subscription = None
-                    status = 204
-                    headers["WSG-SubscriptionId"] = current.id
-            elif group is not None:
-                raise ApiError(
-                    405, api_error("CMN-405", f"Method [{method}] is not allowed for this resource")
-                )
-            else:
-                raise ApiError(404, api_error("CMN-120", "Invalid URI"))
+            status, reply_body = self._subscription_request(conn.session, method, template, sub_id, body)
         except ApiError as err:
             status = err.status
             reply_body = err.body
             headers.update(err.headers)
+        if status == 204 and sub_id is not None:
+            headers["WSG-SubscriptionId"] = sub_id  # a DELETE: no body names it
         if status < 300 and isinstance(reply_body, dict) and "id" in reply_body:
             headers["WSG-SubscriptionId"] = reply_body["id"]
         self._record(method, template, group, status, "ws", raw_path)
@@ -608,6 +571,33 @@ class Gateway:
             [reply_meta] if reply_body is None else [reply_meta, reply_body],
             request=(method, template, raw_path),
         )
+
+    def _subscription_request(
+        self, session: WsgSession, method: str, template: str, sub_id: str | None, body: Any
+    ) -> tuple[int, Any]:
+        """Serve one ClientRequest: (status, body), or ApiError."""
+        if template == "/restapi/v1.0/subscription" and method == "POST":
+            return 200, self._create_subscription(session, body)
+        if sub_id is not None and method in ("GET", "PUT", "DELETE"):
+            current = session.subscription
+            if current is None or current.id != sub_id:
+                raise ApiError(
+                    404,
+                    api_error(
+                        "CMN-102",
+                        "Resource for parameter [subscriptionId] is not found",
+                        "subscriptionId",
+                    ),
+                )
+            if method == "GET":
+                return 200, self._subscription_info(current)
+            if method == "PUT":
+                return 200, self._update_subscription(session, current, body)
+            session.subscription = None
+            return 204, None
+        if template.startswith("/restapi/v1.0/subscription"):
+            raise ApiError(405, api_error("CMN-405", f"Method [{method}] is not allowed for this resource"))
+        raise ApiError(404, api_error("CMN-120", "Invalid URI"))
 
     def _check_delivery_mode(self, body: JsonDict) -> None:
         mode = body.get("deliveryMode")
@@ -809,3 +799,17 @@ class Gateway:
 
     def subscribed_sessions(self) -> list[WsgSession]:
         return [s for s in self.sessions.values() if s.subscription is not None]
+
+
+def _subscription_route(raw_path: str) -> tuple[str, str | None]:
+    """The route template of a ClientRequest path (absolute URLs accepted too) and the
+    subscription id it names, if any."""
+    path = raw_path.split("?", 1)[0]
+    if "://" in path:
+        path = "/" + path.split("://", 1)[1].split("/", 1)[-1]
+    if path in SUBSCRIPTION_PATHS:
+        return "/restapi/v1.0/subscription", None
+    if path.startswith("/restapi/v1.0/subscription/"):
+        sub_id = path[len("/restapi/v1.0/subscription/") :].rstrip("/")
+        return "/restapi/v1.0/subscription/{subscriptionId}", sub_id
+    return path, None
