@@ -32,9 +32,6 @@ LEVELS = frozenset({"debug", "info", "warning", "error", "exception", "critical"
 DOC_LEVEL = {"exception": "error"}
 #: Modules of the simulator's own program: their events are listed in docs/simulator.md.
 SIM = ("faxd/sim/",)
-# TODO(h/arch-sim): the simulator helper's branch renames the prose events of faxd/sim and faxd/demo.py;
-# once it is merged, delete EXEMPT and the skip in test_event_names_follow_the_scheme.
-EXEMPT = ("faxd/sim/", "faxd/demo.py")
 
 
 @dataclass(frozen=True)
@@ -207,9 +204,6 @@ def test_the_reader_sees_faxds_logging() -> None:
 def test_event_names_follow_the_scheme(path: Path) -> None:
     calls = list(log_calls(path))
     bad = [c for c in calls if c.event is None or not EVENT.match(c.event)]
-    module = path.relative_to(ROOT).as_posix()
-    if bad and module.startswith(EXEMPT):
-        pytest.skip(f"TODO(h/arch-sim): {module} still logs prose events ({bad[0].event!r}, ...)")
     assert not [c for c in bad if c.event is None], [
         f"{c.where()}: the event must be a string literal" for c in bad if c.event is None
     ]
@@ -221,7 +215,7 @@ def test_every_event_of_the_daemon_is_in_the_operations_guide_with_its_level() -
     missing: list[str] = []
     wrong_level: list[str] = []
     for call in _calls():
-        if call.module.startswith(SIM) or call.module.startswith(EXEMPT) or call.event is None:
+        if call.module.startswith(SIM) or call.event is None:
             continue
         level = DOC_LEVEL.get(call.level, call.level)
         if call.event not in rows:
