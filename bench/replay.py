@@ -35,7 +35,7 @@ from faxd.adapters.event_server import EventServer, EventServerSettings
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.store import Journalled, Store
 from faxd.core.model import Event, EventKind, FaxState, Source, Transition
-from faxd.core.protocol import SendRequest
+from faxd.core.protocol import SendRequest, StoredEvent
 from faxd.logs import configure_logging
 
 
@@ -52,7 +52,7 @@ class StoreBackend:
     def oldest_seq(self) -> int:
         return self.store.oldest_seq()
 
-    def events_after(self, after_seq: int, limit: int) -> list[Event]:
+    def events_after(self, after_seq: int, limit: int) -> list[StoredEvent]:
         return self.store.events_after(after_seq, limit)
 
     def fax(self, fax_id: str | None = None, ref: str | None = None) -> FaxState | None:

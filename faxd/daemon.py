@@ -69,9 +69,9 @@ from faxd.core import proxy
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, FaxState
-from faxd.core.protocol import SendError, SendRequest
+from faxd.core.protocol import SendError, SendRequest, StoredEvent
 from faxd.core.status import parse_time
-from faxd.core.wsg import Hint, event_filters
+from faxd.core.wsg import Hint, WsState, event_filters
 from faxd.logs import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -243,8 +243,7 @@ class Engine:
             return
         settings = _reconcile_settings(new)
         self._keys.retime(settings.debounce, settings.max_delay)
-        # Reconciler has no method for new settings (yet): it reads this attribute at each use.
-        self.reconciler.settings = settings
+        self.reconciler.update_settings(settings)
 
 
 class Status:
@@ -260,16 +259,16 @@ class Status:
         self._store = store
         self._reconciler = reconciler
         self._poll_interval = config.reconcile.poll_interval
-        self._ws_state = "disconnected"
+        self._ws_state = WsState.DISCONNECTED
         self._push_refused: dict[str, str] = {}
         self._problem = ""
         self._stopping = False
 
     @property
-    def ws_state(self) -> str:
+    def ws_state(self) -> WsState:
         return self._ws_state
 
-    def set_ws_state(self, state: str, push_refused: Mapping[str, str] | None = None) -> None:
+    def set_ws_state(self, state: WsState, push_refused: Mapping[str, str] | None = None) -> None:
         """The WebSocket session's state (up, subscribing, connecting, disconnected) and the extensions
         whose event filters RingCentral refuses (extension -> reason), which are tracked by polling."""
         self._ws_state = state
@@ -281,7 +280,7 @@ class Status:
 
     def line(self) -> str:
         state = self.ws_state
-        ws = "up" if state == "up" else f"down ({state})"
+        ws = "up" if state is WsState.UP else f"down ({state})"
         in_flight = self._reconciler.in_flight_count()
         last = _clock(self._metrics.last_sync_time())
         text = f"WebSocket {ws}; {in_flight} faxes in flight; last sync {last}"
@@ -319,7 +318,7 @@ class Status:
             self._store.db.execute("SELECT 1").fetchone()
         except Exception:  # noqa: BLE001 - any failure means "not ready"
             problems.append("store not open")
-        if self.ws_state != "up":
+        if self.ws_state is not WsState.UP:
             problems.append("websocket not subscribed")
         last = self._metrics.last_sync_time()
         stale_after = 2 * self._poll_interval + 60
@@ -437,7 +436,7 @@ class Upstream:
         # The session reports its first state while it is being built, before self._ws is set.
         ws = self._ws
         if ws is None:
-            self._status.set_ws_state("disconnected")
+            self._status.set_ws_state(WsState.DISCONNECTED)
         else:
             self._status.set_ws_state(ws.state, ws.refused_extensions)
         self._status.refresh()
@@ -567,7 +566,7 @@ class _Backend:
     def oldest_seq(self) -> int:
         return self.store.oldest_seq()
 
-    def events_after(self, after_seq: int, limit: int) -> list[Event]:
+    def events_after(self, after_seq: int, limit: int) -> list[StoredEvent]:
         return self.store.events_after(after_seq, limit)
 
     def fax(self, fax_id: str | None = None, ref: str | None = None) -> FaxState | None:

@@ -14,6 +14,9 @@ from ops_support import NotifySocket, daemon, free_port, scrape, write_config, w
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Response
 
 from faxd.adapters.metrics import (
     CATEGORIES,
@@ -21,8 +24,9 @@ from faxd.adapters.metrics import (
     WS_DISCONNECT_REASONS,
     Metrics,
     metrics_app,
-    ws_disconnect_reason,
 )
+from faxd.adapters.rest import ApiError
+from faxd.adapters.ws_session import _Closed, classify
 from faxd.sim import Simulator
 from tools import require_tool
 
@@ -89,12 +93,13 @@ async def test_every_family_has_help_and_known_labels_start_at_zero() -> None:
 
 
 async def test_ws_disconnect_reasons_are_bounded() -> None:
-    assert ws_disconnect_reason("ping_timeout") == "ping_timeout"
-    assert ws_disconnect_reason("api OAU-213") == "api_error"
-    assert ws_disconnect_reason("handshake 503") == "handshake"
-    assert ws_disconnect_reason("ConnectionRefusedError") == "network"
-    assert ws_disconnect_reason("TimeoutError") == "network"
-    assert ws_disconnect_reason("something new") == "other"
+    """The WebSocket session's classify gives these labels (its full table: tests/test_ws_classify.py)."""
+    assert classify(_Closed("ping_timeout")).label == "ping_timeout"
+    assert classify(ApiError(400, "OAU-213")).label == "api_error"
+    assert classify(InvalidStatus(Response(503, "", Headers()))).label == "handshake"
+    assert classify(ConnectionRefusedError()).label == "network"
+    assert classify(TimeoutError()).label == "network"
+    assert classify(_Closed("something new")).label == "other"
 
 
 async def test_readyz_says_why_it_is_not_ready(aiohttp_free_port: int) -> None:

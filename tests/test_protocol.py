@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 from typing import Any
 
 import pytest
@@ -12,18 +14,22 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from faxd.core.model import Event, EventKind, FaxState, RecipientState, Source, Transition
 from faxd.core.protocol import (
     MAX_DEPTH,
+    PHASE_MOVES,
     REQUEST_TYPES,
+    ClientPhase,
     Document,
     ErrorCode,
     Filter,
     HistoryRequest,
     ListRequest,
+    PhaseError,
     PingRequest,
     ProtocolError,
     Recipient,
     Request,
     SendRequest,
     StatusRequest,
+    StoredEvent,
     SubscribeRequest,
     SyncRequest,
     decode_object,
@@ -37,6 +43,7 @@ from faxd.core.protocol import (
     encode_heartbeat,
     encode_hello,
     encode_history,
+    encode_line,
     encode_ok,
     encode_pong,
     fax_to_wire,
@@ -341,6 +348,95 @@ def test_encoded_strings_stay_on_one_ascii_line() -> None:
     assert encoded.count(b"\n") == 1
     assert encoded.isascii()
     assert json.loads(encoded)["message"] == "line\nbreak \u2028 é \ud800"
+
+
+_texts = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["", "+15550001111", 'é\u2028\ud800\x00\n"\\/', "Queued", "order-1"]),
+)
+_opt_texts = st.none() | _texts
+
+
+@st.composite
+def _events(draw: st.DrawFn) -> Event:
+    index = draw(st.none() | st.integers(0, 2**63))
+    transition = Transition(
+        kind=draw(st.sampled_from(EventKind)),
+        fax_id=draw(_texts),
+        extension_id=draw(_texts),
+        direction=draw(_texts),
+        from_status=draw(_opt_texts),
+        to_status=draw(_texts),
+        final=draw(st.booleans()),
+        recipient_index=index,
+        recipient_phone=draw(_opt_texts),
+        error_code=draw(_opt_texts),
+        error_category=draw(_opt_texts),
+        retryable=draw(st.none() | st.booleans()),
+        pages=draw(st.none() | st.integers(-(2**70), 2**70)),
+        rc_modified=draw(_opt_texts),
+        ref=draw(_opt_texts),
+    )
+    seq = draw(st.integers(0, 2**63))
+    return Event(seq, draw(_texts), transition, draw(_texts), draw(st.sampled_from(Source)))
+
+
+@given(event=_events(), include_numbers=st.booleans())
+def test_encode_event_writes_what_the_generic_encoder_writes(event: Event, include_numbers: bool) -> None:
+    """encode_event formats the line itself (for speed); it must be the wire form, byte for byte."""
+    encoded = encode_event(event, include_numbers=include_numbers)
+    assert encoded == encode_line(event.to_wire(include_numbers=include_numbers))
+    assert encoded.isascii()
+    assert encoded.count(b"\n") == 1
+
+
+def _stored(event: Event, order: list[str] | None = None) -> StoredEvent:
+    """``event`` as the store reads it back: its transition as the journal's JSON text (Transition's
+    fields in their order, compact), or with the keys in ``order``."""
+    names = order or [f.name for f in dataclasses.fields(Transition)]
+    fields = {name: getattr(event.transition, name) for name in names}
+    fields["kind"] = event.transition.kind.value
+    text = json.dumps(fields, separators=(",", ":"))
+    return StoredEvent(event.seq, event.epoch, event.observed_at, event.source.value, text)
+
+
+@given(event=_events(), include_numbers=st.booleans(), shuffle=st.randoms(use_true_random=False))
+def test_a_stored_event_is_written_and_filtered_like_its_event(
+    event: Event, include_numbers: bool, shuffle: random.Random
+) -> None:
+    """Spliced from the journal's JSON (or, in any other key order, decoded first): the same bytes,
+    and the same filter verdicts, as the event it stands for."""
+    names = [f.name for f in dataclasses.fields(Transition)]
+    shuffle.shuffle(names)
+    expected = encode_event(event, include_numbers=include_numbers)
+    for stored in (_stored(event), _stored(event, names)):
+        assert encode_event(stored, include_numbers=include_numbers) == expected
+        t = event.transition
+        for flt in (
+            Filter(),
+            Filter(fax_ids=frozenset({t.fax_id})),
+            Filter(refs=frozenset({"order-1"})),
+            Filter(extensions=frozenset({t.extension_id, "x"})),
+            Filter(directions=frozenset({t.direction.casefold()})),
+            Filter(to_status=frozenset({"queued"})),
+            Filter(final_only=True),
+        ):
+            assert flt.matches(stored) is flt.matches(event), flt
+
+
+def test_client_phases_move_only_forward() -> None:
+    """One subscription per connection, replay before live, nothing after closed."""
+    h, r, lv, c = ClientPhase.HANDSHAKE, ClientPhase.REPLAYING, ClientPhase.LIVE, ClientPhase.CLOSED
+    allowed = {(h, r), (h, c), (r, lv), (r, c), (lv, c)}
+    for start in ClientPhase:
+        for to in ClientPhase:
+            if (start, to) in allowed:
+                assert start.move(to) is to
+            else:
+                with pytest.raises(PhaseError, match=f"from {start.value} to {to.value}"):
+                    start.move(to)
+    assert set(PHASE_MOVES) == set(ClientPhase)
+    assert [p for p in ClientPhase if p.subscribed] == [r, lv]
 
 
 STATE = FaxState(

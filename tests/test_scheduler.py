@@ -530,6 +530,22 @@ def test_user_and_resync_work_end_a_backoff() -> None:
     assert g.priority is Priority.PUSH  # it keeps its place as a push
 
 
+def test_work_that_arrived_while_its_key_ran_joins_the_retry() -> None:
+    """A poll that fails is retried; a user request for its key that came while it ran is not lost
+    behind it: the retry carries both reasons, the larger cost and the user's priority."""
+    s = sched(paced=frozenset())
+    s.submit(work(A, Priority.SAFETY_POLL, "poll"), 0.0)
+    g = grant_now(s, 0.0)
+    s.submit(work(A, Priority.USER, "request", Light=2), 0.5)
+    assert s.next(0.5) is None  # the key is running
+    run(s, g, 1.0, Outcome.error())
+    assert s.due_at(A) == 2.0
+    retry = grant_now(s, 2.0)
+    assert retry.priority is Priority.USER
+    assert retry.reasons == {"poll", "request"}
+    assert dict(retry.cost) == {LIGHT: 2}
+
+
 def test_failed_work_is_not_retried() -> None:
     s = sched()
     send = ("send", "r1")

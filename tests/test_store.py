@@ -14,6 +14,7 @@ import pytest
 
 from faxd.adapters.store import MIGRATIONS, Journalled, Store, StoreError, backup, restore
 from faxd.core.model import EventKind, FaxState, RecipientState, Source, Transition
+from faxd.core.protocol import Filter, encode_event
 
 
 def fax(status: str = "Queued", ref: str | None = None) -> FaxState:
@@ -51,7 +52,28 @@ def test_commit_numbers_events_and_stores_state_and_token_together(store: Store)
     assert store.oldest_seq() == 1
     assert store.sync_token("200") == "tok-1"
     assert store.load_faxes()["1"].status == "Sent"
-    assert [e.transition.to_status for e in store.events_after(0, 10)] == ["Sent", "Sent"]
+    assert [e.fields()["to_status"] for e in store.events_after(0, 10)] == ["Sent", "Sent"]
+
+
+def test_the_replay_read_writes_each_event_as_committed(store: Store) -> None:
+    """events_after hands the replay the stored JSON, not Events: on the wire and to a filter it must
+    be the very event that commit returned (all fields, numbers included or not, odd characters)."""
+    odd = Transition(
+        EventKind.RECIPIENT, "1", "200", "Outbound", "Queued", "SendingFailed", final=True,
+        recipient_index=2, recipient_phone="+1650 \u00e9\n\ud800", error_code="LineBusy",
+        error_category="busy", retryable=True, pages=3, rc_modified="2026-01-02T03:04:05Z", ref='r"\\',
+    )  # fmt: skip
+    committed = store.commit([fax("Sent")], [move("Sent"), Journalled(odd, Source.POLL)], observed_at="T1")
+    stored = store.events_after(0, 10)
+    assert [e.seq for e in stored] == [e.seq for e in committed] == [1, 2]
+    for numbers in (True, False):
+        assert [encode_event(e, include_numbers=numbers) for e in stored] == [
+            encode_event(e, include_numbers=numbers) for e in committed
+        ]
+    busy = Filter(to_status=frozenset({"sendingfailed"}), final_only=True)
+    assert [busy.matches(e) for e in stored] == [busy.matches(e) for e in committed] == [False, True]
+    assert store.events_after(1, 10) == stored[1:]
+    assert store.events_after(0, 1) == stored[:1]
 
 
 def test_same_transition_is_journalled_once_and_spends_no_seq(store: Store) -> None:
@@ -274,7 +296,7 @@ def journal_of(path: Path) -> list[tuple[int, str]]:
     store = Store(path)
     store.open()
     try:
-        return [(e.seq, e.transition.to_status) for e in store.events_after(0, 100)]
+        return [(e.seq, e.fields()["to_status"]) for e in store.events_after(0, 100)]
     finally:
         store.close()
 

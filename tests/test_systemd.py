@@ -383,7 +383,7 @@ async def test_events_group_of_a_group_faxd_is_in(short_dir: Path) -> None:
     faxd = await _spawn(_group_config(short_dir, member.gr_name), spawn)
     try:
         async with asyncio.timeout(30):
-            await faxd.wait_event("event socket listening")
+            await faxd.wait_event("socket.listening")
             st = (short_dir / "events.sock").stat()
             faxd.signal(signal.SIGTERM)
             assert await faxd.wait() == 0

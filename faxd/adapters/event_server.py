@@ -12,7 +12,8 @@ Fast path. With one event per :meth:`EventServer.publish` call (one per journal 
 writer tasks per event costs more than the writes themselves. So ``publish()`` writes a subscriber's lines
 straight to its transport when all of these hold, and hands them to the queue and the writer otherwise:
 
-* the subscriber is *live*: its ``caught_up`` is written (a replay in progress owns the stream);
+* the subscriber is ``live`` (:class:`~faxd.core.protocol.ClientPhase`): its ``caught_up`` is written (a
+  replay in progress owns the stream);
 * its queue is empty: once anything is queued, everything goes through the queue until the writer has
   taken it, so lines never overtake each other. The writer moves a whole batch from the queue to the
   transport without an ``await`` in between, so an empty queue means every earlier line is already in
@@ -22,8 +23,13 @@ straight to its transport when all of these hold, and hands them to the queue an
   ``slow_consumer`` exactly as before, with ``covered`` (the resume point) advanced by both paths.
 
 ``transport.write()`` never blocks (at worst it appends to the transport's buffer), so the publisher still
-never waits on a client. Both paths skip seqs the client has already covered, which keeps the replay/live
-boundary free of duplicates when an event is published after a replay that already sent it.
+never waits on a client. The replay and both live paths pick and encode events in one loop
+(:func:`_matching`), which skips seqs the client has already covered: that keeps the replay/live boundary
+free of duplicates when an event is published after a replay that already sent it.
+
+A connection's life is an explicit :class:`~faxd.core.protocol.ClientPhase` (handshake, replaying, live,
+closed) whose moves the codec allows or refuses; the reader, the writer, the publisher and the heartbeat
+read that one field.
 
 Heartbeats come from one server-wide timer (:meth:`EventServer._heartbeat`), armed for the earliest
 connection to fall quiet, instead of a timeout on every writer wake-up.
@@ -49,6 +55,7 @@ import structlog
 from faxd.adapters.metrics import Metrics
 from faxd.core.model import Event, FaxState
 from faxd.core.protocol import (
+    ClientPhase,
     ErrorCode,
     Filter,
     HistoryRequest,
@@ -59,6 +66,7 @@ from faxd.core.protocol import (
     SendError,
     SendRequest,
     StatusRequest,
+    StoredEvent,
     SubscribeRequest,
     SyncRequest,
     encode_accepted,
@@ -98,8 +106,9 @@ class Backend(Protocol):
         """Oldest seq still in the journal (``head_seq() + 1`` when it is empty)."""
         ...
 
-    def events_after(self, after_seq: int, limit: int) -> list[Event]:
-        """Up to ``limit`` committed events with ``seq > after_seq``, in seq order."""
+    def events_after(self, after_seq: int, limit: int) -> Sequence[Event | StoredEvent]:
+        """Up to ``limit`` committed events with ``seq > after_seq``, in seq order (the store hands
+        them over as stored, which the codec writes without building an :class:`Event`)."""
         ...
 
     def fax(self, fax_id: str | None = None, ref: str | None = None) -> FaxState | None: ...
@@ -211,32 +220,45 @@ class _Client:
         #: Live events (seq, encoded line) not yet written; bounded by the publisher.
         self.queue: deque[tuple[int, bytes]] = deque()
         self.wakeup = asyncio.Event()
+        #: Where the connection is in its life; changed only through :meth:`move`.
+        self.phase = ClientPhase.HANDSHAKE
+        #: Set by ``subscribe``, with the move to ``replaying``.
         self.subscription: SubscribeRequest | None = None
-        self.replay_pending = False
-        #: caught_up is written: live events may bypass the queue (see the module docstring).
-        self.live = False
         #: Every matching event up to this seq has been written (the resume point on overflow).
         self.covered = 0
-        #: Why the connection was closed by the server side, once it was.
-        self.closed: str | None = None
+        #: Why the connection was closed (the ``socket_disconnects`` label), once it is.
+        self.close_reason: str | None = None
         self.last_write = self.loop.time()
         self.abort_timer: asyncio.TimerHandle | None = None
 
+    def move(self, to: ClientPhase) -> None:
+        """Go to phase ``to``; :class:`~faxd.core.protocol.PhaseError` if the protocol forbids the move."""
+        self.phase = self.phase.move(to)
+
     def send(self, line: bytes) -> bool:
         """Queue one line on the transport (never blocks); False once the connection is closed."""
-        if self.closed is not None:
+        if self.phase is ClientPhase.CLOSED:
             return False
         self.writer.write(line)
         self.last_write = self.loop.time()
         return True
 
     async def flush(self) -> None:
-        if self.closed is None:
+        if self.phase is not ClientPhase.CLOSED:
             await self.writer.drain()
+
+    def may_write_directly(self) -> bool:
+        """publish() may write to the transport itself (the module docstring says why)."""
+        return (
+            self.phase is ClientPhase.LIVE
+            and not self.queue
+            and self.transport.get_write_buffer_size() < self.direct_limit
+        )
 
     def idle(self) -> bool:
         """Nothing of ours is in flight, so a heartbeat cannot come between a replay or queued lines."""
-        return self.closed is None and not self.queue and (self.subscription is None or self.live)
+        phase = self.phase
+        return (phase is ClientPhase.HANDSHAKE or phase is ClientPhase.LIVE) and not self.queue
 
     def log_fields(self) -> dict[str, int | None]:
         peer = self.peer
@@ -282,7 +304,7 @@ class EventServer:
         self._server = await asyncio.start_unix_server(
             self._accept, sock=sock, limit=self._settings.max_send_line
         )
-        log.info("event socket listening", path=self._settings.path, mode=oct(self._settings.mode))
+        log.info("socket.listening", path=self._settings.path, mode=oct(self._settings.mode))
 
     async def close(self, reason: str = "shutdown") -> None:
         """Say ``bye`` to every client, close them, wait (bounded) for their tasks, unlink the socket."""
@@ -301,7 +323,11 @@ class EventServer:
         if self._runner is not None:
             _, pending = await asyncio.wait([self._runner], timeout=self._settings.close_timeout)
             if pending:
-                log.warning("event socket clients did not finish in time", clients=len(self._clients))
+                log.warning(
+                    "socket.close_timeout",
+                    clients=len(self._clients),
+                    detail="connections still busy at the close deadline are aborted",
+                )
                 for client in list(self._clients):
                     client.writer.transport.abort()
                 self._runner.cancel()
@@ -311,7 +337,7 @@ class EventServer:
         if self._server is not None:
             await self._server.wait_closed()
         self._unlink()
-        log.info("event socket closed", reason=reason)
+        log.info("socket.closed", reason=reason)
 
     async def _run(self, ready: asyncio.Event) -> None:
         # The TaskGroup outlives start(), so it needs a task of its own; close() awaits that task.
@@ -360,7 +386,7 @@ class EventServer:
             async with asyncio.timeout(1):
                 _, writer = await asyncio.open_unix_connection(path)
         except (ConnectionRefusedError, FileNotFoundError):
-            log.info("removing stale event socket", path=path)
+            log.info("socket.stale_removed", path=path)
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -406,58 +432,38 @@ class EventServer:
         now: float | None = None
         for client in list(self._subscribers):
             sub = client.subscription
-            if sub is None or client.closed is not None:
+            if sub is None or client.phase is ClientPhase.CLOSED:
                 continue
-            flt = sub.filter
-            every = flt == _ANY  # the common case: no filter, no per-event test
-            queue = client.queue
-            covered = client.covered
-            if client.live and not queue and client.transport.get_write_buffer_size() < client.direct_limit:
-                out: list[bytes] = []
-                for i, event in enumerate(events):
-                    if event.seq <= covered or not (every or flt.matches(event)):
-                        continue
-                    line = lines[i]
-                    if line is None:
-                        line = lines[i] = encode_event(event, include_numbers=numbers)
-                    out.append(line)
-                    covered = event.seq
-                if out:
-                    client.transport.write(out[0] if len(out) == 1 else b"".join(out))
-                    client.covered = covered
-                    if now is None:
-                        now = client.loop.time()
-                    client.last_write = now
+            out = _matching(events, client.covered, sub.filter, lines, numbers)
+            if not out:
                 continue
-            handed = False
-            for i, event in enumerate(events):
-                if event.seq <= covered or not (every or flt.matches(event)):
-                    continue
-                if len(queue) >= limit:
-                    self._overflow(client)
-                    break
-                line = lines[i]
-                if line is None:
-                    line = lines[i] = encode_event(event, include_numbers=numbers)
-                queue.append((event.seq, line))
-                handed = True
-            if handed and client.closed is None:
+            if client.may_write_directly():
+                client.transport.write(out[0][1] if len(out) == 1 else b"".join([line for _, line in out]))
+                client.covered = out[-1][0]
+                if now is None:
+                    now = client.loop.time()
+                client.last_write = now
+            elif len(client.queue) + len(out) > limit:
+                self._overflow(client)
+            else:
+                client.queue.extend(out)
                 client.wakeup.set()
 
     def _overflow(self, client: _Client) -> None:
         resume = client.covered
-        log.warning("event socket client too slow", resume_after_seq=resume, **client.log_fields())
+        log.warning("socket.slow_consumer", resume_after_seq=resume, **client.log_fields())
         message = f"more than {self._settings.client_queue} events queued; resume after seq {resume}"
         line = encode_error(ErrorCode.SLOW_CONSUMER, message, resume_after_seq=resume)
         self._kill(client, "slow_consumer", line)
 
     def _kill(self, client: _Client, reason: str, last_line: bytes | None = None) -> None:
         """Close a connection from the server side; synchronous so the publisher can use it."""
-        if client.closed is not None:
+        if client.phase is ClientPhase.CLOSED:
             return
         if last_line is not None:
             client.send(last_line)
-        client.closed = reason
+        client.move(ClientPhase.CLOSED)
+        client.close_reason = reason
         if client in self._subscribers:
             self._subscribers.discard(client)
             self._metrics.subscribers.set(len(self._subscribers))
@@ -496,17 +502,17 @@ class EventServer:
         peer = peer_credentials(writer.get_extra_info("socket"))
         peer_fields = {"uid": peer.uid, "gid": peer.gid, "pid": peer.pid} if peer else {}
         if len(self._clients) >= self._settings.max_clients:
-            log.warning("event socket busy, connection refused", **peer_fields)
+            log.warning("socket.busy", max_clients=self._settings.max_clients, **peer_fields)
             await self._refuse(writer, ErrorCode.BUSY, f"more than {self._settings.max_clients} clients")
             return
         if not self._allowed(peer):
-            log.warning("event socket peer not allowed", **peer_fields)
+            log.warning("socket.unauthorized", **peer_fields)
             await self._refuse(writer, ErrorCode.UNAUTHORIZED, "this uid/gid may not use the socket")
             return
         self._next_id += 1
         client = _Client(self._next_id, reader, writer, peer)
         self._clients.add(client)
-        log.info("event socket client connected", **client.log_fields())
+        log.info("socket.client_connected", **client.log_fields())
         if self._heartbeat_timer is None:
             self._arm_heartbeat(client.loop.time() + self._settings.heartbeat_interval)
         b = self._backend
@@ -525,7 +531,7 @@ class EventServer:
                 tg.create_task(self._read_loop(client))
                 tg.create_task(self._write_loop(client))
         except Exception:  # one client's failure must not take the server down
-            log.exception("event socket client failed", **client.log_fields())
+            log.exception("socket.client_failed", **client.log_fields())
             self._kill(client, "error")
         finally:
             await self._finish(client)
@@ -541,15 +547,15 @@ class EventServer:
         finally:
             if client.abort_timer is not None:
                 client.abort_timer.cancel()
-        reason = client.closed or "eof"
+        reason = client.close_reason or "eof"
         self._metrics.socket_disconnects.labels(reason).inc()
-        log.info("event socket client disconnected", reason=reason, **client.log_fields())
+        log.info("socket.client_disconnected", reason=reason, **client.log_fields())
 
     async def _read_loop(self, client: _Client) -> None:
         s = self._settings
-        while client.closed is None:
+        while client.phase is not ClientPhase.CLOSED:
             try:
-                if client.subscription is None:
+                if client.phase is ClientPhase.HANDSHAKE:
                     # An unsubscribed connection must keep asking something, or it only holds a slot.
                     async with asyncio.timeout(s.subscribe_timeout):
                         line = await client.reader.readline()
@@ -566,7 +572,7 @@ class EventServer:
                 return
             if not line.endswith(b"\n"):
                 # EOF. A subscriber may half-close (``echo subscribe | socat``) and keep listening.
-                if line or client.subscription is None:
+                if line or client.phase is ClientPhase.HANDSHAKE:
                     self._kill(client, "eof")
                 return
             try:
@@ -576,7 +582,7 @@ class EventServer:
                 return
 
     def _line_too_long(self, client: _Client, limit: int) -> None:
-        log.warning("event socket request line too long", limit=limit, **client.log_fields())
+        log.warning("socket.line_too_long", limit=limit, **client.log_fields())
         message = f"request line longer than {limit} bytes; closing"
         self._kill(client, "line_too_long", encode_error(ErrorCode.BAD_REQUEST, message))
 
@@ -600,7 +606,7 @@ class EventServer:
         try:
             reply = await self._dispatch(client, request)
         except Exception:  # a bug behind one request must not kill the connection
-            log.exception("event socket request failed", request=type(request).__name__)
+            log.exception("socket.request_failed", request=type(request).__name__)
             reply = encode_error(ErrorCode.INTERNAL, "internal error; see the daemon's log", request.id)
         if reply is not None:
             client.send(reply)
@@ -633,17 +639,17 @@ class EventServer:
                 try:
                     await b.sync()
                 except Exception as exc:  # noqa: BLE001 - reported to the client, and logged
-                    log.warning("sync requested on the socket failed", error=str(exc))
+                    log.warning("socket.sync_failed", error=str(exc))
                     return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
                 return encode_ok(rid)
             case SendRequest():
                 try:
                     state = await b.send(request)
                 except SendError as exc:
-                    log.info("send refused", code=exc.code, rc_code=exc.rc_code, **client.log_fields())
+                    log.info("socket.send_refused", code=exc.code, rc_code=exc.rc_code, **client.log_fields())
                     return encode_error(exc.code, exc.message, rid, rc_code=exc.rc_code)
                 log.info(
-                    "fax sent for socket client",
+                    "socket.fax_sent",
                     fax_id=state.fax_id,
                     recipients=len(request.to),
                     documents=len(request.documents),
@@ -675,7 +681,7 @@ class EventServer:
         )
 
     def _subscribe(self, client: _Client, request: SubscribeRequest) -> bytes | None:
-        if client.subscription is not None:
+        if client.phase.subscribed:
             return encode_error(ErrorCode.BAD_REQUEST, "already subscribed on this connection", request.id)
         if request.after_seq is None:
             client.covered = self._backend.head_seq()
@@ -687,11 +693,11 @@ class EventServer:
         # Registered before the backlog is read (by the writer task): an event committed meanwhile is
         # in the queue, in the replay, or both; the writer drops seqs it has already covered.
         client.subscription = request
-        client.replay_pending = True
+        client.move(ClientPhase.REPLAYING)
         self._subscribers.add(client)
         self._metrics.subscribers.set(len(self._subscribers))
         log.info(
-            "event socket client subscribed",
+            "socket.client_subscribed",
             after_seq=request.after_seq,
             filtered=request.filter != Filter(),
             **client.log_fields(),
@@ -701,9 +707,8 @@ class EventServer:
 
     async def _write_loop(self, client: _Client) -> None:
         try:
-            while client.closed is None:
-                if client.replay_pending:
-                    client.replay_pending = False
+            while client.phase is not ClientPhase.CLOSED:
+                if client.phase is ClientPhase.REPLAYING:
                     await self._replay(client)
                 elif client.queue:
                     await self._send_live(client)
@@ -738,12 +743,12 @@ class EventServer:
         self._arm_heartbeat(next_due)
 
     async def _replay(self, client: _Client) -> None:
+        """The journal after the cursor, then ``caught_up``: from ``replaying`` to ``live`` (or closed)."""
         sub = client.subscription
         assert sub is not None
         numbers = self._settings.include_numbers
-        every = sub.filter == _ANY
         if sub.after_seq is not None:
-            while client.closed is None:
+            while client.phase is ClientPhase.REPLAYING:
                 last = client.covered
                 # Checked right before each read (no await in between): retention pruning cannot
                 # slip a gap between the check and the events read.
@@ -752,24 +757,21 @@ class EventServer:
                     self._kill(client, "cursor_expired", self._cursor_expired(problem, sub.id))
                     return
                 chunk = self._backend.events_after(last, REPLAY_CHUNK)
-                lines = [
-                    encode_event(event, include_numbers=numbers)
-                    for event in chunk
-                    if event.seq > last and (every or sub.filter.matches(event))
-                ]
-                if lines and not client.send(b"".join(lines)):  # one write per chunk
+                out = _matching(chunk, last, sub.filter, [None] * len(chunk), numbers)
+                # The previous chunk drained to the client while this one was read and encoded.
+                await client.flush()
+                if out and not client.send(b"".join([line for _, line in out])):  # one write per chunk
                     return
                 if chunk:
                     client.covered = max(last, chunk[-1].seq)
-                await client.flush()
                 if len(chunk) < REPLAY_CHUNK:
                     break
                 # drain() does not yield while the transport has room: a long, mostly filtered-out
                 # backlog would otherwise hold the loop for the whole replay.
                 await asyncio.sleep(0)
-        client.send(encode_caught_up(client.covered, sub.id))
-        client.live = True
-        await client.flush()
+        if client.send(encode_caught_up(client.covered, sub.id)):
+            client.move(ClientPhase.LIVE)
+            await client.flush()
 
     async def _send_live(self, client: _Client) -> None:
         batch = client.queue
@@ -785,3 +787,22 @@ class EventServer:
             return
         client.covered = covered
         await client.flush()
+
+
+def _matching(
+    events: Sequence[Event | StoredEvent], after: int, flt: Filter, lines: list[bytes | None], numbers: bool
+) -> list[tuple[int, bytes]]:
+    """(seq, line) of every event after seq ``after`` that ``flt`` selects, in order: the one filter and
+    encoder of the replay and of both live paths. ``lines[i]`` caches the line of ``events[i]``, so one
+    publish encodes an event once however many subscribers it goes to."""
+    every = flt == _ANY  # the common case: no filter, no per-event test
+    out: list[tuple[int, bytes]] = []
+    for i, event in enumerate(events):
+        seq = event.seq
+        if seq <= after or not (every or flt.matches(event)):
+            continue
+        line = lines[i]
+        if line is None:
+            line = lines[i] = encode_event(event, include_numbers=numbers)
+        out.append((seq, line))
+    return out

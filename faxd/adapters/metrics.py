@@ -10,7 +10,6 @@ This module must not decide anything about faxes; adapters call its methods when
 from __future__ import annotations
 
 import platform
-import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from itertools import product
 
@@ -31,12 +30,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from faxd import __version__
 from faxd.core.model import FaxStatus
+from faxd.core.wsg import WsState
 
 GROUPS = ("Light", "Medium", "Heavy", "Auth")
-WS_STATES = ("disconnected", "connecting", "subscribing", "up")
+WS_STATES = tuple(state.value for state in WsState)
 RECONCILE_TRIGGERS = ("push", "poll", "startup", "resync", "request")
 WS_CONNECT_KINDS = ("fresh", "recovery")
-#: Why a WebSocket connection ended; anything else is folded into these by `ws_disconnect_reason`.
+#: Why a WebSocket connection ended; ``faxd.adapters.ws_session.classify`` folds every ending into these.
 WS_DISCONNECT_REASONS = (
     "closed",
     "closed_abnormal",
@@ -93,22 +93,6 @@ CATEGORIES = (
     "internal",
     "other",
 )
-
-
-_NETWORK_ERROR = re.compile(r"^[A-Za-z]*(Error|Exception|Timeout)$")
-
-
-def ws_disconnect_reason(reason: str) -> str:
-    """A bounded label value for a WebSocket disconnect reason."""
-    if reason in WS_DISCONNECT_REASONS:
-        return reason
-    if reason.startswith("api "):
-        return "api_error"
-    if reason.startswith("handshake"):
-        return "handshake"
-    if _NETWORK_ERROR.match(reason):  # an exception class name: OSError, TimeoutError, ...
-        return "network"
-    return "other"
 
 
 def add_process_collectors(registry: CollectorRegistry) -> None:

@@ -172,6 +172,11 @@ class Reconciler:
         self.timers_changed = asyncio.Event()
         self._update_gauges()
 
+    def update_settings(self, settings: ReconcileSettings) -> None:
+        """New settings (a reload): each is read where it is used, so they apply from the next use. The
+        poll timings belong to :func:`poll_forever`, which its owner starts again with them."""
+        self.settings = settings
+
     # -- what is held in memory (the tracker's view) -------------------------------------------------
 
     @property

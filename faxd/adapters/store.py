@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import quote
 
 from faxd.core.model import Event, EventKind, FaxState, RecipientState, Source, Transition
+from faxd.core.protocol import StoredEvent
 from faxd.core.status import parse_time
 
 
@@ -298,11 +299,16 @@ class Store:
             for seq, observed_at, source, data in self.db.execute(sql, tuple(params))
         ]
 
-    def events_after(self, after_seq: int, limit: int) -> list[Event]:
-        return self._events(
+    def events_after(self, after_seq: int, limit: int) -> list[StoredEvent]:
+        """Up to ``limit`` events with ``seq > after_seq``, in seq order, as stored: a replay reads the
+        whole journal through here, and decoding each row into an :class:`Event` cost more than the rest
+        of the replay (the codec writes a stored event as it is)."""
+        epoch = self.epoch
+        rows = self.db.execute(
             "SELECT seq, observed_at, source, transition FROM journal WHERE seq > ? ORDER BY seq LIMIT ?",
             (after_seq, limit),
         )
+        return [StoredEvent(seq, epoch, observed_at, source, data) for seq, observed_at, source, data in rows]
 
     def history(self, fax_id: str) -> list[Event]:
         return self._events(

@@ -45,13 +45,14 @@ from websockets.exceptions import (
 )
 
 from faxd import __version__
-from faxd.adapters.metrics import Metrics, ws_disconnect_reason
+from faxd.adapters.metrics import WS_DISCONNECT_REASONS, Metrics
 from faxd.adapters.rest import ApiError, AuthFailed, RateLimited, RingCentral, WsToken
 from faxd.core import wsg
 from faxd.core.backoff import backoff
 from faxd.core.proxy import DIRECT, Proxy, ProxyError, ProxyPolicy
 from faxd.core.ratebudget import parse_retry_after
 from faxd.core.roundtrip import RoundTrip
+from faxd.core.wsg import WsState
 
 log = structlog.get_logger(__name__)
 
@@ -174,7 +175,7 @@ class WsSession:
         self._subscribe_ids: set[str] = set()
         self._was_up = False
         self._connected = False
-        self._state = ""
+        self._state = WsState.DISCONNECTED
         self._detail = ""
         self._filter_lock = asyncio.Lock()
         # A ws token the gateway never accepted (refused upgrade, connection refused, timeout) and
@@ -189,14 +190,14 @@ class WsSession:
         self._refusal_backoff = refusal_delays()
         self._retry_refused_at: float | None = None
         self._refusal_scheduled = asyncio.Event()
-        self._set_state("disconnected", "starting")
+        self._set_state(WsState.DISCONNECTED, "starting")
 
     @property
     def subscription_id(self) -> str | None:
         return self._wsg.subscription_id
 
     @property
-    def state(self) -> str:
+    def state(self) -> WsState:
         return self._state
 
     # ------------------------------------------------------------------ supervision loop
@@ -207,39 +208,22 @@ class WsSession:
         delays = self._delays()
         while True:
             self._was_up = self._connected = False
-            retry_after = 0.0
+            ended: Exception
             try:
-                reason = await self._connection()
+                ended = _Closed(await self._connection())
             except AuthFailed:
-                self._set_state("disconnected", "credentials rejected")
+                self._set_state(WsState.DISCONNECTED, "credentials rejected")
                 raise
-            except RateLimited as exc:
-                reason, retry_after = "rate_limited", exc.retry_after
-            except ApiError as exc:
-                reason = f"api {exc.code or exc.status}"
-            except _Closed as exc:
-                reason = exc.reason
-            except InvalidStatus as exc:
-                reason = f"handshake {exc.response.status_code}"
-                if exc.response.status_code in (401, 403):
-                    self._ws_token = None  # refused as invalid or expired: the next try gets a new one
-            except InvalidProxyStatus as exc:
-                reason = f"proxy {exc.response.status_code}"
-            except WsProxyError:
-                reason = "proxy_bad_reply"
-            except ProxyError as exc:
-                log.error("ws.proxy_unusable", reason=str(exc))
-                reason = "proxy_unusable"
-            except (OSError, TimeoutError, WebSocketException) as exc:
-                reason = type(exc).__name__
-            except Exception as exc:  # noqa: BLE001 - a bug here must not silence push for good
-                log.error("ws.unexpected_error", error=redact(repr(exc)), exc_info=False)
-                reason = "internal"
+            except Exception as exc:  # noqa: BLE001 - classified; a bug here must not silence push for good
+                ended = exc
+            why = classify(ended)
+            self._after(ended, why)
             self._ws = None
             self._fail_pending()
             self._wsg.lost(loop.time())
             if self._connected:
-                self._metrics.ws_disconnects.labels(ws_disconnect_reason(reason)).inc()
+                self._metrics.ws_disconnects.labels(why.label).inc()
+            retry_after = ended.retry_after if isinstance(ended, RateLimited) else 0.0
             if self._was_up:
                 # The connection was good: a single drop is most likely transient, so reconnect at
                 # once (recovery only works inside recoveryTimeout) and back off from scratch after.
@@ -247,15 +231,25 @@ class WsSession:
                 delay = retry_after
             else:
                 delay = max(next(delays), retry_after)
-            log.info("ws.disconnected", reason=reason, was_up=self._was_up, retry_in=round(delay, 2))
-            self._set_state("disconnected", f"{reason}; reconnecting in {delay:.0f}s")
+            log.info("ws.disconnected", reason=why.reason, was_up=self._was_up, retry_in=round(delay, 2))
+            self._set_state(WsState.DISCONNECTED, f"{why.reason}; reconnecting in {delay:.0f}s")
             await asyncio.sleep(delay)
+
+    def _after(self, ended: Exception, why: Disconnect) -> None:
+        """What an ending means beyond its reason: a refused ws token is not offered again, and a
+        proxy that cannot be used or a bug of ours is logged."""
+        if isinstance(ended, InvalidStatus) and ended.response.status_code in (401, 403):
+            self._ws_token = None  # refused as invalid or expired: the next try gets a new one
+        elif isinstance(ended, ProxyError):
+            log.error("ws.proxy_unusable", reason=str(ended))
+        elif why.label == "internal":
+            log.error("ws.unexpected_error", error=redact(repr(ended)), exc_info=False)
 
     async def _connection(self) -> str:
         """One connection from ws token to close; returns the disconnect reason."""
         loop = asyncio.get_running_loop()
         wsc = self._wsg.recovery_token(loop.time())
-        self._set_state("connecting", "recovering session" if wsc else "")
+        self._set_state(WsState.CONNECTING, "recovering session" if wsc else "")
         token = await self._unused_ws_token()
         proxy = self._proxies.proxy_for(token.uri)
         async with gateway_connect(
@@ -343,7 +337,7 @@ class WsSession:
         refused = len(self.refused_extensions)
         detail = f"subscribed ({len(self._subscribed_filters or ())} filters"
         detail += f"; push refused for {refused} extension{'s' * (refused != 1)})" if refused else ")"
-        self._set_state("up", detail)
+        self._set_state(WsState.UP, detail)
 
     # ------------------------------------------------------------------ subscription
 
@@ -366,13 +360,15 @@ class WsSession:
         ``on_resync`` once a new subscription exists, or when refused filters came back.
         """
         if not keep_state:
-            self._set_state("subscribing", "")
+            self._set_state(WsState.SUBSCRIBING, "")
         delays = self._delays()
         while True:
             filters = list(self._filters) if retry else self._wanted_filters()
             existing = self._wsg.subscription_id if survived else None
             if not filters:
-                self._set_state("subscribing", f"refused ({self._refusal_reasons()}); extensions polled")
+                self._set_state(
+                    WsState.SUBSCRIBING, f"refused ({self._refusal_reasons()}); extensions polled"
+                )
                 return
             if existing is not None and filters == self._subscribed_filters:
                 self._up()  # e.g. a PUT refused: the subscription stands as it was
@@ -417,7 +413,7 @@ class WsSession:
                 "ws.subscribe_failed", status=reply.status, code=reply.error_code, retry_in=round(delay, 2)
             )
             survived = False  # a failed PUT (e.g. SUB-507) falls back to a new POST
-            self._set_state("subscribing", f"subscription refused ({reply.error_code or reply.status})")
+            self._set_state(WsState.SUBSCRIBING, f"subscription refused ({reply.error_code or reply.status})")
             await asyncio.sleep(delay)
 
     # ------------------------------------------------------------------ refused filters
@@ -528,7 +524,12 @@ class WsSession:
             self._metrics.ws_disabled_filters.set(sum(1 for f in self._filters if f in self._refused))
             ws, sub = self._ws, self._wsg.subscription_id
             wanted = self._wanted_filters()
-            if ws is None or sub is None or self._state != "up" or self._subscribed_filters == wanted:
+            if (
+                ws is None
+                or sub is None
+                or self._state is not WsState.UP
+                or self._subscribed_filters == wanted
+            ):
                 return
             # A refused PUT, or a subscription gone, is handled as at any subscribe; a connection
             # lost meanwhile subscribes with the new filters next time.
@@ -705,7 +706,7 @@ class WsSession:
         except Exception as exc:  # noqa: BLE001 - a consumer bug must not close the session
             log.error("ws.on_resync_failed", error=repr(exc))
 
-    def _set_state(self, state: str, detail: str) -> None:
+    def _set_state(self, state: WsState, detail: str) -> None:
         if (state, detail) == (self._state, self._detail):
             return
         self._state, self._detail = state, detail
@@ -737,3 +738,41 @@ def _close_reason(exc: ConnectionClosed) -> str:
     if exc.sent is not None and exc.sent.code == 1009:
         return "too_large"
     return "connection_lost"
+
+
+_EXCEPTION_NAME = re.compile(r"^[A-Za-z]*(Error|Exception|Timeout)$")
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """Why a connection ended (or never started)."""
+
+    #: What the log and STATUS= say: ``handshake 503``, ``api OAU-213``, ``ConnectionRefusedError``, ...
+    reason: str
+    #: Its bounded ``faxd_ws_disconnects_total`` label, one of :data:`WS_DISCONNECT_REASONS`.
+    label: str
+
+
+def classify(ended: Exception) -> Disconnect:
+    """Why a connection ended, from what ended it: an exception of the connect, the subscribe or the
+    connection, or :class:`_Closed` with the reason the connection gave. Pure; tests/test_ws_session.py
+    has its table."""
+    match ended:
+        case RateLimited():
+            return Disconnect("rate_limited", "rate_limited")
+        case ApiError(code=code, status=status):
+            return Disconnect(f"api {code or status}", "api_error")
+        case _Closed(reason=reason):
+            return Disconnect(reason, reason if reason in WS_DISCONNECT_REASONS else "other")
+        case InvalidStatus():
+            return Disconnect(f"handshake {ended.response.status_code}", "handshake")
+        case InvalidProxyStatus():
+            return Disconnect(f"proxy {ended.response.status_code}", "other")
+        case WsProxyError():
+            return Disconnect("proxy_bad_reply", "other")
+        case ProxyError():
+            return Disconnect("proxy_unusable", "other")
+        case OSError() | TimeoutError() | WebSocketException():
+            name = type(ended).__name__
+            return Disconnect(name, "network" if _EXCEPTION_NAME.match(name) else "other")
+    return Disconnect("internal", "internal")

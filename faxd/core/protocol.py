@@ -1,8 +1,9 @@
 """Codec of the event socket protocol, version 1 (docs/socket-protocol.md).
 
 Turns one request line (bytes) into a typed request or a :class:`ProtocolError`, matches events against a
-subscription :class:`Filter`, and encodes every server message as one compact NDJSON line. It is shared by
-the event server (adapters) and the CLI client (app).
+subscription :class:`Filter`, encodes every server message as one compact NDJSON line, and names the phases
+of a connection's life (:class:`ClientPhase`) with the moves allowed between them. It is shared by the event
+server (adapters) and the CLI client (app).
 
 This module must not do I/O, touch sockets or the event loop, read clocks or log: the event server decides
 what to do with a bad line (reply, or close the connection), this module only says what is wrong with it.
@@ -13,10 +14,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import json.encoder
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Final, Literal, NoReturn, TypeAlias
+from typing import Any, Final, Literal, NamedTuple, NoReturn, TypeAlias
 
 from faxd.core.model import Event, FaxState
 
@@ -49,6 +51,48 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"  # a bug in faxd; the request may be retried
 
 
+class ClientPhase(StrEnum):
+    """Where one connection is in its life, as the server sees it.
+
+    ``handshake``: ``hello`` is written, requests are served, no subscription yet (an idle connection is
+    closed after ``subscribe_timeout``). ``replaying``: subscribed; the journal after the cursor is being
+    written, and live events wait in the connection's queue. ``live``: ``caught_up`` is written; live
+    events go out as they are published. ``closed``: the server closed it (or the peer did); nothing more
+    is written. A ``subscribe`` without ``after_seq`` still passes through ``replaying``: its replay is
+    only the ``caught_up`` line.
+    """
+
+    HANDSHAKE = "handshake"
+    REPLAYING = "replaying"
+    LIVE = "live"
+    CLOSED = "closed"
+
+    def move(self, to: ClientPhase) -> ClientPhase:
+        """``to``, if the protocol allows that move from here; :class:`PhaseError` otherwise."""
+        if to not in PHASE_MOVES[self]:
+            raise PhaseError(f"a connection cannot go from {self.value} to {to.value}")
+        return to
+
+    @property
+    def subscribed(self) -> bool:
+        """A subscription exists (and a second ``subscribe`` is refused)."""
+        return self is ClientPhase.REPLAYING or self is ClientPhase.LIVE
+
+
+class PhaseError(RuntimeError):
+    """A connection was asked to make a move its phase does not allow: a bug in the server."""
+
+
+#: The moves a connection may make: one subscription per connection, a replay always ends in ``caught_up``
+#: before live events, and nothing follows ``closed``.
+PHASE_MOVES: Final[Mapping[ClientPhase, frozenset[ClientPhase]]] = {
+    ClientPhase.HANDSHAKE: frozenset({ClientPhase.REPLAYING, ClientPhase.CLOSED}),
+    ClientPhase.REPLAYING: frozenset({ClientPhase.LIVE, ClientPhase.CLOSED}),
+    ClientPhase.LIVE: frozenset({ClientPhase.CLOSED}),
+    ClientPhase.CLOSED: frozenset(),
+}
+
+
 class ProtocolError(Exception):
     """A request line that cannot be served as written."""
 
@@ -74,6 +118,28 @@ class SendError(Exception):
         self.rc_code = rc_code
 
 
+class StoredEvent(NamedTuple):
+    """A journalled event as the store reads it back for a replay, not made into an :class:`Event`.
+
+    ``transition`` is the JSON text the journal keeps: the fields of :class:`~faxd.core.model.Transition`
+    in their declared order (``kind`` as its value), compact and ASCII-only, as the store writes it.
+    Filters match a stored event and :func:`encode_event` writes it exactly like the event it stands
+    for: a replay reads the whole journal, and decoding each row into objects only to encode them again
+    cost more than reading it.
+    """
+
+    seq: int
+    epoch: str
+    observed_at: str
+    source: str
+    transition: str
+
+    def fields(self) -> dict[str, Any]:
+        """The transition's fields, decoded (``kind`` as its value)."""
+        fields: dict[str, Any] = json.loads(self.transition)
+        return fields
+
+
 # --------------------------------------------------------------------------------------------- requests
 
 
@@ -92,8 +158,9 @@ class Filter:
     to_status: frozenset[str] = frozenset()  # casefolded
     final_only: bool = False
 
-    def matches(self, event: Event | Mapping[str, Any]) -> bool:
-        """True if ``event`` (an :class:`Event` or its wire dict) passes every condition."""
+    def matches(self, event: Event | StoredEvent | Mapping[str, Any]) -> bool:
+        """True if ``event`` (an :class:`Event`, a :class:`StoredEvent` or its wire dict) passes every
+        condition."""
         fax_id: object
         ref: object
         ext: object
@@ -105,8 +172,10 @@ class Filter:
             fax_id, ref, ext, direction = t.fax_id, t.ref, t.extension_id, t.direction
             to_status, final = t.to_status, t.final
         else:
-            fax_id, ref, ext = event.get("fax_id"), event.get("ref"), event.get("extension_id")
-            direction, to_status, final = event.get("direction"), event.get("to_status"), event.get("final")
+            # A stored transition has the wire's names for every field a filter looks at.
+            get = (event.fields() if isinstance(event, StoredEvent) else event).get
+            fax_id, ref, ext = get("fax_id"), get("ref"), get("extension_id")
+            direction, to_status, final = get("direction"), get("to_status"), get("final")
         return (
             (not self.final_only or final is True)
             and (not self.fax_ids or fax_id in self.fax_ids)
@@ -478,9 +547,129 @@ def encode_hello(
     )
 
 
-def encode_event(event: Event, *, include_numbers: bool) -> bytes:
-    """One journalled event."""
-    return encode_line(event.to_wire(include_numbers=include_numbers))
+_str: Final = json.encoder.encode_basestring_ascii  # what _ENCODER writes for a str, quotes included
+_EVENT_LINE: Final = (
+    '{"type":"event","seq":%d,"epoch":%s,"kind":%s,"fax_id":%s,"extension_id":%s,"direction":%s,'
+    '"ref":%s,"recipient":%s,"from_status":%s,"to_status":%s,"final":%s,"error_code":%s,'
+    '"error_category":%s,"retryable":%s,"pages":%s,"rc_modified":%s,"observed_at":%s,"source":%s}\n'
+)
+
+
+def encode_event(event: Event | StoredEvent, *, include_numbers: bool) -> bytes:
+    """One journalled event: ``encode_line(event.to_wire(...))``, byte for byte.
+
+    Written field by field instead (a stored event is cut and pasted, :func:`_spliced`): the replay
+    and the fan-out encode every event they send, and building the wire dict only to encode it again
+    cost as much as everything else on those paths. tests/test_protocol.py and tests/test_store.py check
+    that every way gives the same bytes, for any event.
+    """
+    if isinstance(event, StoredEvent):
+        line = _spliced(event, include_numbers)
+        if line is not None:
+            return line
+        f = event.fields()
+        fields = (
+            f["kind"], f["fax_id"], f["extension_id"], f["direction"], f["ref"], f["recipient_index"],
+            f["recipient_phone"], f["from_status"], f["to_status"], f["final"], f["error_code"],
+            f["error_category"], f["retryable"], f["pages"], f["rc_modified"], event.source,
+        )  # fmt: skip
+    else:
+        t = event.transition
+        fields = (
+            t.kind.value, t.fax_id, t.extension_id, t.direction, t.ref, t.recipient_index,
+            t.recipient_phone, t.from_status, t.to_status, t.final, t.error_code,
+            t.error_category, t.retryable, t.pages, t.rc_modified, event.source.value,
+        )  # fmt: skip
+    return _event_line(event.seq, event.epoch, event.observed_at, fields, include_numbers)
+
+
+#: Where each key of a stored transition starts, after ``kind`` (the journal's order).
+_STORED_KEYS: Final = tuple(
+    f',"{name}":'
+    for name in (
+        "fax_id", "extension_id", "direction", "from_status", "to_status", "final", "recipient_index",
+        "recipient_phone", "error_code", "error_category", "retryable", "pages", "rc_modified", "ref",
+    )
+)  # fmt: skip
+_SPLICED_LINE: Final = (
+    '{"type":"event","seq":%d,"epoch":%s,%s,"ref":%s,"recipient":%s,%s,%s,"observed_at":%s,"source":%s}\n'
+)
+
+
+def _spliced(event: StoredEvent, include_numbers: bool) -> bytes | None:
+    """The wire line of a stored event, pasted together from its JSON text without decoding it; None
+    when the text does not have the journal's layout (every key, in order).
+
+    The journal and the wire write every value alike (compact, ASCII-only) and share three runs of
+    keys in the same order (``kind`` to ``direction``, ``from_status`` to ``final``, ``error_code`` to
+    ``rc_modified``), so the line is those runs with ``ref`` and the ``recipient`` object around them.
+    A key's marker ``,"name":`` cannot match inside a value: a quote inside a JSON string is escaped,
+    and the quote that ends a string is followed by ``,`` or ``}``.
+    """
+    text = event.transition
+    if not text.startswith('{"kind":') or not text.endswith("}"):
+        return None
+    at: list[int] = []
+    pos = 0
+    for key in _STORED_KEYS:
+        pos = text.find(key, pos)
+        if pos < 0:
+            return None
+        at.append(pos)
+    index = text[at[6] + 19 : at[7]]  # ,"recipient_index":
+    if index == "null":
+        recipient = "null"
+    else:
+        phone = text[at[7] + 19 : at[8]] if include_numbers else "null"  # ,"recipient_phone":
+        recipient = f'{{"index":{index},"phone":{phone}}}'
+    line = (
+        _SPLICED_LINE
+        % (
+            event.seq,
+            _str(event.epoch),
+            text[1 : at[3]],
+            text[at[13] + 7 : -1],  # ,"ref":
+            recipient,
+            text[at[3] + 1 : at[6]],
+            text[at[8] + 1 : at[13]],
+            _str(event.observed_at),
+            _str(event.source),
+        )
+    )
+    return line.encode()
+
+
+def _event_line(
+    seq: int, epoch: str, observed_at: str, fields: tuple[Any, ...], include_numbers: bool
+) -> bytes:
+    (kind, fax_id, extension_id, direction, ref, index, phone, from_status, to_status, final,
+     error_code, category, retryable, pages, rc_modified, source) = fields  # fmt: skip
+    if index is None:
+        recipient = "null"
+    else:
+        phone = phone if include_numbers else None
+        recipient = f'{{"index":{index:d},"phone":{"null" if phone is None else _str(phone)}}}'
+    text = _EVENT_LINE % (
+        seq,
+        _str(epoch),
+        _str(kind),
+        _str(fax_id),
+        _str(extension_id),
+        _str(direction),
+        "null" if ref is None else _str(ref),
+        recipient,
+        "null" if from_status is None else _str(from_status),
+        _str(to_status),
+        "true" if final else "false",
+        "null" if error_code is None else _str(error_code),
+        "null" if category is None else _str(category),
+        "null" if retryable is None else ("true" if retryable else "false"),
+        "null" if pages is None else f"{pages:d}",
+        "null" if rc_modified is None else _str(rc_modified),
+        _str(observed_at),
+        _str(source),
+    )
+    return text.encode()
 
 
 def encode_caught_up(seq: int, request_id: RequestId | None = None) -> bytes:

@@ -272,6 +272,17 @@ class _Item:
         return (self.priority, self.first, self.seq)
 
 
+def _absorb(item: _Item, again: _Item) -> None:
+    """``item`` goes again and takes in what asked for its key meanwhile: reasons, priorities, the
+    larger cost of each group, and the higher priority with its place in line."""
+    item.reasons |= again.reasons
+    item.priorities |= again.priorities
+    for g, n in again.cost.items():
+        item.cost[g] = max(item.cost.get(g, 0), n)
+    if again.priority < item.priority:
+        item.priority, item.first = again.priority, again.first
+
+
 @dataclass(slots=True)
 class _Running:
     grant: Grant
@@ -657,58 +668,63 @@ class Scheduler:
             raise ValueError(f"grant {grant.id} is not running")
         key = grant.key
         del self._running_keys[key]
-        for g, left in running.left.items():
-            if left:
-                self._outstanding[g] -= left
-                bucket = self._bucket(g, now)
-                if bucket is not None:
-                    bucket.tokens += left  # clipped to the bucket size at the next refill
+        self._release(running.left, now)
         self._remember_done(key, now)
         again = self._again.pop(key, None)
-        result = outcome.result
-        if result in (Result.OK, Result.FAILED):
-            self._failures.pop(key, None)
-            self._failed_at.pop(key, None)
-        if result is Result.FAILED:
-            if again is not None:
-                self._requeue(again, now)
+        if outcome.result in (Result.OK, Result.FAILED):
+            self._finished(grant, again, now, ok=outcome.result is Result.OK)
             return
-        if result is Result.OK:
+        item = running.item
+        self._retry_later(item, grant, outcome, now)
+        if self._closed:
+            return  # no retries while shutting down: start-up redoes every extension
+        if again is not None:
+            _absorb(item, again)
+        self._pending[key] = item
+
+    def _release(self, left: Mapping[str, int], now: float) -> None:
+        """Reserved requests a grant did not take go back (clipped to the bucket size at its next refill)."""
+        for g, n in left.items():
+            if n:
+                self._outstanding[g] -= n
+                bucket = self._bucket(g, now)
+                if bucket is not None:
+                    bucket.tokens += n
+
+    def _finished(self, grant: Grant, again: _Item | None, now: float, *, ok: bool) -> None:
+        """The work is over, for good (a FAILED send is not retried here): its key's failures are
+        forgotten, and what asked for the key while it ran queues now."""
+        key = grant.key
+        self._failures.pop(key, None)
+        self._failed_at.pop(key, None)
+        if ok:
             for g in grant.cost:
                 self._answered[g] = now
             if grant.checks:
                 self.polls.checked(key, now)
                 if again is not None and again.priorities <= _POLLS:
                     again = None  # this grant was the check those polls asked for
-            if again is not None:
-                self._requeue(again, now)
-            return
-        item = running.item
-        if result is Result.RATE_LIMITED:
+        if again is not None:
+            self._requeue(again, now)
+
+    def _retry_later(self, item: _Item, grant: Grant, outcome: Outcome, now: float) -> None:
+        """When the work goes again: after a 429 once its group's penalty ends, after an error with
+        backoff (``Retry-After`` wins when longer), deferred work at once."""
+        if outcome.result is Result.RATE_LIMITED:
             group = outcome.group or next(iter(grant.cost))
             self.budget.penalty(group, now, outcome.retry_after)
             item.due, item.backoff = now, False
-        elif result is Result.ERROR:
+        elif outcome.result is Result.ERROR:
             s = self.settings
-            n = self._failures.get(key, 0) + 1
-            self._failures[key] = n
-            self._failed_at[key] = now
+            n = self._failures.get(grant.key, 0) + 1
+            self._failures[grant.key] = n
+            self._failed_at[grant.key] = now
             delay = min(s.backoff_cap, s.backoff_base * 2 ** (n - 1))
             if outcome.retry_after is not None and outcome.retry_after > 0:
                 delay = max(delay, min(outcome.retry_after, s.retry_after_cap))
             item.due, item.backoff = now + delay, True
         else:
             item.due, item.backoff = now, False
-        if self._closed:
-            return  # no retries while shutting down: start-up redoes every extension
-        if again is not None:
-            item.reasons |= again.reasons
-            item.priorities |= again.priorities
-            for g, n in again.cost.items():
-                item.cost[g] = max(item.cost.get(g, 0), n)
-            if again.priority < item.priority:
-                item.priority, item.first = again.priority, again.first
-        self._pending[key] = item
 
     def _remember_done(self, key: Key, now: float) -> None:
         """For the rate cap; entries older than the quiet period no longer matter (one-off keys such

@@ -2,7 +2,8 @@
 
 Turns text frames into typed frames (docs/ringcentral.md §2.3), encodes the few frames faxd sends
 (subscription ClientRequests, Heartbeat), extracts fax hints from notifications (§3), keeps the
-newest ``wsc`` session token (§2.4) and decides whether a reconnect may try session recovery.
+newest ``wsc`` session token (§2.4), decides whether a reconnect may try session recovery, and names
+the states of a session (:class:`WsState`) for everything that reports or checks them.
 
 This module must not do I/O, read clocks or import an event loop: the WebSocket adapter feeds it
 text and the current monotonic time (``now``) and acts on what it returns.
@@ -15,6 +16,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Final
 
 #: Machine reasons of :class:`FrameError`; used verbatim as the ``reason`` metric label.
@@ -492,6 +494,15 @@ def filter_key(event_filter: str, owner_id: str | None = None) -> tuple[str, str
 
 
 # --------------------------------------------------------------------------- session bookkeeping
+
+
+class WsState(StrEnum):
+    """Where the WebSocket session is: what STATUS=, ``/readyz`` and ``faxd_ws_state`` report."""
+
+    DISCONNECTED = "disconnected"  # no connection; the next attempt is scheduled
+    CONNECTING = "connecting"  # ws token, upgrade, waiting for ConnectionDetails
+    SUBSCRIBING = "subscribing"  # connected; the subscription is being made (or every filter is refused)
+    UP = "up"  # subscribed: notifications arrive
 
 
 def newer_wsc(stored: Wsc | None, incoming: Wsc | None, *, connection_details: bool = False) -> Wsc | None:
