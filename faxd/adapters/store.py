@@ -557,6 +557,19 @@ def _copy(source: sqlite3.Connection, temp: Path) -> sqlite3.Connection:
     return target
 
 
+def _open_source(path: Path, what: str, other: Path) -> sqlite3.Connection:
+    """A read-only connection to the file a backup or restore copies from, which must exist and must
+    not be the file it copies to."""
+    if not path.is_file():
+        raise StoreError(f"no {what} at {path}")
+    if other.exists() and other.samefile(path):
+        raise StoreError(f"{path} is the store itself")
+    try:
+        return sqlite3.connect(_uri(path, "ro"), uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from exc
+
+
 def backup(database: str | Path, destination: str | Path) -> Snapshot:
     """Copy the store at ``database`` to ``destination`` (0600), safely while faxd writes to it.
 
@@ -564,14 +577,7 @@ def backup(database: str | Path, destination: str | Path) -> Snapshot:
     ``destination`` only once complete. Returns the epoch and head it holds.
     """
     source_path, dest = Path(database), Path(destination)
-    if not source_path.is_file():
-        raise StoreError(f"no store at {source_path}")
-    if dest.exists() and dest.samefile(source_path):
-        raise StoreError(f"{dest} is the store itself")
-    try:
-        source = sqlite3.connect(_uri(source_path, "ro"), uri=True, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open {source_path}: {exc}") from exc
+    source = _open_source(source_path, "store", dest)
     try:
         with _private_temp(dest) as temp:
             target = _copy(source, temp)
@@ -619,14 +625,7 @@ def restore(backup_file: str | Path, database: str | Path) -> tuple[Snapshot, Sn
     Returns (the backup as written, the store as restored).
     """
     source_path, db_path = Path(backup_file), Path(database)
-    if not source_path.is_file():
-        raise StoreError(f"no backup at {source_path}")
-    if db_path.exists() and db_path.samefile(source_path):
-        raise StoreError(f"{source_path} is the store itself")
-    try:
-        source = sqlite3.connect(_uri(source_path, "ro"), uri=True, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open {source_path}: {exc}") from exc
+    source = _open_source(source_path, "backup", db_path)
     try:
         written = _snapshot(source, source_path)
         if db_path.exists():
