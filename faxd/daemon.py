@@ -14,7 +14,9 @@ the old value of every changed key not marked ``reload=True`` and names it → e
 ``apply(old, new)`` and changes only what it owns (log settings; queue timings; the WS filters and
 settings, poll intervals and rate share) → READY=1. A bad file keeps the running config.
 Stop (SIGTERM/SIGINT): STOPPING=1 → producers cancelled → the queue drains what it already knows,
-within ``DRAIN_DEADLINE`` → clients get ``bye`` → services closed in reverse order → exit 0.
+within ``DRAIN_DEADLINE``, and no request that would have to wait for the rate budget is started (it
+raises :class:`faxd.adapters.rest.Stopping`; the key is redone at start-up) → clients get ``bye`` →
+services closed in reverse order → exit 0, within 5 s of the signal.
 A crash of any task cancels the rest and exits 1 (systemd restarts us); every exception of the group
 is logged once. RingCentral refusing the credentials, a bad proxy or socket setting exit 78.
 This module must not contain protocol or fax logic; it only wires and supervises.
@@ -76,7 +78,9 @@ from faxd.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 
-DRAIN_DEADLINE = 10.0  # seconds the queue may take to finish on stop; systemd's TimeoutStopSec is 30 s
+#: Seconds the queue may take to finish on stop. The whole stop (drain, ``bye`` to clients, token
+#: revoke of at most 1 s) must stay within 5 s; systemd's TimeoutStopSec (15 s) is a backstop only.
+DRAIN_DEADLINE = 2.5
 CONNECT_WAIT = 30.0  # how long a send or sync request waits for the first RingCentral login
 EX_CREDENTIALS = 78  # RingCentral refused our credentials: a restart would not help
 
@@ -786,8 +790,10 @@ async def _watchdog(notifier: Notifier, metrics: Metrics, status: Status) -> NoR
 
 
 async def _drain(queue: ReconcileQueue, status: Status) -> None:
-    """STOPPING=1, then let the queue finish what it already knows, within the deadline."""
+    """STOPPING=1, then let the queue finish what it already knows, within the deadline, without
+    waiting for the rate budget (a request that would have to wait is not sent)."""
     status.stopping()
+    queue.reconciler.rc.stop_waiting()
     log.info("daemon.stopping", deadline=DRAIN_DEADLINE, detail="draining the reconcile queue")
     try:
         async with asyncio.timeout(DRAIN_DEADLINE):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import random
 import socket
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 from prometheus_client import CollectorRegistry
 from socket_client import SocketClient
+from structlog.testing import capture_logs
 from test_protocol import ERROR_CODES, FUZZ_EXAMPLES, request_lines
 
 from faxd.adapters import event_server as es
@@ -666,6 +668,66 @@ async def test_slow_consumer_is_cut_off_with_its_resume_point(short_dir: Path) -
         assert h.subscribers() == 1
     finally:
         await h.close()
+
+
+def _disconnect_lines(logs: list[dict[str, Any]], client_id: int) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "socket.client_disconnected" and e.get("client") == client_id]
+
+
+def _send_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
+
+
+async def test_a_cut_off_slow_consumer_is_never_written_to_again(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that stops reading is cut off while publishes go on: one disconnect line for it, and
+    asyncio never complains of writes to its closing transport."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    h = await start_harness(short_dir, client_queue=8)
+    with capture_logs() as logs:
+        try:
+            slow = await h.connect(limit=1024)
+            await slow.send({"type": "subscribe"})
+            await slow.recv_type("caught_up")
+            for i in range(2000):
+                h.backend.commit([transition(f"x{i}", "Queued")])
+                if i % 50 == 0:
+                    await asyncio.sleep(0)  # let the writer run, as the daemon's loop would
+            # The client goes away without reading; the server still publishes.
+            slow.writer.transport.abort()
+            for i in range(2000, 2300):
+                h.backend.commit([transition(f"x{i}", "Queued")])
+        finally:
+            await h.close()
+    assert h.disconnects("slow_consumer") == 1
+    assert [e["event"] for e in logs].count("socket.slow_consumer") == 1
+    assert [e["reason"] for e in _disconnect_lines(logs, 1)] == ["slow_consumer"]
+    assert _send_errors(caplog) == []
+
+
+async def test_a_peer_that_vanished_is_closed_once_not_written_to(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The peer is gone before the server's reader noticed (its transport is closing after the first
+    failed write) and 300 publishes follow at once: the connection is closed once, never written to."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    h = await start_harness(short_dir)
+    with capture_logs() as logs:
+        try:
+            gone = await h.connect()
+            await gone.send({"type": "subscribe"})
+            await gone.recv_type("caught_up")
+            # Synchronous: the server's reader gets no chance to see the EOF before the publishes.
+            gone.writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+            for i in range(300):
+                h.backend.commit([transition(f"y{i}", "Queued")])
+        finally:
+            await h.close()
+    assert _send_errors(caplog) == []
+    lines = _disconnect_lines(logs, 1)
+    assert len(lines) == 1, lines
+    assert h.subscribers() == 0
 
 
 class _CountingTransport:

@@ -29,7 +29,9 @@ free of duplicates when an event is published after a replay that already sent i
 
 A connection's life is an explicit :class:`~faxd.core.protocol.ClientPhase` (handshake, replaying, live,
 closed) whose moves the codec allows or refuses; the reader, the writer, the publisher and the heartbeat
-read that one field.
+read that one field. Nothing is written to a closed connection nor to a closing transport (a peer that
+went away before the reader noticed): the publisher closes such a connection once (``reset``), and
+every write path goes through ``_Client.writable()``, so asyncio never logs a failed send per write.
 
 Heartbeats come from one server-wide timer (:meth:`EventServer._heartbeat`), armed for the earliest
 connection to fall quiet, instead of a timeout on every writer wake-up.
@@ -235,16 +237,22 @@ class _Client:
         """Go to phase ``to``; :class:`~faxd.core.protocol.PhaseError` if the protocol forbids the move."""
         self.phase = self.phase.move(to)
 
+    def writable(self) -> bool:
+        """Something may still be written: not closed by us, and the transport not closing. A transport
+        whose peer went away closes before the reader notices; writing to it makes asyncio log
+        "socket.send() raised exception." for every write."""
+        return self.phase is not ClientPhase.CLOSED and not self.transport.is_closing()
+
     def send(self, line: bytes) -> bool:
         """Queue one line on the transport (never blocks); False once the connection is closed."""
-        if self.phase is ClientPhase.CLOSED:
+        if not self.writable():
             return False
         self.writer.write(line)
         self.last_write = self.loop.time()
         return True
 
     async def flush(self) -> None:
-        if self.phase is not ClientPhase.CLOSED:
+        if self.writable():
             await self.writer.drain()
 
     def may_write_directly(self) -> bool:
@@ -433,6 +441,11 @@ class EventServer:
         for client in list(self._subscribers):
             sub = client.subscription
             if sub is None or client.phase is ClientPhase.CLOSED:
+                continue
+            if client.transport.is_closing():
+                # The peer went away and the reader has not noticed yet: closed here, once, never
+                # written to (every write to a closing transport is a line in asyncio's log).
+                self._kill(client, "reset")
                 continue
             out = _matching(events, client.covered, sub.filter, lines, numbers)
             if not out:

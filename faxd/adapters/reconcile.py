@@ -68,6 +68,7 @@ from faxd.adapters.rest import (
     Document,
     ExtensionNotFound,
     RingCentral,
+    Stopping,
     SyncResult,
     SyncTokenStale,
 )
@@ -229,6 +230,11 @@ class Reconciler:
         trigger = next(iter(sorted(reasons))) if len(reasons) == 1 else _source(reasons).value
         try:
             await self._reconcile(extension_id, reasons)
+        except Stopping as exc:
+            # Not a failure: faxd is stopping and would have had to wait for budget. What this
+            # reconcile committed before is consistent; the rest is redone at start-up.
+            log.info("reconcile.deferred", extension=extension_id, group=exc.group)
+            raise
         except ExtensionNotFound as exc:
             self.metrics.reconciles.labels(trigger, "error").inc()
             if extension_id not in self._not_found:
@@ -283,8 +289,8 @@ class Reconciler:
                 self.store.commit([], [], observed_at=_iso(self.wall()), sync_tokens={extension_id: None})
         try:
             result = await self._full_sync(extension_id)
-        except ExtensionNotFound:
-            raise  # not a sync problem: counted as a missing extension
+        except (ExtensionNotFound, Stopping):
+            raise  # not a sync problem: a missing extension (counted as such), or faxd stopping
         except ApiError as exc:
             if extension_id not in self._fsync_failing:
                 log.warning(

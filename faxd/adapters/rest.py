@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import re
@@ -45,7 +46,8 @@ REFRESH_MARGIN: Final = 60.0
 BULK_MAX: Final = 50
 DEFAULT_TIMEOUT: Final = aiohttp.ClientTimeout(total=30, connect=10, sock_read=30)
 SEND_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=120)
-REVOKE_TIMEOUT: Final = aiohttp.ClientTimeout(total=5, connect=3)
+#: The revoke runs while faxd stops, which must take at most 5 s in all (docs/operations.md §3.4).
+REVOKE_TIMEOUT: Final = aiohttp.ClientTimeout(total=1, connect=1)
 #: Longest a 5xx's Retry-After holds a group back (the reconcile queue's own backoff cap): a broken or
 #: hostile value must not silence faxd for hours.
 MAX_SERVER_RETRY_AFTER: Final = 300.0
@@ -75,6 +77,15 @@ class RateLimited(ApiError):
         self, status: int, code: str | None, message: str, *, group: str, retry_after: float
     ) -> None:
         super().__init__(status, code, message, retry_after=retry_after)
+        self.group = group
+
+
+class Stopping(ApiError):
+    """faxd is stopping and the request would have had to wait for the rate budget (or a penalty):
+    it was not sent. Nothing happened at RingCentral; the caller's pending work is redone at start-up."""
+
+    def __init__(self, group: str) -> None:
+        super().__init__(0, "stopping", f"not sent: faxd is stopping and the {group} budget is spent")
         self.group = group
 
 
@@ -193,12 +204,19 @@ class RingCentral:
         self.on_response: Callable[[str, str, int, Mapping[str, str]], None] | None = None
         #: (method, endpoint) -> the group RingCentral's X-Rate-Limit-Group last named for it.
         self._server_groups: dict[tuple[str, str], str] = {}
+        # Set when faxd stops: a request that would have to wait for budget raises Stopping instead.
+        self._stopping = asyncio.Event()
 
     def set_rate_share(self, share: float) -> None:
         """Spend at most ``share`` of each rate-limit group's window from now on (a reload)."""
         if not 0 < share <= 1:
             raise ValueError("share must be in (0, 1]")
         self.budget.share = share
+
+    def stop_waiting(self) -> None:
+        """faxd is stopping: from now on (and for any request waiting now) a request that would have to
+        wait for the rate budget raises :class:`Stopping` instead of waiting."""
+        self._stopping.set()
 
     # ------------------------------------------------------------------ auth
 
@@ -336,7 +354,7 @@ class RingCentral:
         if tokens is None:
             return
         try:
-            async with asyncio.timeout(5.0):
+            async with asyncio.timeout(REVOKE_TIMEOUT.total):
                 await self._send(
                     "POST",
                     "/restapi/oauth/revoke",
@@ -614,8 +632,13 @@ class RingCentral:
     async def _wait_for_budget(self, group: str) -> None:
         loop = asyncio.get_running_loop()
         while (delay := self.budget.delay(group, loop.time())) > 0:
+            if self._stopping.is_set():
+                raise Stopping(group)
             log.debug("api.rate_wait", group=group, seconds=round(delay, 3))
-            await asyncio.sleep(delay)
+            # Woken early by stop_waiting(): a stop must not spend its deadline waiting for budget.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
 
     async def _exchange(self, request: _Request, started: float) -> _Response:
         """The HTTP request itself, counted; a failure to get any answer is an ApiError with status 0."""
