@@ -147,6 +147,36 @@ class Daemon:
         return await self.wait()
 
 
+def shell_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of an administrator's shell: no $CREDENTIALS_DIRECTORY (it exists only inside
+    the unit) and no FAXD_* overrides, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY" and not k.startswith("FAXD_")}
+    return {**env, **(extra or {})}
+
+
+async def run_faxd(
+    *args: str, env: Mapping[str, str] | None = None, merge_stderr: bool = False, within: float = 60.0
+) -> tuple[int, str, str]:
+    """``python -m faxd ARGS`` to its end: (exit code, stdout, stderr); ``env`` replaces the environment
+    (default: this process's); with ``merge_stderr`` stderr is in stdout and the third item is ""."""
+    proc = await asyncio.create_subprocess_exec(
+        *FAXD,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+        env=dict(os.environ if env is None else env),
+    )
+    try:
+        async with asyncio.timeout(within):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), (err or b"").decode()
+
+
 @contextlib.asynccontextmanager
 async def daemon(
     config: Path, *, env: Mapping[str, str] | None = None, argv: list[str] | None = None

@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from ops_support import run_faxd, shell_env
 
 from faxd import testbed
 from faxd.sim import Simulator
@@ -21,17 +22,7 @@ FAXD = [sys.executable, "-m", "faxd"]
 
 
 async def faxd(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *FAXD,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_faxd(*args, env={**os.environ, **(env or {})})
 
 
 async def test_check_config_accepts_a_good_file_and_masks_secrets(short_dir: Path) -> None:
@@ -150,18 +141,7 @@ CREDENTIAL_CONFIG = {
 
 
 def no_credentials() -> dict[str, str]:
-    """The environment of a shell: no $CREDENTIALS_DIRECTORY, no FAXD_* overrides."""
-    return {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY" and not k.startswith("FAXD_")}
-
-
-async def run_faxd(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *FAXD, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return shell_env()
 
 
 async def test_check_config_from_a_shell_defers_credentials_and_says_how_to_check_them(

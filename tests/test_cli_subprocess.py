@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from daemon_support import RunningDaemon
+from ops_support import run_faxd
 
 from faxd.sim import SimConfig
 from faxd.sim.store import TINY_PDF
@@ -34,19 +35,7 @@ def _env() -> dict[str, str]:
 
 async def faxd(*args: str) -> tuple[int, str, str]:
     """Run ``python -m faxd ARGS``; (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faxd", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(), cwd=REPO,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_faxd(*args, env=_env(), within=TIMEOUT)
 
 
 @pytest.fixture
@@ -231,14 +220,7 @@ def test_daemon_not_running_is_one_line_and_exit_2(short_dir: Path) -> None:
 async def client(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """``python -m faxd ARGS`` in a shell's environment: no $CREDENTIALS_DIRECTORY, no FAXD_* unless given."""
     base = {k: v for k, v in _env().items() if k != "CREDENTIALS_DIRECTORY"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faxd", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**base, **(env or {})}, cwd=REPO,
-    )  # fmt: skip
-    async with asyncio.timeout(TIMEOUT):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_faxd(*args, env={**base, **(env or {})}, within=TIMEOUT)
 
 
 def daemon_style_config(path: Path, socket_path: str, **extra: object) -> Path:

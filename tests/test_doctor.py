@@ -14,8 +14,6 @@ import json
 import os
 import socket
 import ssl
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +23,7 @@ import aiohttp
 import pytest
 import trustme
 from connect_proxy import ConnectProxy
+from ops_support import run_faxd
 
 from faxd import testbed
 from faxd.doctor import EX_CONFIG, EX_FAILED, EX_OK, Report, check_names, clock_skew, run_checks
@@ -458,19 +457,7 @@ def _env() -> dict[str, str]:
 
 
 async def faxd(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faxd", *args,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=REPO,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_faxd(*args, env=_env(), within=TIMEOUT)
 
 
 async def test_the_command_prints_json_and_exits_0(sim: Simulator, short_dir: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 import trustme
 from connect_proxy import ConnectProxy, basic
 from daemon_support import started
-from ops_support import FAXD, NotifySocket, daemon, status_of, write_config, ws_up
+from ops_support import NotifySocket, daemon, run_faxd, status_of, write_config, ws_up
 from prometheus_client import CollectorRegistry
 from socket_client import SocketClient
 
@@ -46,18 +46,10 @@ EXT = "200000001"
 # Bad settings, as the administrator meets them.
 
 
-async def run_faxd(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *FAXD,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
-    async with asyncio.timeout(45):
-        out, _ = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
+async def faxd_output(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """(exit code, stdout and stderr together) of ``python -m faxd ARGS``."""
+    code, out, _ = await run_faxd(*args, env={**os.environ, **(env or {})}, merge_stderr=True, within=45)
+    return code, out
 
 
 def config_file(workdir: Path, **ringcentral: object) -> Path:
@@ -67,7 +59,7 @@ def config_file(workdir: Path, **ringcentral: object) -> Path:
 
 async def test_a_password_in_the_config_file_exits_78_without_showing_it(short_dir: Path) -> None:
     config = config_file(short_dir, proxy=f"http://faxd:{SECRET}@proxy.example:3128")
-    code, out = await run_faxd("check-config", "-c", str(config))
+    code, out = await faxd_output("check-config", "-c", str(config))
     assert code == 78
     assert "ringcentral.proxy: the proxy's password is a secret" in out
     assert SECRET not in out
@@ -75,7 +67,7 @@ async def test_a_password_in_the_config_file_exits_78_without_showing_it(short_d
 
 async def test_an_unusable_proxy_variable_exits_78_naming_it_without_its_value(short_dir: Path) -> None:
     config = config_file(short_dir)
-    code, out = await run_faxd("run", "-c", str(config), env={"HTTPS_PROXY": f"socks5://u:{SECRET}@h:1"})
+    code, out = await faxd_output("run", "-c", str(config), env={"HTTPS_PROXY": f"socks5://u:{SECRET}@h:1"})
     assert code == 78
     assert "environment variable HTTPS_PROXY: SOCKS proxies are not supported" in out
     assert SECRET not in out
@@ -225,7 +217,7 @@ async def test_a_proxy_that_wants_credentials_gets_them_and_no_log_shows_them(
             notify.close()
         assert len(guarded.tunnels()) >= 2
         assert {t.authorization for t in guarded.seen} == {basic("faxd", SECRET)}
-        code, shown = await run_faxd("check-config", "-c", str(config))
+        code, shown = await faxd_output("check-config", "-c", str(config))
     assert code == 0
     assert "proxy:\n    file: " in shown
     encoded = basic("faxd", SECRET).removeprefix("Basic ")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from ops_support import run_faxd, shell_env
 from prometheus_client import CollectorRegistry
 from socket_client import SocketClient
 
@@ -46,15 +45,7 @@ async def serving(config: Config) -> AsyncIterator[None]:
 
 
 async def store_command(*args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY" and not k.startswith("FAXD_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "faxd", "store", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    async with asyncio.timeout(TIMEOUT):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_faxd("store", *args, env=shell_env(), within=TIMEOUT)
 
 
 def final_of(fax_id: str) -> Callable[[dict[str, Any]], bool]:
