@@ -31,6 +31,7 @@ import signal
 import socket
 import ssl
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -46,13 +47,9 @@ from faxd import __version__
 from faxd.adapters.event_server import EventServer, EventServerSettings, SocketSetupError
 from faxd.adapters.metrics import Metrics, add_process_collectors, metrics_app
 from faxd.adapters.notify import Notifier, listen_fds
-from faxd.adapters.reconcile import (
-    ReconcileQueue,
-    Reconciler,
-    ReconcileSettings,
-    poll_forever,
-)
+from faxd.adapters.reconcile import Reconciler, ReconcileSettings, ReconcileWork, timers_forever
 from faxd.adapters.rest import ApiError, AuthFailed, Document, RingCentral
+from faxd.adapters.scheduling import RequestDriver
 from faxd.adapters.store import Store
 from faxd.adapters.ws_session import WsSession, WsSettings
 from faxd.config import (
@@ -69,9 +66,11 @@ from faxd.config import (
 )
 from faxd.core import proxy
 from faxd.core.backoff import backoff
-from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, FaxState
+from faxd.core.polls import PollKind
 from faxd.core.protocol import SendError, SendRequest, StoredEvent
+from faxd.core.ratebudget import HEAVY
+from faxd.core.scheduler import Key, Priority, Scheduler, SchedulerSettings, Work, ext_key
 from faxd.core.status import parse_time
 from faxd.core.wsg import Hint, WsState, event_filters
 from faxd.logs import configure_logging
@@ -156,6 +155,18 @@ def _reconcile_settings(config: Config) -> ReconcileSettings:
     )
 
 
+def _scheduler_settings(config: Config, missing_extension_retry: float) -> SchedulerSettings:
+    rec = config.reconcile
+    return SchedulerSettings(
+        debounce=rec.debounce,
+        max_delay=rec.max_delay,
+        poll_interval=rec.poll_interval,
+        active_poll_interval=rec.active_poll_interval,
+        # A missing extension is retried this often (its Retry-After, as the scheduler sees it).
+        retry_after_cap=max(SchedulerSettings.retry_after_cap, missing_extension_retry),
+    )
+
+
 def ws_settings(config: Config) -> WsSettings:
     """The WebSocket settings of ``config`` (the daemon's session and ``faxd doctor``'s test)."""
     ws = config.websocket
@@ -225,7 +236,9 @@ class _Logging:
 
 
 class Engine:
-    """The reconcile engine: the reconciler and the debounced queue that feeds it (``reconcile.*``)."""
+    """The reconcile engine: the reconciler, and the request scheduler with its driver, which decides
+    when every RingCentral request goes (``reconcile.*``; docs/scheduler.md). The REST client asks the
+    driver for a grant for any request made outside one."""
 
     def __init__(
         self,
@@ -235,19 +248,27 @@ class Engine:
         metrics: Metrics,
         publish: Callable[[Sequence[Event]], None],
     ) -> None:
-        rec = config.reconcile
-        self._keys = KeyedQueue(
-            debounce=rec.debounce, max_delay=rec.max_delay, backoff_base=2.0, backoff_cap=300.0
+        settings = _reconcile_settings(config)
+        self.reconciler = Reconciler(rc, store, metrics, publish, settings)
+        self.scheduler = Scheduler(
+            rc.budget,
+            _scheduler_settings(config, settings.missing_extension_retry),
+            poll_cost=self._poll_cost,
         )
-        self.reconciler = Reconciler(rc, store, metrics, publish, _reconcile_settings(config))
-        self.queue = ReconcileQueue(self._keys, self.reconciler, metrics)
+        self.driver = RequestDriver(self.scheduler, metrics)
+        self.work = ReconcileWork(self.driver, self.reconciler)
+        rc.use_gate(self.driver)
+
+    def _poll_cost(self, key: Key, kind: PollKind) -> dict[str, int]:
+        return self.work.poll_cost(key, kind)
 
     async def apply(self, old: Config, new: Config) -> None:
         if new.reconcile == old.reconcile:
             return
         settings = _reconcile_settings(new)
-        self._keys.retime(settings.debounce, settings.max_delay)
+        self.scheduler.configure(_scheduler_settings(new, settings.missing_extension_retry))
         self.reconciler.update_settings(settings)
+        self.driver.wake()
 
 
 class Status:
@@ -256,9 +277,16 @@ class Status:
     the reconciler's memory and the metrics."""
 
     def __init__(
-        self, config: Config, notifier: Notifier, metrics: Metrics, store: Store, reconciler: Reconciler
+        self,
+        config: Config,
+        notifier: Notifier,
+        metrics: Metrics,
+        store: Store,
+        reconciler: Reconciler,
+        rate_status: Callable[[], str] | None = None,
     ) -> None:
         self._notifier = notifier
+        self._rate_status = rate_status
         self._metrics = metrics
         self._store = store
         self._reconciler = reconciler
@@ -293,6 +321,8 @@ class Status:
             why = ", ".join(sorted(set(refused.values())))
             text += f"; push refused for {len(refused)} extension{'s' * (len(refused) != 1)} ({why}), polled"
         problems = [self._problem] if self._problem else []
+        if self._rate_status is not None and (limited := self._rate_status()):
+            problems.append(limited)  # "rate-limited: Light, next slot in 4 s"
         problems += self._reconciler.problems()
         return "; ".join([text, *problems])
 
@@ -345,23 +375,26 @@ def _clock(ts: float | None) -> str:
 class Upstream:
     """RingCentral as the daemon follows it: the login, the WebSocket session, the safety poller.
 
-    It owns the resolved extension ids (``~`` becomes the JWT user's id at login) and hands the
-    engine's queue a key per hint, resync, start-up and poll. Reloads change the extensions (a PUT
-    of the subscription's filters), the WebSocket settings, the poll intervals and the rate share.
+    It owns the resolved extension ids (``~`` becomes the JWT user's id at login), tells the request
+    scheduler which extensions to poll and whether push works, and asks it for a reconcile per hint
+    (``PUSH``), resync and start-up (``RESYNC``: a hint for one of them makes it ``PUSH``, first).
+    Reloads change the extensions (a PUT of the subscription's filters), the WebSocket settings, the
+    timers and the rate share.
     """
 
     def __init__(
         self,
         config: Config,
         rc: RingCentral,
-        queue: ReconcileQueue,
+        work: ReconcileWork,
         metrics: Metrics,
         status: Status,
         route: Route,
     ) -> None:
         self._config = config
         self._rc = rc
-        self._queue = queue
+        self._work = work
+        self._driver = work.driver
         self._metrics = metrics
         self._status = status
         self._route = route
@@ -376,8 +409,9 @@ class Upstream:
         self.extensions = self._resolve(self._config.ringcentral.extensions)
         log.info("upstream.logged_in", extensions=len(self.extensions))
         self.connected.set()
+        self._driver.set_extensions(ext_key(e) for e in self.extensions)
         for key in self.extensions:
-            self._queue.hint(key, "startup", immediate=True)
+            self._work.ask(key, Priority.RESYNC, "startup")
         self._ws = WsSession(
             self._rc,
             filters=event_filters(self.extensions),
@@ -428,13 +462,13 @@ class Upstream:
     def _on_hint(self, hint: Hint) -> None:
         if hint.extension_id in self.extensions:
             log.debug("ws.hint_queued", extension=hint.extension_id)
-            self._queue.hint(hint.extension_id, "push")
+            self._work.ask(hint.extension_id, Priority.PUSH, "push")
         else:
             self._metrics.ws_bad_frames.labels("foreign_extension").inc()
 
     def _on_resync(self) -> None:
         for key in self.extensions:
-            self._queue.hint(key, "resync", immediate=True)
+            self._work.ask(key, Priority.RESYNC, "resync")
 
     def _on_ws_state(self, _: str) -> None:
         # The session reports its first state while it is being built, before self._ws is set.
@@ -443,16 +477,17 @@ class Upstream:
             self._status.set_ws_state(WsState.DISCONNECTED)
         else:
             self._status.set_ws_state(ws.state, ws.refused_extensions)
+        # While push is down, the push reserve is spent on polling the extensions with faxes in flight.
+        self._driver.set_push(ws is not None and ws.state is WsState.UP)
         self._status.refresh()
 
     async def _poll(self) -> NoReturn:
-        """The safety poller, started again with new intervals after a reload."""
+        """The settle and retention timers (the scheduler polls), started again after a reload."""
         while True:
             self._poll_changed.clear()
-            settings = _reconcile_settings(self._config)
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(poll_forever(self._queue, lambda: self.extensions, settings))
+                    tg.create_task(timers_forever(self._work))
                     tg.create_task(_until(self._poll_changed, _Restart))
             except* _Restart:
                 pass
@@ -468,8 +503,9 @@ class Upstream:
             wanted = self._resolve(new.ringcentral.extensions)
             added = [key for key in wanted if key not in self.extensions]
             self.extensions = wanted
+            self._driver.set_extensions(ext_key(e) for e in wanted)
             for key in added:
-                self._queue.hint(key, "resync", immediate=True)
+                self._work.ask(key, Priority.RESYNC, "resync")
             if self._ws is not None:
                 await self._ws.update_filters(event_filters(self.extensions))
 
@@ -553,7 +589,7 @@ class _Backend:
         self.store = store
         self.cover_index = cover_index  # send.cover_index: for a send that names no cover page
         self.reconciler = engine.reconciler
-        self.queue = engine.queue
+        self.work = engine.work
         self.upstream = upstream
         self.epoch = store.epoch
 
@@ -589,21 +625,31 @@ class _Backend:
 
     async def sync(self) -> None:
         await self._connected()
-        for key in self.upstream.extensions:
-            self.queue.hint(key, "request", immediate=True)
-        await self.queue.wait_idle()
+        extensions = self.upstream.extensions
+        for key in extensions:
+            self.work.ask(key, Priority.USER, "request")
+        await self.work.driver.settled(ext_key(e) for e in extensions)
 
     async def send(self, request: SendRequest) -> FaxState:
         await self._connected()
-        return await self.reconciler.send(
-            self.upstream.extensions[0],
-            to=[r.phone for r in request.to],
-            documents=[Document(d.name, d.content_type, d.data) for d in request.documents],
-            ref=request.ref,
-            cover_text=request.cover_text,
-            resolution=request.resolution,
-            cover_index=self.cover_index if request.cover_index is None else request.cover_index,
-        )
+
+        def send() -> Awaitable[FaxState]:
+            return self.reconciler.send(
+                self.upstream.extensions[0],
+                to=[r.phone for r in request.to],
+                documents=[Document(d.name, d.content_type, d.data) for d in request.documents],
+                ref=request.ref,
+                cover_text=request.cover_text,
+                resolution=request.resolution,
+                cover_index=self.cover_index if request.cover_index is None else request.cover_index,
+            )
+
+        # One fax, one key: the scheduler's USER work, in the Heavy group.
+        work = Work(("send", uuid.uuid4().hex), Priority.USER, frozenset({"send"}), {HEAVY: 1})
+        try:
+            return await self.work.driver.execute(work, send)
+        except ApiError as exc:  # no budget within the wait, or faxd is stopping: nothing was sent
+            raise SendError("upstream", exc.message or "RingCentral could not be asked", exc.code) from exc
 
 
 class _Fanout:
@@ -755,8 +801,8 @@ async def _run(
         rc = _open_ringcentral(stack, config, route, metrics)
         journal = _Fanout()
         engine = Engine(config, rc, store, metrics, journal.publish)
-        status = Status(config, notifier, metrics, store, engine.reconciler)
-        upstream = Upstream(config, rc, engine.queue, metrics, status, route)
+        status = Status(config, notifier, metrics, store, engine.reconciler, engine.driver.status)
+        upstream = Upstream(config, rc, engine.work, metrics, status, route)
         backend = _Backend(store, engine, upstream, config.send.cover_index)
         server = await _open_event_server(stack, config.events, backend, metrics, inherited.get("events"))
         journal.subscribe(server.publish)
@@ -772,7 +818,7 @@ async def _run(
 
         parts: list[Reloadable] = [_Logging(), engine, upstream, status]
         reloader = Reloader(config, config_path, parts, notifier=notifier, metrics=metrics, status=status)
-        return await _supervise(engine.queue, upstream, reloader, status, notifier, metrics, stop, reload)
+        return await _supervise(engine, upstream, reloader, status, notifier, metrics, stop, reload)
 
 
 async def _watchdog(notifier: Notifier, metrics: Metrics, status: Status) -> NoReturn:
@@ -789,21 +835,22 @@ async def _watchdog(notifier: Notifier, metrics: Metrics, status: Status) -> NoR
         metrics.loop_lag.set(max(0.0, loop.time() - before - interval))
 
 
-async def _drain(queue: ReconcileQueue, status: Status) -> None:
-    """STOPPING=1, then let the queue finish what it already knows, within the deadline, without
-    waiting for the rate budget (a request that would have to wait is not sent)."""
+async def _drain(engine: Engine, status: Status) -> None:
+    """STOPPING=1, then let the scheduler hand out what may still go at once (user, push and settle
+    work that fits the budget now) and wait for running grants, within the deadline: nothing waits
+    for the rate budget; what is left is redone at start-up, its waiters fail."""
     status.stopping()
-    queue.reconciler.rc.stop_waiting()
-    log.info("daemon.stopping", deadline=DRAIN_DEADLINE, detail="draining the reconcile queue")
+    engine.reconciler.rc.stop_waiting()
+    log.info("daemon.stopping", deadline=DRAIN_DEADLINE, detail="draining the request scheduler")
     try:
         async with asyncio.timeout(DRAIN_DEADLINE):
-            await queue.drain()
+            await engine.driver.drain()
     except TimeoutError:
         log.warning("daemon.drain_timeout", detail="pending work will be redone at start-up")
 
 
 async def _supervise(
-    queue: ReconcileQueue,
+    engine: Engine,
     upstream: Upstream,
     reloader: Reloader,
     status: Status,
@@ -818,7 +865,7 @@ async def _supervise(
     crashed: list[BaseException] = []
     try:
         async with asyncio.TaskGroup() as consumers:
-            consumers.create_task(queue.run())
+            consumers.create_task(engine.driver.run())
             consumers.create_task(_watchdog(notifier, metrics, status))
             try:
                 async with asyncio.TaskGroup() as producers:
@@ -827,7 +874,7 @@ async def _supervise(
                     producers.create_task(_until(stop))
             except* _Stop:
                 pass
-            await _drain(queue, status)
+            await _drain(engine, status)
             raise _Stop
     except* _Stop:
         pass

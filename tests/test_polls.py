@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from faxd.core.polls import PollKind, PollSchedule, ReconcileTimers, Timer
@@ -100,49 +102,23 @@ def test_configure_applies_new_intervals_from_the_last_check() -> None:
         p.configure(0.0, 10.0, 2.0)
 
 
-# -- ReconcileTimers: the rounds poll_forever runs today ---------------------------------------------
+# -- ReconcileTimers: retention and settle checks ----------------------------------------------------
 
 
 def timers(prune_interval: float | None = None) -> ReconcileTimers[str]:
-    return ReconcileTimers(
-        0.0, interval=300.0, active_interval=60.0, prune_interval=prune_interval, settle_quiet=0.5
-    )
+    return ReconcileTimers(0.0, prune_interval=prune_interval, settle_quiet=0.5)
 
 
-@pytest.mark.parametrize(
-    ("prune_interval", "wakes"),
-    [
-        # (now, due then, next wake after it)
-        (
-            None,
-            [
-                (0.0, [], 60.0),
-                (59.9, [], 60.0),
-                (60.0, [Timer.POLL_ACTIVE], 120.0),
-                (240.0, [Timer.POLL_ACTIVE], 300.0),
-                (300.0, [Timer.POLL_ALL], 360.0),  # a round restarts the active clock
-                (1000.0, [Timer.POLL_ALL], 1060.0),  # late: one round, counted from now
-            ],
-        ),
-        (
-            1000.0,
-            [
-                (0.0, [Timer.PRUNE], 60.0),  # retention at the start
-                (60.0, [Timer.POLL_ACTIVE], 120.0),
-                (1000.0, [Timer.PRUNE, Timer.POLL_ALL], 1060.0),
-                (2000.0, [Timer.PRUNE, Timer.POLL_ALL], 2060.0),
-            ],
-        ),
-    ],
-    ids=["no retention", "retention every 1000 s"],
-)
-def test_rounds_active_polls_and_retention(
-    prune_interval: float | None, wakes: list[tuple[float, list[Timer], float]]
-) -> None:
-    t = timers(prune_interval)
-    for now, due, wake in wakes:
-        assert t.due(now) == due, now
-        assert t.next_wake() == wake, now
+def test_retention_runs_at_the_start_and_every_interval_and_never_without_one() -> None:
+    t = timers(1000.0)
+    assert t.due(0.0) == [Timer.PRUNE]
+    assert t.next_wake() == 1000.0
+    assert t.due(999.9) == []
+    assert t.due(1500.0) == [Timer.PRUNE]  # late: once, counted from now
+    assert t.next_wake() == 2500.0
+    never = timers(None)
+    assert never.due(0.0) == []
+    assert never.next_wake() == math.inf
 
 
 def test_a_settle_check_is_asked_when_due_then_not_again_within_the_quiet_period() -> None:
@@ -154,4 +130,3 @@ def test_a_settle_check_is_asked_when_due_then_not_again_within_the_quiet_period
     assert t.next_wake((12.0, "e1")) == 12.5
     assert t.settle_due(12.1, 12.0, "e2")  # another extension's wait is its own
     assert t.settle_due(12.5, 12.0, "e1")
-    assert t.next_wake((500.0, "e1")) == 60.0  # the active poll comes first

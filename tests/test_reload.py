@@ -163,7 +163,7 @@ async def test_a_reload_hands_each_part_its_own_new_settings(
             )
             engine = Engine(old, rc, store, metrics, lambda events: None)
             status = Status(old, notifier, metrics, store, engine.reconciler)
-            upstream = Upstream(old, rc, engine.queue, metrics, status, Route.of(old.ringcentral))
+            upstream = Upstream(old, rc, engine.work, metrics, status, Route.of(old.ringcentral))
             parts: list[Reloadable] = [engine, upstream, status]
             reloader = Reloader(old, None, parts, notifier=notifier, metrics=metrics, status=status)
             metrics.last_sync.set(time.time() - 300)  # fresh for a 300 s poll, stale for a 30 s one
@@ -172,7 +172,8 @@ async def test_a_reload_hands_each_part_its_own_new_settings(
             after = (await status.ready())[1]
     finally:
         store.close()
-    assert (engine.queue.queue.debounce, engine.queue.queue.max_delay) == (0.5, 2)
+    assert (engine.scheduler.settings.debounce, engine.scheduler.settings.max_delay) == (0.5, 2)
+    assert engine.scheduler.polls.interval == 30
     assert engine.reconciler.settings.poll_interval == 30
     assert rc.budget.share == 0.5
     assert reloader.config.reconcile == new.reconcile

@@ -332,49 +332,38 @@ def test_bulk_json_variant() -> None:
 
 @pytest.mark.looptime
 @pytest.mark.parametrize("form", ["seconds", "http-date"])
-async def test_retry_after_of_a_5xx_is_obeyed(env: Env, form: str) -> None:
-    """RingCentral's errors doc: Retry-After "should always be obeyed if provided"."""
+async def test_retry_after_of_a_5xx_is_reported_to_the_owner_of_the_work(env: Env, form: str) -> None:
+    """RingCentral's errors doc: Retry-After "should always be obeyed if provided". The client reports
+    it on the error; the owner of the work obeys it (the scheduler, for that key only), so the group
+    is not held: other extensions' requests still go (docs/scheduler.md §5)."""
     await env.rc.login()
     value = "20" if form == "seconds" else formatdate(env.clock.now + 20, usegmt=True)
     env.sim.fail_next_requests(1, status=503, retry_after=value)
     with pytest.raises(ApiError) as info:
         await env.rc.message_sync(EXT, None)
     assert (info.value.status, info.value.retry_after) == (503, 20)
-    await env.rc.ws_token()  # another group (Auth): not held back
-    await env.rc.get_messages(EXT, ["999999999"])  # the same group (Light): it waits
-    await env.rc.message_sync(EXT, None)
+    await env.rc.get_messages(EXT, ["999999999"])  # the same group (Light): not held back
     light = [r for r in env.sim.requests if r.group == "Light"]
-    assert [r.status for r in light] == [503, 404, 200]
-    assert light[1].time - light[0].time >= 20 - 0.05
-    assert env.sim.requests_to("/restapi/oauth/wstoken")[0].time - light[0].time < 1
+    assert [r.status for r in light] == [503, 404]
+    assert light[1].time - light[0].time < 1
 
 
 @pytest.mark.looptime
-async def test_retry_after_of_a_token_503_is_obeyed_and_bounded(env: Env) -> None:
+async def test_retry_after_of_a_5xx_is_bounded_and_absent_without_the_header(env: Env) -> None:
     env.sim.fail_next_requests(1, status=503, retry_after=30)
     with pytest.raises(ApiError) as info:
         await env.rc.login()
     assert info.value.retry_after == 30
     await env.rc.login()
-    tokens = env.sim.requests_to(TOKEN)
-    assert [r.status for r in tokens] == [503, 200]
-    assert tokens[1].time - tokens[0].time >= 30 - 0.05
-    # A Retry-After of a day holds the group back at most MAX_SERVER_RETRY_AFTER, not a day.
+    # A Retry-After of a day is reported as at most MAX_SERVER_RETRY_AFTER, not a day.
     env.sim.fail_next_requests(1, status=503, retry_after=86400)
     with pytest.raises(ApiError) as info:
         await env.rc.message_sync(EXT, None)
     assert info.value.retry_after == MAX_SERVER_RETRY_AFTER
-    await env.rc.message_sync(EXT, None)
-    sync = env.sim.requests_to("/message-sync")
-    assert MAX_SERVER_RETRY_AFTER - 0.05 <= sync[1].time - sync[0].time < MAX_SERVER_RETRY_AFTER + 1
-    # Without the header a 5xx holds nothing back: the caller's backoff decides.
     env.sim.fail_next_requests(1, status=502, retry_after=None)
     with pytest.raises(ApiError) as info:
         await env.rc.message_sync(EXT, None)
     assert info.value.retry_after is None
-    await env.rc.message_sync(EXT, None)
-    sync = env.sim.requests_to("/message-sync")
-    assert sync[3].time - sync[2].time < 1
 
 
 @pytest.mark.looptime

@@ -201,8 +201,6 @@ async def test_sigterm_while_waiting_exits_0_within_5_s_and_a_restart_catches_up
     config = write_config(short_dir, sim, reconcile=reconcile, logging=logging)
     async with asyncio.timeout(45):
         async with daemon(config) as faxd:
-            if waiting_for == "spent budget":
-                await faxd.wait_event("api.rate_wait")
             await faxd.wait_event("ws.subscribed")
             start = len(faxd.lines)
             if waiting_for == "429 penalty":
@@ -213,7 +211,9 @@ async def test_sigterm_while_waiting_exits_0_within_5_s_and_a_restart_catches_up
             await faxd.wait_event("ws.hint_queued", start)
             if waiting_for == "429 penalty":
                 await faxd.wait_event("api.rate_limited", start)
-                await faxd.wait_event("api.rate_wait", start)
+            if waiting_for != "slow request":
+                # The scheduler holds the hinted reconcile back for the budget (or the penalty).
+                await faxd.wait_event("sched.budget_limited", start)
             # A slow request: the reconcile's request is held by the server, sent now or by the drain.
             signalled = time.monotonic()
             faxd.signal(signal.SIGTERM)
@@ -225,7 +225,7 @@ async def test_sigterm_while_waiting_exits_0_within_5_s_and_a_restart_catches_up
             assert "daemon.drain_timeout" in faxd.events  # the drain deadline cut the request off
         else:
             # Not sent rather than waited for: the drain ends at once, well within its deadline.
-            assert "reconcile.deferred" in faxd.events
+            assert "sched.closed" in faxd.events
             assert "daemon.drain_timeout" not in faxd.events
             assert _history(short_dir, fax_id) == [], "nothing may be journalled without an answer"
 

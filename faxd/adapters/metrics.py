@@ -268,7 +268,8 @@ class Metrics:
             "faxd_extensions_not_found",
             "Configured extensions RingCentral answers 404 CMN-102 (extensionId) for: deleted or mistyped.",
         )
-        self.queue_depth = _gauge(r, "faxd_queue_depth", "Extensions waiting to be reconciled.")
+        self.queue_depth = _gauge(r, "faxd_queue_depth", "Keys waiting for the request scheduler, in all.")
+        self._scheduler(r)
         self.last_sync = _gauge(
             r, "faxd_last_sync_timestamp_seconds", "Unix time of the last successful reconcile."
         )
@@ -300,6 +301,33 @@ class Metrics:
         )
         self.missed_by_push = _counter(
             r, "faxd_missed_by_push_total", "Transitions first found by a poll rather than after a push hint."
+        )
+
+    def _scheduler(self, r: CollectorRegistry) -> None:
+        """The request scheduler (docs/scheduler.md): queues, waits, budget, coalescing."""
+        self.sched_depth = _gauge(
+            r, "faxd_sched_queue_depth", "Keys waiting for a grant, per request class.", ["priority"]
+        )
+        self.sched_wait = _histogram(
+            r,
+            "faxd_sched_wait_seconds",
+            "From a request's submission to its grant (quiet period, queue and budget), per class.",
+            (0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            ["priority"],
+        )
+        self.sched_room = _gauge(
+            r,
+            "faxd_rate_budget_room",
+            "Requests faxd may still send in the current window, per group (share less sent and reserved).",
+            ["group"],
+        )
+        self.sched_tokens = _gauge(
+            r, "faxd_rate_budget_tokens", "Tokens in the pacing bucket, per paced group.", ["group"]
+        )
+        self.effective_debounce = _gauge(
+            r,
+            "faxd_effective_debounce_seconds",
+            "How long a new push hint would wait now (the quiet period, grown while Light budget is scarce).",
         )
 
     def _socket_and_process(self, r: CollectorRegistry) -> None:

@@ -7,7 +7,7 @@ Three parts, all thin around the core:
   1. message-sync: ISync with the stored token alone (the token carries the sync frame); FSync
      (from ``fsync_days`` ago) when there is none or the ISync was refused (any 400: MSG-333,
      CMN-101 "Parameter [syncToken] value is invalid", ...). A refused token is dropped at once, so
-     it is presented once; a full sync that fails too is retried with the queue's backoff and
+     it is presented once; a full sync that fails too is retried with the scheduler's backoff and
      counted in ``faxd_full_sync_failing`` (an alert) until it succeeds.
      When an FSync answers ``olderRecordsExist`` (the frame's ``recordCount`` was too small) it is
      repeated with a larger ``recordCount`` (times 4, up to ``fsync_max_record_count``); what is still left
@@ -39,11 +39,12 @@ Three parts, all thin around the core:
   read by id (one batched query per reconcile) before the diff, so nothing is repeated or lost;
   ``status``, ``history`` and ``by_ref`` read it by primary key (or the UNIQUE ``ref``) on demand.
 
-* :class:`ReconcileQueue` drives a :class:`faxd.core.debounce.KeyedQueue` on the event loop's clock.
-* :func:`poll_forever` asks for a reconcile of every extension every ``poll_interval``, of those with
-  faxes in flight every ``active_poll_interval``, of those with a ``Sent`` due to settle when it is
-  due, and prunes the journal (``retention_days``) at start and every ``prune_interval``. When is
-  :class:`faxd.core.polls.ReconcileTimers`; it only drives that on the loop's clock.
+* :class:`ReconcileWork` makes the reconciler the request scheduler's work (keys ``("ext", id)``,
+  their cost, the runner the driver of :mod:`faxd.adapters.scheduling` calls with each grant). The
+  scheduler decides when: debounced push hints, polls every ``poll_interval`` (extensions with faxes
+  in flight every ``active_poll_interval``), resyncs, a client's ``sync``, within the rate budget.
+* :func:`timers_forever` asks for a ``settle`` check of an extension when one of its ``Sent`` is due
+  to settle, and prunes the journal (``retention_days``) at start and every ``prune_interval``.
 
 Log events are named ``area.what`` (``reconcile.failed``, ``journal.pruned``); any human sentence is
 in the ``detail`` field.
@@ -54,6 +55,8 @@ This module must not parse WebSocket frames or talk to socket clients; it gets k
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -64,19 +67,22 @@ import structlog
 
 from faxd.adapters.metrics import SYNC_RESET_CODES, Metrics
 from faxd.adapters.rest import (
+    BULK_MAX,
     ApiError,
     Document,
     ExtensionNotFound,
+    NotSent,
     RingCentral,
-    Stopping,
     SyncResult,
     SyncTokenStale,
 )
+from faxd.adapters.scheduling import RequestDriver
 from faxd.adapters.store import Journalled, Store
-from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind, FaxState, Source
-from faxd.core.polls import ReconcileTimers, Timer
+from faxd.core.polls import PollKind, ReconcileTimers
 from faxd.core.protocol import SendError
+from faxd.core.ratebudget import LIGHT
+from faxd.core.scheduler import Grant, Key, Outcome, Priority, Work, ext_key
 from faxd.core.status import RecordError, apply_record, diff, is_expected, parse_time, unsettled
 from faxd.core.tracking import Tracker
 
@@ -159,6 +165,7 @@ class Reconciler:
         self._sending_refs: set[str] = set()
         self._fsync_failing: set[str] = set()  # extensions whose last full sync failed
         self._not_found: set[str] = set()  # extensions RingCentral answered 404 extensionId for
+        self._bulk_cursor: dict[str, int] = {}  # where a deferred bulk read of an extension goes on
         for state in store.load_faxes(in_flight_only=True).values():
             self.tracker.hold(state)
         if settings.sent_settle > 0:
@@ -169,13 +176,14 @@ class Reconciler:
             self.tracker.restore(
                 [(key, parse_time(observed_at) or wall()) for key, observed_at in waiting], known
             )
-        #: Set whenever a timer (settle) may have to fire earlier than :func:`poll_forever` planned.
+        #: Set whenever a timer (settle) may have to fire earlier than :func:`timers_forever` planned.
         self.timers_changed = asyncio.Event()
         self._update_gauges()
 
     def update_settings(self, settings: ReconcileSettings) -> None:
         """New settings (a reload): each is read where it is used, so they apply from the next use. The
-        poll timings belong to :func:`poll_forever`, which its owner starts again with them."""
+        poll timings belong to the scheduler, the timers to :func:`timers_forever`, which its owner
+        starts again."""
         self.settings = settings
 
     # -- what is held in memory (the tracker's view) -------------------------------------------------
@@ -224,16 +232,24 @@ class Reconciler:
             return None
         return self.faxes.get(found.fax_id, found)
 
-    async def reconcile(self, extension_id: str, reasons: set[str]) -> None:
-        """One reconcile of one extension. Raises :class:`ApiError` on failure (the queue backs off)."""
+    async def reconcile(
+        self, extension_id: str, reasons: set[str], *, check: bool | None = None, retry: bool = False
+    ) -> None:
+        """One reconcile of one extension. Raises :class:`ApiError` on failure (the scheduler backs
+        off). ``check``: read the faxes in flight by id too (default: when ``reasons`` ask for it);
+        ``retry``: it follows a failure (counted with trigger ``retry``)."""
         started = time.perf_counter()
         trigger = next(iter(sorted(reasons))) if len(reasons) == 1 else _source(reasons).value
+        if retry:
+            trigger = "retry"
         try:
-            await self._reconcile(extension_id, reasons)
-        except Stopping as exc:
-            # Not a failure: faxd is stopping and would have had to wait for budget. What this
-            # reconcile committed before is consistent; the rest is redone at start-up.
-            log.info("reconcile.deferred", extension=extension_id, group=exc.group)
+            await self._reconcile(
+                extension_id, reasons, bool(reasons & CHECK_REASONS) if check is None else check
+            )
+        except NotSent as exc:
+            # Not a failure: a request did not fit the budget now (the scheduler grants the rest
+            # later) or faxd is stopping. What this reconcile committed before is consistent.
+            log.info("reconcile.deferred", extension=extension_id, group=exc.group, code=exc.code)
             raise
         except ExtensionNotFound as exc:
             self.metrics.reconciles.labels(trigger, "error").inc()
@@ -289,8 +305,8 @@ class Reconciler:
                 self.store.commit([], [], observed_at=_iso(self.wall()), sync_tokens={extension_id: None})
         try:
             result = await self._full_sync(extension_id)
-        except (ExtensionNotFound, Stopping):
-            raise  # not a sync problem: a missing extension (counted as such), or faxd stopping
+        except (ExtensionNotFound, NotSent):
+            raise  # not a sync problem: a missing extension (counted as such), or not sent for budget
         except ApiError as exc:
             if extension_id not in self._fsync_failing:
                 log.warning(
@@ -368,7 +384,7 @@ class Reconciler:
             self.publish(events)
         return events
 
-    async def _reconcile(self, extension_id: str, reasons: set[str]) -> None:
+    async def _reconcile(self, extension_id: str, reasons: set[str], check: bool) -> None:
         source = _source(reasons)
         result, full = await self._sync(extension_id)
         synced = _Batch()
@@ -383,8 +399,11 @@ class Reconciler:
         events = self._commit(synced, sync_tokens={extension_id: result.sync_token})
 
         checked = _Batch(seen=set(synced.seen))
-        check = full or bool(reasons & CHECK_REASONS)
-        failed = await self._read_tracked(checked, extension_id) if check else []
+        check = full or check
+        deferred: NotSent | None = None
+        failed: list[str] = []
+        if check:
+            failed, deferred = await self._read_tracked(checked, extension_id)
         checked.journal += [
             Journalled(t, source)
             for t in self.tracker.due(
@@ -400,31 +419,43 @@ class Reconciler:
         self.tracker.mark_stalled(j.transition for j in checked.journal)
         if events:
             log.info("reconcile.done", extension=extension_id, source=source.value, events=len(events))
+        if deferred is not None:
+            raise deferred  # what was read is committed; the next grant reads on
         if failed:
             raise BulkIncomplete(0, "bulk_incomplete", f"{len(failed)} of the in-flight faxes not read")
 
-    async def _read_tracked(self, batch: _Batch, extension_id: str) -> list[str]:
-        """Step 2: bulk GET of the held faxes the sync did not return (``batch.seen``) into ``batch``.
+    async def _read_tracked(self, batch: _Batch, extension_id: str) -> tuple[list[str], NotSent | None]:
+        """Step 2: bulk GETs of the held faxes the sync did not return (``batch.seen``) into ``batch``.
 
-        Returns the ids whose entry failed (not 404): they are read again on the retry.
+        Returns the ids whose entry failed (not 404: read again on the retry) and, when a chunk did
+        not fit the budget, that refusal: what was read stays in ``batch``, and the next check starts
+        with the faxes this one did not reach (round-robin, so thousands in flight are all read).
         """
         tracked = [f for f in self.tracked(extension_id) if f.fax_id not in batch.seen]
-        missing = [f.fax_id for f in tracked]
         batch.base = {f.fax_id: f for f in tracked}  # in case one leaves memory during the GET
+        missing = [f.fax_id for f in tracked]
         if not missing:
-            return []
+            return [], None
+        start = self._bulk_cursor.pop(extension_id, 0) % len(missing)
+        missing = missing[start:] + missing[:start]
         failed: list[str] = []
-        found = await self.rc.get_messages(extension_id, missing)
-        for fax_id in missing:
-            if fax_id not in found:
-                failed.append(fax_id)
-                continue
-            item = found[fax_id]
-            # 404: RingCentral no longer has the message (purged and gone).
-            record = item if item is not None else {"id": fax_id, "availability": "Purged"}
-            # Found without a push hint: record it as a poll find, whatever asked.
-            self._absorb(batch, extension_id, record, Source.POLL)
-        return failed
+        for at in range(0, len(missing), BULK_MAX):
+            chunk = missing[at : at + BULK_MAX]
+            try:
+                found = await self.rc.get_messages(extension_id, chunk)
+            except NotSent as exc:
+                self._bulk_cursor[extension_id] = start + at
+                return failed, exc
+            for fax_id in chunk:
+                if fax_id not in found:
+                    failed.append(fax_id)
+                    continue
+                item = found[fax_id]
+                # 404: RingCentral no longer has the message (purged and gone).
+                record = item if item is not None else {"id": fax_id, "availability": "Purged"}
+                # Found without a push hint: record it as a poll find, whatever asked.
+                self._absorb(batch, extension_id, record, Source.POLL)
+        return failed, None
 
     def prune(self) -> tuple[int, int]:
         """Apply ``retention_days`` to the journal and to final faxes (see :meth:`Store.prune`).
@@ -508,6 +539,8 @@ class Reconciler:
                 resolution=resolution,
                 cover_index=cover_index,
             )
+        except NotSent:
+            raise  # not sent for want of budget: the scheduler's affair, not RingCentral's refusal
         except ApiError as exc:
             raise SendError("upstream", exc.message or "RingCentral refused the fax", exc.code) from exc
         finally:
@@ -527,123 +560,82 @@ class Reconciler:
         return state
 
 
-class ReconcileQueue:
-    """Runs due keys of a :class:`KeyedQueue` through the reconciler, one key at a time.
+class ReconcileWork:
+    """The reconciler as the request scheduler's work: keys ``("ext", id)``, what each costs, and the
+    runner the driver calls with each grant.
 
-    The pure queue decides; this driver only owns the clock (the loop's), sleeps until the next due
-    key or a new hint, and reports each result back (``done``: success resets the key's backoff,
-    failure schedules its retry). :meth:`drain` is client-go's ``ShutDownWithDrain``.
+    A push-hinted reconcile costs one Light request (the ISync); a check (every other reason) one
+    more per 50 faxes tracked for the extension (the bulk GETs; the scheduler caps a grant at what its
+    bucket holds, and the rest is read at the next grant). After every grant the scheduler hears which
+    extensions have faxes in flight (their active polls).
     """
 
-    def __init__(self, queue: KeyedQueue, reconciler: Reconciler, metrics: Metrics) -> None:
-        self.queue = queue
+    def __init__(self, driver: RequestDriver, reconciler: Reconciler) -> None:
+        self.driver = driver
         self.reconciler = reconciler
-        self.metrics = metrics
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        driver.register("ext", self.run)
+        driver.on_done(lambda _grant, _outcome: self.refresh_active())
 
-    def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+    def cost(self, extension_id: str, *, check: bool) -> dict[str, int]:
+        reads = math.ceil(len(self.reconciler.tracked(extension_id)) / BULK_MAX) if check else 0
+        return {LIGHT: 1 + reads}
 
-    def hint(self, key: str, reason: str, *, immediate: bool = False) -> None:
-        """Ask for a reconcile of ``key``. Never blocks; dropped once the queue is draining."""
-        if not self.queue.add(key, reason, self._now(), immediate=immediate):
-            return
-        self.metrics.queue_depth.set(self.queue.depth)
-        self._idle.clear()
-        self._wake.set()
+    def poll_cost(self, key: Key, _kind: PollKind) -> dict[str, int]:
+        """The cost of a poll of ``key`` (for :class:`faxd.core.scheduler.Scheduler`)."""
+        return self.cost(key[1], check=True)
 
-    async def wait_idle(self) -> None:
-        """Until nothing is pending or being processed (used by ``sync`` requests and the drain)."""
-        await self._idle.wait()
+    def ask(self, extension_id: str, priority: Priority, reason: str, *, at: float | None = None) -> bool:
+        """Ask for a reconcile of ``extension_id`` (``at``: not before that loop time)."""
+        check = priority is not Priority.PUSH
+        work = Work(
+            ext_key(extension_id), priority, frozenset({reason}), self.cost(extension_id, check=check)
+        )
+        return self.driver.submit(work, at=at)
 
-    async def run(self) -> None:
-        """Forever: wait for the next due key, reconcile it, report the result to the queue."""
-        while True:
-            item = self.queue.pop(self._now())
-            if item is None:
-                if self.queue.is_idle():
-                    self._idle.set()
-                deadline = self.queue.next_deadline()
-                self._wake.clear()
-                timeout = None if deadline is None else max(0.0, deadline - self._now())
-                try:
-                    async with asyncio.timeout(timeout):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-                continue
-            key, reasons = item
-            self.metrics.queue_depth.set(self.queue.depth)
-            ok = False
-            at_least = 0.0
-            try:
-                await self.reconciler.reconcile(key, reasons)
-                ok = True
-            except ExtensionNotFound:
-                at_least = self.reconciler.settings.missing_extension_retry
-            except ApiError:
-                pass  # logged and counted by the reconciler; the queue backs off
-            finally:
-                delay = self.queue.done(key, self._now(), ok=ok, at_least=at_least)
-                if delay is not None:
-                    log.info("reconcile.retry_scheduled", extension=key, delay=round(delay, 2))
-                self.metrics.queue_depth.set(self.queue.depth)
+    def refresh_active(self) -> None:
+        self.driver.set_active(ext_key(e) for e in self.reconciler.active_extensions())
 
-    async def drain(self) -> None:
-        """Stop taking hints, run what is pending now (no retries), and wait until all is done.
-
-        Bound it with a timeout: a reconcile may be waiting for the rate budget.
-        """
-        self.queue.shut_down(self._now())
-        self._wake.set()
-        if self.queue.is_idle():
-            self._idle.set()
-        await self.wait_idle()
+    async def run(self, grant: Grant) -> Outcome | None:
+        """One granted reconcile; errors become the grant's outcome (the driver maps ApiErrors)."""
+        try:
+            retry = self.driver.sched.failures(grant.key) > 0
+            await self.reconciler.reconcile(grant.key[1], set(grant.reasons), check=grant.checks, retry=retry)
+        except ExtensionNotFound:
+            # A configuration problem that a fast retry would not fix.
+            return Outcome.error(self.reconciler.settings.missing_extension_retry)
+        return None
 
 
-async def poll_forever(
-    queue: ReconcileQueue, extensions: Callable[[], Sequence[str]], settings: ReconcileSettings
-) -> None:
-    """The timers of the reconcile engine, until cancelled (the schedule is
-    :class:`faxd.core.polls.ReconcileTimers`; this only drives it on the loop's clock):
+async def timers_forever(work: ReconcileWork) -> None:
+    """The reconcile engine's timers besides polls (the scheduler polls), until cancelled (the
+    schedule is :class:`faxd.core.polls.ReconcileTimers`; this only drives it on the loop's clock):
 
-    * a safety poll of every extension every ``poll_interval``, hints or not;
-    * an active poll of the extensions with faxes in flight every ``active_poll_interval``;
-    * a ``settle`` reconcile of an extension when one of its ``Sent`` is due to settle
-      (``sent_settle``); the reconcile re-reads the fax and journals ``settled`` if it still holds;
+    * a ``settle`` check of an extension when one of its ``Sent`` is due to settle (``sent_settle``);
+      the reconcile re-reads the fax and journals ``settled`` if it still holds;
     * journal retention (``retention_days``) at start and every ``prune_interval``.
+
+    Started again by its owner when the settings change.
     """
     loop = asyncio.get_running_loop()
-    reconciler = queue.reconciler
+    reconciler = work.reconciler
+    settings = reconciler.settings
     timers: ReconcileTimers[str] = ReconcileTimers(
         loop.time(),
-        interval=settings.poll_interval,
-        active_interval=settings.active_poll_interval,
         prune_interval=settings.prune_interval if settings.retention_days is not None else None,
         settle_quiet=max(settings.debounce, 0.5),
     )
     while True:
         now = loop.time()
-        for timer in timers.due(now):
-            if timer is Timer.PRUNE:
-                reconciler.prune()
-            else:
-                keys = (
-                    sorted(set(extensions())) if timer is Timer.POLL_ALL else reconciler.active_extensions()
-                )
-                for key in keys:
-                    queue.hint(key, "poll")
+        for _ in timers.due(now):
+            reconciler.prune()
         # Settle waits are kept in wall time; the timers run on the loop's clock.
         first = reconciler.next_settle()
         settle = None if first is None else (now + max(0.0, first[0] - reconciler.wall()), first[1])
         if settle is not None and timers.settle_due(now, *settle):
-            queue.hint(settle[1], "settle", immediate=True)
+            work.ask(settle[1], Priority.SETTLE, "settle")
             continue
         reconciler.timers_changed.clear()
-        try:
-            async with asyncio.timeout(max(0.0, timers.next_wake(settle) - now)):
+        wake = timers.next_wake(settle)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(None if math.isinf(wake) else max(0.0, wake - now)):
                 await reconciler.timers_changed.wait()
-        except TimeoutError:
-            pass

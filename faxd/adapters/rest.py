@@ -1,9 +1,24 @@
-"""RingCentral auth and REST client over one injected :class:`aiohttp.ClientSession`.
+r"""RingCentral auth and REST client over one injected :class:`aiohttp.ClientSession`.
 
 Owns the OAuth tokens (JWT grant once, then refresh grants ahead of expiry, single-flight; the
 JWT grant again only when a refresh is rejected, because a new OAuth session breaks WSG
-recovery and spends the 5/min Auth budget), paces every request through the per-group rate
-budget, and turns RingCentral's answers into records or typed :class:`ApiError` exceptions.
+recovery and spends the 5/min Auth budget), admits every request through the rate budget, and
+turns RingCentral's answers into records or typed :class:`ApiError` exceptions.
+
+How a request is admitted (:meth:`RingCentral._admit`), in the daemon all through the request
+scheduler (:mod:`faxd.core.scheduler`, driven by :mod:`faxd.adapters.scheduling`):
+
+* inside a grant (the driver runs the grant's work under :func:`permitted`): the grant's permit
+  ``take``\ s the request, which never waits; a request that does not fit raises
+  :class:`BudgetDeferred` and nothing is sent;
+* outside any grant, with a :class:`Gate` attached (:meth:`RingCentral.use_gate`): a grant of one
+  request is asked for and awaited (bounded; :class:`Stopping` once faxd stops), so a method called
+  by any adapter (``send_fax``, ``get_content``, ...) is budgeted like the rest;
+* without a gate (``faxd doctor``, tests of this module alone): the request waits for the budget itself.
+
+The server's ``X-Rate-Limit-*`` headers and 429 penalties go into the one :class:`RateBudget`, which
+the scheduler is built on. A 5xx's ``Retry-After`` is reported on the :class:`ApiError` and honoured
+by the owner of the work (the scheduler per key, docs/scheduler.md §5), not as a hold of the group.
 
 Requests go through the HTTP proxy it is given (CONNECT for https://; a plain http:// URL, only
 ever on loopback, is forwarded by the proxy), with the proxy's credentials on the CONNECT only, never
@@ -19,14 +34,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import json
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
 import structlog
@@ -48,15 +65,16 @@ DEFAULT_TIMEOUT: Final = aiohttp.ClientTimeout(total=30, connect=10, sock_read=3
 SEND_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=120)
 #: The revoke runs while faxd stops, which must take at most 5 s in all (docs/operations.md §3.4).
 REVOKE_TIMEOUT: Final = aiohttp.ClientTimeout(total=1, connect=1)
-#: Longest a 5xx's Retry-After holds a group back (the reconcile queue's own backoff cap): a broken or
-#: hostile value must not silence faxd for hours.
+#: Longest a 5xx's Retry-After is reported as (the scheduler's own cap): a broken or hostile value
+#: must not silence faxd for hours.
 MAX_SERVER_RETRY_AFTER: Final = 300.0
 
 
 class ApiError(Exception):
     """A RingCentral request failed. ``code`` is RingCentral's errorCode or a short local code
     (``http_503``, ``bad_body``, ``connection``, ``timeout``). ``retry_after``: seconds the server
-    asked for (a 5xx's ``Retry-After``), already applied to the request's rate-limit group."""
+    asked for (a 5xx's ``Retry-After``, at most ``MAX_SERVER_RETRY_AFTER``): the owner of the work
+    honours it (the scheduler for that key; it holds back no group)."""
 
     def __init__(
         self, status: int, code: str | None, message: str = "", *, retry_after: float | None = None
@@ -80,13 +98,58 @@ class RateLimited(ApiError):
         self.group = group
 
 
-class Stopping(ApiError):
+class NotSent(ApiError):
+    """The request was not sent, for want of budget: nothing happened at RingCentral."""
+
+    def __init__(self, code: str, message: str, group: str) -> None:
+        super().__init__(0, code, message)
+        self.group = group
+
+
+class Stopping(NotSent):
     """faxd is stopping and the request would have had to wait for the rate budget (or a penalty):
-    it was not sent. Nothing happened at RingCentral; the caller's pending work is redone at start-up."""
+    it was not sent. The caller's pending work is redone at start-up."""
 
     def __init__(self, group: str) -> None:
-        super().__init__(0, "stopping", f"not sent: faxd is stopping and the {group} budget is spent")
-        self.group = group
+        super().__init__("stopping", f"not sent: faxd is stopping and the {group} budget is spent", group)
+
+
+class BudgetDeferred(NotSent):
+    """Inside a grant, a request beyond what the grant reserved did not fit the budget now: not sent.
+    The work ends as deferred and goes again when the scheduler grants it (never retried here)."""
+
+    def __init__(self, group: str) -> None:
+        super().__init__("deferred", f"not sent: no {group} budget left for this work now", group)
+
+
+class Permit(Protocol):
+    """The running grant's say on each of its requests (set by the driver with :func:`permitted`)."""
+
+    def take(self, group: str, now: float) -> bool:
+        """Whether one request of ``group`` may be sent at ``now`` (True: it is counted, send it)."""
+        ...
+
+
+class Gate(Protocol):
+    """Admits a request made outside any grant: a grant of one request of ``group``, awaited."""
+
+    def single(self, group: str) -> AbstractAsyncContextManager[Permit]:
+        """Until the request may go (bounded; :class:`Stopping` once faxd stops); the request is
+        sent inside, and the grant ends when the block does."""
+        ...
+
+
+_permit: contextvars.ContextVar[Permit | None] = contextvars.ContextVar("faxd_rest_permit", default=None)
+
+
+@contextlib.contextmanager
+def permitted(permit: Permit) -> Iterator[None]:
+    """Requests made inside the block (in this task) belong to ``permit``'s grant."""
+    token = _permit.set(permit)
+    try:
+        yield
+    finally:
+        _permit.reset(token)
 
 
 class SyncTokenStale(ApiError):
@@ -206,6 +269,11 @@ class RingCentral:
         self._server_groups: dict[tuple[str, str], str] = {}
         # Set when faxd stops: a request that would have to wait for budget raises Stopping instead.
         self._stopping = asyncio.Event()
+        self._gate: Gate | None = None
+
+    def use_gate(self, gate: Gate | None) -> None:
+        """Admit requests made outside any grant through ``gate`` (the daemon's request driver)."""
+        self._gate = gate
 
     def set_rate_share(self, share: float) -> None:
         """Spend at most ``share`` of each rate-limit group's window from now on (a reload)."""
@@ -612,24 +680,54 @@ class RingCentral:
         client_timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
         wait_budget: bool = True,
     ) -> _Response:
-        """One HTTP exchange, paced by the rate budget; 429 and 5xx raised, rest returned."""
+        """One HTTP exchange, admitted by the rate budget; 429 and 5xx raised, rest returned."""
         group = self._group_of(method, endpoint, path)
-        if wait_budget:
-            await self._wait_for_budget(group)
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        self.budget.spent(group, started)
         request = _Request(method, path, endpoint, headers, params, data, client_timeout)
-        try:
-            resp = await self._exchange(request, started)
-        finally:
-            answered = loop.time()
-            self.budget.answered(group, started, answered)
-        group = self._account(request, resp, group, answered)
-        self._raise_if_throttled(resp, endpoint, group)
+        async with self._admit(group, wait=wait_budget) as started:
+            try:
+                resp = await self._exchange(request, started)
+            finally:
+                answered = loop.time()
+                self.budget.answered(group, started, answered)
+            group = self._account(request, resp, group, answered)
+            self._raise_if_throttled(resp, endpoint, group)
         return resp
 
+    @contextlib.asynccontextmanager
+    async def _admit(self, group: str, *, wait: bool) -> AsyncIterator[float]:
+        """Until one request of ``group`` may go: yields the loop time it is counted at (send it then).
+
+        The running grant's permit when there is one (never waits: :class:`BudgetDeferred`), else a
+        one-request grant of the gate, else (no gate) a wait for the budget here. ``wait=False``
+        (the revoke while stopping, best effort) counts the request and sends it at once.
+        """
+        loop = asyncio.get_running_loop()
+        permit = _permit.get()
+        if not wait:
+            now = loop.time()
+            self.budget.spent(group, now)
+            yield now
+        elif permit is not None:
+            now = loop.time()
+            if not permit.take(group, now):
+                log.debug("api.deferred", group=group)
+                raise BudgetDeferred(group)
+            yield now
+        elif self._gate is not None:
+            async with self._gate.single(group) as single:
+                now = loop.time()
+                if not single.take(group, now):  # pragma: no cover - a one-request grant reserved it
+                    raise BudgetDeferred(group)
+                yield now
+        else:
+            await self._wait_for_budget(group)
+            now = loop.time()
+            self.budget.spent(group, now)
+            yield now
+
     async def _wait_for_budget(self, group: str) -> None:
+        """Without a gate only (``faxd doctor``, this module's tests): wait until the budget allows."""
         loop = asyncio.get_running_loop()
         while (delay := self.budget.delay(group, loop.time())) > 0:
             if self._stopping.is_set():
@@ -718,12 +816,11 @@ class RingCentral:
             )
         if resp.status >= 500:
             # RingCentral's errors doc: Retry-After "should always be obeyed if provided" (its
-            # /oauth/token 503s carry it). Nothing more goes to this group until then; the callers'
-            # own backoff comes on top.
+            # /oauth/token 503s carry it). The owner of the work obeys it (the scheduler, for that key
+            # only: docs/scheduler.md §5); holding the whole group would stop push for every extension.
             after = ratebudget.parse_retry_after(resp.headers.get("Retry-After"), self._wall())
             if after is not None:
                 after = min(after, MAX_SERVER_RETRY_AFTER)
-                self.budget.penalty(group, loop.time(), after)
             log.warning("api.server_error", endpoint=endpoint, status=resp.status, retry_after=after)
             raise ApiError(
                 resp.status, f"http_{resp.status}", _message_of(_maybe_json(resp)), retry_after=after

@@ -223,7 +223,8 @@ class WsSession:
             self._wsg.lost(loop.time())
             if self._connected:
                 self._metrics.ws_disconnects.labels(why.label).inc()
-            retry_after = ended.retry_after if isinstance(ended, RateLimited) else 0.0
+            # A 429's penalty, or a 5xx's Retry-After (RingCentral: always obey it).
+            retry_after = (ended.retry_after or 0.0) if isinstance(ended, ApiError) else 0.0
             if self._was_up:
                 # The connection was good: a single drop is most likely transient, so reconnect at
                 # once (recovery only works inside recoveryTimeout) and back off from scratch after.

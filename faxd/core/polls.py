@@ -1,20 +1,13 @@
 """The poll schedules: when each extension is due for a check, as pure bookkeeping on time passed in.
 
-Two schedules live here. :class:`ReconcileTimers` is the one the daemon runs today
-(:func:`faxd.adapters.reconcile.poll_forever` drives it on the loop's clock): rounds of every key, not
-counted per key, with no notion of rate budget. :class:`PollSchedule` is the per-key schedule the
-request scheduler (:mod:`faxd.core.scheduler`) builds on; it replaces the rounds once that is wired.
+:class:`PollSchedule` is the per-key schedule of polls the request scheduler
+(:mod:`faxd.core.scheduler`) builds on. :class:`ReconcileTimers` holds the reconcile engine's other
+timers, which :func:`faxd.adapters.reconcile.timers_forever` drives on the loop's clock:
 
-:class:`ReconcileTimers` rules:
-
-* Every ``interval`` (from the start), every key is due at once (the safety round), whatever else
-  checked it in between. A round restarts the active clock.
-* Every ``active_interval`` after the last round or active poll, the keys with faxes in flight are due
-  (the caller knows which: :meth:`ReconcileTimers.due` says only that it is time).
 * Journal retention runs at the start and every ``prune_interval`` (never when it is None).
 * A settle check of the key whose wait is due first is due when its time comes
   (:meth:`ReconcileTimers.settle_due`), but at most once per ``settle_quiet`` per key: a settle check
-  in progress does not settle at once (the queue is busy, or the check failed and backs off).
+  in progress does not settle at once (it waits for budget, or the check failed and backs off).
 * :meth:`ReconcileTimers.next_wake` is the earliest of these; a caller also wakes when a new wait
   began (it may be due sooner).
 
@@ -178,31 +171,17 @@ class PollSchedule(Generic[K]):
 
 
 class Timer(enum.Enum):
-    """What :meth:`ReconcileTimers.due` says is due, in the order to do it."""
+    """What :meth:`ReconcileTimers.due` says is due."""
 
     PRUNE = "prune"  # journal retention
-    POLL_ALL = "poll_all"  # the safety round: every key
-    POLL_ACTIVE = "poll_active"  # the keys with faxes in flight
 
 
 class ReconcileTimers(Generic[K]):
-    """The reconcile engine's timers: safety rounds, active polls, retention and settle checks."""
+    """The reconcile engine's timers besides polls: retention and settle checks."""
 
-    def __init__(
-        self,
-        now: float,
-        *,
-        interval: float,
-        active_interval: float,
-        prune_interval: float | None,
-        settle_quiet: float,
-    ) -> None:
-        self.interval = interval
-        self.active_interval = active_interval
+    def __init__(self, now: float, *, prune_interval: float | None, settle_quiet: float) -> None:
         self.prune_interval = prune_interval
         self.settle_quiet = settle_quiet
-        self._next_all = now + interval
-        self._next_active = now + active_interval
         self._next_prune = now if prune_interval is not None else math.inf
         self._settle_hinted: dict[K, float] = {}  # key -> when its last settle check was asked for
 
@@ -212,13 +191,6 @@ class ReconcileTimers(Generic[K]):
         if now >= self._next_prune and self.prune_interval is not None:
             out.append(Timer.PRUNE)
             self._next_prune = now + self.prune_interval
-        if now >= self._next_all:
-            out.append(Timer.POLL_ALL)
-            self._next_all = now + self.interval
-            self._next_active = now + self.active_interval
-        elif now >= self._next_active:
-            out.append(Timer.POLL_ACTIVE)
-            self._next_active = now + self.active_interval
         return out
 
     def _settle_again(self, key: K) -> float:
@@ -232,8 +204,9 @@ class ReconcileTimers(Generic[K]):
         return False
 
     def next_wake(self, settle: tuple[float, K] | None = None) -> float:
-        """When something is due next, given the first wait (due time, key) not yet asked for."""
-        wake = min(self._next_all, self._next_active, self._next_prune)
+        """When something is due next (``inf``: nothing), given the first wait (due time, key) not
+        yet asked for."""
+        wake = self._next_prune
         if settle is not None:
             at, key = settle
             wake = min(wake, max(at, self._settle_again(key)))

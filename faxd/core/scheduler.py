@@ -796,6 +796,10 @@ class Scheduler:
     def running(self) -> int:
         return len(self._running)
 
+    def is_running(self, key: Key) -> bool:
+        """Whether a grant of ``key`` is running now."""
+        return key in self._running_keys
+
     def failures(self, key: Key) -> int:
         return self._failures.get(key, 0)
 
@@ -828,6 +832,15 @@ class Scheduler:
 
     def status(self, now: float) -> str:
         """One phrase when user, push or settle work waits for budget, or a group is penalised."""
+        parts = [
+            f"{g}, next slot in {max(1, math.ceil(wait))} s" if math.isfinite(wait) else g
+            for g, wait in self.limited(now).items()
+        ]
+        return "rate-limited: " + "; ".join(parts) if parts else ""
+
+    def limited(self, now: float) -> dict[str, float]:
+        """The groups user, push or settle work waits for (or that are penalised), with the seconds
+        until the next slot (inf: not within a window)."""
         limited: dict[str, float] = {}
         _, heads = self._scan(now, None)
         claims = self._claims(now)
@@ -841,11 +854,7 @@ class Scheduler:
         for g in self._groups():
             if self.budget.penalised(g, now):
                 limited[g] = max(limited.get(g, 0.0), self.budget.delay(g, now))
-        parts = [
-            f"{g}, next slot in {max(1, math.ceil(wait))} s" if math.isfinite(wait) else g
-            for g, wait in limited.items()
-        ]
-        return "rate-limited: " + "; ".join(parts) if parts else ""
+        return limited
 
     def snapshot(self, now: float) -> Snapshot:
         return Snapshot(
