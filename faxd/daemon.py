@@ -626,9 +626,10 @@ class _Backend:
     async def sync(self) -> None:
         await self._connected()
         extensions = self.upstream.extensions
+        asked = self.work.driver.now()
         for key in extensions:
             self.work.ask(key, Priority.USER, "request")
-        await self.work.driver.settled(ext_key(e) for e in extensions)
+        await self.work.driver.checked((ext_key(e) for e in extensions), asked)
 
     async def send(self, request: SendRequest) -> FaxState:
         await self._connected()

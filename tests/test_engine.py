@@ -786,6 +786,32 @@ async def ask(config: Config, request: dict[str, Any]) -> dict[str, Any]:
         await client.close()
 
 
+async def test_a_clients_sync_returns_once_every_extension_was_checked_even_under_poll_load(
+    make_config: Callable[..., Config],
+) -> None:
+    """``sync`` is USER work for every extension: the reply comes after a check of each that began
+    after the request, although polls of two extensions every second (more than the paced Light
+    share) keep them pending for good: "nothing pending" would never come."""
+    second = "200000002"
+    async with Simulator(SimConfig(seed=8, extensions=(EXT, second))) as sim:
+        reconcile = {"poll_interval": 1, "active_poll_interval": 1}
+        config = make_config(sim, ringcentral={"extensions": ["~", second]}, reconcile=reconcile)
+        async with running(sim, config):
+            await ws_subscribed(sim)
+            sim.pause_notifications()  # only a check can find it
+            fid = sim.create_outbound_fax(second, [RecipientScript("+16505550100", "Sent", after=0.1)])
+            await sim.wait_for_status(fid, "Sent")
+            asked = asyncio.get_running_loop().time()
+            reply = await ask(config, {"type": "sync"})
+            assert reply["type"] == "ok"
+            status = await ask(config, {"type": "status", "fax_id": fid})
+            assert status["fax"]["status"] == "Sent", status  # known once sync has returned
+            checked = [
+                r for r in sim.requests_to("/message-sync") if r.time >= asked and f"/{second}/" in r.raw_path
+            ]
+            assert checked, "no sync of the extension after the request"
+
+
 async def test_a_stall_is_found_by_a_poll_once_not_by_every_push(sim: Simulator, tmp_path: Path) -> None:
     async with engine(sim, tmp_path / "db", stall_after=0.0) as e:
         await e.reconcile("startup")  # FSync first (a full sync checks stalls too)

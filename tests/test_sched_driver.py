@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.reconcile import Reconciler, ReconcileSettings, ReconcileWork
-from faxd.adapters.rest import RingCentral
+from faxd.adapters.rest import Document, RingCentral, Stopping
 from faxd.adapters.scheduling import RequestDriver
 from faxd.adapters.store import Store
 from faxd.core.model import Event
@@ -302,3 +302,30 @@ async def test_while_push_is_down_extensions_with_faxes_in_flight_are_polled_eve
         assert [x for x, _, _ in h.syncs(down) if x == b] == []  # nothing in flight: safety poll only
         gets = [r for r in h.sim.requests_to("/message-store/{messageId}") if r.time >= down]
         assert len(gets) == len(polled)  # each poll is a check: the fax in flight read by id
+
+
+async def test_a_request_made_outside_any_grant_is_budgeted_and_fails_at_stop_without_waiting(
+    tmp_path: Path,
+) -> None:
+    """An adapter calling a REST method directly (here send_fax, Heavy: 8 a minute at the default
+    share) gets a one-request grant: the ninth waits for the window instead of being sent, and a
+    stop fails it at once (Stopping) rather than waiting for the budget."""
+    (a,) = exts(1)
+    async with harness(tmp_path, SimConfig(seed=9, extensions=(a,))) as h:
+        pdf = Document("a.pdf", "application/pdf", b"%PDF-1.4 a")
+        start = h.now()
+        for _ in range(8):
+            await h.rc.send_fax(a, to=["+16505550100"], documents=[pdf])
+        assert h.now() - start < 0.01
+        ninth = asyncio.create_task(h.rc.send_fax(a, to=["+16505550100"], documents=[pdf]))
+        await asyncio.sleep(30)
+        assert not ninth.done()
+        assert len(h.sim.requests_to("/fax", "POST")) == 8
+        assert "rate-limited: Heavy" in h.driver.status()
+        stopping = h.now()
+        async with asyncio.timeout(1):
+            await h.driver.drain()
+        with pytest.raises(Stopping):
+            await ninth
+        assert h.now() - stopping < 0.01
+        assert len(h.sim.requests_to("/fax", "POST")) == 8

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -120,6 +121,7 @@ class RequestDriver:
         self._quiet = asyncio.Event()  # closed, nothing running, nothing more goes now
         self._calls = itertools.count(1)
         self._after_done: list[Callable[[Grant, Outcome], None]] = []
+        self._checked: dict[Key, float] = {}  # key -> when its last successful check was granted
         self._limited: list[str] = []  # the groups that held back user, push or settle work, last seen
 
     def now(self) -> float:
@@ -282,6 +284,8 @@ class RequestDriver:
 
     def _end(self, grant: Grant, outcome: Outcome) -> None:
         self.sched.done(grant, self.now(), outcome)
+        if outcome.result is Result.OK and grant.checks and grant.key[0] in self._runners:
+            self._checked[grant.key] = grant.granted_at
         if outcome.result is Result.ERROR and not self.sched.closed:
             due = self.sched.due_at(grant.key)
             if due is not None:
@@ -298,9 +302,18 @@ class RequestDriver:
         return any(self.sched.pending(k) is not None or self.sched.is_running(k) for k in keys)
 
     async def settled(self, keys: Iterable[Key]) -> None:
-        """Until none of ``keys`` is pending or running (a client's ``sync``)."""
+        """Until none of ``keys`` is pending or running."""
         wanted = list(keys)
         while self.busy(wanted):
+            self._ended.clear()
+            await self._ended.wait()
+
+    async def checked(self, keys: Iterable[Key], since: float) -> None:
+        """Until each of ``keys`` had a check (a grant that reads the faxes in flight) granted at or
+        after loop time ``since`` succeed (a client's ``sync``: polls may keep a key pending for good
+        under load, so "not pending" is not the test). Waits through retries; bound it."""
+        wanted = list(keys)
+        while any(self._checked.get(k, -math.inf) < since for k in wanted):
             self._ended.clear()
             await self._ended.wait()
 
