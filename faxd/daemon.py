@@ -2,21 +2,21 @@
 
 Start-up (:func:`_run`): each service is opened on an exit stack, whose clean-ups unwind in reverse:
   sockets inherited from systemd → store → HTTP session and RingCentral client → the reconcile
-  :class:`Engine` (reconciler + debounced queue) → event socket (inherited when socket-activated, else
-  bound) → /metrics → READY=1 (without waiting for RingCentral: local clients can replay the journal
-  while RingCentral is unreachable).
-Then two task groups (:func:`_supervise`): the consumers (the reconcile queue, the watchdog) outside,
-the producers (the :class:`Upstream`: login, WebSocket session, safety poller; the :class:`Reloader`)
-inside. :class:`Status` owns the STATUS= line, /readyz and the gauges derived from the daemon's
-memory; the watchdog sends WATCHDOG=1 at half ``$WATCHDOG_USEC`` and refreshes STATUS=.
+  :class:`Engine` (reconciler + request scheduler and its driver) → event socket (inherited when
+  socket-activated, else bound) → /metrics → READY=1 (without waiting for RingCentral: local clients
+  can replay the journal while RingCentral is unreachable).
+Then two task groups (:func:`_supervise`): the consumers (the request driver, the watchdog) outside,
+the producers (the :class:`Upstream`: login, WebSocket session, settle and retention timers; the
+:class:`Reloader`) inside. :class:`Status` owns the STATUS= line, /readyz and the gauges derived from
+the daemon's memory; the watchdog sends WATCHDOG=1 at half ``$WATCHDOG_USEC`` and refreshes STATUS=.
 Reload (SIGHUP): RELOADING=1 → the config file is read again → :func:`faxd.config.merge_reload` keeps
 the old value of every changed key not marked ``reload=True`` and names it → each reloadable part gets
-``apply(old, new)`` and changes only what it owns (log settings; queue timings; the WS filters and
+``apply(old, new)`` and changes only what it owns (log settings; scheduler timings; the WS filters and
 settings, poll intervals and rate share) → READY=1. A bad file keeps the running config.
-Stop (SIGTERM/SIGINT): STOPPING=1 → producers cancelled → the queue drains what it already knows,
-within ``DRAIN_DEADLINE``, and no request that would have to wait for the rate budget is started (it
-raises :class:`faxd.adapters.rest.Stopping`; the key is redone at start-up) → clients get ``bye`` →
-services closed in reverse order → exit 0, within 5 s of the signal.
+Stop (SIGTERM/SIGINT): STOPPING=1 → producers cancelled → the request scheduler is closed and drains
+what may go at once, within ``DRAIN_DEADLINE``; no request that would have to wait for the rate budget
+is started (its waiters get :class:`faxd.adapters.rest.Stopping`; keys are redone at start-up) →
+clients get ``bye`` → services closed in reverse order → exit 0, within 5 s of the signal.
 A crash of any task cancels the rest and exits 1 (systemd restarts us); every exception of the group
 is logged once. RingCentral refusing the credentials, a bad proxy or socket setting exit 78.
 This module must not contain protocol or fax logic; it only wires and supervises.
@@ -77,7 +77,7 @@ from faxd.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 
-#: Seconds the queue may take to finish on stop. The whole stop (drain, ``bye`` to clients, token
+#: Seconds the request scheduler may take to finish on stop. The whole stop (drain, ``bye`` to clients, token
 #: revoke of at most 1 s) must stay within 5 s; systemd's TimeoutStopSec (15 s) is a backstop only.
 DRAIN_DEADLINE = 2.5
 CONNECT_WAIT = 30.0  # how long a send or sync request waits for the first RingCentral login

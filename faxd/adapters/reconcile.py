@@ -24,8 +24,10 @@ Three parts, all thin around the core:
      extension is counted in ``faxd_extensions_not_found`` (logged once, in STATUS=) and retried
      every ``missing_extension_retry`` until RingCentral knows it again. Ids whose entry failed
      otherwise are committed as far as they went and the reconcile raises :class:`BulkIncomplete`,
-     so the queue retries it with backoff. What step 2 finds is journalled with source ``poll``
-     whatever asked: it is what push and sync missed, and counts in ``faxd_missed_by_push_total``.
+     so the scheduler retries it with backoff. A chunk the budget cannot pay now ends the reconcile
+     as deferred: what was read is committed, and the next check goes on where it stopped. What
+     step 2 finds is journalled with source ``poll`` whatever asked: it is what push and sync missed,
+     and counts in ``faxd_missed_by_push_total``.
   3. Without any API call: ``stalled`` events (checked when step 2 runs, i.e. at least every
      ``active_poll_interval`` while faxes are in flight, not on every push; once per fax and process)
      and ``settled`` events (the ``Sent`` settle rule,
@@ -282,7 +284,7 @@ class Reconciler:
         """message-sync: ISync, or FSync (returned True) when there is no token or it was refused.
 
         A refused ISync (any 400: MSG-333, CMN-101, ...) drops the token at once, so the token is
-        presented once: if the full sync fails too, the queue's retries go straight to a full sync.
+        presented once: if the full sync fails too, the scheduler's retries go straight to a full sync.
         Extensions whose full sync fails are counted (``faxd_full_sync_failing``) until one succeeds.
         """
         token = self.store.sync_token(extension_id)
