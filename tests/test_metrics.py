@@ -20,6 +20,7 @@ from websockets.http11 import Response
 
 from faxd.adapters.metrics import (
     CATEGORIES,
+    SCHED_PRIORITIES,
     SOCKET_DISCONNECT_REASONS,
     WS_DISCONNECT_REASONS,
     Metrics,
@@ -27,6 +28,7 @@ from faxd.adapters.metrics import (
 )
 from faxd.adapters.rest import ApiError
 from faxd.adapters.ws_session import _Closed, classify
+from faxd.core.scheduler import Priority
 from faxd.sim import Simulator
 from tools import require_tool
 
@@ -66,6 +68,11 @@ FAMILIES = {
     "faxd_journal_oldest_seq": "gauge",
     "faxd_event_loop_lag_seconds": "gauge",
     "faxd_config_reloads": "counter",
+    "faxd_sched_queue_depth": "gauge",
+    "faxd_sched_wait_seconds": "histogram",
+    "faxd_rate_budget_room": "gauge",
+    "faxd_rate_budget_tokens": "gauge",
+    "faxd_effective_debounce_seconds": "gauge",
 }
 
 
@@ -89,6 +96,9 @@ async def test_every_family_has_help_and_known_labels_start_at_zero() -> None:
     assert get("faxd_transitions_total", {"direction": "Outbound", "to_status": "Queued"}) == 0
     assert get("faxd_reconciles_total", {"trigger": "push", "result": "error"}) == 0
     assert get("faxd_config_reloads_total", {"result": "ok"}) == 0
+    for priority in SCHED_PRIORITIES:
+        assert get("faxd_sched_queue_depth", {"priority": priority}) == 0
+        assert get("faxd_sched_wait_seconds_count", {"priority": priority}) == 0
     assert b"_created" not in generate_latest(registry)
 
 
@@ -185,3 +195,8 @@ def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
         check=False,
     )
     assert test.returncode == 0, test.stdout + test.stderr
+
+
+def test_the_scheduler_metric_labels_are_its_classes() -> None:
+    """One child per request class is created up front; the driver labels with these names."""
+    assert tuple(p.name.lower() for p in Priority) == SCHED_PRIORITIES

@@ -34,6 +34,8 @@ from faxd.core.wsg import WsState
 
 GROUPS = ("Light", "Medium", "Heavy", "Auth")
 WS_STATES = tuple(state.value for state in WsState)
+#: The request scheduler's classes (faxd.core.scheduler.Priority, lowercase), highest first.
+SCHED_PRIORITIES = ("user", "push", "settle", "resync", "active_poll", "safety_poll")
 RECONCILE_TRIGGERS = ("push", "poll", "startup", "resync", "request")
 WS_CONNECT_KINDS = ("fresh", "recovery")
 #: Why a WebSocket connection ended; ``faxd.adapters.ws_session.classify`` folds every ending into these.
@@ -308,6 +310,8 @@ class Metrics:
         self.sched_depth = _gauge(
             r, "faxd_sched_queue_depth", "Keys waiting for a grant, per request class.", ["priority"]
         )
+        for priority in SCHED_PRIORITIES:
+            self.sched_depth.labels(priority)
         self.sched_wait = _histogram(
             r,
             "faxd_sched_wait_seconds",
@@ -315,6 +319,8 @@ class Metrics:
             (0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
             ["priority"],
         )
+        for priority in SCHED_PRIORITIES:
+            self.sched_wait.labels(priority)
         self.sched_room = _gauge(
             r,
             "faxd_rate_budget_room",
@@ -324,6 +330,8 @@ class Metrics:
         self.sched_tokens = _gauge(
             r, "faxd_rate_budget_tokens", "Tokens in the pacing bucket, per paced group.", ["group"]
         )
+        for group in GROUPS:
+            self.sched_room.labels(group)
         self.effective_debounce = _gauge(
             r,
             "faxd_effective_debounce_seconds",
