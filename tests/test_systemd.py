@@ -199,42 +199,49 @@ async def test_sigterm_while_waiting_exits_0_within_5_s_and_a_restart_catches_up
         # A Light group of 2 a minute: faxd's share of it (80 %) is spent by the start-up sync.
         sim.config.rate_limits["Light"] = (2, 60, 60)
     config = write_config(short_dir, sim, reconcile=reconcile, logging=logging)
-    async with asyncio.timeout(45):
-        async with daemon(config) as faxd:
-            await faxd.wait_event("ws.subscribed")
-            start = len(faxd.lines)
-            if waiting_for == "429 penalty":
-                sim.rate_limit_storm("Light", 600)
-            elif waiting_for == "slow request":
-                sim.delay_next_requests(1, 20)
-            fax_id = sim.create_outbound_fax(None, [RecipientScript("+16505550100", after=3600)])
-            await faxd.wait_event("ws.hint_queued", start)
-            if waiting_for == "429 penalty":
-                await faxd.wait_event("api.rate_limited", start)
-            if waiting_for != "slow request":
-                # The scheduler holds the hinted reconcile back for the budget (or the penalty).
-                await faxd.wait_event("sched.budget_limited", start)
-            # A slow request: the reconcile's request is held by the server, sent now or by the drain.
-            signalled = time.monotonic()
-            faxd.signal(signal.SIGTERM)
-            assert await faxd.wait() == 0
-            took = time.monotonic() - signalled
-        assert took < STOP_WITHIN, f"stop took {took:.1f} s"
-        assert "daemon.stopped" in faxd.events
-        if waiting_for == "slow request":
-            assert "daemon.drain_timeout" in faxd.events  # the drain deadline cut the request off
-        else:
-            # Not sent rather than waited for: the drain ends at once, well within its deadline.
-            assert "sched.closed" in faxd.events
-            assert "daemon.drain_timeout" not in faxd.events
-            assert _history(short_dir, fax_id) == [], "nothing may be journalled without an answer"
+    notify = NotifySocket(short_dir / "notify")
+    try:
+        async with asyncio.timeout(45):
+            async with daemon(config, env={"NOTIFY_SOCKET": str(notify.path)}) as faxd:
+                await faxd.wait_event("ws.subscribed")
+                start = len(faxd.lines)
+                if waiting_for == "429 penalty":
+                    sim.rate_limit_storm("Light", 600)
+                elif waiting_for == "slow request":
+                    sim.delay_next_requests(1, 20)
+                fax_id = sim.create_outbound_fax(None, [RecipientScript("+16505550100", after=3600)])
+                await faxd.wait_event("ws.hint_queued", start)
+                if waiting_for == "429 penalty":
+                    await faxd.wait_event("api.rate_limited", start)
+                if waiting_for != "slow request":
+                    # The scheduler holds the hinted reconcile back for the budget (or the penalty), and
+                    # STATUS= says so (refreshed at least every 5 s).
+                    await faxd.wait_event("sched.budget_limited", start)
+                    limited = await notify.wait_for(lambda m: "rate-limited: Light" in (status_of(m) or ""))
+                    assert re.search(r"; rate-limited: Light, next slot in \d+ s", status_of(limited) or "")
+                # A slow request: the reconcile's request is held by the server, sent now or by the drain.
+                signalled = time.monotonic()
+                faxd.signal(signal.SIGTERM)
+                assert await faxd.wait() == 0
+                took = time.monotonic() - signalled
+            assert took < STOP_WITHIN, f"stop took {took:.1f} s"
+            assert "daemon.stopped" in faxd.events
+            if waiting_for == "slow request":
+                assert "daemon.drain_timeout" in faxd.events  # the drain deadline cut the request off
+            else:
+                # Not sent rather than waited for: the drain ends at once, well within its deadline.
+                assert "sched.closed" in faxd.events
+                assert "daemon.drain_timeout" not in faxd.events
+                assert _history(short_dir, fax_id) == [], "nothing may be journalled without an answer"
 
-        sim.limiter.reset()
-        config = write_config(short_dir, sim, reconcile={"debounce": 0.2}, logging=logging)
-        async with daemon(config) as faxd:
-            await faxd.wait_line(lambda line: line.get("event") == "reconcile.done")
-            faxd.signal(signal.SIGTERM)
-            assert await faxd.wait() == 0
+            sim.limiter.reset()
+            config = write_config(short_dir, sim, reconcile={"debounce": 0.2}, logging=logging)
+            async with daemon(config) as faxd:
+                await faxd.wait_line(lambda line: line.get("event") == "reconcile.done")
+                faxd.signal(signal.SIGTERM)
+                assert await faxd.wait() == 0
+    finally:
+        notify.close()
     history = _history(short_dir, fax_id)
     assert [e.transition.to_status for e in history if e.transition.recipient_index is None] == ["Queued"]
     transitions = [e.transition for e in history]
