@@ -99,6 +99,7 @@ async def test_work_goes_by_priority_one_reconcile_at_a_time() -> None:
             ("user", Priority.USER),
         ]:
             h.submit(ext, priority)
+        await asyncio.sleep(5)  # budget enough for all of them meanwhile
         assert len(h.runs.log) == 1  # MAX_RUNNING: one reconcile at a time
         h.runs.hold.set()
         await h.runs.until(7)
