@@ -477,8 +477,10 @@ class Upstream:
             self._status.set_ws_state(WsState.DISCONNECTED)
         else:
             self._status.set_ws_state(ws.state, ws.refused_extensions)
-        # While push is down, the push reserve is spent on polling the extensions with faxes in flight.
+        # While push is down, the push reserve is spent on polling the extensions with faxes in flight;
+        # extensions whose push alone is refused are polled as often (from the headroom).
         self._driver.set_push(ws is not None and ws.state is WsState.UP)
+        self._driver.set_unpushed(ext_key(e) for e in (ws.refused_extensions if ws is not None else {}))
         self._status.refresh()
 
     async def _poll(self) -> NoReturn:

@@ -65,6 +65,21 @@ def test_active_keys_poll_at_the_active_interval_and_faster_while_push_is_down()
     assert p.due_at("a") == 306.0
 
 
+def test_a_key_whose_push_alone_is_refused_polls_as_if_push_were_down() -> None:
+    p = schedule()
+    p.set_keys(["a", "b", "c"], now=0.0)
+    p.set_active(["a", "b"])
+    p.set_unpushed(["b", "c", "unknown"])
+    assert [p.due_at(k) for k in "abc"] == [60.0, 5.0, 300.0]  # c: nothing in flight, safety only
+    p.set_unpushed([])
+    assert p.due_at("b") == 60.0
+    p.set_unpushed(["b"])
+    p.set_keys(["a", "c"], now=1.0)  # b is gone, and so is its refusal
+    p.set_keys(["a", "b", "c"], now=2.0)
+    p.set_active(["b"])
+    assert p.due_at("b") == 62.0
+
+
 def test_oldest_due_first() -> None:
     p = schedule()
     p.set_keys(["a", "b", "c"], now=0.0)

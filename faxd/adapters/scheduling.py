@@ -154,6 +154,11 @@ class RequestDriver:
             log.info("sched.push", up=up)
             self.wake()
 
+    def set_unpushed(self, keys: Iterable[Key]) -> None:
+        """The keys whose push alone is refused: polled like while push is down."""
+        self.sched.set_unpushed(keys)
+        self.wake()
+
     def set_extensions(self, keys: Iterable[Key]) -> None:
         self.sched.set_extensions(keys, self.now())
         self.wake()

@@ -23,7 +23,9 @@ headroom of the rate budget. Rules:
   whatever caused it (a poll, start-up, resync, a settle check, a client's ``sync``).
 * A key with faxes in flight (:meth:`PollSchedule.set_active`) is also due ``active_interval`` after
   its last check (the active poll); while push is down (:meth:`PollSchedule.set_push`) that becomes
-  ``min(active_interval, outage_interval)``, so a gateway outage costs seconds, not an interval.
+  ``min(active_interval, outage_interval)``, so a gateway outage costs seconds, not an interval. The
+  same holds, one key at a time, for keys whose push alone is refused (:meth:`PollSchedule.set_unpushed`:
+  RingCentral refused their event filters while the subscription works for the others).
 * Keys added together are spread over one ``interval`` (round-robin), so a hundred extensions do not
   all fall due at the same instant; since each key's next due time counts from its own last check,
   a sweep that the budget delays stretches instead of piling up.
@@ -68,6 +70,7 @@ class PollSchedule(Generic[K]):
     def __init__(self, interval: float, active_interval: float, outage_interval: float = 5.0) -> None:
         self._entries: dict[K, _Entry] = {}
         self._active: set[K] = set()
+        self._unpushed: set[K] = set()
         self._push_up = True
         self._order = 0
         self.configure(interval, active_interval, outage_interval)
@@ -90,6 +93,7 @@ class PollSchedule(Generic[K]):
         for key in [k for k in self._entries if k not in wanted]:
             del self._entries[key]
             self._active.discard(key)
+            self._unpushed.discard(key)
         new = [k for k in wanted if k not in self._entries]
         for i, key in enumerate(new):
             self._order += 1
@@ -109,6 +113,10 @@ class PollSchedule(Generic[K]):
     def push_up(self) -> bool:
         return self._push_up
 
+    def set_unpushed(self, keys: Iterable[K]) -> None:
+        """The keys that get no push although the subscription works (unknown keys are ignored)."""
+        self._unpushed = {k for k in keys if k in self._entries}
+
     def keys(self) -> list[K]:
         return list(self._entries)
 
@@ -117,9 +125,9 @@ class PollSchedule(Generic[K]):
 
     # -- time ----------------------------------------------------------------------------------------
 
-    def active_period(self) -> float:
-        """The interval of a key with faxes in flight, as it is now."""
-        if self._push_up:
+    def active_period(self, key: K | None = None) -> float:
+        """The interval of a key with faxes in flight, as it is now (for ``key``: its own push)."""
+        if self._push_up and key not in self._unpushed:
             return self.active_interval
         return min(self.active_interval, self.outage_interval)
 
@@ -128,14 +136,14 @@ class PollSchedule(Generic[K]):
         entry = self._entries[key]
         due = entry.safety_due
         if key in self._active:
-            due = min(due, entry.last + self.active_period())
+            due = min(due, entry.last + self.active_period(key))
         if entry.requested is not None:
             # Handed out and not checked yet: ask again only if the check never comes.
             due = max(due, entry.requested + self._period(key))
         return due
 
     def _period(self, key: K) -> float:
-        return min(self.interval, self.active_period()) if key in self._active else self.interval
+        return min(self.interval, self.active_period(key)) if key in self._active else self.interval
 
     def kind(self, key: K) -> PollKind:
         return PollKind.ACTIVE if key in self._active else PollKind.SAFETY

@@ -346,6 +346,11 @@ class Scheduler:
     def push_up(self) -> bool:
         return self.polls.push_up
 
+    def set_unpushed(self, keys: Iterable[Key]) -> None:
+        """Keys whose push RingCentral refuses while the subscription works for the others: their
+        faxes in flight are polled every ``outage_poll_interval`` too (from the headroom)."""
+        self.polls.set_unpushed(keys)
+
     def observed(
         self,
         group: str,
