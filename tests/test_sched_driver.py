@@ -329,3 +329,28 @@ async def test_a_request_made_outside_any_grant_is_budgeted_and_fails_at_stop_wi
             await ninth
         assert h.now() - stopping < 0.01
         assert len(h.sim.requests_to("/fax", "POST")) == 8
+
+
+async def test_a_check_bigger_than_its_grant_reads_the_rest_at_its_next_grant(tmp_path: Path) -> None:
+    """160 faxes in flight: a poll's check needs an ISync and four bulk GETs, more than a poll may
+    reserve (3 of the 4 Light tokens; one is kept for push). It reads what its grant pays for, commits,
+    ends deferred, and its next grant reads only the rest: every fax once, then the check is done."""
+    (a,) = exts(1)
+    async with harness(tmp_path, SimConfig(seed=10, extensions=(a,))) as h:
+        ids = [
+            h.sim.create_outbound_fax(a, [RecipientScript(f"+165055{i:05d}", after=3600)]) for i in range(160)
+        ]
+        h.ask(a, Priority.RESYNC, "startup")
+        await h.settled(a)
+        assert len(h.reconciler.in_flight()) == 160
+        await asyncio.sleep(10)  # the bucket refills
+        start = h.now()
+        h.ask(a, Priority.ACTIVE_POLL, "poll")
+        await h.settled(a)
+        bulk = [r for r in h.sim.requests_to("/message-store/{messageId}") if r.time >= start]
+        read = [r.raw_path.split("?", 1)[0].rsplit("/", 1)[1].split(",") for r in bulk]
+        assert sorted(fax_id for chunk in read for fax_id in chunk) == sorted(ids)  # each exactly once
+        syncs = h.syncs(start)
+        assert len(syncs) == 2  # two grants of the same work: the second went on where the first stopped
+        assert syncs[1][1] - syncs[0][1] >= 1.6  # the second waited for budget, it did not borrow
+        assert not [r for r in h.sim.requests if r.status == 429]

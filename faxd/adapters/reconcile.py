@@ -25,7 +25,7 @@ Three parts, all thin around the core:
      every ``missing_extension_retry`` until RingCentral knows it again. Ids whose entry failed
      otherwise are committed as far as they went and the reconcile raises :class:`BulkIncomplete`,
      so the scheduler retries it with backoff. A chunk the budget cannot pay now ends the reconcile
-     as deferred: what was read is committed, and the next check goes on where it stopped. What
+     as deferred: what was read is committed, and its next grant reads only the rest. What
      step 2 finds is journalled with source ``poll`` whatever asked: it is what push and sync missed,
      and counts in ``faxd_missed_by_push_total``.
   3. Without any API call: ``stalled`` events (checked when step 2 runs, i.e. at least every
@@ -167,7 +167,7 @@ class Reconciler:
         self._sending_refs: set[str] = set()
         self._fsync_failing: set[str] = set()  # extensions whose last full sync failed
         self._not_found: set[str] = set()  # extensions RingCentral answered 404 extensionId for
-        self._bulk_cursor: dict[str, int] = {}  # where a deferred bulk read of an extension goes on
+        self._bulk_left: dict[str, set[str]] = {}  # what a check deferred for budget has still to read
         for state in store.load_faxes(in_flight_only=True).values():
             self.tracker.hold(state)
         if settings.sent_settle > 0:
@@ -430,23 +430,23 @@ class Reconciler:
         """Step 2: bulk GETs of the held faxes the sync did not return (``batch.seen``) into ``batch``.
 
         Returns the ids whose entry failed (not 404: read again on the retry) and, when a chunk did
-        not fit the budget, that refusal: what was read stays in ``batch``, and the next check starts
-        with the faxes this one did not reach (round-robin, so thousands in flight are all read).
+        not fit the budget, that refusal: what was read stays in ``batch``, and the next check (the
+        same work, granted again) reads only what this one did not reach, so a check of thousands of
+        faxes in flight ends after as many grants as it needs instead of starting over each time.
         """
         tracked = [f for f in self.tracked(extension_id) if f.fax_id not in batch.seen]
         batch.base = {f.fax_id: f for f in tracked}  # in case one leaves memory during the GET
         missing = [f.fax_id for f in tracked]
-        if not missing:
-            return [], None
-        start = self._bulk_cursor.pop(extension_id, 0) % len(missing)
-        missing = missing[start:] + missing[:start]
+        left = self._bulk_left.pop(extension_id, None)
+        if left is not None:
+            missing = [fax_id for fax_id in missing if fax_id in left]
         failed: list[str] = []
         for at in range(0, len(missing), BULK_MAX):
             chunk = missing[at : at + BULK_MAX]
             try:
                 found = await self.rc.get_messages(extension_id, chunk)
             except NotSent as exc:
-                self._bulk_cursor[extension_id] = start + at
+                self._bulk_left[extension_id] = set(missing[at:])
                 return failed, exc
             for fax_id in chunk:
                 if fax_id not in found:
