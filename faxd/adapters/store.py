@@ -84,6 +84,22 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX faxes_created ON faxes (created);
     """,
+    # 3 (resend policy, send.retry): the attempts of each logical fax faxd resends and the planned
+    # next attempts, so a retry timer survives a restart (faxd.adapters.resend.ResendBook).
+    """
+    CREATE TABLE resends (
+        fax_id TEXT PRIMARY KEY,
+        ref TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        first_at REAL NOT NULL,
+        extension_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        retry_at REAL,
+        targets TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE UNIQUE INDEX resends_attempt ON resends (ref, attempt);
+    CREATE INDEX resends_open ON resends (state) WHERE state IN ('planned', 'resending');
+    """,
 )
 
 #: Ids per ``IN (...)`` list: far below SQLite's limit on host parameters (999 before 3.32).
@@ -94,26 +110,28 @@ _FAX_COLUMNS = (
 
 
 def _transition_json(t: Transition) -> str:
-    return json.dumps(
-        {
-            "kind": t.kind.value,
-            "fax_id": t.fax_id,
-            "extension_id": t.extension_id,
-            "direction": t.direction,
-            "from_status": t.from_status,
-            "to_status": t.to_status,
-            "final": t.final,
-            "recipient_index": t.recipient_index,
-            "recipient_phone": t.recipient_phone,
-            "error_code": t.error_code,
-            "error_category": t.error_category,
-            "retryable": t.retryable,
-            "pages": t.pages,
-            "rc_modified": t.rc_modified,
-            "ref": t.ref,
-        },
-        separators=(",", ":"),
-    )
+    fields: dict[str, Any] = {
+        "kind": t.kind.value,
+        "fax_id": t.fax_id,
+        "extension_id": t.extension_id,
+        "direction": t.direction,
+        "from_status": t.from_status,
+        "to_status": t.to_status,
+        "final": t.final,
+        "recipient_index": t.recipient_index,
+        "recipient_phone": t.recipient_phone,
+        "error_code": t.error_code,
+        "error_category": t.error_category,
+        "retryable": t.retryable,
+        "pages": t.pages,
+        "rc_modified": t.rc_modified,
+        "ref": t.ref,
+    }
+    if t.attempt is not None:
+        # Resend policy fields: written only when set, so every other row keeps the layout that
+        # faxd.core.protocol pastes onto the wire without decoding it.
+        fields.update(attempt=t.attempt, retry_at=t.retry_at, gave_up=t.gave_up)
+    return json.dumps(fields, separators=(",", ":"))
 
 
 def _transition_from(data: Mapping[str, Any]) -> Transition:
