@@ -95,7 +95,8 @@ MIGRATIONS: tuple[str, ...] = (
         extension_id TEXT NOT NULL,
         state TEXT NOT NULL,
         retry_at REAL,
-        targets TEXT NOT NULL DEFAULT '[]'
+        targets TEXT NOT NULL DEFAULT '[]',
+        gave_up TEXT
     );
     CREATE UNIQUE INDEX resends_attempt ON resends (ref, attempt);
     CREATE INDEX resends_open ON resends (state) WHERE state IN ('planned', 'resending');
