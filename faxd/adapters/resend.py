@@ -302,7 +302,7 @@ class Resender:
             return
         new_id = record.get("id")
         if not isinstance(new_id, str | int) or isinstance(new_id, bool) or not str(new_id):
-            log.error("resend.bad_answer", ref=row.ref, fax_id=row.fax_id, detail="no message id")
+            log.warning("resend.bad_answer", ref=row.ref, fax_id=row.fax_id, detail="no message id")
             self._give_up(row, GiveUp.REFUSED)
             return
         attempt = self.book.resent(row, str(new_id))

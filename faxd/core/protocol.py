@@ -5,6 +5,11 @@ subscription :class:`Filter`, encodes every server message as one compact NDJSON
 of a connection's life (:class:`ClientPhase`) with the moves allowed between them. It is shared by the event
 server (adapters) and the CLI client (app).
 
+Events of a fax under the resend policy (``send.retry``, :mod:`faxd.core.resend`) carry ``attempt``,
+``retry_at`` and ``gave_up`` after ``source``; those keys are absent from every other event, so its line
+is byte for byte what it was before the policy existed (:func:`encode_event` writes them with the
+generic encoder).
+
 This module must not do I/O, touch sockets or the event loop, read clocks or log: the event server decides
 what to do with a bad line (reply, or close the connection), this module only says what is wrong with it.
 """
