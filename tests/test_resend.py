@@ -338,6 +338,47 @@ async def test_a_resend_cut_short_is_not_repeated_after_a_restart(tmp_path: Path
         assert h2.metric("faxd_resend_gave_up_total", reason="interrupted") == 1
 
 
+@pytest.mark.looptime
+async def test_a_try_due_while_faxd_was_down_past_the_deadline_is_not_made(tmp_path: Path) -> None:
+    policy = RetryPolicy(max_attempts=3, delay=60, deadline=120)
+    async with fake_time_sim() as sim:
+        async with harness(sim, tmp_path / "db", policy) as h:
+            sim.set_outcome(BUSY, _script("SendingFailed", "LineBusy"))
+            await h.reconciler.send(
+                EXT, to=[BUSY], documents=[DOC], ref="r8", cover_text=None, resolution=None
+            )
+            await h.until(lambda: h.metric("faxd_resends_planned") == 1)
+        await asyncio.sleep(300)  # faxd is down: the planned try (at 65 s) and the deadline pass
+        async with harness(sim, tmp_path / "db", policy) as h2:
+            final = await h2.final("r8")
+        t = final.transition
+        assert (t.kind, t.to_status, t.attempt, t.gave_up) == (EventKind.RESEND, "GaveUp", 1, "deadline")
+        assert len(_sends(sim)) == 1
+
+
+@pytest.mark.looptime
+async def test_a_later_change_to_a_try_that_was_resent_plans_nothing_again(tmp_path: Path) -> None:
+    """The decision about a try is made once: the try's message deleted later (a new transition of an
+    old try) is reported with its ref and attempt, and resends nothing."""
+    policy = RetryPolicy(max_attempts=3, delay=10, deadline=3600)
+    async with fake_time_sim() as sim, harness(sim, tmp_path / "db", policy) as h:
+        sim.set_outcome(BUSY, _script("SendingFailed", "LineBusy"))
+        first = await h.reconciler.send(
+            EXT, to=[BUSY], documents=[DOC], ref="r9", cover_text=None, resolution=None
+        )
+        await h.until(lambda: h.metric("faxd_resends_planned") == 1)
+        sim.set_outcome(BUSY, _script("Sent"))
+        final = await h.final("r9")
+        assert final.transition.attempt == 2
+        sim.store.delete(sim.store.get(EXT, first.fax_id))  # as if deleted in the RingCentral app
+        await h.until(lambda: any(e.transition.kind is EventKind.AVAILABILITY for e in h.of("r9")))
+        await asyncio.sleep(600)
+        (deleted,) = [e.transition for e in h.of("r9") if e.transition.kind is EventKind.AVAILABILITY]
+        assert (deleted.fax_id, deleted.attempt, deleted.to_status) == (first.fax_id, 1, "Deleted")
+        assert len(_sends(sim)) == 2
+        assert h.metric("faxd_resends_planned") == 0
+
+
 # -- the daemon, killed between attempts ---------------------------------------------------------------
 
 

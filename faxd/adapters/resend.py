@@ -289,6 +289,10 @@ class Resender:
 
     async def resend(self, row: Row) -> None:
         """Send attempt ``row.attempt + 1`` now: RingCentral's resend of ``row``'s message."""
+        if retry_delay(self.policy, row.of, self.wall(), 0.0) is None:
+            # Planned in time, but faxd was down (or waited for budget) until after the deadline.
+            self._give_up(row, GiveUp.DEADLINE)
+            return
         self.book.set_state(row.fax_id, "resending")
         self._count_planned()
         try:
