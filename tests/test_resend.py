@@ -20,7 +20,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from ops_support import daemon, write_config
+from daemon_support import started
+from ops_support import daemon, run_faxd, write_config
 from prometheus_client import CollectorRegistry
 from socket_client import SocketClient
 
@@ -29,6 +30,7 @@ from faxd.adapters.reconcile import ReconcileQueue, Reconciler, ReconcileSetting
 from faxd.adapters.resend import Resender
 from faxd.adapters.rest import Document, RingCentral
 from faxd.adapters.store import Store
+from faxd.config import Config
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind
 from faxd.core.protocol import encode_event
@@ -451,3 +453,32 @@ async def test_a_restart_between_attempts_resumes_the_timer_with_the_right_attem
     messages = [m for m in sim.messages() if m["direction"] == "Outbound"]
     assert len(messages) == 3  # one per attempt: nothing resent twice across the restarts
     assert all(m["to"][0]["phoneNumber"] == BUSY for m in messages)
+
+
+async def test_send_wait_follows_the_tries_of_a_logical_fax(
+    sim: Simulator, make_config: Callable[..., Config], short_dir: Path
+) -> None:
+    """``faxd send --wait --ref`` does not stop at a failure faxd resends: it follows the next try,
+    and its verdict is each recipient's last outcome (0: the busy one got it on try 2)."""
+    sent = "+16505550100"
+    config = make_config(sim, send={"retry": {"max_attempts": 3, "delay": "1s", "deadline": "5m"}})
+    sim.set_outcome(BUSY, RecipientScript(BUSY, "SendingFailed", "LineBusy", after=0.3))
+    sim.set_outcome(sent, RecipientScript(sent, "Sent", after=0.1))
+    doc = short_dir / "a.txt"
+    doc.write_text("hello")
+    async with started(config) as faxd:
+        watcher = await SocketClient.subscribed(faxd.socket)
+        cli = asyncio.create_task(
+            run_faxd(
+                "send", "--socket", faxd.socket, "--to", BUSY, "--to", sent, "--ref", "w1", "--wait", str(doc)
+            )
+        )
+        await _events_of(watcher, "w1", lambda e: e["kind"] == "status" and e.get("retry_at") is not None)
+        sim.set_outcome(BUSY, RecipientScript(BUSY, "Sent", after=0.3))
+        code, _out, err = await cli
+        await watcher.close()
+    assert code == 0, err
+    tries = [line for line in err.splitlines() if "ref=w1" in line]
+    assert any("attempt 1" in line and "retry at" in line for line in tries), err
+    assert any("attempt 2" in line and "→ Sent" in line and "final" in line for line in tries), err
+    assert len([m for m in sim.messages() if m["direction"] == "Outbound"]) == 2
