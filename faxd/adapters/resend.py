@@ -147,6 +147,13 @@ class ResendBook:
             "UPDATE resends SET state = 'gave_up', gave_up = ? WHERE fax_id = ?", (reason.value, fax_id)
         )
 
+    def forget_pruned(self) -> None:
+        """Drop the rows of finished tries whose fax retention removed: nothing can follow them."""
+        self._store.db.execute(
+            "DELETE FROM resends WHERE state IN ('resent', 'gave_up', 'done')"
+            " AND fax_id NOT IN (SELECT fax_id FROM faxes)"
+        )
+
     def resent(self, previous: Row, fax_id: str) -> Attempt:
         """Message ``fax_id`` is the attempt after ``previous``: both rows change in one transaction."""
         attempt = Attempt(previous.ref, previous.attempt + 1, previous.first_at)
@@ -185,6 +192,7 @@ class Resender:
         self.book = ResendBook(reconciler.store)
         self._wake = asyncio.Event()
         reconciler.review = self.review
+        self.book.forget_pruned()
         self._count_planned()
 
     def _count_planned(self) -> None:
@@ -298,9 +306,12 @@ class Resender:
         try:
             record = await self.rc.resend_fax(row.extension_id, row.fax_id, to=row.targets)
         except Stopping:
-            # Raised before the request went out: it is planned again for the next start.
+            # faxd is stopping and the request would have had to wait for budget: it never went
+            # out, so it stays planned for the next start. Nothing more is sent until the stop.
             self.book.set_state(row.fax_id, "planned")
-            raise
+            log.info("resend.deferred", ref=row.ref, fax_id=row.fax_id)
+            await asyncio.Event().wait()  # until the stop cancels this task
+            raise AssertionError("unreachable") from None
         except ApiError as exc:
             self._request_failed(row, exc)
             return
