@@ -24,6 +24,7 @@ from daemon_support import started
 from ops_support import daemon, run_faxd, write_config
 from prometheus_client import CollectorRegistry
 from socket_client import SocketClient
+from structlog.testing import capture_logs
 
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.reconcile import ReconcileQueue, Reconciler, ReconcileSettings, poll_forever
@@ -33,7 +34,7 @@ from faxd.adapters.store import Store
 from faxd.config import Config
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, EventKind
-from faxd.core.protocol import encode_event
+from faxd.core.protocol import SendError, encode_event
 from faxd.core.resend import RetryPolicy
 from faxd.sim import RecipientScript, SimConfig, Simulator, loop_wall_clock
 
@@ -379,6 +380,35 @@ async def test_a_later_change_to_a_try_that_was_resent_plans_nothing_again(tmp_p
         assert (deleted.fax_id, deleted.attempt, deleted.to_status) == (first.fax_id, 1, "Deleted")
         assert len(_sends(sim)) == 2
         assert h.metric("faxd_resends_planned") == 0
+
+
+@pytest.mark.looptime
+async def test_a_resend_that_would_wait_for_budget_while_faxd_stops_stays_planned(tmp_path: Path) -> None:
+    policy = RetryPolicy(max_attempts=3, delay=60, deadline=3600)
+    async with fake_time_sim() as sim:
+        async with harness(sim, tmp_path / "db", policy) as h:
+            sim.set_outcome(BUSY, _script("SendingFailed", "LineBusy"))
+            await h.reconciler.send(
+                EXT, to=[BUSY], documents=[DOC], ref="r10", cover_text=None, resolution=None
+            )
+            await h.until(lambda: h.metric("faxd_resends_planned") == 1)
+            sim.rate_limit_storm("Heavy", 1000)  # a 429 with Retry-After 1000: the Heavy budget waits
+            with pytest.raises(SendError):
+                await h.reconciler.send(
+                    EXT, to=["+16505550100"], documents=[DOC], ref=None, cover_text=None, resolution=None
+                )
+            h.reconciler.rc.stop_waiting()  # what the daemon's stop does
+            with capture_logs() as logs:
+                await asyncio.sleep(120)  # the resend is due at 65 s
+            assert [e["event"] for e in logs if e["event"].startswith("resend.")] == ["resend.deferred"]
+            assert [r.fax_id for r in h.resender.book.open_rows("planned")] == [
+                h.of("r10")[0].transition.fax_id
+            ]
+        await asyncio.sleep(1000)  # the storm is over; faxd starts again
+        sim.set_outcome(BUSY, _script("Sent"))
+        async with harness(sim, tmp_path / "db", policy) as h2:
+            final = await h2.final("r10")
+        assert (final.transition.attempt, final.transition.to_status) == (2, "Sent")
 
 
 # -- the daemon, killed between attempts ---------------------------------------------------------------
