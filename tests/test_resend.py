@@ -88,7 +88,9 @@ class Harness:
 
 
 @asynccontextmanager
-async def harness(sim: Simulator, db: Path, policy: RetryPolicy) -> AsyncIterator[Harness]:
+async def harness(
+    sim: Simulator, db: Path, policy: RetryPolicy, sent_settle: float = 0.0
+) -> AsyncIterator[Harness]:
     """The engine and a :class:`Resender` against ``sim``, on the simulator's (fake) wall clock."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -110,7 +112,9 @@ async def harness(sim: Simulator, db: Path, policy: RetryPolicy) -> AsyncIterato
         await rc.login()
         store = Store(db)
         store.open()
-        settings = ReconcileSettings(debounce=0.05, max_delay=0.2, active_poll_interval=1.0)
+        settings = ReconcileSettings(
+            debounce=0.05, max_delay=0.2, active_poll_interval=1.0, sent_settle=sent_settle
+        )
         h: Harness | None = None
 
         def publish(new: Sequence[Event]) -> None:
@@ -409,6 +413,21 @@ async def test_a_resend_that_would_wait_for_budget_while_faxd_stops_stays_planne
         async with harness(sim, tmp_path / "db", policy) as h2:
             final = await h2.final("r10")
         assert (final.transition.attempt, final.transition.to_status) == (2, "Sent")
+
+
+@pytest.mark.looptime
+async def test_with_a_settle_period_the_settled_event_of_the_last_try_is_the_end(tmp_path: Path) -> None:
+    """``reconcile.sent_settle``: the last try's ``Sent`` waits to settle; the ``settled`` event (made
+    for a fax the batch did not change) carries the ref and the attempt too."""
+    policy = RetryPolicy(max_attempts=3, delay=10, deadline=3600)
+    async with fake_time_sim() as sim, harness(sim, tmp_path / "db", policy, sent_settle=30) as h:
+        sim.set_outcome(BUSY, _script("SendingFailed", "LineBusy"))
+        await h.reconciler.send(EXT, to=[BUSY], documents=[DOC], ref="r11", cover_text=None, resolution=None)
+        await h.until(lambda: h.metric("faxd_resends_planned") == 1)
+        sim.set_outcome(BUSY, _script("Sent"))
+        await h.until(lambda: any(e.transition.kind is EventKind.SETTLED for e in h.of("r11")))
+        finals = [e.transition for e in h.of("r11") if e.transition.final]
+        assert {(t.kind, t.attempt) for t in finals} == {(EventKind.SETTLED, 2)}
 
 
 # -- the daemon, killed between attempts ---------------------------------------------------------------

@@ -208,7 +208,9 @@ class Resender:
         for j in journal:
             fax_id = j.transition.fax_id
             if fax_id not in seen:
-                seen[fax_id] = self._decided(changed.get(fax_id), now)
+                # A stall or settle of a fax this batch did not change: its state is the held one.
+                state = changed.get(fax_id) or self.reconciler.fax(fax_id)
+                seen[fax_id] = self._decided(state, now)
             found = seen[fax_id]
             if found is None:
                 out.append(j)
