@@ -111,28 +111,30 @@ _FAX_COLUMNS = (
 
 
 def _transition_json(t: Transition) -> str:
-    fields: dict[str, Any] = {
-        "kind": t.kind.value,
-        "fax_id": t.fax_id,
-        "extension_id": t.extension_id,
-        "direction": t.direction,
-        "from_status": t.from_status,
-        "to_status": t.to_status,
-        "final": t.final,
-        "recipient_index": t.recipient_index,
-        "recipient_phone": t.recipient_phone,
-        "error_code": t.error_code,
-        "error_category": t.error_category,
-        "retryable": t.retryable,
-        "pages": t.pages,
-        "rc_modified": t.rc_modified,
-        "ref": t.ref,
-    }
-    if t.attempt is not None:
-        # Resend policy fields: written only when set, so every other row keeps the layout that
-        # faxd.core.protocol pastes onto the wire without decoding it.
-        fields.update(attempt=t.attempt, retry_at=t.retry_at, gave_up=t.gave_up)
-    return json.dumps(fields, separators=(",", ":"))
+    # Resend policy fields (send.retry): written only when set, so every other row keeps the layout
+    # that faxd.core.protocol pastes onto the wire without decoding it.
+    resend = {} if t.attempt is None else {"attempt": t.attempt, "retry_at": t.retry_at, "gave_up": t.gave_up}
+    return json.dumps(
+        {
+            "kind": t.kind.value,
+            "fax_id": t.fax_id,
+            "extension_id": t.extension_id,
+            "direction": t.direction,
+            "from_status": t.from_status,
+            "to_status": t.to_status,
+            "final": t.final,
+            "recipient_index": t.recipient_index,
+            "recipient_phone": t.recipient_phone,
+            "error_code": t.error_code,
+            "error_category": t.error_category,
+            "retryable": t.retryable,
+            "pages": t.pages,
+            "rc_modified": t.rc_modified,
+            "ref": t.ref,
+            **resend,
+        },
+        separators=(",", ":"),
+    )
 
 
 def _transition_from(data: Mapping[str, Any]) -> Transition:
