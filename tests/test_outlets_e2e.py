@@ -171,3 +171,31 @@ async def test_outlets_cli_names_unknown_outlets_and_lists_dead_letters(tmp_path
     code, _, err = await run_faxd("outlets", "--db", str(tmp_path / "missing.db"))
     assert code == 1
     assert "no store at" in err
+
+
+async def test_sigterm_during_a_hanging_delivery_stops_within_5_s(sim: Simulator, short_dir: Path) -> None:
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    secret_file = short_dir / "webhook-secret"
+    secret_file.touch(mode=0o600)
+    secret_file.write_text(secret)
+    prepare_store(short_dir / "faxd.db", 3)
+    receiver = Receiver(secret, by_seq={2: "hang"}, hang_for=60.0)
+    await receiver.start()
+    outlet = {"type": "webhook", "url": receiver.url, "secret": {"file": "webhook-secret"}, "timeout": 60}
+    config = write_config(short_dir, sim, outlets={"ehr": outlet})
+    try:
+        async with daemon(config) as running:
+            await receiver.wait_for(lambda r: [x.seq for x in r.requests] == [1, 2], within=45)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await running.stop() == 0
+            assert loop.time() - started < 5.0
+    finally:
+        await receiver.stop()
+    store = Store(short_dir / "faxd.db")
+    store.open()
+    try:
+        # the batch holding the abandoned delivery is not committed: it goes again at the next start
+        assert Ledger(store.db).cursor("ehr", new_at=0) == 0
+    finally:
+        store.close()
