@@ -401,3 +401,16 @@ async def test_stop_commits_what_was_delivered_and_aborts_the_rest(
         await receiver.wait_for(lambda r: [x.seq for x in r.requests] == [1, 2, 3])
     # cancelled mid-request: 1 and 2 are committed, 3 (in flight) will be sent again
     assert Ledger(store.db).cursor("o", new_at=0) == 2
+
+
+async def test_events_pruned_before_delivery_are_reported(
+    store: Store, metrics: Metrics, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    new_outlet_at_zero(store)
+    journal(store, 2, observed=datetime.now(UTC) - timedelta(days=40))
+    journal(store, 1)
+    store.prune(before=iso(datetime.now(UTC) - timedelta(days=30)))
+    async with Running(Outlets({"o": webhook(receiver.url)}, store, metrics)):
+        await committed(metrics, 3)
+    assert receiver.delivered == [3]
+    assert "outlet.events_pruned" in capsys.readouterr().out

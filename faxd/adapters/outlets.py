@@ -382,6 +382,14 @@ class Outlet:
                         async with asyncio.timeout(IDLE_CHECK):
                             await self._wake.wait()
                     continue
+                if batch[0].seq > self.cursor + 1:
+                    log.warning(
+                        "outlet.events_pruned",
+                        outlet=self.name,
+                        after_seq=self.cursor,
+                        next_seq=batch[0].seq,
+                        detail="the journal was pruned (store.retention_days) before this outlet got them",
+                    )
                 await self._deliver_batch(batch)
                 self.cursor = batch[-1].seq
                 if time.monotonic() - self._flushed_at >= FLUSH_INTERVAL:
