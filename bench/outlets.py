@@ -42,7 +42,7 @@ from report import Report, add_options, apply_quick
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.outlets import Ledger, Outlets
 from faxd.adapters.store import Journalled, Store
-from faxd.config import OutletConfig, Secret
+from faxd.config import OutletConfig, Secret, outlet_settings
 from faxd.core.model import EventKind, Source, Transition
 from faxd.logs import configure_logging
 
@@ -174,7 +174,7 @@ async def run_phase(
     journal(store, args.events)
     target = base + args.events
     cpu0, t0 = time.process_time(), time.time()
-    outlets = Outlets(configs, store, metrics)
+    outlets = Outlets(outlet_settings(configs), store, metrics)
     async with outlets:
         task = asyncio.create_task(outlets.run())
         try:

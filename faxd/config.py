@@ -39,7 +39,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from faxd.core.outlets import decode_secret
+from faxd.core.outlets import OutletSettings, RetryPolicy, decode_secret
+from faxd.core.protocol import Filter
 from faxd.core.proxy import Proxy, ProxyError, parse_proxy_url
 
 EX_CONFIG = 78
@@ -729,6 +730,34 @@ def _parse_outlets(raw: object, prefix: str, ctx: _Context, problems: list[str])
             problems.extend(outlet.outlet_problems(key))
             outlets[name] = outlet
     return outlets
+
+
+def outlet_settings(outlets: Mapping[str, OutletConfig]) -> list[OutletSettings]:
+    """What the outlets run with: each outlet's settings, its webhook secret decoded (never logged)."""
+    settings = []
+    for name, cfg in outlets.items():
+        f = cfg.filter
+        settings.append(
+            OutletSettings(
+                name=name,
+                kind="webhook" if cfg.type == "webhook" else "exec",
+                retry=RetryPolicy(initial=cfg.retry_initial, cap=cfg.retry_max, max_age=cfg.max_age),
+                timeout=cfg.timeout,
+                filter=Filter(
+                    extensions=f.extensions,
+                    directions=f.directions,
+                    to_status=f.to_status,
+                    final_only=f.final_only,
+                ),
+                include_numbers=cfg.include_numbers,
+                url=cfg.url,
+                key=decode_secret(cfg.secret.reveal()) if cfg.secret is not None else b"",
+                ca_file=cfg.ca_file,
+                command=cfg.command or (),
+                concurrency=cfg.concurrency,
+            )
+        )
+    return settings
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -68,6 +68,7 @@ from faxd.config import (
     RingCentralConfig,
     load_config,
     merge_reload,
+    outlet_settings,
     split_host_port,
 )
 from faxd.core import proxy
@@ -764,7 +765,7 @@ async def _run(
         server = await _open_event_server(stack, config.events, backend, metrics, inherited.get("events"))
         journal.subscribe(server.publish)
         journal.subscribe(status.published)
-        outlets = await stack.enter_async_context(Outlets(config.outlets, store, metrics))
+        outlets = await stack.enter_async_context(Outlets(outlet_settings(config.outlets), store, metrics))
         journal.subscribe(outlets.published)
         await _serve_metrics(stack, config.metrics, registry, status.ready)
 

@@ -24,7 +24,7 @@ from faxd.adapters import outlets as outlets_module
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.outlets import Ledger, Outlets, open_ledger
 from faxd.adapters.store import Journalled, Store
-from faxd.config import OutletConfig, OutletFilterConfig, Secret
+from faxd.config import OutletConfig, OutletFilterConfig, Secret, outlet_settings
 from faxd.core.model import Event, EventKind, Source, Transition
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -147,7 +147,7 @@ async def test_failures_on_schedule_retry_in_order_and_4xx_parks(
         7: (400, {}),  # seq 4 parked
         8: (408, {}),  # seq 5 retried
     }
-    async with Running(Outlets({"o": webhook(receiver.url)}, store, metrics)):
+    async with Running(Outlets(outlet_settings({"o": webhook(receiver.url)}), store, metrics)):
         await committed(metrics, 8)
     assert receiver.bad_signatures == 0
     assert receiver.delivered == [1, 2, 5, 6, 7, 8]
@@ -176,7 +176,7 @@ async def test_retry_after_is_waited_for(store: Store, metrics: Metrics, receive
     loop = asyncio.get_running_loop()
     times: list[float] = []
     receiver.before_reply = lambda _: times.append(loop.time())
-    async with Running(Outlets({"o": webhook(receiver.url)}, store, metrics)):
+    async with Running(Outlets(outlet_settings({"o": webhook(receiver.url)}), store, metrics)):
         await receiver.wait_for(lambda r: r.delivered == [1])
     assert times[1] - times[0] >= 1.0  # the backoff alone would have been 0.05 s at most
 
@@ -184,7 +184,7 @@ async def test_retry_after_is_waited_for(store: Store, metrics: Metrics, receive
 async def test_receiver_killed_and_restarted(store: Store, metrics: Metrics, receiver: Receiver) -> None:
     new_outlet_at_zero(store)
     journal(store, 3)
-    async with Running(Outlets({"o": webhook(receiver.url)}, store, metrics)) as outlets:
+    async with Running(Outlets(outlet_settings({"o": webhook(receiver.url)}), store, metrics)) as outlets:
         await receiver.wait_for(lambda r: r.delivered == [1, 2, 3])
         await receiver.stop()
         outlets.published(journal(store, 3))
@@ -201,7 +201,7 @@ async def test_publish_wakes_the_outlet(
     store: Store, metrics: Metrics, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(outlets_module, "IDLE_CHECK", 3600.0)  # only a publish can wake it now
-    async with Running(Outlets({"o": webhook(receiver.url)}, store, metrics)) as outlets:
+    async with Running(Outlets(outlet_settings({"o": webhook(receiver.url)}), store, metrics)) as outlets:
         await started(store)
         outlets.published(journal(store, 2))
         await receiver.wait_for(lambda r: r.delivered == [1, 2], within=10)
@@ -211,7 +211,7 @@ async def test_a_new_outlet_starts_at_the_head_and_replay_goes_back(
     store: Store, metrics: Metrics, receiver: Receiver, tmp_path: Path
 ) -> None:
     journal(store, 3)  # before the outlet existed
-    async with Running(Outlets({"o": webhook(receiver.url)}, store, metrics)) as outlets:
+    async with Running(Outlets(outlet_settings({"o": webhook(receiver.url)}), store, metrics)) as outlets:
         await started(store)
         outlets.published(journal(store, 2))
         await receiver.wait_for(lambda r: r.delivered == [4, 5])
@@ -230,7 +230,7 @@ async def test_too_old_events_are_dead_lettered_and_the_outlet_goes_on(
     journal(store, 1, observed=datetime.now(UTC) - timedelta(hours=2))
     journal(store, 1)
     receiver.by_seq = {1: (503, {}), 2: (503, {})}
-    async with Running(Outlets({"o": webhook(receiver.url, max_age=3600)}, store, metrics)):
+    async with Running(Outlets(outlet_settings({"o": webhook(receiver.url, max_age=3600)}), store, metrics)):
         await receiver.wait_for(lambda r: r.delivered == [2])
     dead = Ledger(store.db).dead_letters("o")
     assert [d.seq for d in dead] == [1]
@@ -245,7 +245,7 @@ async def test_filter_skips_but_the_cursor_moves_on(
     journal(store, 1, final=False)
     journal(store, 1)
     flt = OutletFilterConfig(directions=frozenset({"outbound"}), final_only=True)
-    async with Running(Outlets({"o": webhook(receiver.url, filter=flt)}, store, metrics)):
+    async with Running(Outlets(outlet_settings({"o": webhook(receiver.url, filter=flt)}), store, metrics)):
         await committed(metrics, 3)
     assert receiver.delivered == [3]
     assert Ledger(store.db).cursor("o", new_at=0) == 3
@@ -269,7 +269,7 @@ async def test_tls_is_verified(store: Store, metrics: Metrics, tmp_path: Path) -
             "trusted": webhook(receiver.url, ca_file=str(ca_file)),
             "untrusted": webhook(receiver.url),  # the system's CAs do not know this one
         }
-        async with Running(Outlets(outlets, store, metrics)):
+        async with Running(Outlets(outlet_settings(outlets), store, metrics)):
             await receiver.wait_for(lambda r: r.delivered == [1])
             await until(lambda: value(metrics, "faxd_outlet_failed_attempts_total", "untrusted") >= 2)
         assert receiver.delivered == [1]  # only the trusted outlet ever got through
@@ -328,7 +328,7 @@ async def test_exec_hook_gets_stdin_env_and_retries(
     script = hook_script(tmp_path)
     new_outlet_at_zero(store)
     journal(store, 4)
-    async with Running(Outlets({"o": hook(script, out)}, store, metrics)):
+    async with Running(Outlets(outlet_settings({"o": hook(script, out)}), store, metrics)):
         await wait_file(out / "log", "end 4")
     log = (out / "log").read_text().split("\n")
     # in order, seq 2 retried after exit 3, seq 3 retried after the timeout killed it
@@ -379,7 +379,7 @@ async def test_exec_concurrency_is_bounded(store: Store, metrics: Metrics, tmp_p
     new_outlet_at_zero(store)
     journal(store, 6)
     cfg = hook(script, out, concurrency=2, timeout=10.0)
-    async with Running(Outlets({"o": cfg}, store, metrics)):
+    async with Running(Outlets(outlet_settings({"o": cfg}), store, metrics)):
         await committed(metrics, 6)
     running = peak = 0
     for line in (out / "log").read_text().splitlines():
@@ -397,7 +397,7 @@ async def test_stop_commits_what_was_delivered_and_aborts_the_rest(
     new_outlet_at_zero(store)
     journal(store, 4)
     receiver.by_seq = {3: "hang"}
-    async with Running(Outlets({"o": webhook(receiver.url, timeout=60)}, store, metrics)):
+    async with Running(Outlets(outlet_settings({"o": webhook(receiver.url, timeout=60)}), store, metrics)):
         await receiver.wait_for(lambda r: [x.seq for x in r.requests] == [1, 2, 3])
     # cancelled mid-request: 1 and 2 are committed, 3 (in flight) will be sent again
     assert Ledger(store.db).cursor("o", new_at=0) == 2
@@ -410,7 +410,7 @@ async def test_events_pruned_before_delivery_are_reported(
     journal(store, 2, observed=datetime.now(UTC) - timedelta(days=40))
     journal(store, 1)
     store.prune(before=iso(datetime.now(UTC) - timedelta(days=30)))
-    async with Running(Outlets({"o": webhook(receiver.url)}, store, metrics)):
+    async with Running(Outlets(outlet_settings({"o": webhook(receiver.url)}), store, metrics)):
         await committed(metrics, 3)
     assert receiver.delivered == [3]
     assert "outlet.events_pruned" in capsys.readouterr().out

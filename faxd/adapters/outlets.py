@@ -43,23 +43,21 @@ import structlog
 from faxd import __version__
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.store import Store
-from faxd.config import OutletConfig
 from faxd.core.model import Event
 from faxd.core.outlets import (
     Attempt,
     GiveUp,
     Outcome,
-    RetryPolicy,
+    OutletSettings,
     after_failure,
     classify_status,
-    decode_secret,
     exit_outcome,
     hook_environment,
     parse_retry_after,
     webhook_headers,
     webhook_id,
 )
-from faxd.core.protocol import Filter, StoredEvent, encode_event
+from faxd.core.protocol import StoredEvent, encode_event
 from faxd.core.status import parse_time
 
 log = structlog.get_logger(__name__)
@@ -228,11 +226,10 @@ class WebhookSender:
     """POSTs an event, signed per Standard Webhooks, on a kept-alive connection; no redirects followed,
     no proxy from the environment."""
 
-    def __init__(self, cfg: OutletConfig) -> None:
+    def __init__(self, cfg: OutletSettings) -> None:
         assert cfg.url is not None
-        assert cfg.secret is not None
         self._url = cfg.url
-        self._key = decode_secret(cfg.secret.reveal())
+        self._key = cfg.key
         connector = aiohttp.TCPConnector(ssl=tls_context(cfg.ca_file), limit=1)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -265,9 +262,9 @@ class ExecSender:
     """Runs the hook's argv (no shell) in its own process group, the event JSON on its stdin; its
     stdout is discarded, its stderr is faxd's (the journal)."""
 
-    def __init__(self, name: str, cfg: OutletConfig, environ: dict[str, str] | None = None) -> None:
-        assert cfg.command is not None
-        self._name = name
+    def __init__(self, cfg: OutletSettings, environ: dict[str, str] | None = None) -> None:
+        assert cfg.command
+        self._name = cfg.name
         self._argv = cfg.command
         self._timeout = cfg.timeout
         env = os.environ if environ is None else environ
@@ -318,34 +315,26 @@ async def _stop_group(proc: asyncio.subprocess.Process) -> None:
 # -- one outlet ------------------------------------------------------------------------------------------
 
 
-def _filter(cfg: OutletConfig) -> Filter:
-    f = cfg.filter
-    return Filter(
-        extensions=f.extensions, directions=f.directions, to_status=f.to_status, final_only=f.final_only
-    )
-
-
 class Outlet:
     """One outlet's delivery loop (see the module's docstring)."""
 
     def __init__(
         self,
-        name: str,
-        cfg: OutletConfig,
+        cfg: OutletSettings,
         sender: Sender,
         store: Store,
         metrics: Metrics,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self.name = name
+        name = self.name = cfg.name
         self._cfg = cfg
         self._sender = sender
         self._store = store
         self._ledger = Ledger(store.db)
         self._metrics = metrics
         self._rand = rand
-        self._filter = _filter(cfg)
-        self._policy = RetryPolicy(initial=cfg.retry_initial, cap=cfg.retry_max, max_age=cfg.max_age)
+        self._filter = cfg.filter
+        self._policy = cfg.retry
         self._wake = asyncio.Event()
         self.cursor = 0  # every event up to here is done; committed at most FLUSH_INTERVAL late
         self._committed = 0
@@ -369,7 +358,7 @@ class Outlet:
 
     async def run(self) -> None:
         self.cursor = self._committed = self._ledger.cursor(self.name, new_at=self._store.head_seq())
-        log.info("outlet.started", outlet=self.name, type=self._cfg.type, cursor=self.cursor)
+        log.info("outlet.started", outlet=self.name, type=self._cfg.kind, cursor=self.cursor)
         try:
             while True:
                 self._wake.clear()
@@ -500,11 +489,11 @@ class Outlets:
     """The configured outlets: opened (HTTP sessions) as an async context, woken by each publish, run
     as one task of the supervisor."""
 
-    def __init__(self, outlets: dict[str, OutletConfig], store: Store, metrics: Metrics) -> None:
+    def __init__(self, outlets: Sequence[OutletSettings], store: Store, metrics: Metrics) -> None:
         self._outlets: list[Outlet] = []
-        for name, cfg in outlets.items():
-            sender: Sender = WebhookSender(cfg) if cfg.type == "webhook" else ExecSender(name, cfg)
-            self._outlets.append(Outlet(name, cfg, sender, store, metrics))
+        for cfg in outlets:
+            sender: Sender = WebhookSender(cfg) if cfg.kind == "webhook" else ExecSender(cfg)
+            self._outlets.append(Outlet(cfg, sender, store, metrics))
 
     async def __aenter__(self) -> Outlets:
         return self

@@ -23,10 +23,12 @@ import binascii
 import hashlib
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Literal
+
+from faxd.core.protocol import Filter
 
 #: Shortest and longest webhook secret, in bytes once decoded (Standard Webhooks: 24 to 64).
 SECRET_MIN_BYTES: Final = 24
@@ -66,6 +68,24 @@ class RetryPolicy:
         failing together do not retry in step."""
         base = min(self.cap, self.initial * 2.0 ** min(failures - 1, 62))
         return base / 2 + base / 2 * rand
+
+
+@dataclass(frozen=True)
+class OutletSettings:
+    """What one outlet runs with (``outlets.NAME`` of the config, made by
+    :func:`faxd.config.outlet_settings`); ``key`` is the decoded signing secret of a webhook."""
+
+    name: str
+    kind: Literal["webhook", "exec"]
+    retry: RetryPolicy
+    timeout: float
+    filter: Filter = field(default_factory=Filter)
+    include_numbers: bool = False
+    url: str | None = None
+    key: bytes = field(default=b"", repr=False)
+    ca_file: str | None = None
+    command: tuple[str, ...] = ()
+    concurrency: int = 1
 
 
 @dataclass(frozen=True, slots=True)
