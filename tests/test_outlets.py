@@ -191,8 +191,12 @@ async def test_receiver_killed_and_restarted(store: Store, metrics: Metrics, rec
         # connection refused, retried with backoff
         await until(lambda: value(metrics, "faxd_outlet_failed_attempts_total") >= 3)
         assert value(metrics, "faxd_outlet_retrying") == 1
+        assert value(metrics, "faxd_outlet_lag_events") == 3
+        assert value(metrics, "faxd_outlet_lag_seconds") > 0
         await receiver.start()  # the same port
-        await receiver.wait_for(lambda r: 6 in r.delivered)
+        await committed(metrics, 6)
+        assert value(metrics, "faxd_outlet_lag_events") == 0
+        assert value(metrics, "faxd_outlet_lag_seconds") == 0
     assert receiver.delivered == [1, 2, 3, 4, 5, 6]
     assert Ledger(store.db).dead_letters("o") == []
 

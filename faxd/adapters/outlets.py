@@ -243,7 +243,9 @@ class WebhookSender:
             async with self._session.post(
                 self._url, data=body, headers=headers, allow_redirects=False
             ) as resp:
-                await resp.read()
+                # Only the status matters; a small body is read to keep the connection, a big one
+                # is not (leaving the context then closes the connection).
+                await resp.content.read(65536)
                 outcome = classify_status(resp.status)
                 retry_after = None
                 if outcome is Outcome.RETRY:
