@@ -18,13 +18,17 @@ import signal
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+from daemon_support import started
 from ops_support import daemon, run_faxd, write_config
 from webhook_receiver import Received, Receiver
 
+from faxd import testbed
+from faxd.adapters import outlets as outlets_module
 from faxd.adapters.outlets import Ledger
 from faxd.adapters.store import Journalled, Store
 from faxd.core.model import EventKind, Source, Transition
-from faxd.sim import Simulator
+from faxd.sim import RecipientScript, Simulator
 
 EVENTS = 400
 KILL_AT = 150  # the request faxd is killed during
@@ -199,3 +203,53 @@ async def test_sigterm_during_a_hanging_delivery_stops_within_5_s(sim: Simulator
         assert Ledger(store.db).cursor("ehr", new_at=0) == 0
     finally:
         store.close()
+
+
+HOOK = """#!/bin/sh
+cat > /dev/null
+echo "$FAXD_EVENT_SEQ $FAXD_FAX_ID $FAXD_STATUS" >> "$1"
+"""
+
+
+async def test_the_daemon_hands_live_events_to_its_outlets(
+    sim: Simulator, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outlets_module, "IDLE_CHECK", 3600.0)  # only the engine's publish can wake them
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    secret_file = short_dir / "webhook-secret"
+    secret_file.touch(mode=0o600)
+    secret_file.write_text(secret)
+    script = short_dir / "hook.sh"
+    script.write_text(HOOK)
+    script.chmod(0o700)
+    hook_log = short_dir / "hook.log"
+    receiver = Receiver(secret)
+    await receiver.start()
+    outlets = {
+        "ehr": {"type": "webhook", "url": receiver.url, "secret": {"file": "webhook-secret"}},
+        "notify": {"type": "exec", "command": [str(script), str(hook_log)], "filter": {"final_only": True}},
+    }
+    config = testbed.load(
+        sim, short_dir, defaults={"reconcile": {"debounce": 0.05, "max_delay": 0.5}}, outlets=outlets
+    )
+    try:
+        async with started(config) as faxd:
+            fax_id = sim.create_outbound_fax(None, [RecipientScript("+16505550100", "Sent", after=0.3)])
+            await receiver.wait_for(
+                lambda r: any(x.body["fax_id"] == fax_id and x.body["final"] for x in r.requests), within=30
+            )
+            async with asyncio.timeout(30):
+                while not (hook_log.exists() and fax_id in hook_log.read_text()):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)  # the hook, another process, writes it: nothing to await
+            delivered = faxd.registry.get_sample_value("faxd_outlet_delivered_total", {"outlet": "ehr"})
+            assert delivered is not None
+            assert delivered >= 1
+    finally:
+        await receiver.stop()
+    assert receiver.bad_signatures == 0
+    assert receiver.delivered == sorted(receiver.delivered)
+    # the hook ran for the final events only, in order
+    lines = [line.split() for line in hook_log.read_text().splitlines()]
+    assert lines
+    assert all(fax == fax_id for _, fax, _ in lines)
+    assert [int(seq) for seq, _, _ in lines] == sorted(int(seq) for seq, _, _ in lines)
