@@ -360,6 +360,7 @@ class Outlet:
 
     async def run(self) -> None:
         self.cursor = self._committed = self._ledger.cursor(self.name, new_at=self._store.head_seq())
+        self._metrics.outlet_cursor.labels(self.name).set(self.cursor)
         log.info("outlet.started", outlet=self.name, type=self._cfg.kind, cursor=self.cursor)
         try:
             while True:
