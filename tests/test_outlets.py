@@ -54,7 +54,7 @@ def webhook(url: str, **overrides: Any) -> OutletConfig:
         "type": "webhook",
         "url": url,
         "secret": Secret(SECRET, ("env", "TEST_SECRET")),
-        "timeout": 0.5,
+        "timeout": 2.0,
         "retry_initial": 0.01,
         "retry_max": 0.05,
         **overrides,
