@@ -240,6 +240,57 @@ def _cmd_store_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_outlets(args: argparse.Namespace) -> int:
+    """`faxd outlets [replay NAME --from-seq N | dead-letter NAME]`: straight from the store (run as
+    faxd's user or root), so no secret and no running daemon is needed."""
+    import json
+    import sqlite3
+
+    from faxd.adapters.outlets import open_ledger, outlet_states
+
+    action = getattr(args, "outlets_command", None)
+    try:
+        ledger = open_ledger(_store_path(args), write=action == "replay")
+        if action is not None and args.name not in ledger.names():
+            known = ", ".join(ledger.names()) or "none yet"
+            print(f"faxd outlets: no outlet {args.name!r} in the store (known: {known})", file=sys.stderr)
+            return 1
+        if action == "replay":
+            ledger.request_replay(args.name, args.from_seq)
+            print(
+                f"outlet {args.name} delivers again from seq {args.from_seq}: within a second while faxd"
+                " runs, else when it starts"
+            )
+        elif action == "dead-letter":
+            for dead in ledger.dead_letters(args.name):
+                if args.json:
+                    print(json.dumps({**dead.__dict__, "event": json.loads(dead.event)}))
+                else:
+                    when, tries = dead.parked_at, dead.attempts
+                    print(f"{dead.seq:>8}  {when}  {tries:>3}x  fax {dead.fax_id}  {dead.reason}")
+        else:
+            for row in outlet_states(ledger):
+                print(json.dumps(row) if args.json else _outlet_line(row))
+    except (OSError, sqlite3.Error) as exc:
+        print(f"faxd outlets: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _seq(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a seq >= 1, got {text!r}")
+    return int(text)
+
+
+def _outlet_line(row: dict[str, object]) -> str:
+    replay = f", replay from {row['replay_from']} pending" if row["replay_from"] is not None else ""
+    return (
+        f"{row['name']}: cursor {row['cursor']} of {row['head_seq']} (lag {row['lag_events']} events,"
+        f" {row['lag_seconds']}s), {row['dead_letters']} dead-lettered, committed {row['updated_at']}{replay}"
+    )
+
+
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="config file (default: $FAXD_CONFIG or /etc/faxd/config.yaml)")
 
@@ -256,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_daemon_commands(sub)
     _add_store_commands(sub)
+    _add_outlet_commands(sub)
     _add_client_commands(sub)
     return parser
 
@@ -317,6 +369,29 @@ def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         action.add_argument("--db", help="the store's database (default: store.path of the config)")
         action.add_argument("file", help=file_help)
         action.set_defaults(func=func)
+
+
+def _add_outlet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        _with_config(p)
+        p.add_argument("--db", help="the store's database (default: store.path of the config)")
+        p.add_argument("--json", action="store_true", help="print NDJSON instead of text")
+        p.set_defaults(func=_cmd_outlets)
+
+    p = sub.add_parser(
+        "outlets", help="the hooks' and webhooks' cursors, lag and dead letters (docs/outlets.md)"
+    )
+    common(p)
+    actions = p.add_subparsers(dest="outlets_command", metavar="ACTION")
+    action = actions.add_parser("replay", help="deliver again from a seq (faxd running or not)")
+    common(action)
+    action.add_argument("name")
+    action.add_argument(
+        "--from-seq", type=_seq, required=True, metavar="N", help="first seq delivered again (>= 1)"
+    )
+    action = actions.add_parser("dead-letter", help="the events an outlet gave up on")
+    common(action)
+    action.add_argument("name")
 
 
 def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -9,6 +9,8 @@ Then two task groups (:func:`_supervise`): the consumers (the reconcile queue, t
 the producers (the :class:`Upstream`: login, WebSocket session, safety poller; the :class:`Reloader`)
 inside. :class:`Status` owns the STATUS= line, /readyz and the gauges derived from the daemon's
 memory; the watchdog sends WATCHDOG=1 at half ``$WATCHDOG_USEC`` and refreshes STATUS=.
+The outlets (hooks and webhooks, faxd.adapters.outlets) open after the event socket and run among
+the consumers, so they deliver what the drain still journals.
 Reload (SIGHUP): RELOADING=1 → the config file is read again → :func:`faxd.config.merge_reload` keeps
 the old value of every changed key not marked ``reload=True`` and names it → each reloadable part gets
 ``apply(old, new)`` and changes only what it owns (log settings; queue timings; the WS filters and
@@ -31,11 +33,11 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import aiohttp
 import structlog
@@ -46,6 +48,7 @@ from faxd import __version__
 from faxd.adapters.event_server import EventServer, EventServerSettings, SocketSetupError
 from faxd.adapters.metrics import Metrics, add_process_collectors, metrics_app
 from faxd.adapters.notify import Notifier, listen_fds
+from faxd.adapters.outlets import Outlets
 from faxd.adapters.reconcile import (
     ReconcileQueue,
     Reconciler,
@@ -66,6 +69,7 @@ from faxd.config import (
     RingCentralConfig,
     load_config,
     merge_reload,
+    outlet_settings,
     split_host_port,
 )
 from faxd.core import proxy
@@ -764,6 +768,8 @@ async def _run(
         server = await _open_event_server(stack, config.events, backend, metrics, inherited.get("events"))
         journal.subscribe(server.publish)
         journal.subscribe(status.published)
+        outlets = await stack.enter_async_context(Outlets(outlet_settings(config.outlets), store, metrics))
+        journal.subscribe(outlets.published)
         await _serve_metrics(stack, config.metrics, registry, status.ready)
 
         notifier.ready(status.line())
@@ -776,7 +782,7 @@ async def _run(
         parts: list[Reloadable] = [_Logging(), engine, upstream, status]
         reloader = Reloader(config, config_path, parts, notifier=notifier, metrics=metrics, status=status)
         return await _supervise(
-            engine.queue, upstream, reloader, status, notifier, metrics, stop, reload, resender
+            engine.queue, upstream, reloader, status, notifier, metrics, stop, reload, outlets.run, resender
         )
 
 
@@ -830,9 +836,11 @@ async def _supervise(
     metrics: Metrics,
     stop: asyncio.Event,
     reload: asyncio.Event,
+    outlets: Callable[[], Coroutine[Any, Any, None]],
     resender: Resender | None = None,
 ) -> int:
-    """Run the consumers around the producers until ``stop``; the exit code (FatalError raised)."""
+    """Run the consumers around the producers until ``stop``; the exit code (FatalError raised).
+    The outlets are consumers: they deliver what the drain still journals, and stop with the queue."""
     started = time.monotonic()
     fatal: list[BaseException] = []
     crashed: list[BaseException] = []
@@ -840,6 +848,7 @@ async def _supervise(
         async with asyncio.TaskGroup() as consumers:
             consumers.create_task(queue.run())
             consumers.create_task(_watchdog(notifier, metrics, status))
+            consumers.create_task(outlets())
             try:
                 async with asyncio.TaskGroup() as producers:
                     producers.create_task(upstream.run())

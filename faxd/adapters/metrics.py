@@ -140,6 +140,7 @@ class Metrics:
         self._reconcile(registry)
         self._socket_and_process(registry)
         self._resends(registry)
+        self._outlets(registry)
 
     def _resends(self, r: CollectorRegistry) -> None:
         # The resend policy (send.retry, faxd.adapters.resend).
@@ -340,6 +341,46 @@ class Metrics:
             ["result"],
             product(("ok", "error")),
         )
+
+    def _outlets(self, r: CollectorRegistry) -> None:
+        # Labelled by outlet name: bounded by the config (outlets.NAME), children made as outlets start.
+        self.outlet_delivered = _counter(
+            r,
+            "faxd_outlet_delivered_total",
+            "Events an outlet delivered (2xx, or a hook's exit 0).",
+            ["outlet"],
+        )
+        self.outlet_failed = _counter(
+            r,
+            "faxd_outlet_failed_attempts_total",
+            "Delivery attempts that failed (retried or given up).",
+            ["outlet"],
+        )
+        self.outlet_dead_lettered = _counter(
+            r,
+            "faxd_outlet_dead_lettered_total",
+            "Events an outlet gave up on, into the dead-letter table.",
+            ["outlet"],
+        )
+        self.outlet_retrying = _gauge(
+            r,
+            "faxd_outlet_retrying",
+            "Events an outlet is retrying now (waiting for the next attempt).",
+            ["outlet"],
+        )
+        self.outlet_lag_events = _gauge(
+            r,
+            "faxd_outlet_lag_events",
+            "Journal events after the outlet's cursor (its position).",
+            ["outlet"],
+        )
+        self.outlet_lag_seconds = _gauge(
+            r,
+            "faxd_outlet_lag_seconds",
+            "Age of the oldest event the outlet has not delivered yet; 0 when caught up.",
+            ["outlet"],
+        )
+        self.outlet_cursor = _gauge(r, "faxd_outlet_cursor_seq", "The outlet's committed cursor.", ["outlet"])
 
     def last_sync_time(self) -> float:
         """Unix time of the last successful reconcile, 0 if none (for STATUS= and /readyz)."""

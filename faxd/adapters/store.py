@@ -101,6 +101,28 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX resends_attempt ON resends (ref, attempt);
     CREATE INDEX resends_open ON resends (state) WHERE state IN ('planned', 'resending');
     """,
+    # 4 (outlets, issue 15 part 1): each outlet's durable cursor (every event with seq <= cursor is
+    # delivered or dead-lettered), a replay asked for by `faxd outlets replay`, and the events an outlet
+    # gave up on, kept with their body because the journal is pruned (faxd.adapters.outlets).
+    """
+    CREATE TABLE outlet_cursors (
+        name TEXT PRIMARY KEY,
+        cursor INTEGER NOT NULL,
+        replay_from INTEGER,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE outlet_dead_letters (
+        outlet TEXT NOT NULL,
+        epoch TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        fax_id TEXT,
+        attempts INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        parked_at TEXT NOT NULL,
+        event TEXT NOT NULL,
+        PRIMARY KEY (outlet, epoch, seq)
+    );
+    """,
 )
 
 #: Ids per ``IN (...)`` list: far below SQLite's limit on host parameters (999 before 3.32).
