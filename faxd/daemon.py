@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import NoReturn, Protocol
 
 import aiohttp
@@ -43,6 +44,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from faxd import __version__
+from faxd.adapters.documents import Documents, DocumentSettings
 from faxd.adapters.event_server import EventServer, EventServerSettings, SocketSetupError
 from faxd.adapters.metrics import Metrics, add_process_collectors, metrics_app
 from faxd.adapters.notify import Notifier, listen_fds
@@ -70,8 +72,8 @@ from faxd.config import (
 from faxd.core import proxy
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
-from faxd.core.model import Event, FaxState
-from faxd.core.protocol import SendError, SendRequest, StoredEvent
+from faxd.core.model import DocumentRef, Event, FaxState
+from faxd.core.protocol import FetchError, SendError, SendRequest, StoredEvent
 from faxd.core.status import parse_time
 from faxd.core.wsg import Hint, WsState, event_filters
 from faxd.logs import configure_logging
@@ -82,6 +84,7 @@ log = structlog.get_logger(__name__)
 #: revoke of at most 1 s) must stay within 5 s; systemd's TimeoutStopSec (15 s) is a backstop only.
 DRAIN_DEADLINE = 2.5
 CONNECT_WAIT = 30.0  # how long a send or sync request waits for the first RingCentral login
+FETCH_WAIT = 60.0  # how long `faxd fetch` waits for its download before telling the client it is queued
 EX_CREDENTIALS = 78  # RingCentral refused our credentials: a restart would not help
 
 
@@ -556,6 +559,19 @@ class _Backend:
         self.queue = engine.queue
         self.upstream = upstream
         self.epoch = store.epoch
+        self.documents: Documents | None = None  # documents.enabled
+
+    async def fetch(self, fax_id: str) -> DocumentRef:
+        """``faxd fetch ID``: download a received fax's document (again); FetchError when it cannot."""
+        if self.documents is None:
+            raise FetchError("bad_request", "documents.enabled is false: faxd does not download documents")
+        await self._connected()
+        try:
+            async with asyncio.timeout(FETCH_WAIT):
+                return await self.documents.fetch(fax_id)
+        except TimeoutError:
+            error = self.documents.last_error(fax_id) or "waiting for the rate budget"
+            raise FetchError("upstream", f"not downloaded yet ({error}); it stays queued") from None
 
     async def _connected(self) -> None:
         try:
@@ -662,6 +678,19 @@ def _open_ringcentral(stack: AsyncExitStack, config: Config, route: Route, metri
     return rc
 
 
+def _open_documents(
+    config: Config, rc: RingCentral, store: Store, metrics: Metrics, journal: _Fanout
+) -> Documents | None:
+    """The downloader of received faxes' documents (``documents.enabled``), fed by the journal."""
+    cfg = config.documents
+    if not cfg.enabled:
+        return None
+    settings = DocumentSettings(Path(cfg.spool_dir), mode=cfg.mode, retention_days=cfg.retention_days)
+    documents = Documents(settings, rc, store, metrics, journal.publish)
+    journal.subscribe(documents.published)
+    return documents
+
+
 async def _open_event_server(
     stack: AsyncExitStack,
     ev: EventsConfig,
@@ -758,6 +787,7 @@ async def _run(
         status = Status(config, notifier, metrics, store, engine.reconciler)
         upstream = Upstream(config, rc, engine.queue, metrics, status, route)
         backend = _Backend(store, engine, upstream, config.send.cover_index)
+        backend.documents = _open_documents(config, rc, store, metrics, journal)
         server = await _open_event_server(stack, config.events, backend, metrics, inherited.get("events"))
         journal.subscribe(server.publish)
         journal.subscribe(status.published)
@@ -772,7 +802,9 @@ async def _run(
 
         parts: list[Reloadable] = [_Logging(), engine, upstream, status]
         reloader = Reloader(config, config_path, parts, notifier=notifier, metrics=metrics, status=status)
-        return await _supervise(engine.queue, upstream, reloader, status, notifier, metrics, stop, reload)
+        return await _supervise(
+            engine.queue, upstream, reloader, status, notifier, metrics, stop, reload, backend.documents
+        )
 
 
 async def _watchdog(notifier: Notifier, metrics: Metrics, status: Status) -> NoReturn:
@@ -811,6 +843,7 @@ async def _supervise(
     metrics: Metrics,
     stop: asyncio.Event,
     reload: asyncio.Event,
+    documents: Documents | None = None,
 ) -> int:
     """Run the consumers around the producers until ``stop``; the exit code (FatalError raised)."""
     started = time.monotonic()
@@ -824,6 +857,8 @@ async def _supervise(
                 async with asyncio.TaskGroup() as producers:
                     producers.create_task(upstream.run())
                     producers.create_task(reloader.run(reload))
+                    if documents is not None:
+                        producers.create_task(documents.run())
                     producers.create_task(_until(stop))
             except* _Stop:
                 pass

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Literal, NamedTuple, NoReturn, TypeAlias
 
-from faxd.core.model import Event, FaxState
+from faxd.core.model import DocumentRef, Event, FaxState
 
 PROTO_VERSION: Final = 1
 #: Containers nested deeper than this are refused: no request needs more than 3 levels.
@@ -116,6 +116,11 @@ class SendError(Exception):
         self.code = code
         self.message = message
         self.rc_code = rc_code
+
+
+class FetchError(SendError):
+    """Raised by the daemon's ``fetch`` (``faxd fetch ID``) when a received fax's document cannot be had:
+    ``not_found`` (no such received fax), ``bad_request`` (documents are off) or ``upstream``."""
 
 
 class StoredEvent(NamedTuple):
@@ -269,6 +274,14 @@ class SyncRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchRequest:
+    """Download a received fax's document (again); the reply comes once it is written."""
+
+    fax_id: str
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PingRequest:
     """Liveness check."""
 
@@ -276,10 +289,17 @@ class PingRequest:
 
 
 Request: TypeAlias = (
-    SubscribeRequest | StatusRequest | ListRequest | HistoryRequest | SendRequest | SyncRequest | PingRequest
+    SubscribeRequest
+    | StatusRequest
+    | ListRequest
+    | HistoryRequest
+    | SendRequest
+    | SyncRequest
+    | PingRequest
+    | FetchRequest
 )
 
-REQUEST_TYPES: Final = ("subscribe", "status", "list", "history", "send", "sync", "ping")
+REQUEST_TYPES: Final = ("subscribe", "status", "list", "history", "send", "sync", "ping", "fetch")
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -437,6 +457,8 @@ def parse_request(line: bytes) -> Request:
             return SyncRequest(id=request_id)
         case "ping":
             return PingRequest(id=request_id)
+        case "fetch":
+            return FetchRequest(fax_id=f.req_string("fax_id"), id=request_id)
     f.fail(f"unknown request type {kind[:40]!r}; expected one of {', '.join(REQUEST_TYPES)}")
 
 
@@ -551,7 +573,8 @@ _str: Final = json.encoder.encode_basestring_ascii  # what _ENCODER writes for a
 _EVENT_LINE: Final = (
     '{"type":"event","seq":%d,"epoch":%s,"kind":%s,"fax_id":%s,"extension_id":%s,"direction":%s,'
     '"ref":%s,"recipient":%s,"from_status":%s,"to_status":%s,"final":%s,"error_code":%s,'
-    '"error_category":%s,"retryable":%s,"pages":%s,"rc_modified":%s,"observed_at":%s,"source":%s}\n'
+    '"error_category":%s,"retryable":%s,"pages":%s,"rc_modified":%s,"observed_at":%s,"source":%s,'
+    '"document":%s}\n'
 )
 
 
@@ -572,6 +595,7 @@ def encode_event(event: Event | StoredEvent, *, include_numbers: bool) -> bytes:
             f["kind"], f["fax_id"], f["extension_id"], f["direction"], f["ref"], f["recipient_index"],
             f["recipient_phone"], f["from_status"], f["to_status"], f["final"], f["error_code"],
             f["error_category"], f["retryable"], f["pages"], f["rc_modified"], event.source,
+            f.get("document"),
         )  # fmt: skip
     else:
         t = event.transition
@@ -579,6 +603,7 @@ def encode_event(event: Event | StoredEvent, *, include_numbers: bool) -> bytes:
             t.kind.value, t.fax_id, t.extension_id, t.direction, t.ref, t.recipient_index,
             t.recipient_phone, t.from_status, t.to_status, t.final, t.error_code,
             t.error_category, t.retryable, t.pages, t.rc_modified, event.source.value,
+            None if t.document is None else t.document.to_wire(),
         )  # fmt: skip
     return _event_line(event.seq, event.epoch, event.observed_at, fields, include_numbers)
 
@@ -592,8 +617,11 @@ _STORED_KEYS: Final = tuple(
     )
 )  # fmt: skip
 _SPLICED_LINE: Final = (
-    '{"type":"event","seq":%d,"epoch":%s,%s,"ref":%s,"recipient":%s,%s,%s,"observed_at":%s,"source":%s}\n'
+    '{"type":"event","seq":%d,"epoch":%s,%s,"ref":%s,"recipient":%s,%s,%s,"observed_at":%s,"source":%s,'
+    '"document":%s}\n'
 )
+#: The key journal rows written since documents were added have after ``ref`` (older rows end at ``ref``).
+_DOCUMENT_KEY: Final = ',"document":'
 
 
 def _spliced(event: StoredEvent, include_numbers: bool) -> bytes | None:
@@ -616,25 +644,29 @@ def _spliced(event: StoredEvent, include_numbers: bool) -> bytes | None:
         if pos < 0:
             return None
         at.append(pos)
+    # A document object is written after ref; a quote that ends ref's string cannot be followed by it
+    # inside a value, so the first ``,"document":`` after ref's key is the key.
+    doc_at = text.find(_DOCUMENT_KEY, at[13])
+    ref, document = (
+        (text[at[13] + 7 : -1], "null") if doc_at < 0 else (text[at[13] + 7 : doc_at], text[doc_at + 12 : -1])
+    )
     index = text[at[6] + 19 : at[7]]  # ,"recipient_index":
     if index == "null":
         recipient = "null"
     else:
         phone = text[at[7] + 19 : at[8]] if include_numbers else "null"  # ,"recipient_phone":
         recipient = f'{{"index":{index},"phone":{phone}}}'
-    line = (
-        _SPLICED_LINE
-        % (
-            event.seq,
-            _str(event.epoch),
-            text[1 : at[3]],
-            text[at[13] + 7 : -1],  # ,"ref":
-            recipient,
-            text[at[3] + 1 : at[6]],
-            text[at[8] + 1 : at[13]],
-            _str(event.observed_at),
-            _str(event.source),
-        )
+    line = _SPLICED_LINE % (
+        event.seq,
+        _str(event.epoch),
+        text[1 : at[3]],
+        ref,
+        recipient,
+        text[at[3] + 1 : at[6]],
+        text[at[8] + 1 : at[13]],
+        _str(event.observed_at),
+        _str(event.source),
+        document,
     )
     return line.encode()
 
@@ -643,7 +675,7 @@ def _event_line(
     seq: int, epoch: str, observed_at: str, fields: tuple[Any, ...], include_numbers: bool
 ) -> bytes:
     (kind, fax_id, extension_id, direction, ref, index, phone, from_status, to_status, final,
-     error_code, category, retryable, pages, rc_modified, source) = fields  # fmt: skip
+     error_code, category, retryable, pages, rc_modified, source, document) = fields  # fmt: skip
     if index is None:
         recipient = "null"
     else:
@@ -668,8 +700,14 @@ def _event_line(
         "null" if rc_modified is None else _str(rc_modified),
         _str(observed_at),
         _str(source),
+        "null" if document is None else _ENCODER.encode(document),
     )
     return text.encode()
+
+
+def encode_fetched(fax_id: str, document: DocumentRef, request_id: RequestId | None = None) -> bytes:
+    """The reply to ``fetch``: where the document now is."""
+    return _with_id({"type": "fetched", "fax_id": fax_id, "document": document.to_wire()}, request_id)
 
 
 def encode_caught_up(seq: int, request_id: RequestId | None = None) -> bytes:
