@@ -1,0 +1,232 @@
+"""Inbound fax documents, the daemon in this process against the simulator on loopback: the download
+and its event, 5xx and Medium-group 429s retried as the server asks, a full disk reported and retried,
+retention. (Pure rules and the spool write: tests/test_documents.py; crash and ``faxd fetch``:
+tests/test_documents_crash.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import stat
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_support import RunningDaemon, started
+from documents_support import fill, small_tmpfs
+from socket_client import SocketClient
+from structlog.testing import capture_logs
+
+from faxd.adapters.store import Store
+from faxd.config import Config
+from faxd.core import documents as core
+from faxd.sim import Simulator
+
+Message = dict[str, Any]
+CONTENT = "/content/{attachmentId}"
+
+
+# ------------------------------------------------------------------------------- the daemon, on loopback
+
+
+def documents_config(make_config: Callable[..., Config], sim: Simulator, **extra: Any) -> Config:
+    return make_config(sim, documents={"enabled": True, "spool_dir": "spool", **extra})
+
+
+@pytest.fixture
+async def faxd(sim: Simulator, make_config: Callable[..., Config]) -> AsyncIterator[RunningDaemon]:
+    async with started(documents_config(make_config, sim)) as running:
+        yield running
+
+
+def sample(faxd: RunningDaemon, name: str, **labels: str) -> float:
+    value = faxd.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def event_of(client: SocketClient, fax_id: str, kind: str) -> Message:
+    return await client.until(
+        lambda m: m.get("type") == "event" and m["fax_id"] == fax_id and m["kind"] == kind, within=60
+    )
+
+
+def attachment_of(sim: Simulator, fax_id: str) -> bytes:
+    return sim.store.messages[int(fax_id)].attachments[0].data
+
+
+def content_requests(sim: Simulator, fax_id: str) -> list[tuple[float, int, str | None]]:
+    return [
+        (r.time, r.status, r.group)
+        for r in sim.requests_to(CONTENT)
+        if f"/message-store/{fax_id}/" in (r.raw_path or "")
+    ]
+
+
+def read(event: Message) -> bytes:
+    """The bytes of the file a document event names."""
+    return Path(event["document"]["path"]).read_bytes()
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def partials(spool: Path) -> list[Path]:
+    return list(spool.glob("*/.*.part"))
+
+
+async def until(condition: Callable[[], bool], within: float = 60) -> None:
+    """Wait for a condition nothing announces (metrics, the simulator's request log); polls it."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - a condition without a callback
+            await asyncio.sleep(0.05)
+
+
+async def test_a_received_fax_document_is_downloaded_and_announced(
+    faxd: RunningDaemon, sim: Simulator, short_dir: Path
+) -> None:
+    client = await SocketClient.subscribed(faxd.socket)
+    try:
+        fax_id = sim.create_inbound_fax(None, "+15551230000", pages=3)
+        received = await event_of(client, fax_id, "status")
+        document = await event_of(client, fax_id, "document")
+    finally:
+        await client.close()
+    data = attachment_of(sim, fax_id)
+    assert received["to_status"] == "Received"
+    assert received["document"] is None  # the download comes after the status: a document event follows
+    assert document["seq"] > received["seq"]
+    assert (document["from_status"], document["to_status"], document["final"]) == (
+        "Received",
+        "Received",
+        True,
+    )
+    assert document["source"] == "fetch"
+    assert document["pages"] == 3
+    ref = document["document"]
+    path = Path(ref["path"])
+    assert read(document) == data
+    assert ref == {
+        "path": str(path),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "pages": 3,
+        "bytes": len(data),
+        "content_type": "application/pdf",
+    }
+    assert mode_of(path) == 0o640
+    extension = sim.message(fax_id)["extensionId"]
+    assert path.parent == short_dir / "spool" / extension
+    assert re.fullmatch(rf"\d{{8}}T\d{{6}}Z-{fax_id}\.pdf", path.name)
+    # One download, counted in the Medium group, and in the metrics.
+    assert [(status, group) for _, status, group in content_requests(sim, fax_id)] == [(200, "Medium")]
+    assert sample(faxd, "faxd_documents_downloaded_total") == 1
+    assert sample(faxd, "faxd_documents_bytes_total") == len(data)
+    assert sample(faxd, "faxd_documents_pending") == 0
+    # A replay from the journal gives the same event, byte for byte as a client parses it.
+    replay = await SocketClient.subscribed(faxd.socket, received["seq"])
+    try:
+        assert await event_of(replay, fax_id, "document") == document
+    finally:
+        await replay.close()
+
+
+async def test_server_errors_are_retried_with_backoff(faxd: RunningDaemon, sim: Simulator) -> None:
+    sim.fail_next_requests(2, status=503, match="/content/", retry_after=None)
+    client = await SocketClient.subscribed(faxd.socket)
+    try:
+        with capture_logs() as logs:
+            fax_id = sim.create_inbound_fax(None, "+15551230001", pages=2)
+            document = await event_of(client, fax_id, "document")
+    finally:
+        await client.close()
+    assert read(document) == attachment_of(sim, fax_id)
+    tries = content_requests(sim, fax_id)
+    assert [status for _, status, _ in tries] == [503, 503, 200]
+    # Backoff: at least RETRY_BASE/2, then twice that, between the tries.
+    assert tries[1][0] - tries[0][0] >= core.RETRY_BASE * 0.5 - 0.05
+    assert tries[2][0] - tries[1][0] >= core.RETRY_BASE - 0.05
+    assert sample(faxd, "faxd_documents_failed_total", reason="server") == 2
+    failures = [e for e in logs if e["event"] == "documents.download_failed"]
+    assert [(e["reason"], e["attempt"]) for e in failures] == [("server", 1), ("server", 2)]
+
+
+async def test_a_medium_group_429_holds_downloads_back_for_its_retry_after(
+    faxd: RunningDaemon, sim: Simulator
+) -> None:
+    client = await SocketClient.subscribed(faxd.socket)
+    try:
+        # A first fax: the WebSocket subscription (Medium too) is made and everything is up.
+        first = sim.create_inbound_fax(None, "+15551230002")
+        await event_of(client, first, "document")
+        sim.rate_limit_storm("Medium", 4)
+        fax_id = sim.create_inbound_fax(None, "+15551230003")
+        document = await event_of(client, fax_id, "document")
+    finally:
+        await client.close()
+    assert read(document) == attachment_of(sim, fax_id)
+    tries = content_requests(sim, fax_id)
+    # One 429, then nothing until its Retry-After (the rest of the storm) had passed: a client that
+    # ignored it would retry after its own 1-2 s backoff, into the storm again.
+    assert [status for _, status, _ in tries] == [429, 200], tries
+    assert sample(faxd, "faxd_documents_failed_total", reason="rate_limited") == 1
+    assert sample(faxd, "faxd_rate_limited_total", group="Medium") == 1
+
+
+async def test_a_full_disk_is_reported_and_the_document_is_written_once_there_is_room(
+    sim: Simulator, make_config: Callable[..., Config], short_dir: Path
+) -> None:
+    with small_tmpfs(short_dir / "spool") as spool:
+        filler = fill(spool)
+        async with started(documents_config(make_config, sim)) as faxd:
+            client = await SocketClient.subscribed(faxd.socket)
+            try:
+                with capture_logs() as logs:
+                    fax_id = sim.create_inbound_fax(None, "+15551230004", pages=30)
+                    await event_of(client, fax_id, "status")
+                    await until(lambda: sample(faxd, "faxd_documents_failed_total", reason="disk") >= 1)
+                    assert sample(faxd, "faxd_documents_pending") == 1
+                    filler.unlink()
+                    document = await event_of(client, fax_id, "document")
+            finally:
+                await client.close()
+            (failed, *_) = [e for e in logs if e["event"] == "documents.write_failed"]
+            assert failed["log_level"] == "error"
+            assert failed["error"].startswith("ENOSPC")
+            assert failed["fax_id"] == fax_id
+            assert read(document) == attachment_of(sim, fax_id)
+            assert document["document"]["pages"] == 30
+            assert not partials(spool)
+            assert sample(faxd, "faxd_documents_pending") == 0
+            assert sample(faxd, "faxd_documents_downloaded_total") == 1
+
+
+async def test_retention_deletes_old_files(sim: Simulator, make_config: Callable[..., Config]) -> None:
+    async with started(documents_config(make_config, sim)) as faxd:
+        client = await SocketClient.subscribed(faxd.socket)
+        try:
+            fax_id = sim.create_inbound_fax(None, "+15551230005")
+            document = await event_of(client, fax_id, "document")
+        finally:
+            await client.close()
+    path = Path(document["document"]["path"])
+    assert read(document)
+    store = Store(faxd.config.store.path)
+    store.open()
+    try:
+        # Downloaded 31 days ago, as far as the store knows.
+        store.db.execute("UPDATE documents SET done_at = done_at - 31 * 86400 WHERE fax_id = ?", (fax_id,))
+    finally:
+        store.close()
+    async with started(documents_config(make_config, sim, retention_days=30)):
+        await until(lambda: not os.path.exists(path))
+    store.open()
+    try:
+        assert store.db.execute("SELECT state FROM documents WHERE fax_id = ?", (fax_id,)).fetchone() == (
+            "removed",
+        )
+    finally:
+        store.close()
