@@ -10,8 +10,11 @@ import errno
 import json
 import os
 import re
+import signal
 import stat
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +142,30 @@ def test_the_file_gets_exactly_the_configured_mode(tmp_path: Path, mask: int) ->
     assert target.read_bytes() == b"%PDF-1.4 x"
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert [p.name for p in target.parent.iterdir()] == ["doc.pdf"]  # no temp file left
+
+
+KILLED_MID_WRITE = """
+import resource, signal, sys
+from pathlib import Path
+from faxd.adapters.documents import write_atomic
+# The kernel kills this process with SIGXFSZ when a write crosses 64 KiB: mid-write, no clean-up
+# (Python ignores SIGXFSZ unless told otherwise).
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+write_atomic(Path(sys.argv[1]), b"x" * 1_000_000, 0o640)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_under_the_final_name(tmp_path: Path) -> None:
+    target = tmp_path / "ext" / "doc.pdf"
+    child = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(target)], check=False)
+    assert child.returncode == -signal.SIGXFSZ
+    assert not target.exists()
+    (partial,) = target.parent.iterdir()  # what the write had got to, under its temp name
+    assert partial.name.startswith(".doc.pdf.")
+    assert partial.stat().st_size == 65536
+    assert remove_partials(tmp_path) == 1
+    assert list(target.parent.iterdir()) == []
 
 
 def test_leftover_temp_files_are_swept(tmp_path: Path) -> None:
