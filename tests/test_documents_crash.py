@@ -129,3 +129,15 @@ async def test_faxd_fetch_downloads_again_and_fetches_faxes_from_before_document
         assert code == 1
         assert "no received fax 999999" in err
     assert len(document_events(short_dir / "faxd.db", old)) == 1
+
+
+async def test_a_malformed_documents_section_stops_faxd_with_78_naming_the_key(
+    sim: Simulator, short_dir: Path
+) -> None:
+    config = write_config(short_dir, sim, documents={"enabled": True, "mode": "0666", "retention_days": -1})
+    code, out, _ = await run_faxd("run", "-c", str(config), merge_stderr=True, env=shell_env())
+    assert code == 78
+    assert (
+        'documents.mode: a document must not be executable or writable by group or others, got "0666"' in out
+    )
+    assert "documents.retention_days: must be >= 1, got -1" in out

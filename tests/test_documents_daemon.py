@@ -7,6 +7,7 @@ tests/test_documents_crash.py.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -15,15 +16,22 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from daemon_support import RunningDaemon, started
 from documents_support import fill, small_tmpfs
+from prometheus_client import CollectorRegistry
 from socket_client import SocketClient
 from structlog.testing import capture_logs
 
-from faxd.adapters.store import Store
+from faxd.adapters.documents import MEDIUM_RESERVE, Documents, DocumentSettings
+from faxd.adapters.metrics import Metrics
+from faxd.adapters.rest import RingCentral
+from faxd.adapters.store import Journalled, Store
 from faxd.config import Config
-from faxd.core import documents as core
+from faxd.core import documents as core, ratebudget
+from faxd.core.model import Event, EventKind, Source
+from faxd.core.status import apply_record, diff
 from faxd.sim import Simulator
 
 Message = dict[str, Any]
@@ -242,3 +250,53 @@ async def test_retention_deletes_old_files(sim: Simulator, make_config: Callable
         )
     finally:
         store.close()
+
+
+async def test_downloads_leave_the_medium_reserve_to_the_subscription(
+    sim: Simulator, short_dir: Path
+) -> None:
+    """With only MEDIUM_RESERVE requests of the Medium window left, a download waits for the window."""
+    metrics = Metrics(CollectorRegistry())
+    store = Store(short_dir / "faxd.db")
+    store.open()
+    fax_id = sim.create_inbound_fax(None, "+15551230007", pages=2)
+    record = sim.message(fax_id)
+    state = apply_record(None, record, extension_id=str(record["extensionId"]))
+    assert state is not None
+    events = store.commit(
+        [state], [Journalled(t, Source.POLL) for t in diff(None, state, settle=False)], observed_at="t"
+    )
+    published: list[Event] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            rc = RingCentral(
+                session,
+                server=sim.url,
+                client_id=sim.config.client_id,
+                client_secret=sim.config.client_secret,
+                jwt=sim.config.jwt,
+                metrics=metrics,
+            )
+            settings = DocumentSettings(short_dir / "spool")
+            documents = Documents(settings, rc, store, metrics, published.extend)
+            # A 3 s Medium window of 5 (4 ours at the default share), 2 already spent: 2 left, the reserve.
+            start = asyncio.get_running_loop().time()
+            rc.budget.observed(ratebudget.MEDIUM, start, limit=5, window=3.0)
+            assert MEDIUM_RESERVE == 2
+            for _ in range(2):
+                rc.budget.spent(ratebudget.MEDIUM, start)
+            documents.published(events)
+            worker = asyncio.create_task(documents.run())
+            try:
+                await until(lambda: bool(published))
+            finally:
+                worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker
+            await rc.aclose()
+    finally:
+        store.close()
+    ((at, status, _),) = content_requests(sim, fax_id)
+    assert status == 200
+    assert at - start >= 3.0 - 0.05  # the download waited until the spent requests left the window
+    assert published[0].transition.kind is EventKind.DOCUMENT
