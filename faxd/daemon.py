@@ -686,6 +686,12 @@ def _open_documents(
     if not cfg.enabled:
         return None
     settings = DocumentSettings(Path(cfg.spool_dir), mode=cfg.mode, retention_days=cfg.retention_days)
+    try:
+        settings.spool_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if not os.access(settings.spool_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable by faxd")
+    except OSError as exc:
+        raise FatalError(f"documents.spool_dir: {cfg.spool_dir}: {exc.strerror or exc}", EX_CONFIG) from None
     documents = Documents(settings, rc, store, metrics, journal.publish)
     journal.subscribe(documents.published)
     return documents

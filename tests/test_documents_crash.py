@@ -141,3 +141,11 @@ async def test_a_malformed_documents_section_stops_faxd_with_78_naming_the_key(
         'documents.mode: a document must not be executable or writable by group or others, got "0666"' in out
     )
     assert "documents.retention_days: must be >= 1, got -1" in out
+
+
+async def test_a_spool_dir_faxd_cannot_create_stops_it_with_78(sim: Simulator, short_dir: Path) -> None:
+    (short_dir / "a-file").write_text("not a directory\n")
+    config = write_config(short_dir, sim, documents={"enabled": True, "spool_dir": "a-file/spool"})
+    code, out, _ = await run_faxd("run", "-c", str(config), merge_stderr=True, env=shell_env())
+    assert code == 78
+    assert f"documents.spool_dir: {short_dir}/a-file/spool: Not a directory" in out

@@ -252,6 +252,68 @@ async def test_retention_deletes_old_files(sim: Simulator, make_config: Callable
         store.close()
 
 
+def journal_received(store: Store, sim: Simulator, fax_id: str) -> list[Event]:
+    """Journal ``fax_id``'s Received status as the reconciler does (state and transition in one commit)."""
+    record = sim.message(fax_id)
+    state = apply_record(None, record, extension_id=str(record["extensionId"]))
+    assert state is not None
+    journalled = [Journalled(t, Source.POLL) for t in diff(None, state, settle=False)]
+    return store.commit([state], journalled, observed_at="t")
+
+
+@contextlib.asynccontextmanager
+async def ringcentral(sim: Simulator, metrics: Metrics) -> AsyncIterator[RingCentral]:
+    async with aiohttp.ClientSession() as session:
+        rc = RingCentral(
+            session,
+            server=sim.url,
+            client_id=sim.config.client_id,
+            client_secret=sim.config.client_secret,
+            jwt=sim.config.jwt,
+            metrics=metrics,
+        )
+        try:
+            yield rc
+        finally:
+            await rc.aclose()
+
+
+async def run_until_published(documents: Documents, published: list[Event]) -> None:
+    worker = asyncio.create_task(documents.run())
+    try:
+        await until(lambda: bool(published))
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+
+
+async def test_a_received_fax_journalled_just_before_a_crash_is_downloaded_after_the_restart(
+    sim: Simulator, short_dir: Path
+) -> None:
+    """Killed between the journal's commit and the hand-over to the downloader: the start-up reads the
+    journal after the downloader's cursor and queues the fax."""
+    metrics = Metrics(CollectorRegistry())
+    store = Store(short_dir / "faxd.db")
+    store.open()
+    published: list[Event] = []
+    settings = DocumentSettings(short_dir / "spool")
+    try:
+        async with ringcentral(sim, metrics) as rc:
+            Documents(settings, rc, store, metrics, published.extend)  # the daemon before the crash
+            fax_id = sim.create_inbound_fax(None, "+15551230008", pages=4)
+            journal_received(store, sim, fax_id)  # ... committed, never handed over
+            documents = Documents(settings, rc, store, metrics, published.extend)  # the restart
+            assert metrics.registry.get_sample_value("faxd_documents_pending") == 1
+            await run_until_published(documents, published)
+    finally:
+        store.close()
+    (event,) = published
+    assert event.transition.fax_id == fax_id
+    assert event.transition.document is not None
+    assert event.transition.document.pages == 4
+
+
 async def test_downloads_leave_the_medium_reserve_to_the_subscription(
     sim: Simulator, short_dir: Path
 ) -> None:
@@ -259,26 +321,12 @@ async def test_downloads_leave_the_medium_reserve_to_the_subscription(
     metrics = Metrics(CollectorRegistry())
     store = Store(short_dir / "faxd.db")
     store.open()
-    fax_id = sim.create_inbound_fax(None, "+15551230007", pages=2)
-    record = sim.message(fax_id)
-    state = apply_record(None, record, extension_id=str(record["extensionId"]))
-    assert state is not None
-    events = store.commit(
-        [state], [Journalled(t, Source.POLL) for t in diff(None, state, settle=False)], observed_at="t"
-    )
     published: list[Event] = []
     try:
-        async with aiohttp.ClientSession() as session:
-            rc = RingCentral(
-                session,
-                server=sim.url,
-                client_id=sim.config.client_id,
-                client_secret=sim.config.client_secret,
-                jwt=sim.config.jwt,
-                metrics=metrics,
-            )
-            settings = DocumentSettings(short_dir / "spool")
-            documents = Documents(settings, rc, store, metrics, published.extend)
+        async with ringcentral(sim, metrics) as rc:
+            documents = Documents(DocumentSettings(short_dir / "spool"), rc, store, metrics, published.extend)
+            fax_id = sim.create_inbound_fax(None, "+15551230007", pages=2)
+            events = journal_received(store, sim, fax_id)
             # A 3 s Medium window of 5 (4 ours at the default share), 2 already spent: 2 left, the reserve.
             start = asyncio.get_running_loop().time()
             rc.budget.observed(ratebudget.MEDIUM, start, limit=5, window=3.0)
@@ -286,14 +334,7 @@ async def test_downloads_leave_the_medium_reserve_to_the_subscription(
             for _ in range(2):
                 rc.budget.spent(ratebudget.MEDIUM, start)
             documents.published(events)
-            worker = asyncio.create_task(documents.run())
-            try:
-                await until(lambda: bool(published))
-            finally:
-                worker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker
-            await rc.aclose()
+            await run_until_published(documents, published)
     finally:
         store.close()
     ((at, status, _),) = content_requests(sim, fax_id)

@@ -59,7 +59,6 @@ log = structlog.get_logger(__name__)
 MEDIUM_RESERVE = 2
 CURSOR_KEY = "documents_after_seq"
 PARTIAL_SUFFIX = ".part"
-_PAGE = 1000  # journal rows read per query while catching up
 
 
 @dataclass(frozen=True)
@@ -182,6 +181,7 @@ class Documents:
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._waiters: dict[str, list[asyncio.Future[DocumentRef]]] = {}
+        self._seen_seq = 0  # the newest journal seq looked at
         self._catch_up()
 
     # -- the journal side ---------------------------------------------------------------------------
@@ -191,24 +191,31 @@ class Documents:
         return None if row is None else int(row[0])
 
     def _catch_up(self) -> None:
-        """Rows for the Received events journalled after the cursor (what a crash left undone)."""
+        """Rows for the Received events journalled after the cursor (what a crash left undone),
+        found by the journal's own columns: a start-up must not decode the whole journal."""
         cursor = self._cursor()
-        if cursor is None:
-            self._enqueue([], self._store.head_seq())
-            return
-        while batch := self._store.events_after(cursor, _PAGE):
-            fields = [e.fields() for e in batch]
-            self._enqueue(
-                [(f["fax_id"], f["extension_id"], f.get("pages")) for f in fields if _wanted(f)],
-                batch[-1].seq,
-            )
-            cursor = batch[-1].seq
+        head = self._store.head_seq()
+        if cursor is not None:
+            found = self._store.db.execute(
+                "SELECT fax_id, json_extract(transition, '$.extension_id'),"
+                " json_extract(transition, '$.pages') FROM journal"
+                " WHERE seq > ? AND kind = ? AND to_status = ?"
+                " AND json_extract(transition, '$.direction') = 'Inbound' ORDER BY seq",
+                (cursor, EventKind.STATUS.value, FaxStatus.RECEIVED.value),
+            ).fetchall()
+            self._enqueue([(str(f), str(e), p if isinstance(p, int) else None) for f, e, p in found], head)
+        else:
+            self._enqueue([], head)  # first use: from now on
+        self._seen_seq = head
         self._refresh_pending()
 
     def published(self, events: Sequence[Event]) -> None:
-        """The daemon's fan-out: committed events, in seq order. Received faxes get a row."""
+        """The daemon's fan-out: committed events, in seq order. Received faxes get a row, with the
+        cursor, in one transaction; other events only move the cursor in memory (saved with the next
+        row, or by :meth:`save_cursor`), so the journal's hot path pays no extra write for them."""
         if not events:
             return
+        self._seen_seq = max(self._seen_seq, events[-1].seq)
         found = [
             (t.fax_id, t.extension_id, t.pages)
             for e in events
@@ -216,10 +223,15 @@ class Documents:
                 {"kind": (t := e.transition).kind.value, "direction": t.direction, "to_status": t.to_status}
             )
         ]
-        self._enqueue(found, events[-1].seq)
         if found:
+            self._enqueue(found, self._seen_seq)
             self._refresh_pending()
             self._wake.set()
+
+    def save_cursor(self) -> None:
+        """Store how far the journal has been read (a restart then reads less of it again)."""
+        if self._seen_seq > (self._cursor() or 0):
+            self._enqueue([], self._seen_seq)
 
     def _enqueue(self, found: Sequence[tuple[str, str, int | None]], seq: int) -> None:
         """Rows for ``found`` (fax id, extension, pages) and the cursor at ``seq``, in one transaction."""
@@ -308,6 +320,7 @@ class Documents:
             now = loop.time()
             if now >= next_prune:
                 self.prune()
+                self.save_cursor()
                 next_prune = now + self.settings.prune_interval
             wait = next_prune - now
             row = self._next_row()

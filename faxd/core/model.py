@@ -147,8 +147,8 @@ class Transition:
     pages: int | None = None
     rc_modified: str | None = None
     ref: str | None = None
-    #: A received fax's downloaded document: on its ``document`` event (or on the ``Received`` one
-    #: when the document was already downloaded when that was journalled).
+    #: A received fax's downloaded document, on its ``document`` event. Every event has the field on
+    #: the wire, so that a status could carry a document faxd already has.
     document: DocumentRef | None = None
 
     @property
