@@ -341,3 +341,33 @@ async def test_downloads_leave_the_medium_reserve_to_the_subscription(
     assert status == 200
     assert at - start >= 3.0 - 0.05  # the download waited until the spent requests left the window
     assert published[0].transition.kind is EventKind.DOCUMENT
+
+
+async def test_the_attachment_lookup_waits_while_status_tracking_uses_half_the_light_window(
+    sim: Simulator, short_dir: Path
+) -> None:
+    """Which attachment to download is read from the record (Light, like status tracking): only while at
+    least half of the Light window is free."""
+    metrics = Metrics(CollectorRegistry())
+    store = Store(short_dir / "faxd.db")
+    store.open()
+    published: list[Event] = []
+    try:
+        async with ringcentral(sim, metrics) as rc:
+            documents = Documents(DocumentSettings(short_dir / "spool"), rc, store, metrics, published.extend)
+            fax_id = sim.create_inbound_fax(None, "+15551230009")
+            events = journal_received(store, sim, fax_id)
+            # A 3 s Light window of 10 (8 ours at the default share), 5 spent: 3 left, less than half.
+            start = asyncio.get_running_loop().time()
+            rc.budget.observed(ratebudget.LIGHT, start, limit=10, window=3.0)
+            for _ in range(5):
+                rc.budget.spent(ratebudget.LIGHT, start)
+            documents.published(events)
+            await run_until_published(documents, published)
+    finally:
+        store.close()
+    (lookup,) = [
+        r for r in sim.requests_to("/message-store/{messageId}", "GET") if fax_id in (r.raw_path or "")
+    ]
+    assert lookup.time - start >= 3.0 - 0.05
+    assert published[0].transition.document is not None
