@@ -864,7 +864,7 @@ async def _supervise(
                     producers.create_task(upstream.run())
                     producers.create_task(reloader.run(reload))
                     if documents is not None:
-                        producers.create_task(documents.run())
+                        producers.create_task(documents.run(upstream.connected))
                     producers.create_task(_until(stop))
             except* _Stop:
                 pass

@@ -306,14 +306,18 @@ class Documents:
 
     # -- the worker ---------------------------------------------------------------------------------
 
-    async def run(self) -> NoReturn:
-        """Forever: download due documents within the budget, apply retention."""
+    async def run(self, connected: asyncio.Event | None = None) -> NoReturn:
+        """Forever: download due documents within the budget, apply retention. With ``connected``, no
+        request before it is set: the daemon's own login comes first (a second JWT grant would start a
+        second OAuth session)."""
         loop = asyncio.get_running_loop()
         partials = await asyncio.to_thread(remove_partials, self.settings.spool_dir)
         if partials:
             log.info(
                 "documents.partials_removed", count=partials, detail="temp files of an interrupted write"
             )
+        if connected is not None:
+            await connected.wait()
         next_prune = loop.time()
         while True:
             self._wake.clear()
