@@ -180,7 +180,7 @@ async def test_a_medium_group_429_holds_every_download_back_for_its_retry_after(
     try:
         # The WebSocket subscription (Medium too) is made before the storm.
         await until(lambda: sample(faxd, "faxd_ws_state", faxd_ws_state="up") == 1)
-        sim.rate_limit_storm("Medium", 4)
+        sim.rate_limit_storm("Medium", 6)
         faxes = [sim.create_inbound_fax(None, "+15551230003"), sim.create_inbound_fax(None, "+15551230006")]
         documents = await documents_of(client, faxes)
     finally:
