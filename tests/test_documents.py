@@ -26,7 +26,14 @@ from faxd.adapters.documents import remove_partials, write_atomic
 from faxd.adapters.store import Journalled, Store
 from faxd.core import documents as core
 from faxd.core.model import DocumentRef, EventKind, Source, Transition
-from faxd.core.protocol import encode_event, encode_line
+from faxd.core.protocol import (
+    FetchRequest,
+    ProtocolError,
+    encode_event,
+    encode_fetched,
+    encode_line,
+    parse_request,
+)
 from faxd.sim.store import make_pdf
 
 Message = dict[str, Any]
@@ -263,3 +270,22 @@ def test_a_journal_row_from_before_documents_still_replays(tmp_path: Path) -> No
         assert json.loads(encode_event(row, include_numbers=True))["document"] is None
     finally:
         store.close()
+
+
+def test_the_fetch_request_and_its_reply() -> None:
+    assert parse_request(b'{"type":"fetch","fax_id":"42","id":3}') == FetchRequest(fax_id="42", id=3)
+    with pytest.raises(ProtocolError, match="fax_id"):
+        parse_request(b'{"type":"fetch"}')
+    ref = DocumentRef("/spool/1/42.pdf", "ab" * 32, None, 10, "application/pdf")
+    assert json.loads(encode_fetched("42", ref, 3)) == {
+        "type": "fetched",
+        "fax_id": "42",
+        "document": {
+            "path": "/spool/1/42.pdf",
+            "sha256": "ab" * 32,
+            "pages": None,
+            "bytes": 10,
+            "content_type": "application/pdf",
+        },
+        "id": 3,
+    }
