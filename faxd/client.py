@@ -243,6 +243,12 @@ def format_event(event: dict[str, Any], color: bool) -> str:
         parts.append(_paint("final", _BOLD, color))
     if event.get("ref"):
         parts.append(f"ref={event['ref']}")
+    if event.get("attempt") is not None:  # send.retry: which try, and what follows
+        parts.append(f"attempt {event['attempt']}")
+        if event.get("retry_at"):
+            parts.append(f"retry at {_clock(event['retry_at'])}")
+        if event.get("gave_up"):
+            parts.append(f"gave up ({event['gave_up']})")
     document = event.get("document")
     if isinstance(document, dict) and document.get("path"):
         parts.append(f"document={document['path']}")
@@ -514,31 +520,54 @@ async def send(
             out.flush()
             if not wait:
                 return EXIT_OK
-            return await _follow(conn, new_id, err)
+            return await _follow(conn, new_id, err, ref)
     except ClientError as exc:
         err.write(f"faxd send: {exc}\n")
         return exc.exit_code
 
 
-async def _follow(conn: Connection, fax_id: str, err: TextIO) -> int:
-    """Apply the fax's events until every recipient (or the fax, if it has none) is final."""
+async def _status(conn: Connection, fax_id: str) -> _Progress:
     reply = await conn.request({"type": "status", "fax_id": fax_id})
     if reply.get("type") != "fax":
         raise ClientError(f"lost track of fax {fax_id}: {_error_text(reply)}")
-    progress = _Progress.of(reply["fax"])
+    return _Progress.of(reply["fax"])
+
+
+def _next_try(message: dict[str, Any], fax_id: str, ref: str | None, attempt: int) -> bool:
+    """Whether ``message`` is about a later try (send.retry's resend) of the logical fax ``ref``."""
+    later = isinstance(message.get("attempt"), int) and message["attempt"] > attempt
+    return ref is not None and message.get("ref") == ref and message.get("fax_id") != fax_id and later
+
+
+async def _follow(conn: Connection, fax_id: str, err: TextIO, ref: str | None = None) -> int:
+    """Apply the fax's events until every recipient (or the fax, if it has none) is final. With a
+    ``ref``, a failure faxd will resend (``retry_at``) is not the end: the next try is followed, and
+    the verdict is each recipient's last outcome (docs/outlets.md, "Resend policy")."""
+    progress = await _status(conn, fax_id)
+    earlier: list[tuple[str, _Progress]] = []  # tries already over, with what they settled
+    attempt, retrying = 1, False
     # Decide only once the messages that queued up during the requests are applied: the status
     # snapshot may be newer than some of them, but the last event of each recipient is the truth.
-    while conn.pending() or not progress.final():
+    while conn.pending() or retrying or not progress.final():
         message = await conn.recv()
         kind = message.get("type")
         if kind in ("bye", "error"):
             why = message.get("reason") if kind == "bye" else _error_text(message)
             raise ClientError(f"lost track of fax {fax_id} ({why}); see: faxd status {fax_id}")
-        if kind != "event" or message.get("fax_id") != fax_id:
+        if kind != "event":
+            continue
+        if _next_try(message, fax_id, ref, attempt):
+            earlier.append((fax_id, progress.settled()))
+            fax_id, attempt, retrying = str(message["fax_id"]), int(message["attempt"]), False
+            progress = await _status(conn, fax_id)
+        if message.get("fax_id") != fax_id:
             continue
         err.write(format_event(message, color=False) + "\n")
         progress.apply(fax_id, message)
-    return progress.verdict(fax_id, err)
+        if message.get("kind") in ("status", "resend"):
+            retrying = message.get("retry_at") is not None
+    failed = sum(p.verdict(f, err) != EXIT_OK for f, p in [*earlier, (fax_id, progress)])
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 class _Progress:
@@ -579,6 +608,13 @@ class _Progress:
             self.fax_status = to_status
         elif message.get("kind") == "availability" and to_status != "Alive":
             raise ClientError(f"fax {fax_id} was {to_status} before it finished")
+        if message.get("retry_at") is not None and isinstance(recipient, dict):
+            self.recipients[int(recipient["index"])]["retried"] = True
+
+    def settled(self) -> _Progress:
+        """What this try settled: its recipients but those a later try sends to again."""
+        kept = {i: r for i, r in self.recipients.items() if not r.get("retried")}
+        return _Progress(self.fax_status if kept or not self.recipients else "Sent", kept)
 
     def verdict(self, fax_id: str, err: TextIO) -> int:
         """EXIT_OK if everything succeeded; else EXIT_FAILED, each failure told on ``err``."""

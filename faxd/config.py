@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from faxd.core.proxy import Proxy, ProxyError, parse_proxy_url
+from faxd.core.resend import CATEGORIES as RETRY_CATEGORIES
 
 EX_CONFIG = 78
 """Exit status for a bad configuration (sysexits.h); the unit sets RestartPreventExitStatus=78."""
@@ -590,12 +591,54 @@ class LoggingConfig:
     """Replace phone numbers, names, subjects and cover texts in logs by "[PHI]"."""
 
 
+def _categories(value: object, _: _Context) -> frozenset[str]:
+    """`send.retry.categories`: error categories of faxd.core.taxonomy."""
+    known = ", ".join(sorted(RETRY_CATEGORIES))
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of error categories ({known}), got {_show(value)}")
+    for i, item in enumerate(value):
+        if item not in RETRY_CATEGORIES:
+            raise _Invalid(f"item {i}: expected an error category ({known}), got {_show(item)}")
+    return frozenset(value)
+
+
+def _factor(value: object, _: _Context) -> float:
+    if not _is_number(value) or not 1 <= float(value) <= 100:  # type: ignore[arg-type]
+        raise _Invalid(f"expected a number from 1 to 100, got {_show(value)}")
+    return float(value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryConfig:
+    """`send.retry`: the resend policy of faxes sent through faxd with a ref (faxd.core.resend)."""
+
+    categories: frozenset[str] = _opt(frozenset({"busy", "no_answer"}), _categories, render=sorted)
+    """Error categories whose failed recipients are sent the fax again."""
+    max_attempts: int = _opt(1, _integer(1))
+    """Tries in all, the first included (HylaFAX maxdials); 1 = never resend."""
+    delay: float = _opt(300.0, _duration(positive=True))
+    """Seconds from the end of the first try to the second."""
+    backoff: float = _opt(2.0, _factor)
+    """Each further wait is this many times the previous one."""
+    max_delay: float = _opt(3600.0, _duration(positive=True))
+    """Longest wait between two tries (>= delay)."""
+    deadline: float = _opt(10800.0, _duration(positive=True))
+    """No try starts later than this after the first one (HylaFAX killtime)."""
+
+    def _problems(self) -> list[str]:
+        if self.max_delay >= self.delay:
+            return []
+        return [f"send.retry.max_delay: must be >= send.retry.delay ({self.delay:g}), got {self.max_delay:g}"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class SendConfig:
     cover_index: int | None = _opt(0, _cover_index)
     """Cover page of faxes sent through faxd when the request names none: 0 = none, 1-13 = one of the
     account's cover pages (GET /restapi/v1.0/dictionary/fax-cover-page), null = the account's
     default cover page (Outbound Fax Settings)."""
+    retry: RetryConfig = field(default_factory=RetryConfig, metadata={"section": RetryConfig})
+    """The resend policy (send.retry)."""
 
 
 def _file_mode(value: object, ctx: _Context) -> int:

@@ -54,6 +54,7 @@ from faxd.adapters.reconcile import (
     ReconcileSettings,
     poll_forever,
 )
+from faxd.adapters.resend import Resender
 from faxd.adapters.rest import ApiError, AuthFailed, Document, RingCentral
 from faxd.adapters.store import Store
 from faxd.adapters.ws_session import WsSession, WsSettings
@@ -74,6 +75,7 @@ from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import DocumentRef, Event, FaxState
 from faxd.core.protocol import FetchError, SendError, SendRequest, StoredEvent
+from faxd.core.resend import RetryPolicy
 from faxd.core.status import parse_time
 from faxd.core.wsg import Hint, WsState, event_filters
 from faxd.logs import configure_logging
@@ -793,6 +795,7 @@ async def _run(
         status = Status(config, notifier, metrics, store, engine.reconciler)
         upstream = Upstream(config, rc, engine.queue, metrics, status, route)
         backend = _Backend(store, engine, upstream, config.send.cover_index)
+        resender = _resender(config, rc, engine, metrics)
         backend.documents = _open_documents(config, rc, store, metrics, journal)
         server = await _open_event_server(stack, config.events, backend, metrics, inherited.get("events"))
         journal.subscribe(server.publish)
@@ -809,8 +812,31 @@ async def _run(
         parts: list[Reloadable] = [_Logging(), engine, upstream, status]
         reloader = Reloader(config, config_path, parts, notifier=notifier, metrics=metrics, status=status)
         return await _supervise(
-            engine.queue, upstream, reloader, status, notifier, metrics, stop, reload, backend.documents
+            engine.queue,
+            upstream,
+            reloader,
+            status,
+            notifier,
+            metrics,
+            stop,
+            reload,
+            resender,
+            backend.documents,
         )
+
+
+def _resender(config: Config, rc: RingCentral, engine: Engine, metrics: Metrics) -> Resender | None:
+    """The resend policy's worker (send.retry), when it may resend at all (max_attempts > 1)."""
+    retry = config.send.retry
+    policy = RetryPolicy(
+        categories=retry.categories,
+        max_attempts=retry.max_attempts,
+        delay=retry.delay,
+        backoff=retry.backoff,
+        max_delay=retry.max_delay,
+        deadline=retry.deadline,
+    )
+    return Resender(policy, rc, engine.reconciler, metrics) if policy.enabled else None
 
 
 async def _watchdog(notifier: Notifier, metrics: Metrics, status: Status) -> NoReturn:
@@ -849,6 +875,7 @@ async def _supervise(
     metrics: Metrics,
     stop: asyncio.Event,
     reload: asyncio.Event,
+    resender: Resender | None = None,
     documents: Documents | None = None,
 ) -> int:
     """Run the consumers around the producers until ``stop``; the exit code (FatalError raised)."""
@@ -863,6 +890,8 @@ async def _supervise(
                 async with asyncio.TaskGroup() as producers:
                     producers.create_task(upstream.run())
                     producers.create_task(reloader.run(reload))
+                    if resender is not None:
+                        producers.create_task(resender.run(upstream.connected))
                     if documents is not None:
                         producers.create_task(documents.run(upstream.connected))
                     producers.create_task(_until(stop))

@@ -376,6 +376,9 @@ def _events(draw: st.DrawFn) -> Event:
         pages=draw(st.none() | st.integers(-(2**70), 2**70)),
         rc_modified=draw(_opt_texts),
         ref=draw(_opt_texts),
+        attempt=draw(st.none() | st.integers(1, 2**31)),  # the resend policy's fields (send.retry)
+        retry_at=draw(_opt_texts),
+        gave_up=draw(_opt_texts),
     )
     seq = draw(st.integers(0, 2**63))
     return Event(seq, draw(_texts), transition, draw(_texts), draw(st.sampled_from(Source)))

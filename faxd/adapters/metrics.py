@@ -142,7 +142,26 @@ class Metrics:
         self._auth_and_rest(registry)
         self._reconcile(registry)
         self._socket_and_process(registry)
+        self._resends(registry)
         self._documents(registry)
+
+    def _resends(self, r: CollectorRegistry) -> None:
+        # The resend policy (send.retry, faxd.adapters.resend).
+        self.resends = _counter(
+            r,
+            "faxd_resends_total",
+            "Resend requests (send.retry), by result: sent, or failed (tried again later).",
+            ["result"],
+            product(("sent", "failed")),
+        )
+        self.resend_gave_up = _counter(
+            r,
+            "faxd_resend_gave_up_total",
+            "Logical faxes faxd stopped resending, by reason.",
+            ["reason"],
+            product(("max_attempts", "deadline", "refused", "interrupted")),
+        )
+        self.resends_planned = _gauge(r, "faxd_resends_planned", "Resends waiting for their time.")
 
     def _websocket(self, r: CollectorRegistry) -> None:
         self.ws_state = Enum(

@@ -83,6 +83,8 @@ from faxd.core.tracking import Tracker
 log = structlog.get_logger(__name__)
 
 Publish = Callable[[Sequence[Event]], None]
+#: (the new states of a batch, its transitions) -> the transitions to journal.
+Review = Callable[[Mapping[str, FaxState], list[Journalled]], list[Journalled]]
 
 DAY = 86400.0
 #: Reasons after which the in-flight faxes the sync did not return are read by id (bulk GET).
@@ -171,6 +173,9 @@ class Reconciler:
             )
         #: Set whenever a timer (settle) may have to fire earlier than :func:`poll_forever` planned.
         self.timers_changed = asyncio.Event()
+        #: Sees (and may rewrite) every batch of transitions just before it is committed: the resend
+        #: policy (faxd.adapters.resend) marks the attempts of the faxes it resends there.
+        self.review: Review | None = None
         self._update_gauges()
 
     def update_settings(self, settings: ReconcileSettings) -> None:
@@ -358,8 +363,9 @@ class Reconciler:
 
     def _commit(self, batch: _Batch, *, sync_tokens: dict[str, str | None] | None = None) -> list[Event]:
         now = self.wall()
+        journal = batch.journal if self.review is None else self.review(batch.changed, batch.journal)
         events = self.store.commit(
-            list(batch.changed.values()), batch.journal, observed_at=_iso(now), sync_tokens=sync_tokens
+            list(batch.changed.values()), journal, observed_at=_iso(now), sync_tokens=sync_tokens
         )
         if self.tracker.committed([e.transition for e in events], batch.changed.values(), now=now):
             self.timers_changed.set()
@@ -513,6 +519,10 @@ class Reconciler:
         finally:
             if ref is not None:
                 self._sending_refs.discard(ref)
+        return self.adopt(extension_id, record, ref=ref)
+
+    def adopt(self, extension_id: str, record: Any, *, ref: str | None = None) -> FaxState:
+        """Journal the record RingCentral answered a send (or resend) with, at once (source ``send``)."""
         try:
             state = apply_record(None, record, extension_id=extension_id)
         except RecordError as exc:

@@ -572,6 +572,31 @@ class RingCentral:
             raise self._bad_body("fax-send", resp.status)
         return body
 
+    async def resend_fax(
+        self, extension_id: str, original_id: str, *, to: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """``POST …/fax`` (Heavy) with a JSON body ``{"originalMessageId": …}``: RingCentral sends the
+        fax ``original_id`` again as a new message (the same document, cover page and resolution) and
+        returns its record. ``to``: only these numbers; None: the original's recipients."""
+        payload: dict[str, Any] = {"originalMessageId": original_id}
+        if to is not None:
+            payload["to"] = [{"phoneNumber": p} for p in to]
+        body_text = json.dumps(payload)
+
+        def body() -> aiohttp.BytesPayload:
+            return aiohttp.BytesPayload(body_text.encode(), content_type="application/json")
+
+        resp, body_json = await self._call(
+            "POST",
+            f"{self._ext(extension_id)}/fax",
+            endpoint="fax-resend",
+            data=body,
+            client_timeout=SEND_TIMEOUT,
+        )
+        if not isinstance(body_json, dict):
+            raise self._bad_body("fax-resend", resp.status)
+        return body_json
+
     # ------------------------------------------------------------------ plumbing
 
     async def _call(

@@ -84,7 +84,24 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX faxes_created ON faxes (created);
     """,
-    # Inbound fax documents (issue 15 part 2, faxd.adapters.documents): one row per received fax whose
+    # 3 (resend policy, send.retry): the attempts of each logical fax faxd resends and the planned
+    # next attempts, so a retry timer survives a restart (faxd.adapters.resend.ResendBook).
+    """
+    CREATE TABLE resends (
+        fax_id TEXT PRIMARY KEY,
+        ref TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        first_at REAL NOT NULL,
+        extension_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        retry_at REAL,
+        targets TEXT NOT NULL DEFAULT '[]',
+        gave_up TEXT
+    );
+    CREATE UNIQUE INDEX resends_attempt ON resends (ref, attempt);
+    CREATE INDEX resends_open ON resends (state) WHERE state IN ('planned', 'resending');
+    """,
+    # 4 (inbound fax documents, issue 15 part 2, faxd.adapters.documents): one row per received fax whose
     # document faxd downloads; the pending ones survive restarts. meta 'documents_after_seq' is the
     # journal cursor up to which Received events have been turned into rows.
     """
@@ -117,6 +134,9 @@ _FAX_COLUMNS = (
 
 
 def _transition_json(t: Transition) -> str:
+    # Resend policy fields (send.retry): written only when set, so every other row keeps the layout
+    # that faxd.core.protocol pastes onto the wire without decoding it.
+    resend = {} if t.attempt is None else {"attempt": t.attempt, "retry_at": t.retry_at, "gave_up": t.gave_up}
     return json.dumps(
         {
             "kind": t.kind.value,
@@ -134,7 +154,8 @@ def _transition_json(t: Transition) -> str:
             "pages": t.pages,
             "rc_modified": t.rc_modified,
             "ref": t.ref,
-            # Only when there is one: rows journalled before documents existed end at "ref" too.
+            **resend,
+            # Only on document events: every other row stays as it was before documents existed.
             **({} if t.document is None else {"document": t.document.to_wire()}),
         },
         separators=(",", ":"),

@@ -31,6 +31,7 @@ class EventKind(StrEnum):
     AVAILABILITY = "availability"  # Alive -> Deleted -> Purged
     STALLED = "stalled"  # Queued for longer than reconcile.stall_after
     SETTLED = "settled"  # a Sent (reported final=false) held for reconcile.sent_settle: now final
+    RESEND = "resend"  # send.retry gave up on a logical fax after its last attempt ended (faxd.core.resend)
     DOCUMENT = "document"  # a received fax's document was downloaded to the spool (DocumentRef)
 
 
@@ -147,8 +148,14 @@ class Transition:
     pages: int | None = None
     rc_modified: str | None = None
     ref: str | None = None
-    #: A received fax's downloaded document, on its ``document`` event. Every event has the field on
-    #: the wire, so that a status could carry a document faxd already has.
+    #: Resend policy (send.retry, :mod:`faxd.core.resend`): which try of its logical fax this message is
+    #: (None: not a fax faxd sent with a ref under the policy), when the next try is planned (ISO time),
+    #: and why faxd gave up (a :class:`faxd.core.resend.GiveUp` value).
+    attempt: int | None = None
+    retry_at: str | None = None
+    gave_up: str | None = None
+    #: A received fax's downloaded document: only on its ``document`` event (the key is absent from
+    #: every other event on the wire and in the journal).
     document: DocumentRef | None = None
 
     @property
@@ -169,7 +176,11 @@ class Event:
     source: Source
 
     def to_wire(self, *, include_numbers: bool = True) -> dict[str, Any]:
-        """The ``event`` object of the socket protocol (docs/socket-protocol.md)."""
+        """The ``event`` object of the socket protocol (docs/socket-protocol.md).
+
+        ``attempt``, ``retry_at`` and ``gave_up`` are there only on events of a fax under the resend
+        policy (``attempt`` set), so every other event's line stays as it was.
+        """
         t = self.transition
         recipient: dict[str, Any] | None = None
         if t.recipient_index is not None:
@@ -177,7 +188,7 @@ class Event:
                 "index": t.recipient_index,
                 "phone": t.recipient_phone if include_numbers else None,
             }
-        return {
+        wire: dict[str, Any] = {
             "type": "event",
             "seq": self.seq,
             "epoch": self.epoch,
@@ -197,8 +208,12 @@ class Event:
             "rc_modified": t.rc_modified,
             "observed_at": self.observed_at,
             "source": self.source.value,
-            "document": None if t.document is None else t.document.to_wire(),
         }
+        if t.attempt is not None:
+            wire.update(attempt=t.attempt, retry_at=t.retry_at, gave_up=t.gave_up)
+        if t.document is not None:
+            wire["document"] = t.document.to_wire()
+        return wire
 
 
 def event_key(event: Mapping[str, Any]) -> tuple[str, int, str, str]:

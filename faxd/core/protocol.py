@@ -5,6 +5,12 @@ subscription :class:`Filter`, encodes every server message as one compact NDJSON
 of a connection's life (:class:`ClientPhase`) with the moves allowed between them. It is shared by the event
 server (adapters) and the CLI client (app).
 
+Events of a fax under the resend policy (``send.retry``, :mod:`faxd.core.resend`) carry ``attempt``,
+``retry_at`` and ``gave_up`` after ``source``; those keys are absent from every other event, so its line
+is byte for byte what it was before the policy existed (:func:`encode_event` writes them with the
+generic encoder). Likewise a ``document`` event (a received fax's downloaded document) carries its
+``document`` object after ``source``; no other event has the key.
+
 This module must not do I/O, touch sockets or the event loop, read clocks or log: the event server decides
 what to do with a bad line (reply, or close the connection), this module only says what is wrong with it.
 """
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Literal, NamedTuple, NoReturn, TypeAlias
 
-from faxd.core.model import DocumentRef, Event, FaxState
+from faxd.core.model import DocumentRef, Event, EventKind, FaxState, Source, Transition
 
 PROTO_VERSION: Final = 1
 #: Containers nested deeper than this are refused: no request needs more than 3 levels.
@@ -573,8 +579,7 @@ _str: Final = json.encoder.encode_basestring_ascii  # what _ENCODER writes for a
 _EVENT_LINE: Final = (
     '{"type":"event","seq":%d,"epoch":%s,"kind":%s,"fax_id":%s,"extension_id":%s,"direction":%s,'
     '"ref":%s,"recipient":%s,"from_status":%s,"to_status":%s,"final":%s,"error_code":%s,'
-    '"error_category":%s,"retryable":%s,"pages":%s,"rc_modified":%s,"observed_at":%s,"source":%s,'
-    '"document":%s}\n'
+    '"error_category":%s,"retryable":%s,"pages":%s,"rc_modified":%s,"observed_at":%s,"source":%s}\n'
 )
 
 
@@ -591,19 +596,21 @@ def encode_event(event: Event | StoredEvent, *, include_numbers: bool) -> bytes:
         if line is not None:
             return line
         f = event.fields()
+        if f.get("attempt") is not None or f.get("document") is not None:  # rare: the generic encoder
+            return encode_line(_stored_to_event(event, f).to_wire(include_numbers=include_numbers))
         fields = (
             f["kind"], f["fax_id"], f["extension_id"], f["direction"], f["ref"], f["recipient_index"],
             f["recipient_phone"], f["from_status"], f["to_status"], f["final"], f["error_code"],
             f["error_category"], f["retryable"], f["pages"], f["rc_modified"], event.source,
-            f.get("document"),
         )  # fmt: skip
     else:
         t = event.transition
+        if t.attempt is not None or t.document is not None:
+            return encode_line(event.to_wire(include_numbers=include_numbers))
         fields = (
             t.kind.value, t.fax_id, t.extension_id, t.direction, t.ref, t.recipient_index,
             t.recipient_phone, t.from_status, t.to_status, t.final, t.error_code,
             t.error_category, t.retryable, t.pages, t.rc_modified, event.source.value,
-            None if t.document is None else t.document.to_wire(),
         )  # fmt: skip
     return _event_line(event.seq, event.epoch, event.observed_at, fields, include_numbers)
 
@@ -617,11 +624,8 @@ _STORED_KEYS: Final = tuple(
     )
 )  # fmt: skip
 _SPLICED_LINE: Final = (
-    '{"type":"event","seq":%d,"epoch":%s,%s,"ref":%s,"recipient":%s,%s,%s,"observed_at":%s,"source":%s,'
-    '"document":%s}\n'
+    '{"type":"event","seq":%d,"epoch":%s,%s,"ref":%s,"recipient":%s,%s,%s,"observed_at":%s,"source":%s}\n'
 )
-#: The key journal rows written since documents were added have after ``ref`` (older rows end at ``ref``).
-_DOCUMENT_KEY: Final = ',"document":'
 
 
 def _spliced(event: StoredEvent, include_numbers: bool) -> bytes | None:
@@ -635,7 +639,12 @@ def _spliced(event: StoredEvent, include_numbers: bool) -> bytes | None:
     and the quote that ends a string is followed by ``,`` or ``}``.
     """
     text = event.transition
-    if not text.startswith('{"kind":') or not text.endswith("}"):
+    if (
+        not text.startswith('{"kind":')
+        or not text.endswith("}")
+        or ',"attempt":' in text
+        or ',"document":' in text
+    ):
         return None
     at: list[int] = []
     pos = 0
@@ -644,38 +653,48 @@ def _spliced(event: StoredEvent, include_numbers: bool) -> bytes | None:
         if pos < 0:
             return None
         at.append(pos)
-    # A document object is written after ref; a quote that ends ref's string cannot be followed by it
-    # inside a value, so the first ``,"document":`` after ref's key is the key.
-    doc_at = text.find(_DOCUMENT_KEY, at[13])
-    ref, document = (
-        (text[at[13] + 7 : -1], "null") if doc_at < 0 else (text[at[13] + 7 : doc_at], text[doc_at + 12 : -1])
-    )
     index = text[at[6] + 19 : at[7]]  # ,"recipient_index":
     if index == "null":
         recipient = "null"
     else:
         phone = text[at[7] + 19 : at[8]] if include_numbers else "null"  # ,"recipient_phone":
         recipient = f'{{"index":{index},"phone":{phone}}}'
-    line = _SPLICED_LINE % (
-        event.seq,
-        _str(event.epoch),
-        text[1 : at[3]],
-        ref,
-        recipient,
-        text[at[3] + 1 : at[6]],
-        text[at[8] + 1 : at[13]],
-        _str(event.observed_at),
-        _str(event.source),
-        document,
+    line = (
+        _SPLICED_LINE
+        % (
+            event.seq,
+            _str(event.epoch),
+            text[1 : at[3]],
+            text[at[13] + 7 : -1],  # ,"ref":
+            recipient,
+            text[at[3] + 1 : at[6]],
+            text[at[8] + 1 : at[13]],
+            _str(event.observed_at),
+            _str(event.source),
+        )
     )
     return line.encode()
+
+
+def _stored_to_event(event: StoredEvent, fields: Mapping[str, Any]) -> Event:
+    """A stored event decoded into an :class:`Event` (unknown keys of a newer journal are dropped)."""
+    known = {name: value for name, value in fields.items() if name in Transition.__dataclass_fields__}
+    document = known.get("document")
+    transition = Transition(
+        **{
+            **known,
+            "kind": EventKind(known["kind"]),
+            "document": None if document is None else DocumentRef.from_wire(document),
+        }
+    )
+    return Event(event.seq, event.epoch, transition, event.observed_at, Source(event.source))
 
 
 def _event_line(
     seq: int, epoch: str, observed_at: str, fields: tuple[Any, ...], include_numbers: bool
 ) -> bytes:
     (kind, fax_id, extension_id, direction, ref, index, phone, from_status, to_status, final,
-     error_code, category, retryable, pages, rc_modified, source, document) = fields  # fmt: skip
+     error_code, category, retryable, pages, rc_modified, source) = fields  # fmt: skip
     if index is None:
         recipient = "null"
     else:
@@ -700,7 +719,6 @@ def _event_line(
         "null" if rc_modified is None else _str(rc_modified),
         _str(observed_at),
         _str(source),
-        "null" if document is None else _ENCODER.encode(document),
     )
     return text.encode()
 
