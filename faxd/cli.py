@@ -163,6 +163,12 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return asyncio.run(client.history(_socket_path(args), args.fax_id, json_out=args.json, out=sys.stdout))
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from faxd import client
+
+    return asyncio.run(client.fetch(_socket_path(args), args.fax_id, json_out=args.json, out=sys.stdout))
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
     from faxd import client
 
@@ -413,6 +419,11 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     _with_socket(p)
     p.add_argument("fax_id")
     p.set_defaults(func=_cmd_history)
+
+    p = sub.add_parser("fetch", help="download a received fax's document (again) into the spool directory")
+    _with_socket(p)
+    p.add_argument("fax_id")
+    p.set_defaults(func=_cmd_fetch)
 
     p = sub.add_parser("send", help="send a fax through the daemon")
     _with_socket(p)

@@ -249,6 +249,9 @@ def format_event(event: dict[str, Any], color: bool) -> str:
             parts.append(f"retry at {_clock(event['retry_at'])}")
         if event.get("gave_up"):
             parts.append(f"gave up ({event['gave_up']})")
+    document = event.get("document")
+    if isinstance(document, dict) and document.get("path"):
+        parts.append(f"document={document['path']}")
     return "  ".join(parts).rstrip()
 
 
@@ -418,6 +421,30 @@ async def history(
             return EXIT_OK
     except ClientError as exc:
         err.write(f"faxd history: {exc}\n")
+        return exc.exit_code
+
+
+async def fetch(
+    socket_path: str, fax_id: str, *, json_out: bool, out: TextIO, err: TextIO = sys.stderr
+) -> int:
+    """``faxd fetch ID``: download a received fax's document (again); prints where it is."""
+    try:
+        async with await Connection.open(socket_path) as conn:
+            reply = await conn.request({"type": "fetch", "fax_id": fax_id})
+            if reply.get("type") != "fetched" or not isinstance(reply.get("document"), dict):
+                raise ClientError(_error_text(reply))
+            document = reply["document"]
+            if json_out:
+                _write_json(out, document)
+            else:
+                pages = document.get("pages")
+                out.write(
+                    f"{document.get('path')}  {document.get('bytes')} bytes"
+                    f"  {pages if pages is not None else '?'} pages  sha256 {document.get('sha256')}\n"
+                )
+            return EXIT_OK
+    except ClientError as exc:
+        err.write(f"faxd fetch: {exc}\n")
         return exc.exit_code
 
 

@@ -811,6 +811,32 @@ class SendConfig:
     """The resend policy (send.retry)."""
 
 
+def _file_mode(value: object, ctx: _Context) -> int:
+    mode = _mode(value, ctx)
+    if mode & 0o133:
+        raise _Invalid(
+            f'a document must not be executable or writable by group or others, got "{mode:04o}"'
+            ' (e.g. "0640" or "0600")'
+        )
+    return mode
+
+
+def _optional_days(value: object, ctx: _Context) -> int | None:
+    return None if value is None else _integer(1)(value, ctx)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DocumentsConfig:
+    enabled: bool = _opt(False, _boolean)
+    """Download every received fax's document into `spool_dir`."""
+    spool_dir: str = _opt("/var/lib/faxd/documents", _resolve)
+    """Directory of the documents: one subdirectory per extension."""
+    retention_days: int | None = _opt(None, _optional_days)
+    """Days a downloaded document is kept before faxd deletes the file; None keeps them forever."""
+    mode: int = _opt(0o640, _file_mode, render=_render_mode)
+    """Permission bits of each document file; written as an octal string like "0640"."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     ringcentral: RingCentralConfig = field(metadata={"section": RingCentralConfig})
@@ -822,6 +848,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"section": LoggingConfig})
     send: SendConfig = field(default_factory=SendConfig, metadata={"section": SendConfig})
     outlets: dict[str, OutletConfig] = field(default_factory=dict, metadata={"outlets": OutletConfig})
+    documents: DocumentsConfig = field(default_factory=DocumentsConfig, metadata={"section": DocumentsConfig})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
 import aiohttp
@@ -45,6 +46,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from faxd import __version__
+from faxd.adapters.documents import Documents, DocumentSettings
 from faxd.adapters.event_server import EventServer, EventServerSettings, SocketSetupError
 from faxd.adapters.metrics import Metrics, add_process_collectors, metrics_app
 from faxd.adapters.notify import Notifier, listen_fds
@@ -75,8 +77,8 @@ from faxd.config import (
 from faxd.core import proxy
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
-from faxd.core.model import Event, FaxState
-from faxd.core.protocol import SendError, SendRequest, StoredEvent
+from faxd.core.model import DocumentRef, Event, FaxState
+from faxd.core.protocol import FetchError, SendError, SendRequest, StoredEvent
 from faxd.core.resend import RetryPolicy
 from faxd.core.status import parse_time
 from faxd.core.wsg import Hint, WsState, event_filters
@@ -88,6 +90,7 @@ log = structlog.get_logger(__name__)
 #: revoke of at most 1 s) must stay within 5 s; systemd's TimeoutStopSec (15 s) is a backstop only.
 DRAIN_DEADLINE = 2.5
 CONNECT_WAIT = 30.0  # how long a send or sync request waits for the first RingCentral login
+FETCH_WAIT = 60.0  # how long `faxd fetch` waits for its download before telling the client it is queued
 EX_CREDENTIALS = 78  # RingCentral refused our credentials: a restart would not help
 
 
@@ -562,6 +565,19 @@ class _Backend:
         self.queue = engine.queue
         self.upstream = upstream
         self.epoch = store.epoch
+        self.documents: Documents | None = None  # documents.enabled
+
+    async def fetch(self, fax_id: str) -> DocumentRef:
+        """``faxd fetch ID``: download a received fax's document (again); FetchError when it cannot."""
+        if self.documents is None:
+            raise FetchError("bad_request", "documents.enabled is false: faxd does not download documents")
+        await self._connected()
+        try:
+            async with asyncio.timeout(FETCH_WAIT):
+                return await self.documents.fetch(fax_id)
+        except TimeoutError:
+            error = self.documents.last_error(fax_id) or "waiting for the rate budget"
+            raise FetchError("upstream", f"not downloaded yet ({error}); it stays queued") from None
 
     async def _connected(self) -> None:
         try:
@@ -668,6 +684,25 @@ def _open_ringcentral(stack: AsyncExitStack, config: Config, route: Route, metri
     return rc
 
 
+def _open_documents(
+    config: Config, rc: RingCentral, store: Store, metrics: Metrics, journal: _Fanout
+) -> Documents | None:
+    """The downloader of received faxes' documents (``documents.enabled``), fed by the journal."""
+    cfg = config.documents
+    if not cfg.enabled:
+        return None
+    settings = DocumentSettings(Path(cfg.spool_dir), mode=cfg.mode, retention_days=cfg.retention_days)
+    try:
+        settings.spool_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if not os.access(settings.spool_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable by faxd")
+    except OSError as exc:
+        raise FatalError(f"documents.spool_dir: {cfg.spool_dir}: {exc.strerror or exc}", EX_CONFIG) from None
+    documents = Documents(settings, rc, store, metrics, journal.publish)
+    journal.subscribe(documents.published)
+    return documents
+
+
 async def _open_event_server(
     stack: AsyncExitStack,
     ev: EventsConfig,
@@ -765,6 +800,7 @@ async def _run(
         upstream = Upstream(config, rc, engine.queue, metrics, status, route)
         backend = _Backend(store, engine, upstream, config.send.cover_index)
         resender = _resender(config, rc, engine, metrics)
+        backend.documents = _open_documents(config, rc, store, metrics, journal)
         server = await _open_event_server(stack, config.events, backend, metrics, inherited.get("events"))
         journal.subscribe(server.publish)
         journal.subscribe(status.published)
@@ -782,7 +818,17 @@ async def _run(
         parts: list[Reloadable] = [_Logging(), engine, upstream, status]
         reloader = Reloader(config, config_path, parts, notifier=notifier, metrics=metrics, status=status)
         return await _supervise(
-            engine.queue, upstream, reloader, status, notifier, metrics, stop, reload, outlets.run, resender
+            engine.queue,
+            upstream,
+            reloader,
+            status,
+            notifier,
+            metrics,
+            stop,
+            reload,
+            outlets.run,
+            resender,
+            backend.documents,
         )
 
 
@@ -838,6 +884,7 @@ async def _supervise(
     reload: asyncio.Event,
     outlets: Callable[[], Coroutine[Any, Any, None]],
     resender: Resender | None = None,
+    documents: Documents | None = None,
 ) -> int:
     """Run the consumers around the producers until ``stop``; the exit code (FatalError raised).
     The outlets are consumers: they deliver what the drain still journals, and stop with the queue."""
@@ -855,6 +902,8 @@ async def _supervise(
                     producers.create_task(reloader.run(reload))
                     if resender is not None:
                         producers.create_task(resender.run(upstream.connected))
+                    if documents is not None:
+                        producers.create_task(documents.run(upstream.connected))
                     producers.create_task(_until(stop))
             except* _Stop:
                 pass

@@ -183,6 +183,15 @@ BAD_VALUES = [
     ("send.cover_index", -1, "expected a cover page index (0 = no cover page, 1-13"),
     ("send.cover_index", "none", "expected a cover page index (0 = no cover page, 1-13"),
     ("send.cover_index", True, "expected a cover page index (0 = no cover page, 1-13"),
+    ("documents.enabled", "yes", 'expected true or false, got "yes"'),
+    ("documents.spool_dir", "", 'expected a file path, got ""'),
+    ("documents.retention_days", 0, "must be >= 1, got 0"),
+    ("documents.retention_days", "30d", 'expected an integer, got "30d"'),
+    ("documents.mode", 640, 'expected an octal mode string like "0660" (quoted), got 640'),
+    ("documents.mode", "0660", "a document must not be executable or writable by group or others"),
+    ("documents.mode", "0750", "a document must not be executable or writable by group or others"),
+    ("documents.mode", "0600", None),
+    ("documents.retention_days", None, None),
 ]
 
 

@@ -55,10 +55,11 @@ from typing import Protocol
 import structlog
 
 from faxd.adapters.metrics import Metrics
-from faxd.core.model import Event, FaxState
+from faxd.core.model import DocumentRef, Event, FaxState
 from faxd.core.protocol import (
     ClientPhase,
     ErrorCode,
+    FetchRequest,
     Filter,
     HistoryRequest,
     ListRequest,
@@ -78,6 +79,7 @@ from faxd.core.protocol import (
     encode_event,
     encode_fax,
     encode_faxes,
+    encode_fetched,
     encode_heartbeat,
     encode_hello,
     encode_history,
@@ -123,6 +125,10 @@ class Backend(Protocol):
 
     async def send(self, request: SendRequest) -> FaxState:
         """Send a fax; raises :class:`~faxd.core.protocol.SendError` when it is refused."""
+        ...
+
+    async def fetch(self, fax_id: str) -> DocumentRef:
+        """Download a received fax's document; raises :class:`~faxd.core.protocol.FetchError`."""
         ...
 
 
@@ -649,12 +655,7 @@ class EventServer:
                     return encode_error(ErrorCode.NOT_FOUND, f"no fax {fax_id}", rid)
                 return encode_history(b.history(fax_id), include_numbers=numbers, request_id=rid)
             case SyncRequest():
-                try:
-                    await b.sync()
-                except Exception as exc:  # noqa: BLE001 - reported to the client, and logged
-                    log.warning("socket.sync_failed", error=str(exc))
-                    return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
-                return encode_ok(rid)
+                return await self._sync(rid)
             case SendRequest():
                 try:
                     state = await b.send(request)
@@ -669,7 +670,24 @@ class EventServer:
                     **client.log_fields(),
                 )
                 return encode_accepted(state.fax_id, state.ref, state.status, rid)
+            case FetchRequest(fax_id=fax_id):
+                return await self._fetch(fax_id, rid)
         raise AssertionError(f"unhandled request {request!r}")
+
+    async def _sync(self, rid: str | int | None) -> bytes:
+        try:
+            await self._backend.sync()
+        except Exception as exc:  # noqa: BLE001 - reported to the client, and logged
+            log.warning("socket.sync_failed", error=str(exc))
+            return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
+        return encode_ok(rid)
+
+    async def _fetch(self, fax_id: str, rid: str | int | None) -> bytes:
+        try:
+            document = await self._backend.fetch(fax_id)
+        except SendError as exc:  # a FetchError, or not connected to RingCentral
+            return encode_error(exc.code, exc.message, rid)
+        return encode_fetched(fax_id, document, rid)
 
     def _cursor_problem(self, after_seq: int, epoch: str | None) -> str | None:
         b = self._backend

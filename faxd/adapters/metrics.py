@@ -34,6 +34,9 @@ from faxd.core.wsg import WsState
 
 GROUPS = ("Light", "Medium", "Heavy", "Auth")
 WS_STATES = tuple(state.value for state in WsState)
+#: Why a document download failed: a 429 (retried after Retry-After), a 5xx, no answer, the disk
+#: (ENOSPC and other write errors), RingCentral refused (4xx: not retried), the message is gone (404).
+DOCUMENT_FAILURES = ("rate_limited", "server", "network", "disk", "rejected", "gone")
 RECONCILE_TRIGGERS = ("push", "poll", "startup", "resync", "request")
 WS_CONNECT_KINDS = ("fresh", "recovery")
 #: Why a WebSocket connection ended; ``faxd.adapters.ws_session.classify`` folds every ending into these.
@@ -141,6 +144,7 @@ class Metrics:
         self._socket_and_process(registry)
         self._resends(registry)
         self._outlets(registry)
+        self._documents(registry)
 
     def _resends(self, r: CollectorRegistry) -> None:
         # The resend policy (send.retry, faxd.adapters.resend).
@@ -381,6 +385,25 @@ class Metrics:
             ["outlet"],
         )
         self.outlet_cursor = _gauge(r, "faxd_outlet_cursor_seq", "The outlet's committed cursor.", ["outlet"])
+
+    def _documents(self, r: CollectorRegistry) -> None:
+        """Inbound fax documents (faxd.adapters.documents)."""
+        self.documents_downloaded = _counter(
+            r, "faxd_documents_downloaded_total", "Received fax documents written to the spool directory."
+        )
+        self.documents_failed = _counter(
+            r,
+            "faxd_documents_failed_total",
+            "Failed tries to download or write a received fax's document, by reason (most are retried).",
+            ["reason"],
+            [(reason,) for reason in DOCUMENT_FAILURES],
+        )
+        self.documents_pending = _gauge(
+            r, "faxd_documents_pending", "Received fax documents waiting to be downloaded (or retried)."
+        )
+        self.documents_bytes = _counter(
+            r, "faxd_documents_bytes_total", "Bytes of received fax documents written to the spool."
+        )
 
     def last_sync_time(self) -> float:
         """Unix time of the last successful reconcile, 0 if none (for STATUS= and /readyz)."""

@@ -46,6 +46,7 @@ REFRESH_MARGIN: Final = 60.0
 BULK_MAX: Final = 50
 DEFAULT_TIMEOUT: Final = aiohttp.ClientTimeout(total=30, connect=10, sock_read=30)
 SEND_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=120)
+CONTENT_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=60)
 #: The revoke runs while faxd stops, which must take at most 5 s in all (docs/operations.md §3.4).
 REVOKE_TIMEOUT: Final = aiohttp.ClientTimeout(total=1, connect=1)
 #: Longest a 5xx's Retry-After holds a group back (the reconcile queue's own backoff cap): a broken or
@@ -514,6 +515,15 @@ class RingCentral:
             raise self._bad_body("message-list", resp.status)
         return [r for r in records if isinstance(r, dict)]
 
+    async def get_content(self, extension_id: str, message_id: str, attachment_id: str) -> tuple[str, bytes]:
+        """``GET …/message-store/{id}/content/{attachmentId}`` (Medium): (content type, bytes) of one
+        attachment, e.g. a received fax's PDF."""
+        path = f"{self._ext(extension_id)}/message-store/{message_id}/content/{attachment_id}"
+        resp, _ = await self._call(
+            "GET", path, endpoint="message-content", parse=False, client_timeout=CONTENT_TIMEOUT, accept="*/*"
+        )
+        return resp.content_type or "application/octet-stream", resp.body
+
     # ------------------------------------------------------------------ fax
 
     async def send_fax(
@@ -599,6 +609,7 @@ class RingCentral:
         data: Callable[[], Any] | None = None,
         client_timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
         parse: bool = True,
+        accept: str = "application/json",
     ) -> tuple[_Response, Any]:
         """A Bearer request: proactive refresh, one refresh + retry after a 401, errors raised."""
         stale: int | None = None
@@ -608,7 +619,7 @@ class RingCentral:
                 method,
                 path,
                 endpoint=endpoint,
-                headers={"Authorization": f"Bearer {tokens.access}", "Accept": "application/json"},
+                headers={"Authorization": f"Bearer {tokens.access}", "Accept": accept},
                 params=params,
                 data=data() if data is not None else None,
                 client_timeout=client_timeout,

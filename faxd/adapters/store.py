@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from faxd.core.model import Event, EventKind, FaxState, RecipientState, Source, Transition
+from faxd.core.model import DocumentRef, Event, EventKind, FaxState, RecipientState, Source, Transition
 from faxd.core.protocol import StoredEvent
 from faxd.core.status import parse_time
 
@@ -123,6 +123,29 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (outlet, epoch, seq)
     );
     """,
+    # 5 (inbound fax documents, issue 15 part 2, faxd.adapters.documents): one row per received fax whose
+    # document faxd downloads; the pending ones survive restarts. meta 'documents_after_seq' is the
+    # journal cursor up to which Received events have been turned into rows.
+    """
+    CREATE TABLE documents (
+        fax_id TEXT PRIMARY KEY,
+        extension_id TEXT NOT NULL,
+        created TEXT,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_try REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        attachment_id TEXT,
+        content_type TEXT,
+        page_hint INTEGER,
+        path TEXT,
+        sha256 TEXT,
+        pages INTEGER,
+        bytes INTEGER,
+        done_at REAL
+    );
+    CREATE INDEX documents_due ON documents (state, next_try);
+    """,
 )
 
 #: Ids per ``IN (...)`` list: far below SQLite's limit on host parameters (999 before 3.32).
@@ -154,13 +177,22 @@ def _transition_json(t: Transition) -> str:
             "rc_modified": t.rc_modified,
             "ref": t.ref,
             **resend,
+            # Only on document events: every other row stays as it was before documents existed.
+            **({} if t.document is None else {"document": t.document.to_wire()}),
         },
         separators=(",", ":"),
     )
 
 
 def _transition_from(data: Mapping[str, Any]) -> Transition:
-    return Transition(**{**data, "kind": EventKind(data["kind"])})
+    document = data.get("document")
+    return Transition(
+        **{
+            **data,
+            "kind": EventKind(data["kind"]),
+            "document": None if document is None else DocumentRef.from_wire(document),
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ class EventKind(StrEnum):
     STALLED = "stalled"  # Queued for longer than reconcile.stall_after
     SETTLED = "settled"  # a Sent (reported final=false) held for reconcile.sent_settle: now final
     RESEND = "resend"  # send.retry gave up on a logical fax after its last attempt ended (faxd.core.resend)
+    DOCUMENT = "document"  # a received fax's document was downloaded to the spool (DocumentRef)
 
 
 class Source(StrEnum):
@@ -41,6 +42,7 @@ class Source(StrEnum):
     POLL = "poll"  # a safety or active poll, no hint
     STARTUP = "startup"  # the reconcile at start-up or after a lost WS session
     SEND = "send"  # faxd sent the fax itself and journalled the API's answer
+    FETCH = "fetch"  # faxd downloaded a received fax's document (a ``document`` event)
 
 
 #: Statuses after which nothing more is expected (``Sent`` may still become ``Delivered``).
@@ -97,6 +99,37 @@ class FaxState:
 
 
 @dataclass(frozen=True, slots=True)
+class DocumentRef:
+    """A received fax's document as faxd stored it in its spool directory."""
+
+    path: str  # absolute path of the file
+    sha256: str  # hex digest of the file's bytes
+    pages: int | None  # counted in the file, else RingCentral's faxPageCount; None: unknown
+    size: int  # bytes
+    content_type: str
+
+    def to_wire(self) -> dict[str, Any]:
+        """The ``document`` object of the socket protocol; the journal stores the same object."""
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "pages": self.pages,
+            "bytes": self.size,
+            "content_type": self.content_type,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> DocumentRef:
+        return cls(
+            path=str(data["path"]),
+            sha256=str(data["sha256"]),
+            pages=data.get("pages"),
+            size=int(data["bytes"]),
+            content_type=str(data["content_type"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Transition:
     """A change faxd observed; becomes an :class:`Event` once the journal gives it a ``seq``."""
 
@@ -121,6 +154,9 @@ class Transition:
     attempt: int | None = None
     retry_at: str | None = None
     gave_up: str | None = None
+    #: A received fax's downloaded document: only on its ``document`` event (the key is absent from
+    #: every other event on the wire and in the journal).
+    document: DocumentRef | None = None
 
     @property
     def dedup_key(self) -> tuple[str, int, str, str]:
@@ -175,6 +211,8 @@ class Event:
         }
         if t.attempt is not None:
             wire.update(attempt=t.attempt, retry_at=t.retry_at, gave_up=t.gave_up)
+        if t.document is not None:
+            wire["document"] = t.document.to_wire()
         return wire
 
 

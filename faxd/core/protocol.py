@@ -8,7 +8,8 @@ server (adapters) and the CLI client (app).
 Events of a fax under the resend policy (``send.retry``, :mod:`faxd.core.resend`) carry ``attempt``,
 ``retry_at`` and ``gave_up`` after ``source``; those keys are absent from every other event, so its line
 is byte for byte what it was before the policy existed (:func:`encode_event` writes them with the
-generic encoder).
+generic encoder). Likewise a ``document`` event (a received fax's downloaded document) carries its
+``document`` object after ``source``; no other event has the key.
 
 This module must not do I/O, touch sockets or the event loop, read clocks or log: the event server decides
 what to do with a bad line (reply, or close the connection), this module only says what is wrong with it.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Literal, NamedTuple, NoReturn, TypeAlias
 
-from faxd.core.model import Event, EventKind, FaxState, Source, Transition
+from faxd.core.model import DocumentRef, Event, EventKind, FaxState, Source, Transition
 
 PROTO_VERSION: Final = 1
 #: Containers nested deeper than this are refused: no request needs more than 3 levels.
@@ -121,6 +122,11 @@ class SendError(Exception):
         self.code = code
         self.message = message
         self.rc_code = rc_code
+
+
+class FetchError(SendError):
+    """Raised by the daemon's ``fetch`` (``faxd fetch ID``) when a received fax's document cannot be had:
+    ``not_found`` (no such received fax), ``bad_request`` (documents are off) or ``upstream``."""
 
 
 class StoredEvent(NamedTuple):
@@ -274,6 +280,14 @@ class SyncRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchRequest:
+    """Download a received fax's document (again); the reply comes once it is written."""
+
+    fax_id: str
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PingRequest:
     """Liveness check."""
 
@@ -281,10 +295,17 @@ class PingRequest:
 
 
 Request: TypeAlias = (
-    SubscribeRequest | StatusRequest | ListRequest | HistoryRequest | SendRequest | SyncRequest | PingRequest
+    SubscribeRequest
+    | StatusRequest
+    | ListRequest
+    | HistoryRequest
+    | SendRequest
+    | SyncRequest
+    | PingRequest
+    | FetchRequest
 )
 
-REQUEST_TYPES: Final = ("subscribe", "status", "list", "history", "send", "sync", "ping")
+REQUEST_TYPES: Final = ("subscribe", "status", "list", "history", "send", "sync", "ping", "fetch")
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -442,6 +463,8 @@ def parse_request(line: bytes) -> Request:
             return SyncRequest(id=request_id)
         case "ping":
             return PingRequest(id=request_id)
+        case "fetch":
+            return FetchRequest(fax_id=f.req_string("fax_id"), id=request_id)
     f.fail(f"unknown request type {kind[:40]!r}; expected one of {', '.join(REQUEST_TYPES)}")
 
 
@@ -573,7 +596,7 @@ def encode_event(event: Event | StoredEvent, *, include_numbers: bool) -> bytes:
         if line is not None:
             return line
         f = event.fields()
-        if f.get("attempt") is not None:  # resend fields: rare, so the generic encoder
+        if f.get("attempt") is not None or f.get("document") is not None:  # rare: the generic encoder
             return encode_line(_stored_to_event(event, f).to_wire(include_numbers=include_numbers))
         fields = (
             f["kind"], f["fax_id"], f["extension_id"], f["direction"], f["ref"], f["recipient_index"],
@@ -582,7 +605,7 @@ def encode_event(event: Event | StoredEvent, *, include_numbers: bool) -> bytes:
         )  # fmt: skip
     else:
         t = event.transition
-        if t.attempt is not None:
+        if t.attempt is not None or t.document is not None:
             return encode_line(event.to_wire(include_numbers=include_numbers))
         fields = (
             t.kind.value, t.fax_id, t.extension_id, t.direction, t.ref, t.recipient_index,
@@ -616,7 +639,12 @@ def _spliced(event: StoredEvent, include_numbers: bool) -> bytes | None:
     and the quote that ends a string is followed by ``,`` or ``}``.
     """
     text = event.transition
-    if not text.startswith('{"kind":') or not text.endswith("}") or ',"attempt":' in text:
+    if (
+        not text.startswith('{"kind":')
+        or not text.endswith("}")
+        or ',"attempt":' in text
+        or ',"document":' in text
+    ):
         return None
     at: list[int] = []
     pos = 0
@@ -651,7 +679,14 @@ def _spliced(event: StoredEvent, include_numbers: bool) -> bytes | None:
 def _stored_to_event(event: StoredEvent, fields: Mapping[str, Any]) -> Event:
     """A stored event decoded into an :class:`Event` (unknown keys of a newer journal are dropped)."""
     known = {name: value for name, value in fields.items() if name in Transition.__dataclass_fields__}
-    transition = Transition(**{**known, "kind": EventKind(known["kind"])})
+    document = known.get("document")
+    transition = Transition(
+        **{
+            **known,
+            "kind": EventKind(known["kind"]),
+            "document": None if document is None else DocumentRef.from_wire(document),
+        }
+    )
     return Event(event.seq, event.epoch, transition, event.observed_at, Source(event.source))
 
 
@@ -686,6 +721,11 @@ def _event_line(
         _str(source),
     )
     return text.encode()
+
+
+def encode_fetched(fax_id: str, document: DocumentRef, request_id: RequestId | None = None) -> bytes:
+    """The reply to ``fetch``: where the document now is."""
+    return _with_id({"type": "fetched", "fax_id": fax_id, "document": document.to_wire()}, request_id)
 
 
 def encode_caught_up(seq: int, request_id: RequestId | None = None) -> bytes:
