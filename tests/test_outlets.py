@@ -312,7 +312,7 @@ def hook(script: Path, out: Path, **overrides: Any) -> OutletConfig:
     settings: dict[str, Any] = {
         "type": "exec",
         "command": (str(script), str(out), "a b; rm -rf /tmp/x"),
-        "timeout": 3.0,  # seq 3 hangs until killed; the others, even on a loaded machine, do not
+        "timeout": 6.0,  # seq 3 hangs until killed; the others, even on a loaded machine, do not
         "retry_initial": 0.01,
         "retry_max": 0.05,
         **overrides,
