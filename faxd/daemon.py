@@ -71,7 +71,7 @@ from faxd.core import proxy
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import Event, FaxState
-from faxd.core.protocol import SendError, SendRequest, StoredEvent
+from faxd.core.protocol import PageKey, QueryRequest, SendError, SendRequest, StoredEvent
 from faxd.core.status import parse_time
 from faxd.core.wsg import Hint, WsState, event_filters
 from faxd.logs import configure_logging
@@ -586,6 +586,9 @@ class _Backend:
 
     def history(self, fax_id: str) -> list[Event]:
         return self.store.history(fax_id)
+
+    def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+        return self.store.fax_page(query)
 
     async def sync(self) -> None:
         await self._connected()

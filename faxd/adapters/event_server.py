@@ -1,9 +1,10 @@
 """The event socket: NDJSON over a Unix stream socket for local programs (docs/socket-protocol.md).
 
 Each connection gets ``hello``, may subscribe (replay from a cursor, then live events) and may send
-requests (status, list, history, send, sync, ping). The daemon calls :meth:`EventServer.publish` after each
-journal COMMIT; every subscriber has a bounded queue and its own writer task, so a slow client is cut off
-(``slow_consumer``, with the seq to resume after) instead of slowing the publisher or anyone else.
+requests (status, list, query, history, send, sync, ping). The daemon calls :meth:`EventServer.publish`
+after each journal COMMIT; every subscriber has a bounded queue and its own writer task, so a slow
+client is cut off (``slow_consumer``, with the seq to resume after) instead of slowing the publisher or
+anyone else.
 
 This module only moves bytes and enforces connection policy. It must not decide anything about faxes, must
 not hold the journal (the :class:`Backend` does), and must not log phone numbers or document contents.
@@ -62,9 +63,12 @@ from faxd.core.protocol import (
     Filter,
     HistoryRequest,
     ListRequest,
+    PageKey,
     PingRequest,
     ProtocolError,
+    QueryRequest,
     Request,
+    RequestId,
     SendError,
     SendRequest,
     StatusRequest,
@@ -82,6 +86,7 @@ from faxd.core.protocol import (
     encode_hello,
     encode_history,
     encode_ok,
+    encode_page,
     encode_pong,
     parse_request,
 )
@@ -118,6 +123,10 @@ class Backend(Protocol):
     def faxes(self, active_only: bool) -> list[FaxState]: ...
 
     def history(self, fax_id: str) -> list[Event]: ...
+
+    def fax_page(self, query: QueryRequest) -> tuple[Sequence[FaxState], PageKey | None]:
+        """One page of a ``query``, and the key to continue after (None on the last page)."""
+        ...
 
     async def sync(self) -> None: ...
 
@@ -644,17 +653,14 @@ class EventServer:
                 return encode_faxes(
                     b.faxes(active_only), b.head_seq(), include_numbers=numbers, request_id=rid
                 )
+            case QueryRequest():
+                return self._query(request)
             case HistoryRequest(fax_id=fax_id):
                 if b.fax(fax_id=fax_id) is None:
                     return encode_error(ErrorCode.NOT_FOUND, f"no fax {fax_id}", rid)
                 return encode_history(b.history(fax_id), include_numbers=numbers, request_id=rid)
             case SyncRequest():
-                try:
-                    await b.sync()
-                except Exception as exc:  # noqa: BLE001 - reported to the client, and logged
-                    log.warning("socket.sync_failed", error=str(exc))
-                    return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
-                return encode_ok(rid)
+                return await self._sync(rid)
             case SendRequest():
                 try:
                     state = await b.send(request)
@@ -670,6 +676,25 @@ class EventServer:
                 )
                 return encode_accepted(state.fax_id, state.ref, state.status, rid)
         raise AssertionError(f"unhandled request {request!r}")
+
+    async def _sync(self, rid: RequestId | None) -> bytes:
+        try:
+            await self._backend.sync()
+        except Exception as exc:  # noqa: BLE001 - reported to the client, and logged
+            log.warning("socket.sync_failed", error=str(exc))
+            return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
+        return encode_ok(rid)
+
+    def _query(self, request: QueryRequest) -> bytes:
+        """One page of faxes; numbers only when asked for and served at all (events.include_numbers)."""
+        b = self._backend
+        if request.include_numbers and not self._settings.include_numbers:
+            message = "this faxd does not serve phone numbers (events.include_numbers is false)"
+            return encode_error(ErrorCode.BAD_REQUEST, message, request.id)
+        faxes, next_key = b.fax_page(request)
+        return encode_page(
+            faxes, next_key, b.head_seq(), include_numbers=request.include_numbers, request_id=request.id
+        )
 
     def _cursor_problem(self, after_seq: int, epoch: str | None) -> str | None:
         b = self._backend
