@@ -174,6 +174,11 @@ def test_bad_queries_are_refused_with_the_reason(fields: dict[str, object], mess
     assert caught.value.request_id == 9
 
 
+def test_numbers_are_left_out_unless_asked_for() -> None:
+    assert _query().include_numbers is False
+    assert _query(include_numbers=True).include_numbers is True
+
+
 def test_page_keys_round_trip_exactly() -> None:
     key = PageKey(2461345.9166782405, "id~with~tildes")
     assert PageKey.from_wire(key.to_wire()) == key
