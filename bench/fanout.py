@@ -99,7 +99,7 @@ class Journal:
     def history(self, fax_id: str) -> list[Event]:
         return []
 
-    def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+    async def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
         return [], None
 
     async def sync(self) -> None:

@@ -64,7 +64,7 @@ class StoreBackend:
     def history(self, fax_id: str) -> list[Event]:
         return self.store.history(fax_id)
 
-    def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+    async def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
         return [], None
 
     async def sync(self) -> None:

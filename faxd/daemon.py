@@ -587,8 +587,8 @@ class _Backend:
     def history(self, fax_id: str) -> list[Event]:
         return self.store.history(fax_id)
 
-    def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
-        return self.store.fax_page(query)
+    async def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+        return await asyncio.to_thread(self.store.read_page, query)
 
     async def sync(self) -> None:
         await self._connected()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,23 @@ def test_numbers_are_left_out_unless_asked_for() -> None:
 def test_page_keys_round_trip_exactly() -> None:
     key = PageKey(2461345.9166782405, "id~with~tildes")
     assert PageKey.from_wire(key.to_wire()) == key
+
+
+def test_read_page_in_another_thread_sees_only_committed_faxes(store: Store) -> None:
+    """The daemon reads pages on a connection of their own in a worker thread: the same answer as the
+    store's connection, and never a write transaction in progress."""
+    store.commit([fax(n, _at(n)) for n in range(5)], [], observed_at=_at(0))
+    query = _query(limit=3)
+    assert store.read_page(query) == store.fax_page(query)
+    store.db.execute("BEGIN IMMEDIATE")
+    try:
+        store.db.execute("UPDATE faxes SET status = 'Queued'")
+        store.db.execute("DELETE FROM recipients WHERE fax_id = '700000'")
+        with ThreadPoolExecutor(1) as pool:
+            states, key = pool.submit(store.read_page, query).result(timeout=10)
+    finally:
+        store.db.execute("ROLLBACK")
+    assert [s.status for s in states] == ["Sent"] * 3
+    assert states[0].recipients[0].phone == "+16505550000"
+    assert key is not None
+    assert key.fax_id == "700002"

@@ -111,7 +111,7 @@ class MemoryBackend:
     def history(self, fax_id: str) -> list[Event]:
         return [e for e in self.journal if e.transition.fax_id == fax_id]
 
-    def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+    async def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
         return [], None
 
     async def sync(self) -> None:

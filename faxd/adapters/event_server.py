@@ -124,8 +124,9 @@ class Backend(Protocol):
 
     def history(self, fax_id: str) -> list[Event]: ...
 
-    def fax_page(self, query: QueryRequest) -> tuple[Sequence[FaxState], PageKey | None]:
-        """One page of a ``query``, and the key to continue after (None on the last page)."""
+    async def fax_page(self, query: QueryRequest) -> tuple[Sequence[FaxState], PageKey | None]:
+        """One page of a ``query``, and the key to continue after (None on the last page); off the
+        event loop, since a sparse filter can scan a whole window of the store."""
         ...
 
     async def sync(self) -> None: ...
@@ -654,7 +655,7 @@ class EventServer:
                     b.faxes(active_only), b.head_seq(), include_numbers=numbers, request_id=rid
                 )
             case QueryRequest():
-                return self._query(request)
+                return await self._query(request)
             case HistoryRequest(fax_id=fax_id):
                 if b.fax(fax_id=fax_id) is None:
                     return encode_error(ErrorCode.NOT_FOUND, f"no fax {fax_id}", rid)
@@ -685,13 +686,13 @@ class EventServer:
             return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
         return encode_ok(rid)
 
-    def _query(self, request: QueryRequest) -> bytes:
+    async def _query(self, request: QueryRequest) -> bytes:
         """One page of faxes; numbers only when asked for and served at all (events.include_numbers)."""
         b = self._backend
         if request.include_numbers and not self._settings.include_numbers:
             message = "this faxd does not serve phone numbers (events.include_numbers is false)"
             return encode_error(ErrorCode.BAD_REQUEST, message, request.id)
-        faxes, next_key = b.fax_page(request)
+        faxes, next_key = await b.fax_page(request)
         return encode_page(
             faxes, next_key, b.head_seq(), include_numbers=request.include_numbers, request_id=request.id
         )
