@@ -249,3 +249,33 @@ async def test_colours_only_on_a_terminal_and_never_with_no_color(
     assert code == 0
     assert "Sent" in out
     assert "\x1b[" not in out
+
+
+async def test_follow_ends_on_a_store_restored_under_a_new_epoch(sim: Simulator, short_dir: Path) -> None:
+    """A restored journal hands out seqs the watcher has seen: it must stop, not skip or repeat."""
+    config = write_config(short_dir, sim, reconcile=QUICK_POLLS)
+    sock = str(short_dir / "events.sock")
+    pdf = short_dir / "a.pdf"
+    pdf.write_bytes(TINY_PDF)
+    backup = str(short_dir / "backup.db")
+    async with daemon(config) as first, watcher("--follow", "--after-seq", "0", "--socket", sock) as w:
+        await first.wait_event("daemon.started")
+        fax_id = await send(sock, pdf, "+16505550100")
+        await w.until(lambda ev: _final(ev, fax_id, "Sent"))
+        code, _, err = await run_faxd(
+            "store", "backup", "-c", str(config), backup, env=_env(), within=TIMEOUT
+        )
+        assert code == 0, err
+        first.signal(signal.SIGTERM)
+        assert await first.wait() == 0
+        code, _, err = await run_faxd(
+            "store", "restore", "-c", str(config), backup, env=_env(), within=TIMEOUT
+        )
+        assert code == 0, err
+        async with daemon(config) as second:
+            await second.wait_event("daemon.started")
+            async with asyncio.timeout(TIMEOUT):
+                code = await w.proc.wait()
+            err = await w.stop()
+    assert code == 1, err
+    assert "cursor_expired" in err
