@@ -30,6 +30,7 @@ from faxd.config import (
 )
 
 EX_USAGE = 64
+EX_BAD_ARGS = 2  # what argparse exits with on a usage error (docs/architecture.md, exit codes)
 _T = TypeVar("_T")
 
 
@@ -186,13 +187,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.all:
         if args.fax_id or args.ref:
             print("faxd status: --all lists many faxes; it takes no ID or --ref", file=sys.stderr)
-            return EX_USAGE
+            return EX_BAD_ARGS
     elif any((args.until, args.to, args.status, args.direction, args.extension, args.numbers)):
         print(
             "faxd status: --until, --to, --status, --direction, --extension and --numbers need --all",
             file=sys.stderr,
         )
-        return EX_USAGE
+        return EX_BAD_ARGS
     if args.all:
         return asyncio.run(
             audit.status_all(

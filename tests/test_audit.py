@@ -10,6 +10,7 @@ import io
 import json
 import os
 import stat
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -69,9 +70,9 @@ def _seed(config: Config) -> None:
 
 
 async def test_status_all_and_export_on_a_running_daemon(
-    sim: Simulator, make_config: object, short_dir: Path
+    sim: Simulator, make_config: Callable[..., Config], short_dir: Path
 ) -> None:
-    config = make_config(sim)  # type: ignore[operator]
+    config = make_config(sim)
     _seed(config)
     async with started(config) as running:
         sock = running.socket
@@ -140,9 +141,9 @@ async def test_status_all_and_export_on_a_running_daemon(
 
 
 async def test_numbers_are_refused_when_the_daemon_does_not_serve_them(
-    sim: Simulator, make_config: object
+    sim: Simulator, make_config: Callable[..., Config]
 ) -> None:
-    config = make_config(sim, events={"include_numbers": False})  # type: ignore[operator]
+    config = make_config(sim, events={"include_numbers": False})
     _seed(config)
     async with started(config) as running:
         args = ("--socket", running.socket, "--since", _recent(0))
@@ -178,5 +179,8 @@ async def test_bad_command_lines(running: RunningDaemon) -> None:
     assert code == 2
     assert "--since" in err
     code, _, err = await faxd("status", "--socket", running.socket, "--to", "+16505550001")
-    assert code == 64
+    assert code == 2
     assert "need --all" in err
+    code, _, err = await faxd("status", "--socket", running.socket, "--all", "123")
+    assert code == 2
+    assert "takes no ID" in err
