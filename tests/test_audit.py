@@ -184,3 +184,25 @@ async def test_bad_command_lines(running: RunningDaemon) -> None:
     code, _, err = await faxd("status", "--socket", running.socket, "--all", "123")
     assert code == 2
     assert "takes no ID" in err
+
+
+async def test_export_pages_through_a_window_bigger_than_a_page(
+    sim: Simulator, make_config: Callable[..., Config]
+) -> None:
+    """1,001 faxes are three pages of the client's 500: every fax once, in creation order."""
+    config = make_config(sim)
+    total = 1001
+    s = Store(config.store.path)
+    s.open()
+    try:
+        s.commit([fax(n, _recent(n // 3)) for n in range(total)], [], observed_at=_recent(0))
+    finally:
+        s.close()
+    async with started(config) as running:
+        code, out, err = await faxd(
+            "export", "--socket", running.socket, "--since", _recent(0), "--format", "ndjson"
+        )
+    assert code == 0, err
+    ids = [json.loads(line)["fax_id"] for line in out.splitlines()]
+    # Three faxes share each second: ties go by id, across page boundaries too.
+    assert ids == [f"{700000 + n}" for n in range(total)]
