@@ -374,7 +374,7 @@ class _Watcher:
                 message = await conn.recv()
                 kind = message.get("type")
                 if kind == "event":
-                    self.print(message)
+                    self.show(message)
                 elif kind == "caught_up":
                     self.confirmed = True
                     seq = message.get("seq")
@@ -383,14 +383,17 @@ class _Watcher:
                     if not follow:
                         return EXIT_OK
                 elif kind == "error":
-                    raise ClientError(_error_text(message))
+                    # A slow consumer is cut off with the seq to resume after: ours is the cursor.
+                    slow = message.get("code") == "slow_consumer"
+                    raise ClientError(_error_text(message), transient=slow)
                 elif kind == "bye":
                     reason = message.get("reason")
                     raise ClientError(
                         f"faxd closed the connection ({reason})", transient=reason == "shutdown"
                     )
 
-    def print(self, message: dict[str, Any]) -> None:
+    def show(self, message: dict[str, Any]) -> None:
+        """Print one event and move the cursor past it."""
         if self.json_out:
             _write_json(self.out, message)
         else:

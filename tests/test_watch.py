@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import pty
@@ -24,6 +25,7 @@ import pytest
 from daemon_support import RunningDaemon
 from ops_support import FAXD, daemon, run_faxd, write_config
 
+from faxd import client
 from faxd.sim import SimConfig, Simulator
 from faxd.sim.store import TINY_PDF
 
@@ -279,3 +281,42 @@ async def test_follow_ends_on_a_store_restored_under_a_new_epoch(sim: Simulator,
             err = await w.stop()
     assert code == 1, err
     assert "cursor_expired" in err
+
+
+async def test_follow_resumes_after_being_cut_off_as_a_slow_consumer(short_dir: Path) -> None:
+    """A faxd that cuts the watcher off (slow_consumer) is asked again from the watcher's cursor.
+
+    The peer here is a scripted socket server speaking the protocol, so the cut-off lands exactly
+    after seq 2 (a real slow consumer depends on the machine's speed)."""
+    path = str(short_dir / "scripted.sock")
+    subscribes: list[dict[str, Any]] = []
+
+    def event(seq: int) -> bytes:
+        return json.dumps({"type": "event", "seq": seq, "epoch": "e1", "kind": "status", "fax_id": "1",
+                           "to_status": "Sent", "final": True}).encode() + b"\n"  # fmt: skip
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'{"type":"hello","proto":1,"epoch":"e1","head_seq":2,"oldest_seq":1}\n')
+        subscribes.append(json.loads(await reader.readline()))
+        if len(subscribes) == 1:
+            writer.write(event(1) + event(2))
+            writer.write(b'{"type":"error","code":"slow_consumer","message":"queue","resume_after_seq":2}\n')
+        else:
+            writer.write(b'{"type":"caught_up","seq":2}\n' + event(3))
+            writer.write(b'{"type":"bye","reason":"idle_timeout"}\n')  # not cured by reconnecting
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, path)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            code = await client.watch(path, after_seq=0, json_out=True, out=out, err=err, reconnect=True)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert [json.loads(line)["seq"] for line in out.getvalue().splitlines()] == [1, 2, 3]
+    assert [(s.get("after_seq"), s.get("epoch")) for s in subscribes] == [(0, "e1"), (2, "e1")]
+    assert code == 1
+    assert "slow_consumer" in err.getvalue()
+    assert "faxd closed the connection (idle_timeout)" in err.getvalue()
