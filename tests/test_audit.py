@@ -5,6 +5,7 @@ real store seeded before the daemon starts. The store's paging itself: tests/tes
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -206,3 +207,29 @@ async def test_export_pages_through_a_window_bigger_than_a_page(
     ids = [json.loads(line)["fax_id"] for line in out.splitlines()]
     # Three faxes share each second: ties go by id, across page boundaries too.
     assert ids == [f"{700000 + n}" for n in range(total)]
+
+
+async def test_an_export_cut_short_leaves_no_file(short_dir: Path) -> None:
+    """faxd goes away after the first page: the export fails, and neither the named file nor a
+    temporary one is left (a scripted peer, so the cut falls between pages every time)."""
+    path = str(short_dir / "scripted.sock")
+    target = short_dir / "audit.csv"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'{"type":"hello","proto":1,"epoch":"e1","head_seq":0,"oldest_seq":1}\n')
+        request = json.loads(await reader.readline())
+        page = {"type": "page", "faxes": [{"fax_id": "1", "recipients": []}], "next": "1.0~1"}
+        writer.write(json.dumps({**page, "id": request["id"]}).encode() + b"\n")
+        await writer.drain()
+        await reader.readline()  # the request for the second page, never answered
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, path)
+    try:
+        code, _, err = await faxd("export", "--socket", path, "--since", "1d", "-o", str(target))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert code == 1
+    assert "connection to faxd lost" in err
+    assert os.listdir(short_dir) == ["scripted.sock"], "no export file, complete or partial"
