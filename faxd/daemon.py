@@ -78,7 +78,7 @@ from faxd.core import proxy
 from faxd.core.backoff import backoff
 from faxd.core.debounce import KeyedQueue
 from faxd.core.model import DocumentRef, Event, FaxState
-from faxd.core.protocol import FetchError, SendError, SendRequest, StoredEvent
+from faxd.core.protocol import FetchError, PageKey, QueryRequest, SendError, SendRequest, StoredEvent
 from faxd.core.resend import RetryPolicy
 from faxd.core.status import parse_time
 from faxd.core.wsg import Hint, WsState, event_filters
@@ -608,6 +608,9 @@ class _Backend:
 
     def history(self, fax_id: str) -> list[Event]:
         return self.store.history(fax_id)
+
+    async def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+        return await asyncio.to_thread(self.store.read_page, query)
 
     async def sync(self) -> None:
         await self._connected()

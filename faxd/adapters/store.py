@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import quote
 
 from faxd.core.model import DocumentRef, Event, EventKind, FaxState, RecipientState, Source, Transition
-from faxd.core.protocol import StoredEvent
+from faxd.core.protocol import PageKey, QueryRequest, StoredEvent
 from faxd.core.status import parse_time
 
 
@@ -146,6 +146,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX documents_due ON documents (state, next_try);
     """,
+    # 6 (issue 15, done-queue and audit): `query` reads faxes by creation time in keyset pages
+    # (Store.fax_page; the first expression is _PAGE_KEY, which must stay the same to use the index) and
+    # finds them by a recipient's number. julianday() orders RingCentral's times whatever their form.
+    """
+    CREATE INDEX faxes_page ON faxes (COALESCE(julianday(created), 0), fax_id);
+    CREATE INDEX recipients_phone ON recipients (phone);
+    """,
 )
 
 #: Ids per ``IN (...)`` list: far below SQLite's limit on host parameters (999 before 3.32).
@@ -153,6 +160,44 @@ _CHUNK = 500
 _FAX_COLUMNS = (
     "fax_id, extension_id, direction, status, availability, pages, created, rc_modified, ref, from_phone"
 )
+#: The sort key of ``query`` pages: the expression of the ``faxes_page`` index (migration 6).
+_PAGE_KEY = "COALESCE(julianday(created), 0)"
+
+
+def _page_filter(q: QueryRequest) -> tuple[list[str], list[Any]]:
+    """The WHERE conditions of one ``query`` page and their parameters."""
+    conditions: list[str] = []
+    params: list[Any] = []
+    if q.since is not None:
+        conditions.append(f"{_PAGE_KEY} >= julianday(?)")
+        params.append(q.since)
+    if q.until is not None:
+        conditions.append(f"{_PAGE_KEY} < julianday(?)")
+        params.append(q.until)
+    if q.after is not None:
+        # The first condition lets the index seek to the cursor; the second is the exact keyset.
+        conditions.append(f"{_PAGE_KEY} >= ? AND ({_PAGE_KEY} > ? OR fax_id > ?)")
+        params += [q.after.created, q.after.created, q.after.fax_id]
+    if q.directions:
+        conditions.append(f"lower(direction) IN ({','.join('?' * len(q.directions))})")
+        params += sorted(q.directions)
+    if q.extensions:
+        conditions.append(f"extension_id IN ({','.join('?' * len(q.extensions))})")
+        params += sorted(q.extensions)
+    if q.to is not None:
+        digits = q.to.removeprefix("+")
+        conditions.append(
+            "EXISTS (SELECT 1 FROM recipients r WHERE r.fax_id = f.fax_id AND r.phone IN (?, ?))"
+        )
+        params += [digits, f"+{digits}"]
+    if q.statuses:
+        marks = ",".join("?" * len(q.statuses))
+        conditions.append(
+            f"(lower(f.status) IN ({marks}) OR EXISTS (SELECT 1 FROM recipients r"
+            f" WHERE r.fax_id = f.fax_id AND lower(r.status) IN ({marks})))"
+        )
+        params += sorted(q.statuses) * 2
+    return conditions, params
 
 
 def _transition_json(t: Transition) -> str:
@@ -193,6 +238,59 @@ def _transition_from(data: Mapping[str, Any]) -> Transition:
             "document": None if document is None else DocumentRef.from_wire(document),
         }
     )
+
+
+def _read_page(db: sqlite3.Connection, q: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+    """One page of ``q``: at most ``q.limit`` faxes by creation time, oldest first (ties by id), and
+    the key to continue after (None on the last page).
+
+    Keyset paging on the ``faxes_page`` index: each page costs the same however deep into the store
+    it starts, and holds only ``q.limit`` faxes in memory.
+    """
+    conditions, params = _page_filter(q)
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    # One row more than the page: whether it exists says whether there is a next page.
+    rows = db.execute(
+        f"SELECT {_FAX_COLUMNS}, {_PAGE_KEY} FROM faxes f{where} ORDER BY {_PAGE_KEY}, fax_id LIMIT ?",
+        (*params, q.limit + 1),
+    ).fetchall()
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    states = list(_assemble(db, rows).values())
+    last = rows[-1] if more else None
+    return states, None if last is None else PageKey(float(last[-1]), str(last[0]))
+
+
+def _assemble(db: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> dict[str, FaxState]:
+    """Fax rows (columns :data:`_FAX_COLUMNS` first) with their recipients, in row order.
+    Recipients are read only for the faxes selected."""
+    recipients: dict[str, list[RecipientState]] = {}
+    ids = [row[0] for row in rows]
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for fax_id, idx, phone, status, code in db.execute(
+            "SELECT fax_id, idx, phone, status, error_code FROM recipients"
+            f" WHERE fax_id IN ({marks}) ORDER BY fax_id, idx",
+            chunk,
+        ):
+            recipients.setdefault(fax_id, []).append(RecipientState(idx, phone, status, code))
+    return {
+        row[0]: FaxState(
+            fax_id=row[0],
+            extension_id=row[1],
+            direction=row[2],
+            status=row[3],
+            availability=row[4],
+            pages=row[5],
+            created=row[6],
+            rc_modified=row[7],
+            ref=row[8],
+            from_phone=row[9],
+            recipients=tuple(recipients.get(row[0], ())),
+        )
+        for row in rows
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,37 +413,27 @@ class Store:
         )
         return list(found.values())
 
+    def fax_page(self, q: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+        """One page of ``q`` on the store's own connection (see :func:`_read_page`)."""
+        return _read_page(self.db, q)
+
+    def read_page(self, q: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+        """One page of ``q`` on a read-only connection of its own: for a worker thread, so a page
+        whose filter matches few faxes (a scan of the window, 0.2 s for 100,000 faxes) never holds
+        the event loop. WAL gives it a snapshot of the last COMMIT, so it neither waits for the
+        writer nor sees a transaction in progress."""
+        db = sqlite3.connect(_uri(self.path, "ro"), uri=True, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("BEGIN")  # one snapshot for the faxes and their recipients
+            return _read_page(db, q)
+        finally:
+            db.close()
+
     def _states(self, sql: str, params: Sequence[Any]) -> dict[str, FaxState]:
         """Fax rows selected by ``sql`` (columns :data:`_FAX_COLUMNS`, in that order) with their
         recipients, in the order of the rows. Recipients are read only for the faxes selected."""
-        rows = self.db.execute(sql, tuple(params)).fetchall()
-        recipients: dict[str, list[RecipientState]] = {}
-        ids = [row[0] for row in rows]
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for fax_id, idx, phone, status, code in self.db.execute(
-                "SELECT fax_id, idx, phone, status, error_code FROM recipients"
-                f" WHERE fax_id IN ({marks}) ORDER BY fax_id, idx",
-                chunk,
-            ):
-                recipients.setdefault(fax_id, []).append(RecipientState(idx, phone, status, code))
-        return {
-            row[0]: FaxState(
-                fax_id=row[0],
-                extension_id=row[1],
-                direction=row[2],
-                status=row[3],
-                availability=row[4],
-                pages=row[5],
-                created=row[6],
-                rc_modified=row[7],
-                ref=row[8],
-                from_phone=row[9],
-                recipients=tuple(recipients.get(row[0], ())),
-            )
-            for row in rows
-        }
+        return _assemble(self.db, self.db.execute(sql, tuple(params)).fetchall())
 
     def sync_token(self, extension_id: str) -> str | None:
         row = self.db.execute(

@@ -21,12 +21,17 @@ import base64
 import binascii
 import json
 import json.encoder
+import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, Literal, NamedTuple, NoReturn, TypeAlias
 
 from faxd.core.model import DocumentRef, Event, EventKind, FaxState, Source, Transition
+from faxd.core.status import parse_time
+from faxd.core.taxonomy import classify
 
 PROTO_VERSION: Final = 1
 #: Containers nested deeper than this are refused: no request needs more than 3 levels.
@@ -39,6 +44,10 @@ MAX_COVER_TEXT: Final = 10_000
 MAX_ITEMS: Final = 1000
 #: Largest ``cover_index`` (RingCentral's field is an int32; it validates the index itself).
 MAX_COVER_INDEX: Final = 2**31 - 1
+
+#: Most faxes in one ``query`` page; also the page size when the request names none is DEFAULT_PAGE.
+MAX_PAGE: Final = 1000
+DEFAULT_PAGE: Final = 500
 
 RequestId: TypeAlias = str | int
 Resolution: TypeAlias = Literal["High", "Low"]
@@ -236,6 +245,57 @@ class ListRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class PageKey:
+    """Where a ``query`` page ended: the store's sort key of its last fax (its creation time as a
+    Julian day number, as SQLite computes it; 0 for a fax without one) and that fax's id.
+
+    On the wire it is an opaque string (:meth:`to_wire`); the next page starts strictly after it, so a
+    page is never repeated and never skipped however the faxes change between pages (the key of a
+    fax, its creation time, never changes)."""
+
+    created: float
+    fax_id: str
+
+    def to_wire(self) -> str:
+        return f"{self.created!r}~{self.fax_id}"
+
+    @classmethod
+    def from_wire(cls, text: str) -> PageKey | None:
+        """The key of a ``next`` string, None when it is not one."""
+        number, sep, fax_id = text.partition("~")
+        if not sep or not fax_id:
+            return None
+        try:
+            created = float(number)
+        except ValueError:
+            return None
+        return cls(created, fax_id) if math.isfinite(created) else None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRequest:
+    """One page of faxes (final and in flight) created in ``[since, until)``, oldest first, after the
+    cursor ``after``: the done-queue and the audit export.
+
+    ``since`` and ``until`` are UTC ISO 8601 times with milliseconds (normalized by the parser, so the
+    store compares them exactly like the creation times it holds). ``to`` matches a recipient's number
+    (with or without its ``+``); ``statuses`` (casefolded) the fax's status or any recipient's. Phone
+    numbers are in the reply only when ``include_numbers`` asks for them.
+    """
+
+    since: str | None = None
+    until: str | None = None
+    to: str | None = None
+    statuses: frozenset[str] = frozenset()
+    directions: frozenset[str] = frozenset()  # casefolded
+    extensions: frozenset[str] = frozenset()
+    after: PageKey | None = None
+    limit: int = DEFAULT_PAGE
+    include_numbers: bool = False
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryRequest:
     """Every journalled event of one fax."""
 
@@ -298,6 +358,7 @@ Request: TypeAlias = (
     SubscribeRequest
     | StatusRequest
     | ListRequest
+    | QueryRequest
     | HistoryRequest
     | SendRequest
     | SyncRequest
@@ -305,7 +366,7 @@ Request: TypeAlias = (
     | FetchRequest
 )
 
-REQUEST_TYPES: Final = ("subscribe", "status", "list", "history", "send", "sync", "ping", "fetch")
+REQUEST_TYPES: Final = ("subscribe", "status", "list", "query", "history", "send", "sync", "ping", "fetch")
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -455,6 +516,8 @@ def parse_request(line: bytes) -> Request:
             return StatusRequest(fax_id=fax_id, ref=ref, id=request_id)
         case "list":
             return ListRequest(active_only=f.opt_bool("active_only", True), id=request_id)
+        case "query":
+            return _parse_query(f)
         case "history":
             return HistoryRequest(fax_id=f.req_string("fax_id"), id=request_id)
         case "send":
@@ -486,6 +549,54 @@ def _parse_subscribe(f: _Fields) -> SubscribeRequest:
         )
     return SubscribeRequest(
         after_seq=f.opt_seq("after_seq"), epoch=f.opt_string("epoch"), filter=flt, id=f.id
+    )
+
+
+def _utc(f: _Fields, name: str) -> str | None:
+    """An ISO 8601 time with a zone, as UTC with milliseconds and ``Z`` (RingCentral's own form)."""
+    value = f.opt_string(name)
+    if value is None:
+        return None
+    when = parse_time(value)
+    if when is None:
+        f.fail(f"{name} must be an ISO 8601 time with a zone, e.g. 2026-11-23T00:00:00Z")
+    try:
+        moment = datetime.fromtimestamp(when, UTC)
+    except (OverflowError, OSError, ValueError):
+        f.fail(f"{name} is out of range")
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+#: What people write inside a phone number and the store does not hold: "+1 (555) 123-4567".
+_PHONE_PUNCTUATION: Final = re.compile(r"[\s().-]")
+
+
+def _parse_query(f: _Fields) -> QueryRequest:
+    since, until = _utc(f, "since"), _utc(f, "until")
+    if since is not None and until is not None and since >= until:
+        f.fail("since must be before until")
+    to = f.opt_string("to")
+    if to is not None:
+        to = _PHONE_PUNCTUATION.sub("", to)
+        if not re.fullmatch(r"\+?[0-9*#]+", to):
+            f.fail("to must be a phone number, e.g. +15551230000")
+    after: PageKey | None = None
+    if (cursor := f.opt_string("after")) is not None and (after := PageKey.from_wire(cursor)) is None:
+        f.fail("after must be the next of an earlier page")
+    limit = f.obj.get("limit", DEFAULT_PAGE)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        f.fail(f"limit must be an integer from 1 to {MAX_PAGE}")
+    return QueryRequest(
+        since=since,
+        until=until,
+        to=to,
+        statuses=f.string_set(f.obj, "statuses", fold=True),
+        directions=f.string_set(f.obj, "directions", fold=True),
+        extensions=f.string_set(f.obj, "extensions"),
+        after=after,
+        limit=limit,
+        include_numbers=f.opt_bool("include_numbers", False),
+        id=f.id,
     )
 
 
@@ -800,6 +911,35 @@ def encode_faxes(
     """Reply to ``list``: subscribe with ``after_seq=head_seq`` to follow on from this snapshot."""
     faxes = [fax_to_wire(s, include_numbers) for s in states]
     return _with_id({"type": "faxes", "faxes": faxes, "head_seq": head_seq}, request_id)
+
+
+def _audited(state: FaxState, include_numbers: bool) -> dict[str, Any]:
+    """A fax of a ``page``: the ``fax`` object, each recipient with its error's category."""
+    fax = fax_to_wire(state, include_numbers)
+    for wire in fax["recipients"]:
+        known = classify(wire["error_code"])
+        wire["error_category"] = None if known is None else known.category
+    return fax
+
+
+def encode_page(
+    states: Iterable[FaxState],
+    next_key: PageKey | None,
+    head_seq: int,
+    *,
+    include_numbers: bool,
+    request_id: RequestId | None = None,
+) -> bytes:
+    """Reply to ``query``: ``next`` is the ``after`` of the following page, null on the last one."""
+    return _with_id(
+        {
+            "type": "page",
+            "faxes": [_audited(s, include_numbers) for s in states],
+            "next": None if next_key is None else next_key.to_wire(),
+            "head_seq": head_seq,
+        },
+        request_id,
+    )
 
 
 def encode_history(
