@@ -40,7 +40,7 @@ dist: $(STAMP)
 # miss and writes bench/results/; one that misses or fails does not stop the others, and make bench fails
 # at the end naming them. bench/summary.py then renders docs/benchmarks.md's summary table from the
 # results. soak.py runs its 10-minute profile. make bench-quick: every script's reduced profile (--quick).
-BENCH_SCRIPTS := latency footprint api_efficiency fanout replay soak
+BENCH_SCRIPTS := latency footprint export api_efficiency fanout replay outlets soak
 BENCH_ARGS :=
 SCALING_PLOT := --plot docs/bench-scaling.png
 $(VENV)/.bench-installed: pyproject.toml $(STAMP)

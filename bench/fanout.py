@@ -49,7 +49,7 @@ from report import Report, add_options, apply_quick
 from faxd.adapters.event_server import EventServer, EventServerSettings
 from faxd.adapters.metrics import Metrics
 from faxd.core.model import Event, EventKind, FaxState, Source, Transition
-from faxd.core.protocol import SendRequest
+from faxd.core.protocol import PageKey, QueryRequest, SendRequest
 from faxd.logs import configure_logging
 
 EPOCH = "00000000-0000-4000-8000-00000000bench"
@@ -98,6 +98,9 @@ class Journal:
 
     def history(self, fax_id: str) -> list[Event]:
         return []
+
+    async def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+        return [], None
 
     async def sync(self) -> None:
         return None

@@ -35,7 +35,7 @@ from faxd.adapters.event_server import EventServer, EventServerSettings
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.store import Journalled, Store
 from faxd.core.model import Event, EventKind, FaxState, Source, Transition
-from faxd.core.protocol import SendRequest, StoredEvent
+from faxd.core.protocol import PageKey, QueryRequest, SendRequest, StoredEvent
 from faxd.logs import configure_logging
 
 
@@ -63,6 +63,9 @@ class StoreBackend:
 
     def history(self, fax_id: str) -> list[Event]:
         return self.store.history(fax_id)
+
+    async def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+        return [], None
 
     async def sync(self) -> None:
         return None

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import TypeVar
 
-from faxd import __version__
+from faxd import __version__, audit
 from faxd.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_EVENT_SOCKET,
@@ -30,6 +30,7 @@ from faxd.config import (
 )
 
 EX_USAGE = 64
+EX_BAD_ARGS = 2  # what argparse exits with on a usage error (docs/architecture.md, exit codes)
 _T = TypeVar("_T")
 
 
@@ -135,6 +136,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_watch(args: argparse.Namespace) -> int:
     from faxd import client
 
+    where = client.WatchFilter(
+        directions=args.direction or [],
+        to_status=args.status or [],
+        extensions=args.extension or [],
+        final_only=args.final_only,
+    )
     return asyncio.run(
         client.watch(
             _socket_path(args),
@@ -143,6 +150,33 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             refs=args.ref or [],
             json_out=args.json,
             out=sys.stdout,
+            where=where,
+            reconnect=args.follow,
+        )
+    )
+
+
+def _audit_query(args: argparse.Namespace) -> audit.Query:
+    return audit.Query(
+        since=args.since,
+        until=args.until,
+        to=args.to,
+        statuses=args.status or [],
+        directions=args.direction or [],
+        extensions=args.extension or [],
+        numbers=args.numbers,
+    )
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    return asyncio.run(
+        audit.export(
+            _socket_path(args),
+            _audit_query(args),
+            fmt=args.format,
+            output=args.output,
+            out=sys.stdout,
+            err=sys.stderr,
         )
     )
 
@@ -150,6 +184,22 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from faxd import client
 
+    if args.all:
+        if args.fax_id or args.ref:
+            print("faxd status: --all lists many faxes; it takes no ID or --ref", file=sys.stderr)
+            return EX_BAD_ARGS
+    elif any((args.until, args.to, args.status, args.direction, args.extension, args.numbers)):
+        print(
+            "faxd status: --until, --to, --status, --direction, --extension and --numbers need --all",
+            file=sys.stderr,
+        )
+        return EX_BAD_ARGS
+    if args.all:
+        return asyncio.run(
+            audit.status_all(
+                _socket_path(args), _audit_query(args), json_out=args.json, out=sys.stdout, err=sys.stderr
+            )
+        )
     return asyncio.run(
         client.status(
             _socket_path(args), fax_id=args.fax_id, ref=args.ref, json_out=args.json, out=sys.stdout
@@ -161,6 +211,12 @@ def _cmd_history(args: argparse.Namespace) -> int:
     from faxd import client
 
     return asyncio.run(client.history(_socket_path(args), args.fax_id, json_out=args.json, out=sys.stdout))
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from faxd import client
+
+    return asyncio.run(client.fetch(_socket_path(args), args.fax_id, json_out=args.json, out=sys.stdout))
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
@@ -240,6 +296,57 @@ def _cmd_store_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_outlets(args: argparse.Namespace) -> int:
+    """`faxd outlets [replay NAME --from-seq N | dead-letter NAME]`: straight from the store (run as
+    faxd's user or root), so no secret and no running daemon is needed."""
+    import json
+    import sqlite3
+
+    from faxd.adapters.outlets import open_ledger, outlet_states
+
+    action = getattr(args, "outlets_command", None)
+    try:
+        ledger = open_ledger(_store_path(args), write=action == "replay")
+        if action is not None and args.name not in ledger.names():
+            known = ", ".join(ledger.names()) or "none yet"
+            print(f"faxd outlets: no outlet {args.name!r} in the store (known: {known})", file=sys.stderr)
+            return 1
+        if action == "replay":
+            ledger.request_replay(args.name, args.from_seq)
+            print(
+                f"outlet {args.name} delivers again from seq {args.from_seq}: within a second while faxd"
+                " runs, else when it starts"
+            )
+        elif action == "dead-letter":
+            for dead in ledger.dead_letters(args.name):
+                if args.json:
+                    print(json.dumps({**dead.__dict__, "event": json.loads(dead.event)}))
+                else:
+                    when, tries = dead.parked_at, dead.attempts
+                    print(f"{dead.seq:>8}  {when}  {tries:>3}x  fax {dead.fax_id}  {dead.reason}")
+        else:
+            for row in outlet_states(ledger):
+                print(json.dumps(row) if args.json else _outlet_line(row))
+    except (OSError, sqlite3.Error) as exc:
+        print(f"faxd outlets: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _seq(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a seq >= 1, got {text!r}")
+    return int(text)
+
+
+def _outlet_line(row: dict[str, object]) -> str:
+    replay = f", replay from {row['replay_from']} pending" if row["replay_from"] is not None else ""
+    return (
+        f"{row['name']}: cursor {row['cursor']} of {row['head_seq']} (lag {row['lag_events']} events,"
+        f" {row['lag_seconds']}s), {row['dead_letters']} dead-lettered, committed {row['updated_at']}{replay}"
+    )
+
+
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="config file (default: $FAXD_CONFIG or /etc/faxd/config.yaml)")
 
@@ -250,12 +357,54 @@ def _with_socket(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print NDJSON instead of text")
 
 
+def _with_event_filter(p: argparse.ArgumentParser) -> None:
+    """The socket's subscription filters: each repeatable, ORed within, ANDed together."""
+    p.add_argument("--direction", action="append", help="only Inbound or Outbound (repeatable)")
+    p.add_argument("--status", action="append", metavar="S", help="only events to status S (repeatable)")
+    p.add_argument("--extension", action="append", metavar="ID", help="only this extension (repeatable)")
+    p.add_argument("--final-only", action="store_true", help="only events that say nothing more will follow")
+
+
+def _when(text: str) -> str:
+    from datetime import UTC, datetime
+
+    try:
+        return audit.parse_when(text, datetime.now(UTC))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _with_window(p: argparse.ArgumentParser, since_default: str | None) -> None:
+    """What ``status --all`` and ``export`` select: a window of creation times, and filters."""
+    since_help = "faxes created since WHEN: 24h, 7d, 30m, or an ISO 8601 date or time (local if no zone)"
+    if since_default is None:
+        p.add_argument("--since", type=_when, required=True, metavar="WHEN", help=since_help)
+    else:
+        # argparse converts a string default with `type`, at parse time.
+        p.add_argument(
+            "--since", type=_when, default=since_default, metavar="WHEN", help=f"{since_help} (24h)"
+        )
+    p.add_argument("--until", type=_when, metavar="WHEN", help="and before WHEN (default: now)")
+    p.add_argument("--to", metavar="NUMBER", help="only faxes to this number")
+    p.add_argument(
+        "--status", action="append", metavar="S", help="only faxes with status S, or a recipient in S"
+    )
+    p.add_argument("--direction", action="append", help="only Inbound or Outbound (repeatable)")
+    p.add_argument("--extension", action="append", metavar="ID", help="only this extension (repeatable)")
+    p.add_argument(
+        "--numbers",
+        action="store_true",
+        help="show phone numbers (PHI; default: redacted; faxd must serve them: events.include_numbers)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faxd", description="Fax-status daemon for RingCentral.")
     parser.add_argument("--version", action="version", version=f"faxd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_daemon_commands(sub)
     _add_store_commands(sub)
+    _add_outlet_commands(sub)
     _add_client_commands(sub)
     return parser
 
@@ -319,6 +468,29 @@ def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         action.set_defaults(func=func)
 
 
+def _add_outlet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        _with_config(p)
+        p.add_argument("--db", help="the store's database (default: store.path of the config)")
+        p.add_argument("--json", action="store_true", help="print NDJSON instead of text")
+        p.set_defaults(func=_cmd_outlets)
+
+    p = sub.add_parser(
+        "outlets", help="the hooks' and webhooks' cursors, lag and dead letters (docs/outlets.md)"
+    )
+    common(p)
+    actions = p.add_subparsers(dest="outlets_command", metavar="ACTION")
+    action = actions.add_parser("replay", help="deliver again from a seq (faxd running or not)")
+    common(action)
+    action.add_argument("name")
+    action.add_argument(
+        "--from-seq", type=_seq, required=True, metavar="N", help="first seq delivered again (>= 1)"
+    )
+    action = actions.add_parser("dead-letter", help="the events an outlet gave up on")
+    common(action)
+    action.add_argument("name")
+
+
 def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Commands that talk to the running daemon over its event socket."""
     p = sub.add_parser("watch", help="follow transitions as they happen")
@@ -326,18 +498,39 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("--after-seq", type=int, help="first replay everything after this seq")
     p.add_argument("--fax", action="append", help="only this fax id (repeatable)")
     p.add_argument("--ref", action="append", help="only this ref (repeatable)")
+    _with_event_filter(p)
+    p.add_argument(
+        "--follow", action="store_true", help="reconnect when faxd restarts and resume where it stopped"
+    )
     p.set_defaults(func=_cmd_watch)
 
-    p = sub.add_parser("status", help="one fax with its recipients, or the faxes in flight")
+    p = sub.add_parser(
+        "status", help="one fax with its recipients, the faxes in flight, or (--all) every fax of a window"
+    )
     _with_socket(p)
     p.add_argument("fax_id", nargs="?")
     p.add_argument("--ref")
+    p.add_argument("--all", action="store_true", help="every fax, final and in flight (the done-queue)")
+    _with_window(p, since_default="24h")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("export", help="every fax of a window as CSV or NDJSON, for compliance")
+    _with_config(p)
+    p.add_argument("--socket", help="the daemon's event socket (default: from the config)")
+    _with_window(p, since_default=None)
+    p.add_argument("--format", choices=["csv", "ndjson"], default="csv", help="default: %(default)s")
+    p.add_argument("-o", "--output", help="write to FILE (0600, complete or not at all) instead of stdout")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("history", help="every journalled transition of one fax")
     _with_socket(p)
     p.add_argument("fax_id")
     p.set_defaults(func=_cmd_history)
+
+    p = sub.add_parser("fetch", help="download a received fax's document (again) into the spool directory")
+    _with_socket(p)
+    p.add_argument("fax_id")
+    p.set_defaults(func=_cmd_fetch)
 
     p = sub.add_parser("send", help="send a fax through the daemon")
     _with_socket(p)

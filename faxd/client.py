@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import mimetypes
+import os
 import sys
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -38,18 +41,20 @@ MAX_SEND_LINE = 72 * 1024 * 1024
 
 
 class ClientError(Exception):
-    """Something to print as one line on stderr, with the exit code to return."""
+    """Something to print as one line on stderr, with the exit code to return. ``transient``: the
+    daemon went away or is not (yet) there, which a restart of faxd cures (``watch --follow`` retries)."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED, *, transient: bool = False) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.transient = transient
 
 
 class ConnectionLost(ClientError):
     """The daemon closed the connection, or it broke."""
 
     def __init__(self) -> None:
-        super().__init__("connection to faxd lost")
+        super().__init__("connection to faxd lost", transient=True)
 
 
 class Connection:
@@ -69,10 +74,12 @@ class Connection:
         try:
             reader, writer = await asyncio.open_unix_connection(socket_path, limit=MAX_REPLY_LINE)
         except FileNotFoundError:
-            raise ClientError(f"faxd is not running (no socket at {socket_path})", EXIT_UNAVAILABLE) from None
+            raise ClientError(
+                f"faxd is not running (no socket at {socket_path})", EXIT_UNAVAILABLE, transient=True
+            ) from None
         except ConnectionRefusedError:
             raise ClientError(
-                f"faxd is not running (nothing listens on {socket_path})", EXIT_UNAVAILABLE
+                f"faxd is not running (nothing listens on {socket_path})", EXIT_UNAVAILABLE, transient=True
             ) from None
         except PermissionError:
             raise ClientError(
@@ -85,7 +92,7 @@ class Connection:
             first = await conn.recv()
         except ClientError as exc:
             await conn.close()
-            raise ClientError(str(exc), EXIT_UNAVAILABLE) from None
+            raise ClientError(str(exc), EXIT_UNAVAILABLE, transient=exc.transient) from None
         if first.get("type") != "hello":
             await conn.close()
             if first.get("type") == "error":
@@ -183,6 +190,11 @@ _YELLOW = "\033[33m"
 _FAILED = frozenset({"SendingFailed", "DeliveryFailed"})
 
 
+def use_color(out: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """Colours only on a terminal, and never when ``NO_COLOR`` is set and not empty (no-color.org)."""
+    return out.isatty() and not environ.get("NO_COLOR")
+
+
 def _paint(text: str, code: str, color: bool) -> str:
     return f"{code}{text}{_RESET}" if color else text
 
@@ -243,6 +255,15 @@ def format_event(event: dict[str, Any], color: bool) -> str:
         parts.append(_paint("final", _BOLD, color))
     if event.get("ref"):
         parts.append(f"ref={event['ref']}")
+    if event.get("attempt") is not None:  # send.retry: which try, and what follows
+        parts.append(f"attempt {event['attempt']}")
+        if event.get("retry_at"):
+            parts.append(f"retry at {_clock(event['retry_at'])}")
+        if event.get("gave_up"):
+            parts.append(f"gave up ({event['gave_up']})")
+    document = event.get("document")
+    if isinstance(document, dict) and document.get("path"):
+        parts.append(f"document={document['path']}")
     return "  ".join(parts).rstrip()
 
 
@@ -302,6 +323,97 @@ def format_fax_table(faxes: Sequence[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------ commands
 
 
+@dataclass(frozen=True)
+class WatchFilter:
+    """The subscription filter of ``faxd watch`` (docs/socket-protocol.md, subscribe)."""
+
+    fax_ids: Sequence[str] = ()
+    refs: Sequence[str] = ()
+    directions: Sequence[str] = ()
+    to_status: Sequence[str] = ()
+    extensions: Sequence[str] = ()
+    final_only: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "fax_ids": list(self.fax_ids),
+            "refs": list(self.refs),
+            "directions": list(self.directions),
+            "to_status": list(self.to_status),
+            "extensions": list(self.extensions),
+            "final_only": self.final_only,
+        }
+
+
+#: ``watch --follow`` waits this long before its first reconnect, doubling up to RECONNECT_MAX.
+RECONNECT_FIRST = 0.1
+RECONNECT_MAX = 5.0
+
+
+class _Watcher:
+    """``faxd watch``: one subscription at a time, and the cursor (epoch, seq) it has covered.
+
+    The cursor is the seq of the last event printed, or the ``caught_up`` seq when that is later
+    (events the filter skipped are covered too). A new connection subscribes after it, in its epoch,
+    so across a daemon restart nothing is printed twice and nothing is missed.
+    """
+
+    def __init__(
+        self, socket_path: str, flt: WatchFilter, after_seq: int | None, json_out: bool, out: TextIO
+    ):
+        self.socket_path = socket_path
+        self.filter = flt.to_wire()
+        self.cursor = after_seq
+        self.epoch: str | None = None
+        self.json_out = json_out
+        self.out = out
+        self.color = not json_out and use_color(out)
+        #: Set once a subscription is confirmed: the reconnect backoff starts again from its first step.
+        self.confirmed = False
+
+    async def session(self, follow: bool) -> int:
+        """One connection, until it ends (ClientError) or, without ``follow``, until ``caught_up``."""
+        async with await Connection.open(self.socket_path) as conn:
+            self.epoch = self.epoch or conn.hello.get("epoch")
+            subscribe: dict[str, Any] = {"type": "subscribe", "filter": self.filter}
+            if self.cursor is not None:
+                subscribe.update(after_seq=self.cursor, epoch=self.epoch)
+            await conn.send(subscribe)
+            while True:
+                message = await conn.recv()
+                kind = message.get("type")
+                if kind == "event":
+                    self.show(message)
+                elif kind == "caught_up":
+                    self.confirmed = True
+                    seq = message.get("seq")
+                    if isinstance(seq, int) and (self.cursor is None or seq > self.cursor):
+                        self.cursor = seq
+                    if not follow:
+                        return EXIT_OK
+                elif kind == "error":
+                    # A slow consumer is cut off with the seq to resume after: ours is the cursor.
+                    slow = message.get("code") == "slow_consumer"
+                    raise ClientError(_error_text(message), transient=slow)
+                elif kind == "bye":
+                    reason = message.get("reason")
+                    raise ClientError(
+                        f"faxd closed the connection ({reason})", transient=reason == "shutdown"
+                    )
+
+    def show(self, message: dict[str, Any]) -> None:
+        """Print one event and move the cursor past it."""
+        if self.json_out:
+            _write_json(self.out, message)
+        else:
+            self.out.write(format_event(message, self.color) + "\n")
+        self.out.flush()
+        seq = message.get("seq")
+        if isinstance(seq, int):
+            self.cursor = seq
+        self.epoch = message.get("epoch") or self.epoch
+
+
 async def watch(
     socket_path: str,
     *,
@@ -312,47 +424,40 @@ async def watch(
     out: TextIO,
     follow: bool = True,
     err: TextIO = sys.stderr,
+    where: WatchFilter | None = None,
+    reconnect: bool = False,
 ) -> int:
     """``faxd watch``: print events (replayed after ``after_seq``, then live) until the connection ends.
 
-    With ``follow=False`` it returns 0 once the replay is done (``caught_up``). A lost connection, ``bye``
-    or an error is reported on ``err`` with the seq to resume after, and returns 1.
+    ``where`` is the subscription filter (``fax_ids`` and ``refs`` add to it). With ``follow=False`` it
+    returns 0 once the replay is done (``caught_up``). A lost connection, ``bye`` or an error is
+    reported on ``err`` with the seq to resume after, and returns 1; with ``reconnect`` (``--follow``)
+    a lost daemon is waited for instead (backoff up to RECONNECT_MAX) and the subscription resumes
+    from the cursor. An expired cursor (another epoch: the store was restored) still ends it.
     """
-    color = not json_out and out.isatty()
-    last_seq = after_seq
-    try:
-        async with await Connection.open(socket_path) as conn:
-            subscribe: dict[str, Any] = {
-                "type": "subscribe",
-                "filter": {"fax_ids": list(fax_ids), "refs": list(refs)},
-            }
-            if after_seq is not None:
-                subscribe["after_seq"] = after_seq
-            await conn.send(subscribe)
-            while True:
-                message = await conn.recv()
-                kind = message.get("type")
-                if kind == "event":
-                    if json_out:
-                        _write_json(out, message)
-                    else:
-                        out.write(format_event(message, color) + "\n")
-                    out.flush()
-                    last_seq = message.get("seq", last_seq)
-                elif kind == "caught_up":
-                    if last_seq is None:
-                        last_seq = message.get("seq")
-                    if not follow:
-                        return EXIT_OK
-                elif kind == "error":
-                    raise ClientError(_error_text(message))
-                elif kind == "bye":
-                    raise ClientError(f"faxd closed the connection ({message.get('reason')})")
-    except ClientError as exc:
-        resume = f"; resume with --after-seq {last_seq}" if last_seq is not None else ""
-        extra = resume if exc.exit_code == EXIT_FAILED else ""
-        err.write(f"faxd watch: {exc}{extra}\n")
-        return exc.exit_code
+    flt = where or WatchFilter()
+    flt = dataclasses.replace(flt, fax_ids=[*flt.fax_ids, *fax_ids], refs=[*flt.refs, *refs])
+    watcher = _Watcher(socket_path, flt, after_seq, json_out, out)
+    delay = RECONNECT_FIRST
+    told = False
+    while True:
+        try:
+            return await watcher.session(follow)
+        except ClientError as exc:
+            if not (reconnect and exc.transient):
+                resume = f"; resume with --after-seq {watcher.cursor}" if watcher.cursor is not None else ""
+                extra = resume if exc.exit_code == EXIT_FAILED else ""
+                err.write(f"faxd watch: {exc}{extra}\n")
+                return exc.exit_code
+            if watcher.confirmed:
+                delay, told, watcher.confirmed = RECONNECT_FIRST, False, False
+            if not told:  # once per outage, not once per attempt
+                err.write(f"faxd watch: {exc}; reconnecting, to resume after seq {watcher.cursor}\n")
+                err.flush()
+                told = True
+        # A pause between attempts while faxd restarts: no busy loop on a missing socket.
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RECONNECT_MAX)
 
 
 async def status(
@@ -365,7 +470,7 @@ async def status(
     err: TextIO = sys.stderr,
 ) -> int:
     """``faxd status [ID|--ref R]``: one fax with its recipients, or a table of the faxes in flight."""
-    color = not json_out and out.isatty()
+    color = not json_out and use_color(out)
     try:
         async with await Connection.open(socket_path) as conn:
             if fax_id is None and ref is None:
@@ -398,7 +503,7 @@ async def history(
     socket_path: str, fax_id: str, *, json_out: bool, out: TextIO, err: TextIO = sys.stderr
 ) -> int:
     """``faxd history ID``: every journalled event of one fax, oldest first."""
-    color = not json_out and out.isatty()
+    color = not json_out and use_color(out)
     try:
         async with await Connection.open(socket_path) as conn:
             reply = await conn.request({"type": "history", "fax_id": fax_id})
@@ -412,6 +517,30 @@ async def history(
             return EXIT_OK
     except ClientError as exc:
         err.write(f"faxd history: {exc}\n")
+        return exc.exit_code
+
+
+async def fetch(
+    socket_path: str, fax_id: str, *, json_out: bool, out: TextIO, err: TextIO = sys.stderr
+) -> int:
+    """``faxd fetch ID``: download a received fax's document (again); prints where it is."""
+    try:
+        async with await Connection.open(socket_path) as conn:
+            reply = await conn.request({"type": "fetch", "fax_id": fax_id})
+            if reply.get("type") != "fetched" or not isinstance(reply.get("document"), dict):
+                raise ClientError(_error_text(reply))
+            document = reply["document"]
+            if json_out:
+                _write_json(out, document)
+            else:
+                pages = document.get("pages")
+                out.write(
+                    f"{document.get('path')}  {document.get('bytes')} bytes"
+                    f"  {pages if pages is not None else '?'} pages  sha256 {document.get('sha256')}\n"
+                )
+            return EXIT_OK
+    except ClientError as exc:
+        err.write(f"faxd fetch: {exc}\n")
         return exc.exit_code
 
 
@@ -487,31 +616,54 @@ async def send(
             out.flush()
             if not wait:
                 return EXIT_OK
-            return await _follow(conn, new_id, err)
+            return await _follow(conn, new_id, err, ref)
     except ClientError as exc:
         err.write(f"faxd send: {exc}\n")
         return exc.exit_code
 
 
-async def _follow(conn: Connection, fax_id: str, err: TextIO) -> int:
-    """Apply the fax's events until every recipient (or the fax, if it has none) is final."""
+async def _status(conn: Connection, fax_id: str) -> _Progress:
     reply = await conn.request({"type": "status", "fax_id": fax_id})
     if reply.get("type") != "fax":
         raise ClientError(f"lost track of fax {fax_id}: {_error_text(reply)}")
-    progress = _Progress.of(reply["fax"])
+    return _Progress.of(reply["fax"])
+
+
+def _next_try(message: dict[str, Any], fax_id: str, ref: str | None, attempt: int) -> bool:
+    """Whether ``message`` is about a later try (send.retry's resend) of the logical fax ``ref``."""
+    later = isinstance(message.get("attempt"), int) and message["attempt"] > attempt
+    return ref is not None and message.get("ref") == ref and message.get("fax_id") != fax_id and later
+
+
+async def _follow(conn: Connection, fax_id: str, err: TextIO, ref: str | None = None) -> int:
+    """Apply the fax's events until every recipient (or the fax, if it has none) is final. With a
+    ``ref``, a failure faxd will resend (``retry_at``) is not the end: the next try is followed, and
+    the verdict is each recipient's last outcome (docs/outlets.md, "Resend policy")."""
+    progress = await _status(conn, fax_id)
+    earlier: list[tuple[str, _Progress]] = []  # tries already over, with what they settled
+    attempt, retrying = 1, False
     # Decide only once the messages that queued up during the requests are applied: the status
     # snapshot may be newer than some of them, but the last event of each recipient is the truth.
-    while conn.pending() or not progress.final():
+    while conn.pending() or retrying or not progress.final():
         message = await conn.recv()
         kind = message.get("type")
         if kind in ("bye", "error"):
             why = message.get("reason") if kind == "bye" else _error_text(message)
             raise ClientError(f"lost track of fax {fax_id} ({why}); see: faxd status {fax_id}")
-        if kind != "event" or message.get("fax_id") != fax_id:
+        if kind != "event":
+            continue
+        if _next_try(message, fax_id, ref, attempt):
+            earlier.append((fax_id, progress.settled()))
+            fax_id, attempt, retrying = str(message["fax_id"]), int(message["attempt"]), False
+            progress = await _status(conn, fax_id)
+        if message.get("fax_id") != fax_id:
             continue
         err.write(format_event(message, color=False) + "\n")
         progress.apply(fax_id, message)
-    return progress.verdict(fax_id, err)
+        if message.get("kind") in ("status", "resend"):
+            retrying = message.get("retry_at") is not None
+    failed = sum(p.verdict(f, err) != EXIT_OK for f, p in [*earlier, (fax_id, progress)])
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 class _Progress:
@@ -552,6 +704,13 @@ class _Progress:
             self.fax_status = to_status
         elif message.get("kind") == "availability" and to_status != "Alive":
             raise ClientError(f"fax {fax_id} was {to_status} before it finished")
+        if message.get("retry_at") is not None and isinstance(recipient, dict):
+            self.recipients[int(recipient["index"])]["retried"] = True
+
+    def settled(self) -> _Progress:
+        """What this try settled: its recipients but those a later try sends to again."""
+        kept = {i: r for i, r in self.recipients.items() if not r.get("retried")}
+        return _Progress(self.fax_status if kept or not self.recipients else "Sent", kept)
 
     def verdict(self, fax_id: str, err: TextIO) -> int:
         """EXIT_OK if everything succeeded; else EXIT_FAILED, each failure told on ``err``."""

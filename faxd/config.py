@@ -39,7 +39,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from faxd.core.outlets import OutletSettings, RetryPolicy, decode_secret
+from faxd.core.protocol import Filter
 from faxd.core.proxy import Proxy, ProxyError, parse_proxy_url
+from faxd.core.resend import CATEGORIES as RETRY_CATEGORIES
 
 EX_CONFIG = 78
 """Exit status for a bad configuration (sysexits.h); the unit sets RestartPreventExitStatus=78."""
@@ -590,12 +593,248 @@ class LoggingConfig:
     """Replace phone numbers, names, subjects and cover texts in logs by "[PHI]"."""
 
 
+def _categories(value: object, _: _Context) -> frozenset[str]:
+    """`send.retry.categories`: error categories of faxd.core.taxonomy."""
+    known = ", ".join(sorted(RETRY_CATEGORIES))
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of error categories ({known}), got {_show(value)}")
+    for i, item in enumerate(value):
+        if item not in RETRY_CATEGORIES:
+            raise _Invalid(f"item {i}: expected an error category ({known}), got {_show(item)}")
+    return frozenset(value)
+
+
+def _factor(value: object, _: _Context) -> float:
+    if not _is_number(value) or not 1 <= float(value) <= 100:  # type: ignore[arg-type]
+        raise _Invalid(f"expected a number from 1 to 100, got {_show(value)}")
+    return float(value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryConfig:
+    """`send.retry`: the resend policy of faxes sent through faxd with a ref (faxd.core.resend)."""
+
+    categories: frozenset[str] = _opt(frozenset({"busy", "no_answer"}), _categories, render=sorted)
+    """Error categories whose failed recipients are sent the fax again."""
+    max_attempts: int = _opt(1, _integer(1))
+    """Tries in all, the first included (HylaFAX maxdials); 1 = never resend."""
+    delay: float = _opt(300.0, _duration(positive=True))
+    """Seconds from the end of the first try to the second."""
+    backoff: float = _opt(2.0, _factor)
+    """Each further wait is this many times the previous one."""
+    max_delay: float = _opt(3600.0, _duration(positive=True))
+    """Longest wait between two tries (>= delay)."""
+    deadline: float = _opt(10800.0, _duration(positive=True))
+    """No try starts later than this after the first one (HylaFAX killtime)."""
+
+    def _problems(self) -> list[str]:
+        if self.max_delay >= self.delay:
+            return []
+        return [f"send.retry.max_delay: must be >= send.retry.delay ({self.delay:g}), got {self.max_delay:g}"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# outlets: a mapping of outlet name -> OutletConfig (docs/outlets.md).
+
+_OUTLET_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _strings(*, fold: bool = False) -> _Parser:
+    def parse(value: object, _: _Context) -> frozenset[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+            raise _Invalid(f"expected a list of strings, got {_show(value)}")
+        items = (str(v).strip() for v in value)
+        return frozenset(v.casefold() if fold else v for v in items if v)
+
+    return parse
+
+
+def _webhook_url(value: object, _: _Context) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Invalid(f"expected an https:// URL, got {_show(value)}")
+    if parts.username or parts.password:
+        raise _Invalid("a URL with a user or password would put it in logs; use the signing secret")
+    # Events carry fax history: in clear text only if it never leaves the host.
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise _Invalid(
+            "plain http:// would send fax events in clear text; use https:// (http:// is accepted"
+            f" only for a loopback host), got {_show(value)}"
+        )
+    return str(value)
+
+
+def _webhook_secret(value: object, ctx: _Context) -> Secret | None:
+    if value is None:
+        return None
+    secret = _secret(value, ctx)
+    if not secret.deferred:
+        try:
+            decode_secret(secret.reveal())
+        except ValueError as e:
+            raise _Invalid(str(e)) from None
+    return secret
+
+
+def _command(value: object, _: _Context) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise _Invalid(
+            f'expected a list (argv, no shell) like ["/usr/local/bin/fax-hook"], got {_show(value)}'
+        )
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise _Invalid(f"expected a non-empty list of non-empty strings, got {_show(value)}")
+    program = value[0]
+    if not os.path.isabs(program):
+        raise _Invalid(f"the program must be an absolute path (no PATH lookup), got {_show(program)}")
+    if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+        raise _Invalid(f"{program} does not exist or is not an executable file")
+    return tuple(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutletFilterConfig:
+    """Which events an outlet gets; as the socket's subscription filter (docs/socket-protocol.md)."""
+
+    directions: frozenset[str] = _opt(frozenset(), _strings(fold=True), render=sorted)
+    """Inbound, Outbound; empty = both."""
+    to_status: frozenset[str] = _opt(frozenset(), _strings(fold=True), render=sorted)
+    """Statuses an event must move to (e.g. Sent, SendingFailed, Received); empty = any."""
+    final_only: bool = _opt(False, _boolean)
+    """Only events that end a fax or a recipient (``final: true``)."""
+    extensions: frozenset[str] = _opt(frozenset(), _strings(), render=sorted)
+    """Extension ids; empty = every tracked extension."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutletConfig:
+    type: str = field(metadata=_req(_choice("webhook", "exec"), "webhook or exec"))
+    """webhook: POST each event to `url`, signed; exec: run `command` per event."""
+    url: str | None = _opt(None, _webhook_url)
+    """webhook: the receiver's URL (https://; http:// only for loopback)."""
+    secret: Secret | None = _opt(None, _webhook_secret)  # noqa: RUF009 - a field()
+    """webhook: the Standard Webhooks signing secret (base64, optionally whsec_-prefixed)."""
+    ca_file: str | None = _opt(None, _ca_file)
+    """webhook: PEM file of the CAs trusted for `url` instead of the system's."""
+    command: tuple[str, ...] | None = _opt(None, _command)
+    """exec: argv of the hook (absolute program path, no shell); the event is on its stdin."""
+    concurrency: int = _opt(1, _integer(1))
+    """exec: hook runs at once (1 = strictly in order); webhooks always deliver one at a time."""
+    timeout: float = _opt(10.0, _duration(positive=True))
+    """Seconds an attempt may take (the HTTP request, or the hook's run) before it counts as failed."""
+    retry_initial: float = _opt(1.0, _duration(positive=True))
+    """Backoff after the first failed attempt; doubles per failure, with jitter."""
+    retry_max: float = _opt(300.0, _duration(positive=True))
+    """Longest backoff between two attempts."""
+    max_age: float = _opt(86400.0, _duration(positive=True))
+    """An event still failing this long after it was journalled goes to the dead-letter table."""
+    include_numbers: bool = _opt(False, _boolean)
+    """Whether events carry recipients' phone numbers (PHI)."""
+    filter: OutletFilterConfig = field(
+        default_factory=OutletFilterConfig, metadata={"section": OutletFilterConfig}
+    )
+
+    def outlet_problems(self, key: str) -> list[str]:
+        """Cross-checks of the keys of one outlet, named under ``key``."""
+        wanted = ("url", "secret") if self.type == "webhook" else ("command",)
+        other = ("command",) if self.type == "webhook" else ("url", "secret", "ca_file")
+        problems = [f"{key}.{k}: required for type {self.type}" for k in wanted if getattr(self, k) is None]
+        problems += [
+            f"{key}.{k}: not a key of type {self.type}" for k in other if getattr(self, k) is not None
+        ]
+        if self.type == "webhook" and self.concurrency != 1:
+            problems.append(f"{key}.concurrency: webhooks deliver in order, one at a time")
+        return problems
+
+
+def _parse_outlets(raw: object, prefix: str, ctx: _Context, problems: list[str]) -> dict[str, OutletConfig]:
+    """`outlets`: each entry parsed like a section, its problems under `outlets.NAME.`."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        problems.append(
+            f"{prefix.rstrip('.')}: expected a mapping of outlet names to outlets, got {_show(raw)}"
+        )
+        return {}
+    outlets: dict[str, OutletConfig] = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str) or not _OUTLET_NAME_RE.fullmatch(name):
+            problems.append(f"{key}: an outlet name is 1-63 letters, digits, '_', '.', '-'")
+            continue
+        before = len(problems)
+        outlet = _parse_mapping(OutletConfig, value, key + ".", ctx, problems)
+        if outlet is not None and len(problems) == before:
+            problems.extend(outlet.outlet_problems(key))
+            outlets[name] = outlet
+    return outlets
+
+
+def outlet_settings(outlets: Mapping[str, OutletConfig]) -> list[OutletSettings]:
+    """What the outlets run with: each outlet's settings, its webhook secret decoded (never logged)."""
+    settings = []
+    for name, cfg in outlets.items():
+        f = cfg.filter
+        settings.append(
+            OutletSettings(
+                name=name,
+                kind="webhook" if cfg.type == "webhook" else "exec",
+                retry=RetryPolicy(initial=cfg.retry_initial, cap=cfg.retry_max, max_age=cfg.max_age),
+                timeout=cfg.timeout,
+                filter=Filter(
+                    extensions=f.extensions,
+                    directions=f.directions,
+                    to_status=f.to_status,
+                    final_only=f.final_only,
+                ),
+                include_numbers=cfg.include_numbers,
+                url=cfg.url,
+                key=decode_secret(cfg.secret.reveal()) if cfg.secret is not None else b"",
+                ca_file=cfg.ca_file,
+                command=cfg.command or (),
+                concurrency=cfg.concurrency,
+            )
+        )
+    return settings
+
+
 @dataclass(frozen=True, kw_only=True)
 class SendConfig:
     cover_index: int | None = _opt(0, _cover_index)
     """Cover page of faxes sent through faxd when the request names none: 0 = none, 1-13 = one of the
     account's cover pages (GET /restapi/v1.0/dictionary/fax-cover-page), null = the account's
     default cover page (Outbound Fax Settings)."""
+    retry: RetryConfig = field(default_factory=RetryConfig, metadata={"section": RetryConfig})
+    """The resend policy (send.retry)."""
+
+
+def _file_mode(value: object, ctx: _Context) -> int:
+    mode = _mode(value, ctx)
+    if mode & 0o133:
+        raise _Invalid(
+            f'a document must not be executable or writable by group or others, got "{mode:04o}"'
+            ' (e.g. "0640" or "0600")'
+        )
+    return mode
+
+
+def _optional_days(value: object, ctx: _Context) -> int | None:
+    return None if value is None else _integer(1)(value, ctx)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DocumentsConfig:
+    enabled: bool = _opt(False, _boolean)
+    """Download every received fax's document into `spool_dir`."""
+    spool_dir: str = _opt("/var/lib/faxd/documents", _resolve)
+    """Directory of the documents: one subdirectory per extension."""
+    retention_days: int | None = _opt(None, _optional_days)
+    """Days a downloaded document is kept before faxd deletes the file; None keeps them forever."""
+    mode: int = _opt(0o640, _file_mode, render=_render_mode)
+    """Permission bits of each document file; written as an octal string like "0640"."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -608,6 +847,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"section": MetricsConfig})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"section": LoggingConfig})
     send: SendConfig = field(default_factory=SendConfig, metadata={"section": SendConfig})
+    outlets: dict[str, OutletConfig] = field(default_factory=dict, metadata={"outlets": OutletConfig})
+    documents: DocumentsConfig = field(default_factory=DocumentsConfig, metadata={"section": DocumentsConfig})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -678,7 +919,9 @@ def load_config(
     )
 
 
-_SECTION_NAMES = {f.metadata["section"]: f.name for f in dataclasses.fields(Config)}
+_SECTION_NAMES = {
+    f.metadata["section"]: f.name for f in dataclasses.fields(Config) if "section" in f.metadata
+}
 
 
 def load_section(
@@ -706,13 +949,19 @@ def load_section(
 def deferred_credentials(config: Config) -> list[tuple[str, str]]:
     """(dotted key, credential name) of every secret `load_config(defer_credentials=True)` could not read."""
     found: list[tuple[str, str]] = []
-    for section in dataclasses.fields(config):
-        obj = getattr(config, section.name)
+    sections = [(s.name, getattr(config, s.name)) for s in _sections()]
+    sections += [(f"outlets.{name}", outlet) for name, outlet in config.outlets.items()]
+    for name, obj in sections:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if isinstance(value, Secret) and value.deferred and value.source is not None:
-                found.append((f"{section.name}.{f.name}", value.source[1]))
+                found.append((f"{name}.{f.name}", value.source[1]))
     return found
+
+
+def _sections() -> list[dataclasses.Field[Any]]:
+    """The fields of Config that are sections (every one but `outlets`)."""
+    return [f for f in dataclasses.fields(Config) if "section" in f.metadata]
 
 
 def parse_config(
@@ -754,6 +1003,8 @@ def _parse_mapping(cls: type[_T], raw: object, prefix: str, ctx: _Context, probl
         key, value = prefix + name, raw.get(name)
         if section := f.metadata.get("section"):
             values[name] = _parse_mapping(section, value, key + ".", ctx, problems)
+        elif "outlets" in f.metadata:
+            values[name] = _parse_outlets(value, key + ".", ctx, problems)
         elif value is None and f.default is dataclasses.MISSING:
             problems.append(f"{key}: required, not set ({f.metadata['hint']})")
         elif name in raw:
@@ -776,6 +1027,8 @@ def _render(obj: object) -> dict[str, Any]:
             out[f.name] = f.metadata["render"](value)
         elif dataclasses.is_dataclass(value):
             out[f.name] = _render(value)
+        elif "outlets" in f.metadata:
+            out[f.name] = {name: _render(outlet) for name, outlet in value.items()}
         elif isinstance(value, Secret):
             out[f.name] = {value.source[0]: value.source[1]} if value.source else "[REDACTED]"
         elif isinstance(value, tuple):
@@ -798,7 +1051,7 @@ def reloadable_keys() -> frozenset[str]:
     """The dotted keys a reload (SIGHUP) applies; every other key needs a restart."""
     return frozenset(
         f"{section.name}.{f.name}"
-        for section in dataclasses.fields(Config)
+        for section in _sections()
         for f in dataclasses.fields(section.metadata["section"])
         if f.metadata.get("reload", False)
     )
@@ -812,7 +1065,10 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]
     sections: dict[str, Any] = {}
     applied: list[str] = []
     restart: list[str] = []
-    for section in dataclasses.fields(old):
+    if old.outlets != new.outlets:
+        restart.append("outlets")
+        sections["outlets"] = old.outlets
+    for section in _sections():
         old_section, new_section = getattr(old, section.name), getattr(new, section.name)
         kept: dict[str, Any] = {}
         for f in dataclasses.fields(old_section):

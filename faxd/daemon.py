@@ -9,6 +9,8 @@ Then two task groups (:func:`_supervise`): the consumers (the request driver, th
 the producers (the :class:`Upstream`: login, WebSocket session, settle and retention timers; the
 :class:`Reloader`) inside. :class:`Status` owns the STATUS= line, /readyz and the gauges derived from
 the daemon's memory; the watchdog sends WATCHDOG=1 at half ``$WATCHDOG_USEC`` and refreshes STATUS=.
+The outlets (hooks and webhooks, faxd.adapters.outlets) open after the event socket and run among
+the consumers, so they deliver what the drain still journals.
 Reload (SIGHUP): RELOADING=1 → the config file is read again → :func:`faxd.config.merge_reload` keeps
 the old value of every changed key not marked ``reload=True`` and names it → each reloadable part gets
 ``apply(old, new)`` and changes only what it owns (log settings; scheduler timings; the WS filters and
@@ -32,11 +34,12 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NoReturn, Protocol
+from pathlib import Path
+from typing import Any, NoReturn, Protocol
 
 import aiohttp
 import structlog
@@ -44,10 +47,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from faxd import __version__
+from faxd.adapters.documents import Documents, DocumentSettings
 from faxd.adapters.event_server import EventServer, EventServerSettings, SocketSetupError
 from faxd.adapters.metrics import Metrics, add_process_collectors, metrics_app
 from faxd.adapters.notify import Notifier, listen_fds
+from faxd.adapters.outlets import Outlets
 from faxd.adapters.reconcile import Reconciler, ReconcileSettings, ReconcileWork, timers_forever
+from faxd.adapters.resend import Resender
 from faxd.adapters.rest import ApiError, AuthFailed, Document, RingCentral
 from faxd.adapters.scheduling import RequestDriver
 from faxd.adapters.store import Store
@@ -62,14 +68,16 @@ from faxd.config import (
     RingCentralConfig,
     load_config,
     merge_reload,
+    outlet_settings,
     split_host_port,
 )
 from faxd.core import proxy
 from faxd.core.backoff import backoff
-from faxd.core.model import Event, FaxState
+from faxd.core.model import DocumentRef, Event, FaxState
 from faxd.core.polls import PollKind
-from faxd.core.protocol import SendError, SendRequest, StoredEvent
+from faxd.core.protocol import FetchError, PageKey, QueryRequest, SendError, SendRequest, StoredEvent
 from faxd.core.ratebudget import HEAVY
+from faxd.core.resend import RetryPolicy
 from faxd.core.scheduler import Key, Priority, Scheduler, SchedulerSettings, Work, ext_key
 from faxd.core.status import parse_time
 from faxd.core.wsg import Hint, WsState, event_filters
@@ -81,6 +89,7 @@ log = structlog.get_logger(__name__)
 #: revoke of at most 1 s) must stay within 5 s; systemd's TimeoutStopSec (15 s) is a backstop only.
 DRAIN_DEADLINE = 2.5
 CONNECT_WAIT = 30.0  # how long a send or sync request waits for the first RingCentral login
+FETCH_WAIT = 60.0  # how long `faxd fetch` waits for its download before telling the client it is queued
 EX_CREDENTIALS = 78  # RingCentral refused our credentials: a restart would not help
 
 
@@ -594,6 +603,19 @@ class _Backend:
         self.work = engine.work
         self.upstream = upstream
         self.epoch = store.epoch
+        self.documents: Documents | None = None  # documents.enabled
+
+    async def fetch(self, fax_id: str) -> DocumentRef:
+        """``faxd fetch ID``: download a received fax's document (again); FetchError when it cannot."""
+        if self.documents is None:
+            raise FetchError("bad_request", "documents.enabled is false: faxd does not download documents")
+        await self._connected()
+        try:
+            async with asyncio.timeout(FETCH_WAIT):
+                return await self.documents.fetch(fax_id)
+        except TimeoutError:
+            error = self.documents.last_error(fax_id) or "waiting for the rate budget"
+            raise FetchError("upstream", f"not downloaded yet ({error}); it stays queued") from None
 
     async def _connected(self) -> None:
         try:
@@ -624,6 +646,9 @@ class _Backend:
 
     def history(self, fax_id: str) -> list[Event]:
         return self.store.history(fax_id)
+
+    async def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+        return await asyncio.to_thread(self.store.read_page, query)
 
     async def sync(self) -> None:
         await self._connected()
@@ -709,6 +734,25 @@ def _open_ringcentral(stack: AsyncExitStack, config: Config, route: Route, metri
     )
     stack.push_async_callback(rc.aclose)
     return rc
+
+
+def _open_documents(
+    config: Config, rc: RingCentral, store: Store, metrics: Metrics, journal: _Fanout
+) -> Documents | None:
+    """The downloader of received faxes' documents (``documents.enabled``), fed by the journal."""
+    cfg = config.documents
+    if not cfg.enabled:
+        return None
+    settings = DocumentSettings(Path(cfg.spool_dir), mode=cfg.mode, retention_days=cfg.retention_days)
+    try:
+        settings.spool_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if not os.access(settings.spool_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable by faxd")
+    except OSError as exc:
+        raise FatalError(f"documents.spool_dir: {cfg.spool_dir}: {exc.strerror or exc}", EX_CONFIG) from None
+    documents = Documents(settings, rc, store, metrics, journal.publish)
+    journal.subscribe(documents.published)
+    return documents
 
 
 async def _open_event_server(
@@ -807,9 +851,13 @@ async def _run(
         status = Status(config, notifier, metrics, store, engine.reconciler, engine.driver.status)
         upstream = Upstream(config, rc, engine.work, metrics, status, route)
         backend = _Backend(store, engine, upstream, config.send.cover_index)
+        resender = _resender(config, rc, engine, metrics)
+        backend.documents = _open_documents(config, rc, store, metrics, journal)
         server = await _open_event_server(stack, config.events, backend, metrics, inherited.get("events"))
         journal.subscribe(server.publish)
         journal.subscribe(status.published)
+        outlets = await stack.enter_async_context(Outlets(outlet_settings(config.outlets), store, metrics))
+        journal.subscribe(outlets.published)
         await _serve_metrics(stack, config.metrics, registry, status.ready)
 
         notifier.ready(status.line())
@@ -821,7 +869,33 @@ async def _run(
 
         parts: list[Reloadable] = [_Logging(), engine, upstream, status]
         reloader = Reloader(config, config_path, parts, notifier=notifier, metrics=metrics, status=status)
-        return await _supervise(engine, upstream, reloader, status, notifier, metrics, stop, reload)
+        return await _supervise(
+            engine,
+            upstream,
+            reloader,
+            status,
+            notifier,
+            metrics,
+            stop,
+            reload,
+            outlets.run,
+            resender,
+            backend.documents,
+        )
+
+
+def _resender(config: Config, rc: RingCentral, engine: Engine, metrics: Metrics) -> Resender | None:
+    """The resend policy's worker (send.retry), when it may resend at all (max_attempts > 1)."""
+    retry = config.send.retry
+    policy = RetryPolicy(
+        categories=retry.categories,
+        max_attempts=retry.max_attempts,
+        delay=retry.delay,
+        backoff=retry.backoff,
+        max_delay=retry.max_delay,
+        deadline=retry.deadline,
+    )
+    return Resender(policy, rc, engine.reconciler, metrics) if policy.enabled else None
 
 
 async def _watchdog(notifier: Notifier, metrics: Metrics, status: Status) -> NoReturn:
@@ -861,8 +935,12 @@ async def _supervise(
     metrics: Metrics,
     stop: asyncio.Event,
     reload: asyncio.Event,
+    outlets: Callable[[], Coroutine[Any, Any, None]],
+    resender: Resender | None = None,
+    documents: Documents | None = None,
 ) -> int:
-    """Run the consumers around the producers until ``stop``; the exit code (FatalError raised)."""
+    """Run the consumers around the producers until ``stop``; the exit code (FatalError raised).
+    The outlets are consumers: they deliver what the drain still journals, and stop with the scheduler."""
     started = time.monotonic()
     fatal: list[BaseException] = []
     crashed: list[BaseException] = []
@@ -870,10 +948,15 @@ async def _supervise(
         async with asyncio.TaskGroup() as consumers:
             consumers.create_task(engine.driver.run())
             consumers.create_task(_watchdog(notifier, metrics, status))
+            consumers.create_task(outlets())
             try:
                 async with asyncio.TaskGroup() as producers:
                     producers.create_task(upstream.run())
                     producers.create_task(reloader.run(reload))
+                    if resender is not None:
+                        producers.create_task(resender.run(upstream.connected))
+                    if documents is not None:
+                        producers.create_task(documents.run(upstream.connected))
                     producers.create_task(_until(stop))
             except* _Stop:
                 pass

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from ops_support import NotifySocket, daemon, free_port, scrape, status_of, write_config, ws_up
 from socket_client import SocketClient
+from webhook_receiver import Receiver
 
 from faxd.sim import RecipientScript, SimConfig, Simulator
 
@@ -20,6 +21,7 @@ CLIENT_ID = "canary-client-id"
 CLIENT_SECRET = "CanaryClientSecret-4b1d9e7a55"
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJjYW5hcnktNGIxZDllIn0.Q2FuYXJ5U2lnbmF0dXJlLTRiMWQ5ZQ"
 PHONES = ("+16505550123", "+16505550177", "+14155550199", "+12125550142")
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"CanaryWebhookSecret-4b1d9e7a55-xyz").decode()
 
 
 @pytest.fixture
@@ -49,11 +51,21 @@ def issued_tokens(sim: Simulator) -> set[str]:
 
 async def test_no_secret_token_or_number_leaks(sim: Simulator, short_dir: Path) -> None:
     port = free_port()
+    # A webhook outlet whose receiver fails now and then: its secret and the numbers it is sent
+    # (include_numbers) must not reach the logs either.
+    receiver = Receiver(WEBHOOK_SECRET, by_seq={1: (503, {}), 2: (404, {})})
+    await receiver.start()
+    secret_file = short_dir / "webhook-secret"
+    secret_file.touch(mode=0o600)
+    secret_file.write_text(WEBHOOK_SECRET)
+    outlet = {"type": "webhook", "url": receiver.url, "secret": {"file": "webhook-secret"}}
+    outlet |= {"include_numbers": True, "retry_initial": 0.05}
     config = write_config(
         short_dir,
         sim,
         logging={"format": "json", "level": "debug"},
         metrics={"listen": f"127.0.0.1:{port}"},
+        outlets={"ehr": outlet},
     )
     notify = NotifySocket(short_dir / "notify")
     env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
@@ -88,6 +100,8 @@ async def test_no_secret_token_or_number_leaks(sim: Simulator, short_dir: Path) 
             start = len(faxd.lines)
             sim.create_outbound_fax(None, [RecipientScript(PHONES[3], after=0.1)])
             await faxd.wait_event("api.server_error", start)
+            await receiver.wait_for(lambda r: 1 in r.delivered)
+            assert any(PHONES[0] in str(r.body) for r in receiver.requests), "the receiver got the numbers"
 
             status, metrics = await scrape(port)
             assert status == 200
@@ -97,12 +111,23 @@ async def test_no_secret_token_or_number_leaks(sim: Simulator, short_dir: Path) 
         notify.drain()
     finally:
         notify.close()
+        await receiver.stop()
 
     assert any(line["level"] == "debug" for line in faxd.lines), "the canary must run at debug level"
     basic = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
     tokens = issued_tokens(sim)
     assert len(tokens) >= 5, "expected access, refresh, ws and wsc tokens to have been issued"
-    canaries = {CLIENT_SECRET, JWT, basic, *PHONES, *(p.lstrip("+") for p in PHONES), *tokens}
+    webhook_key = base64.b64decode(WEBHOOK_SECRET.removeprefix("whsec_")).decode()
+    canaries = {
+        CLIENT_SECRET,
+        JWT,
+        basic,
+        WEBHOOK_SECRET,
+        webhook_key,
+        *PHONES,
+        *(p.lstrip("+") for p in PHONES),
+        *tokens,
+    }
     outputs = {
         "log": "\n".join(faxd.raw),
         "metrics": metrics,

@@ -183,6 +183,15 @@ BAD_VALUES = [
     ("send.cover_index", -1, "expected a cover page index (0 = no cover page, 1-13"),
     ("send.cover_index", "none", "expected a cover page index (0 = no cover page, 1-13"),
     ("send.cover_index", True, "expected a cover page index (0 = no cover page, 1-13"),
+    ("documents.enabled", "yes", 'expected true or false, got "yes"'),
+    ("documents.spool_dir", "", 'expected a file path, got ""'),
+    ("documents.retention_days", 0, "must be >= 1, got 0"),
+    ("documents.retention_days", "30d", 'expected an integer, got "30d"'),
+    ("documents.mode", 640, 'expected an octal mode string like "0660" (quoted), got 640'),
+    ("documents.mode", "0660", "a document must not be executable or writable by group or others"),
+    ("documents.mode", "0750", "a document must not be executable or writable by group or others"),
+    ("documents.mode", "0600", None),
+    ("documents.retention_days", None, None),
 ]
 
 
@@ -677,3 +686,148 @@ def test_systemd_run_command_loads_what_was_found() -> None:
         "/etc/credstore.encrypted/faxd.ringcentral-client-secret"
         " /opt/faxd/bin/faxd check-config -c '/etc/faxd/my config.yaml'"
     )
+
+
+# --- outlets (docs/outlets.md) -----------------------------------------------------------------------
+
+WEBHOOK_SECRET = "whsec_" + "A" * 43 + "="  # 32 bytes of base64
+
+
+def with_outlets(outlets: object) -> dict[str, Any]:
+    return {**copy.deepcopy(MINIMAL), "outlets": outlets}
+
+
+def test_outlets_parse_with_their_defaults_and_secret_source() -> None:
+    env = {**ENV, "HOOK_SECRET": WEBHOOK_SECRET}
+    config = parse_config(
+        with_outlets(
+            {
+                "ehr": {
+                    "type": "webhook",
+                    "url": "https://ehr.example.org/fax",
+                    "secret": {"env": "HOOK_SECRET"},
+                    "filter": {"directions": ["Outbound"], "final_only": True},
+                },
+                "notify": {"type": "exec", "command": ["/bin/true", "x"], "concurrency": 4, "timeout": "2m"},
+            }
+        ),
+        environ=env,
+    )
+    ehr, notify = config.outlets["ehr"], config.outlets["notify"]
+    assert ehr.secret is not None
+    assert ehr.secret.reveal() == WEBHOOK_SECRET
+    assert ehr.filter.directions == frozenset({"outbound"})
+    assert ehr.max_age == 86400.0
+    assert notify.command == ("/bin/true", "x")
+    assert notify.timeout == 120.0
+    text = render_effective(config)
+    assert WEBHOOK_SECRET not in text
+    assert yaml.safe_load(text)["outlets"]["ehr"]["secret"] == {"env": "HOOK_SECRET"}
+    assert parse_config(yaml.safe_load(text), environ=env) == config
+
+
+@pytest.mark.parametrize(
+    ("outlets", "problem"),
+    [
+        ([{"type": "webhook"}], "outlets: expected a mapping of outlet names to outlets"),
+        ({"bad name": {"type": "exec"}}, "outlets.bad name: an outlet name is"),
+        ({"o": {}}, "outlets.o.type: required, not set (webhook or exec)"),
+        ({"o": {"type": "fax"}}, "outlets.o.type: expected one of webhook, exec"),
+        ({"o": {"type": "webhook", "secret": {"env": "S"}}}, "outlets.o.url: required for type webhook"),
+        ({"o": {"type": "webhook", "url": "https://a/"}}, "outlets.o.secret: required for type webhook"),
+        (
+            {"o": {"type": "webhook", "url": "http://10.1.2.3/", "secret": {"env": "S"}}},
+            "outlets.o.url: plain http://",
+        ),
+        (
+            {"o": {"type": "webhook", "url": "https://u:p@a/", "secret": {"env": "S"}}},
+            "outlets.o.url: a URL with a user",
+        ),
+        (
+            {"o": {"type": "webhook", "url": "https://a/", "secret": "inline"}},
+            "outlets.o.secret: secrets don't live",
+        ),
+        (
+            {"o": {"type": "webhook", "url": "https://a/", "secret": {"env": "SHORT"}}},
+            "outlets.o.secret: a webhook secret must decode to 24",
+        ),
+        (
+            {"o": {"type": "webhook", "url": "https://a/", "secret": {"env": "S"}, "concurrency": 2}},
+            "outlets.o.concurrency: webhooks deliver in order",
+        ),
+        (
+            {"o": {"type": "exec", "command": "/bin/true"}},
+            "outlets.o.command: expected a list (argv, no shell)",
+        ),
+        (
+            {"o": {"type": "exec", "command": ["true"]}},
+            "outlets.o.command: the program must be an absolute path",
+        ),
+        (
+            {"o": {"type": "exec", "command": ["/nonexistent/hook"]}},
+            "outlets.o.command: /nonexistent/hook does not exist",
+        ),
+        ({"o": {"type": "exec"}}, "outlets.o.command: required for type exec"),
+        (
+            {"o": {"type": "exec", "command": ["/bin/true"], "url": "https://a/"}},
+            "outlets.o.url: not a key of type exec",
+        ),
+        (
+            {"o": {"type": "exec", "command": ["/bin/true"], "timeout": 0}},
+            "outlets.o.timeout: must be more than 0",
+        ),
+        (
+            {"o": {"type": "exec", "command": ["/bin/true"], "filter": {"final_only": 1}}},
+            "outlets.o.filter.final_only: expected true or false",
+        ),
+        (
+            {"o": {"type": "exec", "command": ["/bin/true"], "filtre": {}}},
+            "outlets.o.filtre: unknown key; did you mean filter?",
+        ),
+    ],
+)
+def test_bad_outlets_name_the_key(outlets: object, problem: str) -> None:
+    env = {**ENV, "S": WEBHOOK_SECRET, "SHORT": "c2hvcnQ="}
+    found = problems_of(with_outlets(outlets), environ=env)
+    assert any(p.startswith(problem) for p in found), found
+    assert all(WEBHOOK_SECRET not in p for p in found)
+
+
+def test_changed_outlets_need_a_restart() -> None:
+    from faxd.config import merge_reload
+
+    old = parse_config(with_outlets({"o": {"type": "exec", "command": ["/bin/true"]}}), environ=ENV)
+    new = parse_config(with_outlets({"o": {"type": "exec", "command": ["/bin/false"]}}), environ=ENV)
+    effective, applied, restart = merge_reload(old, new)
+    assert restart == ["outlets"]
+    assert applied == []
+    assert effective.outlets == old.outlets
+
+
+def test_a_deferred_outlet_credential_is_listed(tmp_path: Path) -> None:
+    data = with_outlets(
+        {"ehr": {"type": "webhook", "url": "https://a/", "secret": {"credential": "webhook-ehr"}}}
+    )
+    config = parse_config(data, environ=ENV, defer_credentials=True)
+    assert deferred_credentials(config) == [("outlets.ehr.secret", "webhook-ehr")]
+
+
+def test_check_config_exits_78_naming_the_outlet_key(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump(
+            with_outlets({"ehr": {"type": "webhook", "url": "ftp://x/", "secret": {"env": "RC_SECRET"}}})
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "faxd", "check-config", "-c", str(tmp_path / "config.yaml")],
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 78
+    assert "outlets.ehr.url: expected an https:// URL" in result.stderr

@@ -35,7 +35,7 @@ from faxd.core.model import (
     Source,
     Transition,
 )
-from faxd.core.protocol import SendError, SendRequest
+from faxd.core.protocol import PageKey, QueryRequest, SendError, SendRequest
 
 EPOCH = "3f1c7a2e-0000-4000-8000-000000000001"
 TIMEOUT = 10
@@ -110,6 +110,9 @@ class MemoryBackend:
 
     def history(self, fax_id: str) -> list[Event]:
         return [e for e in self.journal if e.transition.fax_id == fax_id]
+
+    async def fax_page(self, query: QueryRequest) -> tuple[list[FaxState], PageKey | None]:
+        return [], None
 
     async def sync(self) -> None:
         self.sync_calls += 1
@@ -1098,7 +1101,7 @@ async def test_close_says_bye_to_everyone_and_is_bounded(short_dir: Path) -> Non
 
 # ------------------------------------------------------------------------------------------ fuzzing
 
-_REPLIES = {"error", "fax", "faxes", "history", "accepted", "ok", "pong", "caught_up"}
+_REPLIES = {"error", "fax", "faxes", "history", "accepted", "ok", "pong", "caught_up", "page"}
 
 
 @pytest.mark.parametrize("settings_overrides", [{"max_clients": 10_000}])

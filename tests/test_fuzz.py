@@ -41,6 +41,7 @@ from faxd.core.protocol import (
     ListRequest,
     PingRequest,
     ProtocolError,
+    QueryRequest,
     Request,
     SendRequest,
     StatusRequest,
@@ -565,6 +566,7 @@ _REQUEST_TYPES = (
     SubscribeRequest,
     StatusRequest,
     ListRequest,
+    QueryRequest,
     HistoryRequest,
     SendRequest,
     SyncRequest,
@@ -575,7 +577,9 @@ requests = _or_junk(
     st.fixed_dictionaries(
         {
             "type": _or_junk(
-                st.sampled_from(["subscribe", "status", "list", "history", "send", "sync", "ping", "nope"])
+                st.sampled_from(
+                    ["subscribe", "status", "list", "query", "history", "send", "sync", "ping", "nope"]
+                )
             )
         },
         optional={
@@ -620,6 +624,13 @@ requests = _or_junk(
             "cover_text": _or_junk(st.text(max_size=20)),
             "resolution": _or_junk(st.sampled_from(["High", "Low"])),
             "cover_index": _or_junk(st.integers(min_value=0, max_value=13)),
+            # query
+            "since": _or_junk(st.sampled_from(["2026-11-01T00:00:00Z", "0001-01-01T00:00:00+05:00", "24h"])),
+            "until": _or_junk(st.sampled_from(["2026-11-02T00:00:00.5+01:00", "9999-12-31T23:59:59-05:00"])),
+            "after": _or_junk(st.sampled_from(["2461345.5~7001", "~", "inf~1", "1e400~x"])),
+            "limit": _or_junk(st.integers(-1, 1001)),
+            "statuses": string_lists,
+            "include_numbers": _or_junk(st.booleans()),
         },
     )
 )

@@ -25,6 +25,7 @@ from faxd.core.protocol import (
     PhaseError,
     PingRequest,
     ProtocolError,
+    QueryRequest,
     Recipient,
     Request,
     SendRequest,
@@ -99,6 +100,26 @@ DOC_PARSED = Document("a.pdf", "application/pdf", b"%PDF-")
         ({"type": "list", "active_only": False}, ListRequest(active_only=False)),
         ({"type": "history", "fax_id": "9"}, HistoryRequest(fax_id="9")),
         ({"type": "sync"}, SyncRequest()),
+        ({"type": "query"}, QueryRequest()),
+        (
+            {
+                "type": "query",
+                "since": "2026-11-01T01:00:00+01:00",
+                "to": "+1 (650) 555-0001",
+                "statuses": ["Sent"],
+                "directions": ["Outbound"],
+                "limit": 10,
+                "include_numbers": True,
+            },
+            QueryRequest(
+                since="2026-11-01T00:00:00.000Z",
+                to="+16505550001",
+                statuses=frozenset({"sent"}),
+                directions=frozenset({"outbound"}),
+                limit=10,
+                include_numbers=True,
+            ),
+        ),
         ({"type": "ping", "id": 0}, PingRequest(id=0)),
         (
             {
@@ -376,6 +397,9 @@ def _events(draw: st.DrawFn) -> Event:
         pages=draw(st.none() | st.integers(-(2**70), 2**70)),
         rc_modified=draw(_opt_texts),
         ref=draw(_opt_texts),
+        attempt=draw(st.none() | st.integers(1, 2**31)),  # the resend policy's fields (send.retry)
+        retry_at=draw(_opt_texts),
+        gave_up=draw(_opt_texts),
     )
     seq = draw(st.integers(0, 2**63))
     return Event(seq, draw(_texts), transition, draw(_texts), draw(st.sampled_from(Source)))
@@ -511,7 +535,8 @@ def test_reply_encoders() -> None:
 FUZZ_EXAMPLES = 20_000 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 300
 ERROR_CODES = frozenset(code.value for code in ErrorCode)
 REQUEST_CLASSES = (
-    SubscribeRequest, StatusRequest, ListRequest, HistoryRequest, SendRequest, SyncRequest, PingRequest
+    SubscribeRequest, StatusRequest, ListRequest, QueryRequest, HistoryRequest, SendRequest, SyncRequest,
+    PingRequest,
 )  # fmt: skip
 
 _FIELDS = (

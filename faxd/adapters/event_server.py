@@ -1,9 +1,10 @@
 """The event socket: NDJSON over a Unix stream socket for local programs (docs/socket-protocol.md).
 
 Each connection gets ``hello``, may subscribe (replay from a cursor, then live events) and may send
-requests (status, list, history, send, sync, ping). The daemon calls :meth:`EventServer.publish` after each
-journal COMMIT; every subscriber has a bounded queue and its own writer task, so a slow client is cut off
-(``slow_consumer``, with the seq to resume after) instead of slowing the publisher or anyone else.
+requests (status, list, query, history, send, sync, ping). The daemon calls :meth:`EventServer.publish`
+after each journal COMMIT; every subscriber has a bounded queue and its own writer task, so a slow
+client is cut off (``slow_consumer``, with the seq to resume after) instead of slowing the publisher or
+anyone else.
 
 This module only moves bytes and enforces connection policy. It must not decide anything about faxes, must
 not hold the journal (the :class:`Backend` does), and must not log phone numbers or document contents.
@@ -55,16 +56,20 @@ from typing import Protocol
 import structlog
 
 from faxd.adapters.metrics import Metrics
-from faxd.core.model import Event, FaxState
+from faxd.core.model import DocumentRef, Event, FaxState
 from faxd.core.protocol import (
     ClientPhase,
     ErrorCode,
+    FetchRequest,
     Filter,
     HistoryRequest,
     ListRequest,
+    PageKey,
     PingRequest,
     ProtocolError,
+    QueryRequest,
     Request,
+    RequestId,
     SendError,
     SendRequest,
     StatusRequest,
@@ -78,10 +83,12 @@ from faxd.core.protocol import (
     encode_event,
     encode_fax,
     encode_faxes,
+    encode_fetched,
     encode_heartbeat,
     encode_hello,
     encode_history,
     encode_ok,
+    encode_page,
     encode_pong,
     parse_request,
 )
@@ -119,10 +126,19 @@ class Backend(Protocol):
 
     def history(self, fax_id: str) -> list[Event]: ...
 
+    async def fax_page(self, query: QueryRequest) -> tuple[Sequence[FaxState], PageKey | None]:
+        """One page of a ``query``, and the key to continue after (None on the last page); off the
+        event loop, since a sparse filter can scan a whole window of the store."""
+        ...
+
     async def sync(self) -> None: ...
 
     async def send(self, request: SendRequest) -> FaxState:
         """Send a fax; raises :class:`~faxd.core.protocol.SendError` when it is refused."""
+        ...
+
+    async def fetch(self, fax_id: str) -> DocumentRef:
+        """Download a received fax's document; raises :class:`~faxd.core.protocol.FetchError`."""
         ...
 
 
@@ -644,32 +660,60 @@ class EventServer:
                 return encode_faxes(
                     b.faxes(active_only), b.head_seq(), include_numbers=numbers, request_id=rid
                 )
+            case QueryRequest():
+                return await self._query(request)
             case HistoryRequest(fax_id=fax_id):
                 if b.fax(fax_id=fax_id) is None:
                     return encode_error(ErrorCode.NOT_FOUND, f"no fax {fax_id}", rid)
                 return encode_history(b.history(fax_id), include_numbers=numbers, request_id=rid)
             case SyncRequest():
-                try:
-                    await b.sync()
-                except Exception as exc:  # noqa: BLE001 - reported to the client, and logged
-                    log.warning("socket.sync_failed", error=str(exc))
-                    return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
-                return encode_ok(rid)
+                return await self._sync(rid)
             case SendRequest():
-                try:
-                    state = await b.send(request)
-                except SendError as exc:
-                    log.info("socket.send_refused", code=exc.code, rc_code=exc.rc_code, **client.log_fields())
-                    return encode_error(exc.code, exc.message, rid, rc_code=exc.rc_code)
-                log.info(
-                    "socket.fax_sent",
-                    fax_id=state.fax_id,
-                    recipients=len(request.to),
-                    documents=len(request.documents),
-                    **client.log_fields(),
-                )
-                return encode_accepted(state.fax_id, state.ref, state.status, rid)
+                return await self._send(client, request)
+            case FetchRequest(fax_id=fax_id):
+                return await self._fetch(fax_id, rid)
         raise AssertionError(f"unhandled request {request!r}")
+
+    async def _send(self, client: _Client, request: SendRequest) -> bytes:
+        try:
+            state = await self._backend.send(request)
+        except SendError as exc:
+            log.info("socket.send_refused", code=exc.code, rc_code=exc.rc_code, **client.log_fields())
+            return encode_error(exc.code, exc.message, request.id, rc_code=exc.rc_code)
+        log.info(
+            "socket.fax_sent",
+            fax_id=state.fax_id,
+            recipients=len(request.to),
+            documents=len(request.documents),
+            **client.log_fields(),
+        )
+        return encode_accepted(state.fax_id, state.ref, state.status, request.id)
+
+    async def _sync(self, rid: RequestId | None) -> bytes:
+        try:
+            await self._backend.sync()
+        except Exception as exc:  # noqa: BLE001 - reported to the client, and logged
+            log.warning("socket.sync_failed", error=str(exc))
+            return encode_error(ErrorCode.UPSTREAM, f"sync failed: {exc}", rid)
+        return encode_ok(rid)
+
+    async def _fetch(self, fax_id: str, rid: RequestId | None) -> bytes:
+        try:
+            document = await self._backend.fetch(fax_id)
+        except SendError as exc:  # a FetchError, or not connected to RingCentral
+            return encode_error(exc.code, exc.message, rid)
+        return encode_fetched(fax_id, document, rid)
+
+    async def _query(self, request: QueryRequest) -> bytes:
+        """One page of faxes; numbers only when asked for and served at all (events.include_numbers)."""
+        b = self._backend
+        if request.include_numbers and not self._settings.include_numbers:
+            message = "this faxd does not serve phone numbers (events.include_numbers is false)"
+            return encode_error(ErrorCode.BAD_REQUEST, message, request.id)
+        faxes, next_key = await b.fax_page(request)
+        return encode_page(
+            faxes, next_key, b.head_seq(), include_numbers=request.include_numbers, request_id=request.id
+        )
 
     def _cursor_problem(self, after_seq: int, epoch: str | None) -> str | None:
         b = self._backend

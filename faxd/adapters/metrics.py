@@ -36,6 +36,9 @@ GROUPS = ("Light", "Medium", "Heavy", "Auth")
 WS_STATES = tuple(state.value for state in WsState)
 #: The request scheduler's classes (faxd.core.scheduler.Priority, lowercase), highest first.
 SCHED_PRIORITIES = ("user", "push", "settle", "resync", "active_poll", "safety_poll")
+#: Why a document download failed: a 429 (retried after Retry-After), a 5xx, no answer, the disk
+#: (ENOSPC and other write errors), RingCentral refused (4xx: not retried), the message is gone (404).
+DOCUMENT_FAILURES = ("rate_limited", "server", "network", "disk", "rejected", "gone")
 RECONCILE_TRIGGERS = ("push", "poll", "startup", "resync", "request")
 WS_CONNECT_KINDS = ("fresh", "recovery")
 #: Why a WebSocket connection ended; ``faxd.adapters.ws_session.classify`` folds every ending into these.
@@ -141,6 +144,27 @@ class Metrics:
         self._auth_and_rest(registry)
         self._reconcile(registry)
         self._socket_and_process(registry)
+        self._resends(registry)
+        self._outlets(registry)
+        self._documents(registry)
+
+    def _resends(self, r: CollectorRegistry) -> None:
+        # The resend policy (send.retry, faxd.adapters.resend).
+        self.resends = _counter(
+            r,
+            "faxd_resends_total",
+            "Resend requests (send.retry), by result: sent, or failed (tried again later).",
+            ["result"],
+            product(("sent", "failed")),
+        )
+        self.resend_gave_up = _counter(
+            r,
+            "faxd_resend_gave_up_total",
+            "Logical faxes faxd stopped resending, by reason.",
+            ["reason"],
+            product(("max_attempts", "deadline", "refused", "interrupted")),
+        )
+        self.resends_planned = _gauge(r, "faxd_resends_planned", "Resends waiting for their time.")
 
     def _websocket(self, r: CollectorRegistry) -> None:
         self.ws_state = Enum(
@@ -356,6 +380,65 @@ class Metrics:
             "Configuration reloads (SIGHUP), by result.",
             ["result"],
             product(("ok", "error")),
+        )
+
+    def _outlets(self, r: CollectorRegistry) -> None:
+        # Labelled by outlet name: bounded by the config (outlets.NAME), children made as outlets start.
+        self.outlet_delivered = _counter(
+            r,
+            "faxd_outlet_delivered_total",
+            "Events an outlet delivered (2xx, or a hook's exit 0).",
+            ["outlet"],
+        )
+        self.outlet_failed = _counter(
+            r,
+            "faxd_outlet_failed_attempts_total",
+            "Delivery attempts that failed (retried or given up).",
+            ["outlet"],
+        )
+        self.outlet_dead_lettered = _counter(
+            r,
+            "faxd_outlet_dead_lettered_total",
+            "Events an outlet gave up on, into the dead-letter table.",
+            ["outlet"],
+        )
+        self.outlet_retrying = _gauge(
+            r,
+            "faxd_outlet_retrying",
+            "Events an outlet is retrying now (waiting for the next attempt).",
+            ["outlet"],
+        )
+        self.outlet_lag_events = _gauge(
+            r,
+            "faxd_outlet_lag_events",
+            "Journal events after the outlet's cursor (its position).",
+            ["outlet"],
+        )
+        self.outlet_lag_seconds = _gauge(
+            r,
+            "faxd_outlet_lag_seconds",
+            "Age of the oldest event the outlet has not delivered yet; 0 when caught up.",
+            ["outlet"],
+        )
+        self.outlet_cursor = _gauge(r, "faxd_outlet_cursor_seq", "The outlet's committed cursor.", ["outlet"])
+
+    def _documents(self, r: CollectorRegistry) -> None:
+        """Inbound fax documents (faxd.adapters.documents)."""
+        self.documents_downloaded = _counter(
+            r, "faxd_documents_downloaded_total", "Received fax documents written to the spool directory."
+        )
+        self.documents_failed = _counter(
+            r,
+            "faxd_documents_failed_total",
+            "Failed tries to download or write a received fax's document, by reason (most are retried).",
+            ["reason"],
+            [(reason,) for reason in DOCUMENT_FAILURES],
+        )
+        self.documents_pending = _gauge(
+            r, "faxd_documents_pending", "Received fax documents waiting to be downloaded (or retried)."
+        )
+        self.documents_bytes = _counter(
+            r, "faxd_documents_bytes_total", "Bytes of received fax documents written to the spool."
         )
 
     def last_sync_time(self) -> float:

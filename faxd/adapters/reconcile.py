@@ -91,6 +91,8 @@ from faxd.core.tracking import Tracker
 log = structlog.get_logger(__name__)
 
 Publish = Callable[[Sequence[Event]], None]
+#: (the new states of a batch, its transitions) -> the transitions to journal.
+Review = Callable[[Mapping[str, FaxState], list[Journalled]], list[Journalled]]
 
 DAY = 86400.0
 #: Reasons after which the in-flight faxes the sync did not return are read by id (bulk GET).
@@ -178,8 +180,14 @@ class Reconciler:
             self.tracker.restore(
                 [(key, parse_time(observed_at) or wall()) for key, observed_at in waiting], known
             )
+        #: Called after each commit that changed faxes (which extensions have faxes in flight may have
+        #: changed: a send, a resend, a reconcile).
+        self.on_tracked: Callable[[], None] | None = None
         #: Set whenever a timer (settle) may have to fire earlier than :func:`timers_forever` planned.
         self.timers_changed = asyncio.Event()
+        #: Sees (and may rewrite) every batch of transitions just before it is committed: the resend
+        #: policy (faxd.adapters.resend) marks the attempts of the faxes it resends there.
+        self.review: Review | None = None
         self._update_gauges()
 
     def update_settings(self, settings: ReconcileSettings) -> None:
@@ -376,11 +384,14 @@ class Reconciler:
 
     def _commit(self, batch: _Batch, *, sync_tokens: dict[str, str | None] | None = None) -> list[Event]:
         now = self.wall()
+        journal = batch.journal if self.review is None else self.review(batch.changed, batch.journal)
         events = self.store.commit(
-            list(batch.changed.values()), batch.journal, observed_at=_iso(now), sync_tokens=sync_tokens
+            list(batch.changed.values()), journal, observed_at=_iso(now), sync_tokens=sync_tokens
         )
         if self.tracker.committed([e.transition for e in events], batch.changed.values(), now=now):
             self.timers_changed.set()
+        if batch.changed and self.on_tracked is not None:
+            self.on_tracked()
         self._account(events, batch.changed)
         if events:
             self.publish(events)
@@ -548,6 +559,10 @@ class Reconciler:
         finally:
             if ref is not None:
                 self._sending_refs.discard(ref)
+        return self.adopt(extension_id, record, ref=ref)
+
+    def adopt(self, extension_id: str, record: Any, *, ref: str | None = None) -> FaxState:
+        """Journal the record RingCentral answered a send (or resend) with, at once (source ``send``)."""
         try:
             state = apply_record(None, record, extension_id=extension_id)
         except RecordError as exc:
@@ -568,15 +583,16 @@ class ReconcileWork:
 
     A push-hinted reconcile costs one Light request (the ISync); a check (every other reason) one
     more per 50 faxes tracked for the extension (the bulk GETs; the scheduler caps a grant at what its
-    bucket holds, and the rest is read at the next grant). After every grant the scheduler hears which
-    extensions have faxes in flight (their active polls).
+    bucket holds, and the rest is read at the next grant). After every commit that changed faxes (a
+    reconcile, a send, a resend) the scheduler hears which extensions have faxes in flight (their
+    active polls).
     """
 
     def __init__(self, driver: RequestDriver, reconciler: Reconciler) -> None:
         self.driver = driver
         self.reconciler = reconciler
         driver.register("ext", self.run)
-        driver.on_done(lambda _grant, _outcome: self.refresh_active())
+        reconciler.on_tracked = self.refresh_active
 
     def cost(self, extension_id: str, *, check: bool) -> dict[str, int]:
         reads = math.ceil(len(self.reconciler.tracked(extension_id)) / BULK_MAX) if check else 0

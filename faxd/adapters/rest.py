@@ -63,6 +63,10 @@ REFRESH_MARGIN: Final = 60.0
 BULK_MAX: Final = 50
 DEFAULT_TIMEOUT: Final = aiohttp.ClientTimeout(total=30, connect=10, sock_read=30)
 SEND_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=120)
+CONTENT_TIMEOUT: Final = aiohttp.ClientTimeout(total=300, connect=10, sock_read=60)
+#: How long a request outside any grant may wait for its grant once faxd stops: long enough for the
+#: scheduler to hand out a grant the budget allows now, never a wait for budget.
+STOP_PATIENCE: Final = 0.1
 #: The revoke runs while faxd stops, which must take at most 5 s in all (docs/operations.md §3.4).
 REVOKE_TIMEOUT: Final = aiohttp.ClientTimeout(total=1, connect=1)
 #: Longest a 5xx's Retry-After is reported as (the scheduler's own cap): a broken or hostile value
@@ -133,9 +137,10 @@ class Permit(Protocol):
 class Gate(Protocol):
     """Admits a request made outside any grant: a grant of one request of ``group``, awaited."""
 
-    def single(self, group: str) -> AbstractAsyncContextManager[Permit]:
-        """Until the request may go (bounded; :class:`Stopping` once faxd stops); the request is
-        sent inside, and the grant ends when the block does."""
+    def single(self, group: str, *, wait: float = ...) -> AbstractAsyncContextManager[Permit]:
+        """Until the request may go, at most ``wait`` seconds (then ``ApiError`` ``budget_timeout``;
+        :class:`Stopping` once faxd stops); the request is sent inside, and the grant ends when the
+        block does."""
         ...
 
 
@@ -582,6 +587,15 @@ class RingCentral:
             raise self._bad_body("message-list", resp.status)
         return [r for r in records if isinstance(r, dict)]
 
+    async def get_content(self, extension_id: str, message_id: str, attachment_id: str) -> tuple[str, bytes]:
+        """``GET …/message-store/{id}/content/{attachmentId}`` (Medium): (content type, bytes) of one
+        attachment, e.g. a received fax's PDF."""
+        path = f"{self._ext(extension_id)}/message-store/{message_id}/content/{attachment_id}"
+        resp, _ = await self._call(
+            "GET", path, endpoint="message-content", parse=False, client_timeout=CONTENT_TIMEOUT, accept="*/*"
+        )
+        return resp.content_type or "application/octet-stream", resp.body
+
     # ------------------------------------------------------------------ fax
 
     async def send_fax(
@@ -630,6 +644,31 @@ class RingCentral:
             raise self._bad_body("fax-send", resp.status)
         return body
 
+    async def resend_fax(
+        self, extension_id: str, original_id: str, *, to: Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """``POST …/fax`` (Heavy) with a JSON body ``{"originalMessageId": …}``: RingCentral sends the
+        fax ``original_id`` again as a new message (the same document, cover page and resolution) and
+        returns its record. ``to``: only these numbers; None: the original's recipients."""
+        payload: dict[str, Any] = {"originalMessageId": original_id}
+        if to is not None:
+            payload["to"] = [{"phoneNumber": p} for p in to]
+        body_text = json.dumps(payload)
+
+        def body() -> aiohttp.BytesPayload:
+            return aiohttp.BytesPayload(body_text.encode(), content_type="application/json")
+
+        resp, body_json = await self._call(
+            "POST",
+            f"{self._ext(extension_id)}/fax",
+            endpoint="fax-resend",
+            data=body,
+            client_timeout=SEND_TIMEOUT,
+        )
+        if not isinstance(body_json, dict):
+            raise self._bad_body("fax-resend", resp.status)
+        return body_json
+
     # ------------------------------------------------------------------ plumbing
 
     async def _call(
@@ -642,6 +681,7 @@ class RingCentral:
         data: Callable[[], Any] | None = None,
         client_timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
         parse: bool = True,
+        accept: str = "application/json",
     ) -> tuple[_Response, Any]:
         """A Bearer request: proactive refresh, one refresh + retry after a 401, errors raised."""
         stale: int | None = None
@@ -651,7 +691,7 @@ class RingCentral:
                 method,
                 path,
                 endpoint=endpoint,
-                headers={"Authorization": f"Bearer {tokens.access}", "Accept": "application/json"},
+                headers={"Authorization": f"Bearer {tokens.access}", "Accept": accept},
                 params=params,
                 data=data() if data is not None else None,
                 client_timeout=client_timeout,
@@ -715,7 +755,7 @@ class RingCentral:
                 raise BudgetDeferred(group)
             yield now
         elif self._gate is not None:
-            async with self._gate.single(group) as single:
+            async with self._single(group) as single:
                 now = loop.time()
                 if not single.take(group, now):  # pragma: no cover - a one-request grant reserved it
                     raise BudgetDeferred(group)
@@ -725,6 +765,24 @@ class RingCentral:
             now = loop.time()
             self.budget.spent(group, now)
             yield now
+
+    @contextlib.asynccontextmanager
+    async def _single(self, group: str) -> AsyncIterator[Permit]:
+        """The gate's one-request grant; once :meth:`stop_waiting` was called, only if it comes at
+        once (``STOP_PATIENCE``), else :class:`Stopping`: a stopping faxd starts no request that would
+        have to wait for budget."""
+        assert self._gate is not None
+        if not self._stopping.is_set():
+            async with self._gate.single(group) as permit:
+                yield permit
+            return
+        try:
+            async with self._gate.single(group, wait=STOP_PATIENCE) as permit:
+                yield permit
+        except ApiError as exc:
+            if exc.code == "budget_timeout":
+                raise Stopping(group) from None
+            raise
 
     async def _wait_for_budget(self, group: str) -> None:
         """Without a gate only (``faxd doctor``, this module's tests): wait until the budget allows."""

@@ -28,8 +28,9 @@ The API other adapters use (docs/scheduler.md §3):
   :class:`~faxd.adapters.rest.RingCentral` is taken from the grant), and is run again when a request
   beyond the reserved cost was deferred. Errors are the caller's to retry.
 * :meth:`RequestDriver.single` (the :class:`~faxd.adapters.rest.Gate` of :class:`RingCentral`): a
-  request made outside any grant (``send_fax``, ``ws_token``, a login, an adapter calling a REST
-  method directly) gets a one-request ``USER`` grant of its group, awaited.
+  request made outside any grant (``send_fax``, ``resend_fax``, ``get_content``, ``ws_token``, a
+  login, an adapter calling a REST method directly) gets a one-request grant of its group, awaited:
+  ``USER``, or ``SETTLE`` in the Light group (below push hints).
 
 Stop: :meth:`RequestDriver.drain` closes the scheduler (nothing new is submitted; what would have to
 wait for budget is dropped), runs what still goes at once, waits for running grants, and fails the
@@ -56,7 +57,7 @@ import structlog
 
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.rest import ApiError, BudgetDeferred, RateLimited, Stopping, permitted
-from faxd.core.ratebudget import GROUPS
+from faxd.core.ratebudget import GROUPS, LIGHT
 from faxd.core.scheduler import Grant, Key, Outcome, Priority, Result, Scheduler, Work
 
 log = structlog.get_logger(__name__)
@@ -72,6 +73,9 @@ GRANT_WAIT: Final = 90.0
 #: already in flight when a 429 comes back would walk into the penalty (which restarts it).
 MAX_RUNNING: Final = 1
 
+#: The class of a request made outside any grant, by group (USER when not listed): the daemon's
+#: own Light requests are scheduled work, so a Light call made directly must not pass push hints.
+SINGLE_PRIORITY: Final = {LIGHT: Priority.SETTLE}
 #: The shortest sleep of the loop when nothing may go now.
 MIN_SLEEP: Final = 0.001
 
@@ -120,7 +124,6 @@ class RequestDriver:
         self._ended = asyncio.Event()  # set whenever a grant ends or work is dropped
         self._quiet = asyncio.Event()  # closed, nothing running, nothing more goes now
         self._calls = itertools.count(1)
-        self._after_done: list[Callable[[Grant, Outcome], None]] = []
         self._checked: dict[Key, float] = {}  # key -> when its last successful check was granted
         self._limited: list[str] = []  # the groups that held back user, push or settle work, last seen
 
@@ -132,10 +135,6 @@ class RequestDriver:
     def register(self, kind: str, runner: Runner) -> None:
         """Run granted background work of keys ``(kind, ...)`` with ``runner``."""
         self._runners[kind] = runner
-
-    def on_done(self, callback: Callable[[Grant, Outcome], None]) -> None:
-        """Called after each grant ended (e.g. to tell the scheduler which keys have faxes in flight)."""
-        self._after_done.append(callback)
 
     def submit(self, work: Work, *, at: float | None = None) -> bool:
         """Ask for background work (its kind needs a runner); ``at``: not before that loop time.
@@ -197,11 +196,14 @@ class RequestDriver:
             return result
 
     @contextlib.asynccontextmanager
-    async def single(self, group: str) -> AsyncIterator[_Permit]:
-        """A one-request USER grant of ``group`` for a request made outside any grant (the
-        :class:`~faxd.adapters.rest.Gate` of :class:`RingCentral`)."""
-        work = Work(("call", str(next(self._calls))), Priority.USER, frozenset({"call"}), {group: 1})
-        grant = await self._granted(work, GRANT_WAIT, submit=True)
+    async def single(self, group: str, *, wait: float = GRANT_WAIT) -> AsyncIterator[_Permit]:
+        """A one-request grant of ``group`` for a request made outside any grant (the
+        :class:`~faxd.adapters.rest.Gate` of :class:`RingCentral`): ``USER`` work, but in the Light
+        group ``SETTLE`` (below push: a Light call made directly, e.g. a document's message lookup,
+        spends only the headroom and never the push reserve)."""
+        priority = SINGLE_PRIORITY.get(group, Priority.USER)
+        work = Work(("call", str(next(self._calls))), priority, frozenset({"call"}), {group: 1})
+        grant = await self._granted(work, wait, submit=True)
         try:
             yield _Permit(self.sched, grant)
         except BaseException:
@@ -295,8 +297,6 @@ class RequestDriver:
             due = self.sched.due_at(grant.key)
             if due is not None:
                 log.info("sched.retry_scheduled", key=grant.key[0], delay=round(due - self.now(), 2))
-        for callback in self._after_done:
-            callback(grant, outcome)
         self.wake()
         self._ended.set()
 

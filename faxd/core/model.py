@@ -31,6 +31,8 @@ class EventKind(StrEnum):
     AVAILABILITY = "availability"  # Alive -> Deleted -> Purged
     STALLED = "stalled"  # Queued for longer than reconcile.stall_after
     SETTLED = "settled"  # a Sent (reported final=false) held for reconcile.sent_settle: now final
+    RESEND = "resend"  # send.retry gave up on a logical fax after its last attempt ended (faxd.core.resend)
+    DOCUMENT = "document"  # a received fax's document was downloaded to the spool (DocumentRef)
 
 
 class Source(StrEnum):
@@ -40,6 +42,7 @@ class Source(StrEnum):
     POLL = "poll"  # a safety or active poll, no hint
     STARTUP = "startup"  # the reconcile at start-up or after a lost WS session
     SEND = "send"  # faxd sent the fax itself and journalled the API's answer
+    FETCH = "fetch"  # faxd downloaded a received fax's document (a ``document`` event)
 
 
 #: Statuses after which nothing more is expected (``Sent`` may still become ``Delivered``).
@@ -96,6 +99,37 @@ class FaxState:
 
 
 @dataclass(frozen=True, slots=True)
+class DocumentRef:
+    """A received fax's document as faxd stored it in its spool directory."""
+
+    path: str  # absolute path of the file
+    sha256: str  # hex digest of the file's bytes
+    pages: int | None  # counted in the file, else RingCentral's faxPageCount; None: unknown
+    size: int  # bytes
+    content_type: str
+
+    def to_wire(self) -> dict[str, Any]:
+        """The ``document`` object of the socket protocol; the journal stores the same object."""
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "pages": self.pages,
+            "bytes": self.size,
+            "content_type": self.content_type,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> DocumentRef:
+        return cls(
+            path=str(data["path"]),
+            sha256=str(data["sha256"]),
+            pages=data.get("pages"),
+            size=int(data["bytes"]),
+            content_type=str(data["content_type"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Transition:
     """A change faxd observed; becomes an :class:`Event` once the journal gives it a ``seq``."""
 
@@ -114,6 +148,15 @@ class Transition:
     pages: int | None = None
     rc_modified: str | None = None
     ref: str | None = None
+    #: Resend policy (send.retry, :mod:`faxd.core.resend`): which try of its logical fax this message is
+    #: (None: not a fax faxd sent with a ref under the policy), when the next try is planned (ISO time),
+    #: and why faxd gave up (a :class:`faxd.core.resend.GiveUp` value).
+    attempt: int | None = None
+    retry_at: str | None = None
+    gave_up: str | None = None
+    #: A received fax's downloaded document: only on its ``document`` event (the key is absent from
+    #: every other event on the wire and in the journal).
+    document: DocumentRef | None = None
 
     @property
     def dedup_key(self) -> tuple[str, int, str, str]:
@@ -133,7 +176,11 @@ class Event:
     source: Source
 
     def to_wire(self, *, include_numbers: bool = True) -> dict[str, Any]:
-        """The ``event`` object of the socket protocol (docs/socket-protocol.md)."""
+        """The ``event`` object of the socket protocol (docs/socket-protocol.md).
+
+        ``attempt``, ``retry_at`` and ``gave_up`` are there only on events of a fax under the resend
+        policy (``attempt`` set), so every other event's line stays as it was.
+        """
         t = self.transition
         recipient: dict[str, Any] | None = None
         if t.recipient_index is not None:
@@ -141,7 +188,7 @@ class Event:
                 "index": t.recipient_index,
                 "phone": t.recipient_phone if include_numbers else None,
             }
-        return {
+        wire: dict[str, Any] = {
             "type": "event",
             "seq": self.seq,
             "epoch": self.epoch,
@@ -162,6 +209,11 @@ class Event:
             "observed_at": self.observed_at,
             "source": self.source.value,
         }
+        if t.attempt is not None:
+            wire.update(attempt=t.attempt, retry_at=t.retry_at, gave_up=t.gave_up)
+        if t.document is not None:
+            wire["document"] = t.document.to_wire()
+        return wire
 
 
 def event_key(event: Mapping[str, Any]) -> tuple[str, int, str, str]:

@@ -5,6 +5,12 @@ subscription :class:`Filter`, encodes every server message as one compact NDJSON
 of a connection's life (:class:`ClientPhase`) with the moves allowed between them. It is shared by the event
 server (adapters) and the CLI client (app).
 
+Events of a fax under the resend policy (``send.retry``, :mod:`faxd.core.resend`) carry ``attempt``,
+``retry_at`` and ``gave_up`` after ``source``; those keys are absent from every other event, so its line
+is byte for byte what it was before the policy existed (:func:`encode_event` writes them with the
+generic encoder). Likewise a ``document`` event (a received fax's downloaded document) carries its
+``document`` object after ``source``; no other event has the key.
+
 This module must not do I/O, touch sockets or the event loop, read clocks or log: the event server decides
 what to do with a bad line (reply, or close the connection), this module only says what is wrong with it.
 """
@@ -15,12 +21,17 @@ import base64
 import binascii
 import json
 import json.encoder
+import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, Literal, NamedTuple, NoReturn, TypeAlias
 
-from faxd.core.model import Event, FaxState
+from faxd.core.model import DocumentRef, Event, EventKind, FaxState, Source, Transition
+from faxd.core.status import parse_time
+from faxd.core.taxonomy import classify
 
 PROTO_VERSION: Final = 1
 #: Containers nested deeper than this are refused: no request needs more than 3 levels.
@@ -33,6 +44,10 @@ MAX_COVER_TEXT: Final = 10_000
 MAX_ITEMS: Final = 1000
 #: Largest ``cover_index`` (RingCentral's field is an int32; it validates the index itself).
 MAX_COVER_INDEX: Final = 2**31 - 1
+
+#: Most faxes in one ``query`` page; also the page size when the request names none is DEFAULT_PAGE.
+MAX_PAGE: Final = 1000
+DEFAULT_PAGE: Final = 500
 
 RequestId: TypeAlias = str | int
 Resolution: TypeAlias = Literal["High", "Low"]
@@ -116,6 +131,11 @@ class SendError(Exception):
         self.code = code
         self.message = message
         self.rc_code = rc_code
+
+
+class FetchError(SendError):
+    """Raised by the daemon's ``fetch`` (``faxd fetch ID``) when a received fax's document cannot be had:
+    ``not_found`` (no such received fax), ``bad_request`` (documents are off) or ``upstream``."""
 
 
 class StoredEvent(NamedTuple):
@@ -225,6 +245,57 @@ class ListRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class PageKey:
+    """Where a ``query`` page ended: the store's sort key of its last fax (its creation time as a
+    Julian day number, as SQLite computes it; 0 for a fax without one) and that fax's id.
+
+    On the wire it is an opaque string (:meth:`to_wire`); the next page starts strictly after it, so a
+    page is never repeated and never skipped however the faxes change between pages (the key of a
+    fax, its creation time, never changes)."""
+
+    created: float
+    fax_id: str
+
+    def to_wire(self) -> str:
+        return f"{self.created!r}~{self.fax_id}"
+
+    @classmethod
+    def from_wire(cls, text: str) -> PageKey | None:
+        """The key of a ``next`` string, None when it is not one."""
+        number, sep, fax_id = text.partition("~")
+        if not sep or not fax_id:
+            return None
+        try:
+            created = float(number)
+        except ValueError:
+            return None
+        return cls(created, fax_id) if math.isfinite(created) else None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRequest:
+    """One page of faxes (final and in flight) created in ``[since, until)``, oldest first, after the
+    cursor ``after``: the done-queue and the audit export.
+
+    ``since`` and ``until`` are UTC ISO 8601 times with milliseconds (normalized by the parser, so the
+    store compares them exactly like the creation times it holds). ``to`` matches a recipient's number
+    (with or without its ``+``); ``statuses`` (casefolded) the fax's status or any recipient's. Phone
+    numbers are in the reply only when ``include_numbers`` asks for them.
+    """
+
+    since: str | None = None
+    until: str | None = None
+    to: str | None = None
+    statuses: frozenset[str] = frozenset()
+    directions: frozenset[str] = frozenset()  # casefolded
+    extensions: frozenset[str] = frozenset()
+    after: PageKey | None = None
+    limit: int = DEFAULT_PAGE
+    include_numbers: bool = False
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryRequest:
     """Every journalled event of one fax."""
 
@@ -269,6 +340,14 @@ class SyncRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchRequest:
+    """Download a received fax's document (again); the reply comes once it is written."""
+
+    fax_id: str
+    id: RequestId | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PingRequest:
     """Liveness check."""
 
@@ -276,10 +355,18 @@ class PingRequest:
 
 
 Request: TypeAlias = (
-    SubscribeRequest | StatusRequest | ListRequest | HistoryRequest | SendRequest | SyncRequest | PingRequest
+    SubscribeRequest
+    | StatusRequest
+    | ListRequest
+    | QueryRequest
+    | HistoryRequest
+    | SendRequest
+    | SyncRequest
+    | PingRequest
+    | FetchRequest
 )
 
-REQUEST_TYPES: Final = ("subscribe", "status", "list", "history", "send", "sync", "ping")
+REQUEST_TYPES: Final = ("subscribe", "status", "list", "query", "history", "send", "sync", "ping", "fetch")
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -429,6 +516,8 @@ def parse_request(line: bytes) -> Request:
             return StatusRequest(fax_id=fax_id, ref=ref, id=request_id)
         case "list":
             return ListRequest(active_only=f.opt_bool("active_only", True), id=request_id)
+        case "query":
+            return _parse_query(f)
         case "history":
             return HistoryRequest(fax_id=f.req_string("fax_id"), id=request_id)
         case "send":
@@ -437,6 +526,8 @@ def parse_request(line: bytes) -> Request:
             return SyncRequest(id=request_id)
         case "ping":
             return PingRequest(id=request_id)
+        case "fetch":
+            return FetchRequest(fax_id=f.req_string("fax_id"), id=request_id)
     f.fail(f"unknown request type {kind[:40]!r}; expected one of {', '.join(REQUEST_TYPES)}")
 
 
@@ -458,6 +549,54 @@ def _parse_subscribe(f: _Fields) -> SubscribeRequest:
         )
     return SubscribeRequest(
         after_seq=f.opt_seq("after_seq"), epoch=f.opt_string("epoch"), filter=flt, id=f.id
+    )
+
+
+def _utc(f: _Fields, name: str) -> str | None:
+    """An ISO 8601 time with a zone, as UTC with milliseconds and ``Z`` (RingCentral's own form)."""
+    value = f.opt_string(name)
+    if value is None:
+        return None
+    when = parse_time(value)
+    if when is None:
+        f.fail(f"{name} must be an ISO 8601 time with a zone, e.g. 2026-11-23T00:00:00Z")
+    try:
+        moment = datetime.fromtimestamp(when, UTC)
+    except (OverflowError, OSError, ValueError):
+        f.fail(f"{name} is out of range")
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+#: What people write inside a phone number and the store does not hold: "+1 (555) 123-4567".
+_PHONE_PUNCTUATION: Final = re.compile(r"[\s().-]")
+
+
+def _parse_query(f: _Fields) -> QueryRequest:
+    since, until = _utc(f, "since"), _utc(f, "until")
+    if since is not None and until is not None and since >= until:
+        f.fail("since must be before until")
+    to = f.opt_string("to")
+    if to is not None:
+        to = _PHONE_PUNCTUATION.sub("", to)
+        if not re.fullmatch(r"\+?[0-9*#]+", to):
+            f.fail("to must be a phone number, e.g. +15551230000")
+    after: PageKey | None = None
+    if (cursor := f.opt_string("after")) is not None and (after := PageKey.from_wire(cursor)) is None:
+        f.fail("after must be the next of an earlier page")
+    limit = f.obj.get("limit", DEFAULT_PAGE)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        f.fail(f"limit must be an integer from 1 to {MAX_PAGE}")
+    return QueryRequest(
+        since=since,
+        until=until,
+        to=to,
+        statuses=f.string_set(f.obj, "statuses", fold=True),
+        directions=f.string_set(f.obj, "directions", fold=True),
+        extensions=f.string_set(f.obj, "extensions"),
+        after=after,
+        limit=limit,
+        include_numbers=f.opt_bool("include_numbers", False),
+        id=f.id,
     )
 
 
@@ -568,6 +707,8 @@ def encode_event(event: Event | StoredEvent, *, include_numbers: bool) -> bytes:
         if line is not None:
             return line
         f = event.fields()
+        if f.get("attempt") is not None or f.get("document") is not None:  # rare: the generic encoder
+            return encode_line(_stored_to_event(event, f).to_wire(include_numbers=include_numbers))
         fields = (
             f["kind"], f["fax_id"], f["extension_id"], f["direction"], f["ref"], f["recipient_index"],
             f["recipient_phone"], f["from_status"], f["to_status"], f["final"], f["error_code"],
@@ -575,6 +716,8 @@ def encode_event(event: Event | StoredEvent, *, include_numbers: bool) -> bytes:
         )  # fmt: skip
     else:
         t = event.transition
+        if t.attempt is not None or t.document is not None:
+            return encode_line(event.to_wire(include_numbers=include_numbers))
         fields = (
             t.kind.value, t.fax_id, t.extension_id, t.direction, t.ref, t.recipient_index,
             t.recipient_phone, t.from_status, t.to_status, t.final, t.error_code,
@@ -607,7 +750,12 @@ def _spliced(event: StoredEvent, include_numbers: bool) -> bytes | None:
     and the quote that ends a string is followed by ``,`` or ``}``.
     """
     text = event.transition
-    if not text.startswith('{"kind":') or not text.endswith("}"):
+    if (
+        not text.startswith('{"kind":')
+        or not text.endswith("}")
+        or ',"attempt":' in text
+        or ',"document":' in text
+    ):
         return None
     at: list[int] = []
     pos = 0
@@ -637,6 +785,20 @@ def _spliced(event: StoredEvent, include_numbers: bool) -> bytes | None:
         )
     )
     return line.encode()
+
+
+def _stored_to_event(event: StoredEvent, fields: Mapping[str, Any]) -> Event:
+    """A stored event decoded into an :class:`Event` (unknown keys of a newer journal are dropped)."""
+    known = {name: value for name, value in fields.items() if name in Transition.__dataclass_fields__}
+    document = known.get("document")
+    transition = Transition(
+        **{
+            **known,
+            "kind": EventKind(known["kind"]),
+            "document": None if document is None else DocumentRef.from_wire(document),
+        }
+    )
+    return Event(event.seq, event.epoch, transition, event.observed_at, Source(event.source))
 
 
 def _event_line(
@@ -670,6 +832,11 @@ def _event_line(
         _str(source),
     )
     return text.encode()
+
+
+def encode_fetched(fax_id: str, document: DocumentRef, request_id: RequestId | None = None) -> bytes:
+    """The reply to ``fetch``: where the document now is."""
+    return _with_id({"type": "fetched", "fax_id": fax_id, "document": document.to_wire()}, request_id)
 
 
 def encode_caught_up(seq: int, request_id: RequestId | None = None) -> bytes:
@@ -744,6 +911,35 @@ def encode_faxes(
     """Reply to ``list``: subscribe with ``after_seq=head_seq`` to follow on from this snapshot."""
     faxes = [fax_to_wire(s, include_numbers) for s in states]
     return _with_id({"type": "faxes", "faxes": faxes, "head_seq": head_seq}, request_id)
+
+
+def _audited(state: FaxState, include_numbers: bool) -> dict[str, Any]:
+    """A fax of a ``page``: the ``fax`` object, each recipient with its error's category."""
+    fax = fax_to_wire(state, include_numbers)
+    for wire in fax["recipients"]:
+        known = classify(wire["error_code"])
+        wire["error_category"] = None if known is None else known.category
+    return fax
+
+
+def encode_page(
+    states: Iterable[FaxState],
+    next_key: PageKey | None,
+    head_seq: int,
+    *,
+    include_numbers: bool,
+    request_id: RequestId | None = None,
+) -> bytes:
+    """Reply to ``query``: ``next`` is the ``after`` of the following page, null on the last one."""
+    return _with_id(
+        {
+            "type": "page",
+            "faxes": [_audited(s, include_numbers) for s in states],
+            "next": None if next_key is None else next_key.to_wire(),
+            "head_seq": head_seq,
+        },
+        request_id,
+    )
 
 
 def encode_history(

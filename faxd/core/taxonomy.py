@@ -2,7 +2,8 @@
 
 RingCentral reports a raw code per recipient (``FaxErrorCodeEnum``, 34 values in the current spec). faxd
 keeps the raw code and adds a category and a ``retryable`` flag: "retryable" means sending the same
-document to the same number later may well succeed (a busy line), not that faxd retries anything itself.
+document to the same number later may well succeed (a busy line), not that faxd retries anything itself
+(faxd resends only under ``send.retry``, by category: :mod:`faxd.core.resend`).
 Unknown codes are kept as they are and classed ``other``. Pure table; no I/O.
 """
 

@@ -91,6 +91,7 @@ class Faults:
     bulk_mode: str = "shuffle"
     delay_next: int = 0
     delay_seconds: float = 0.0
+    delay_match: str | None = None  # only requests whose path_qs contains this
     #: the ``Date`` header of every REST response is off by this many seconds
     date_skew: float = 0.0
     #: extensions whose message store and message-sync GETs answer 403 CMN-408 (no ReadMessages)
@@ -173,7 +174,7 @@ class RestApi:
             )
 
         faults = self.faults
-        if faults.delay_next > 0:
+        if faults.delay_next > 0 and (faults.delay_match is None or faults.delay_match in request.path_qs):
             faults.delay_next -= 1
             await asyncio.sleep(faults.delay_seconds)
         if faults.fail_next > 0 and (faults.fail_match is None or faults.fail_match in request.path_qs):

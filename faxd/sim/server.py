@@ -307,11 +307,13 @@ class Simulator:
             retry_after = f"{retry_after:g}"
         self.rest.faults.fail_retry_after = retry_after
 
-    @fault("delay-requests", count=arg(int, 1), seconds=arg(float, 5))
-    def delay_next_requests(self, count: int, seconds: float) -> None:
-        """Hold each of the next ``count`` REST requests for ``seconds`` (loop time)."""
+    @fault("delay-requests", count=arg(int, 1), seconds=arg(float, 5), match=arg(optional(str)))
+    def delay_next_requests(self, count: int, seconds: float, *, match: str | None = None) -> None:
+        """Hold each of the next ``count`` REST requests for ``seconds`` (loop time); with ``match``,
+        only requests whose path and query contain it (``"/content/"``: document downloads)."""
         self.rest.faults.delay_next = count
         self.rest.faults.delay_seconds = seconds
+        self.rest.faults.delay_match = match
 
     @fault("rate-limit-storm", group=arg(text), seconds=arg(float, 60))
     def rate_limit_storm(self, group: str, seconds: float) -> None:

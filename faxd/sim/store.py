@@ -36,6 +36,40 @@ TINY_PDF = (
 )
 
 
+def make_pdf(pages: int, title: str = "Received fax") -> bytes:
+    """A small, valid PDF of ``pages`` letter-size pages, each saying ``title`` and its page number:
+    a catalog, a page tree whose ``/Count`` is ``pages``, one page object and content stream per page,
+    and a cross-reference table with the true byte offsets (what a PDF reader checks)."""
+    pages = max(1, pages)
+    safe = "".join(c for c in title if c.isalnum() or c in " -_.:")[:60]
+    objects: list[bytes] = [
+        b"<</Type /Catalog /Pages 2 0 R>>",
+        b"",  # the page tree, once the kids' numbers are known
+        b"<</Type /Font /Subtype /Type1 /BaseFont /Helvetica>>",
+    ]
+    kids: list[str] = []
+    for n in range(1, pages + 1):
+        text = f"BT /F1 18 Tf 72 720 Td ({safe} - page {n} of {pages}) Tj ET".encode()
+        objects.append(b"<</Length %d>>\nstream\n%s\nendstream" % (len(text), text))
+        content = len(objects)
+        objects.append(
+            b"<</Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R"
+            b" /Resources <</Font <</F1 3 0 R>>>>>>" % content
+        )
+        kids.append(f"{len(objects)} 0 R")
+    objects[1] = f"<</Type /Pages /Kids [{' '.join(kids)}] /Count {pages}>>".encode()
+    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets: list[int] = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<</Size %d /Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
 def digits_of(phone: str) -> str:
     return re.sub(r"\D", "", phone)
 
@@ -263,7 +297,8 @@ class MessageStore:
         return message
 
     def create_inbound(self, extension_id: str, from_phone: str, *, pages: int = 1) -> Message:
-        pdf = self._attachment(TINY_PDF, "application/pdf", None)
+        """A received fax whose content is a generated PDF of ``pages`` pages (``faxPageCount`` too)."""
+        pdf = self._attachment(make_pdf(pages, f"Fax to extension {extension_id}"), "application/pdf", None)
         return self._receive(extension_id, "Fax", from_phone, from_phone, pdf, page_count=pages)
 
     def create_sms(self, extension_id: str, from_phone: str, text: str) -> Message:
