@@ -819,3 +819,33 @@ def test_never_more_than_the_share_in_any_window(
                 penalty_until = max(penalty_until, now + 7.0)
             s.done(g, now, OUTCOMES[op.result])
         assert most_in_any_window(sent) <= allowed
+
+
+def test_an_active_poll_does_not_ride_on_a_hinted_key_while_push_works() -> None:
+    """A poll merged into a push item would make the hint wait for the poll's bulk reads (2 tokens
+    here instead of 1). While push works it is put off by one active period; while push is down it
+    merges as before (the poll is what finds the changes then)."""
+    s = Scheduler(
+        RateBudget(0.8),
+        SchedulerSettings(debounce=0.2, max_delay=1.0, poll_interval=300.0, active_poll_interval=2.0),
+        poll_cost=lambda key, kind: {LIGHT: 2},
+    )
+    s.set_extensions([A], 0.0)
+    s.set_active([A])
+    s.submit(work(A, Priority.PUSH, "push"), 1.9)
+    pushed = grant_now(s, 1.9)
+    assert s.next(2.0) is None  # the active poll falls due while the push runs: put off
+    run(s, pushed, 2.05)
+    s.submit(work(A, Priority.PUSH, "push"), 2.1)  # and while the next hint waits its quiet period
+    again = grant_now(s, 2.25)
+    assert (again.priority, dict(again.cost), again.checks) == (Priority.PUSH, {LIGHT: 1}, False)
+    run(s, again, 2.3)
+    assert s.next(3.9) is None
+    polled = grant_now(s, 4.0)  # one active period after it was put off
+    assert (polled.priority, dict(polled.cost), polled.checks) == (Priority.ACTIVE_POLL, {LIGHT: 2}, True)
+    run(s, polled, 4.0)
+    # Push down: the active poll (every 5 s now) merges into the hinted item and makes it a check.
+    s.set_push(False)
+    s.submit(work(A, Priority.PUSH, "push"), 9.0)
+    merged = grant_now(s, 9.0)
+    assert (merged.priority, merged.checks) == (Priority.PUSH, True)

@@ -52,7 +52,10 @@ Polls
 * :class:`faxd.core.polls.PollSchedule` says which keys are due for a check; ``next`` turns them into
   ``ACTIVE_POLL`` / ``SAFETY_POLL`` work, which spends only headroom and so never delays a hinted
   key. A sweep the budget cannot afford stretches (each key's next poll counts from its last check).
-  Any successful grant that checks (every priority but ``PUSH``) resets the key's poll clock. A safety
+  Any successful grant that checks (every priority but ``PUSH``) resets the key's poll clock. While
+  push works, an active poll that falls due while the key's hinted work waits or runs is put off by
+  one active period instead of merging into it (push is reading that key; merged, the poll's bulk
+  reads would make the hint wait for their budget too); safety polls merge as ever. A safety
   poll that has waited a whole ``poll_interval`` queues with the active polls by its age, so even a
   poll load beyond the headroom leaves every key checked within about two intervals plus its turn.
 
@@ -584,9 +587,21 @@ class Scheduler:
                 # its age, so a poll load beyond the headroom cannot starve it.
                 item.priority = Priority.ACTIVE_POLL
         for key, kind in self.polls.due(now):
+            if kind is PollKind.ACTIVE and self.push_up and self._hinted(key):
+                # Push is reading this key now: merged into its hinted work, the poll's bulk reads
+                # would make the hint wait for their budget too. Offered again one period later.
+                continue
             priority = Priority.ACTIVE_POLL if kind is PollKind.ACTIVE else Priority.SAFETY_POLL
             cost = self._poll_cost(key, kind) if self._poll_cost is not None else _light()
             self.submit(Work(key, priority, frozenset({"poll"}), cost), now)
+
+    def _hinted(self, key: Key) -> bool:
+        """Whether hinted work (user, push) for ``key`` waits or runs."""
+        item = self._pending.get(key) or self._again.get(key)
+        if item is not None and item.priority in HINTED:
+            return True
+        running = self._running.get(self._running_keys.get(key, -1))
+        return running is not None and running.grant.priority in HINTED
 
     def next(self, now: float, accept: Callable[[Work], bool] | None = None) -> Grant | None:
         """The work to run now, its cost reserved; None when nothing may go now.
