@@ -41,6 +41,9 @@ dist: $(STAMP)
 # at the end naming them. bench/summary.py then renders docs/benchmarks.md's summary table from the
 # results. soak.py runs its 10-minute profile. make bench-quick: every script's reduced profile (--quick).
 BENCH_SCRIPTS := latency footprint export api_efficiency fanout replay outlets soak
+# issue 12's rate-budget benchmarks, each beside the baseline build (bench/budget.py); degradation writes
+# docs/bench-degradation.png on its default profile.
+BENCH_SCRIPTS += pressure degradation many_extensions transient sigterm
 BENCH_ARGS :=
 SCALING_PLOT := --plot docs/bench-scaling.png
 $(VENV)/.bench-installed: pyproject.toml $(STAMP)

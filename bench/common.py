@@ -315,8 +315,10 @@ class Daemon:
     """faxd as a subprocess; ``start`` returns the seconds from spawn to the ``READY=1`` datagram, and
     ``accepting`` holds the seconds from spawn to the event socket's first ``hello``."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, *, code: Path | None = None) -> None:
         self.config = config
+        #: The checkout whose ``faxd`` package runs (cwd and ``$PYTHONPATH``); None: this one's.
+        self.code = code
         self.dir = config.parent
         self.proc: asyncio.subprocess.Process | None = None
         self.metrics_url = f"http://{yaml.safe_load(config.read_text())['metrics']['listen']}/metrics"
@@ -350,6 +352,9 @@ class Daemon:
         notify.setblocking(False)
         loop = asyncio.get_running_loop()
         env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+        if self.code is not None:
+            # ``python -m`` puts its cwd first on sys.path, ahead of the venv's editable install.
+            env["PYTHONPATH"] = str(self.code)
         try:
             with (self.dir / "faxd.log").open("ab") as log:
                 started = time.monotonic()
@@ -363,6 +368,7 @@ class Daemon:
                     stdout=log,
                     stderr=log,
                     env=env,
+                    cwd=self.code,
                 )
             probe = asyncio.create_task(self._probe_socket(started))
             try:
