@@ -208,8 +208,27 @@ CSV_COLUMNS = (
 )
 
 
+#: A cell a spreadsheet would run as a formula (OWASP "CSV injection"): a client's ``ref`` can be any
+#: text. A plain number such as ``+16505551234`` or ``-3`` cannot call anything and is left as it is.
+_FORMULA = re.compile(r"[=+\-@\t\r]")
+_NUMBER_LIKE = re.compile(r"[+-]?[0-9][0-9 ().\-]*")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """``value``, with a leading ``'`` when a spreadsheet would take the text for a formula."""
+    if isinstance(value, str) and _FORMULA.match(value) and not _NUMBER_LIKE.fullmatch(value):
+        return "'" + value
+    return value
+
+
 def csv_rows(fax: dict[str, Any]) -> Iterator[list[object]]:
-    """The CSV rows of one fax; absent values (and redacted numbers) are empty cells."""
+    """The CSV rows of one fax; absent values (and redacted numbers) are empty cells, and text a
+    spreadsheet would run as a formula starts with ``'`` (:func:`spreadsheet_safe`)."""
+    for row in _csv_cells(fax):
+        yield [spreadsheet_safe(cell) for cell in row]
+
+
+def _csv_cells(fax: dict[str, Any]) -> Iterator[list[object]]:
     common = [
         fax.get("fax_id"),
         fax.get("ref"),

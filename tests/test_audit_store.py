@@ -203,3 +203,23 @@ def test_read_page_in_another_thread_sees_only_committed_faxes(store: Store) -> 
     assert states[0].recipients[0].phone == "+16505550000"
     assert key is not None
     assert key.fax_id == "700002"
+
+
+def test_csv_cells_a_spreadsheet_would_run_get_a_quote_and_numbers_do_not() -> None:
+    from faxd.audit import csv_rows
+
+    fax = {
+        "fax_id": "1",
+        "ref": '=HYPERLINK("http://x","y")',
+        "from_phone": "+16505551234",
+        "recipients": [
+            {"index": 0, "phone": "-2+3+cmd|' /C calc'!A0", "status": "Sent"},
+            {"index": 1, "phone": "+1 (650) 555-1234", "status": "Sent", "error_code": "@SUM(1)"},
+        ],
+    }
+    rows = list(csv_rows(fax))
+    assert rows[0][1] == '\'=HYPERLINK("http://x","y")'
+    assert rows[0][9] == "+16505551234"
+    assert rows[0][11] == "'-2+3+cmd|' /C calc'!A0"
+    assert rows[1][11] == "+1 (650) 555-1234"
+    assert rows[1][13] == "'@SUM(1)"
