@@ -55,7 +55,9 @@ Polls
   Any successful grant that checks (every priority but ``PUSH``) resets the key's poll clock. While
   push works, an active poll that falls due while the key's hinted work waits or runs is put off by
   one active period instead of merging into it (push is reading that key; merged, the poll's bulk
-  reads would make the hint wait for their budget too); safety polls merge as ever. A safety
+  reads would make the hint wait for their budget too). A safety poll is put off the same way, but
+  only once per due (:meth:`PollSchedule.put_off`): offered again, it merges, so it is never more than
+  one active period late for a hint (``min(poll_interval, active_poll_interval)``). A safety
   poll that has waited a whole ``poll_interval`` queues with the active polls by its age, so even a
   poll load beyond the headroom leaves every key checked within about two intervals plus its turn.
 
@@ -587,9 +589,14 @@ class Scheduler:
                 # its age, so a poll load beyond the headroom cannot starve it.
                 item.priority = Priority.ACTIVE_POLL
         for key, kind in self.polls.due(now):
-            if kind is PollKind.ACTIVE and self.push_up and self._hinted(key):
+            if (
+                self.push_up
+                and self._hinted(key)
+                and (kind is PollKind.ACTIVE or self.polls.put_off(key, now))
+            ):
                 # Push is reading this key now: merged into its hinted work, the poll's bulk reads
-                # would make the hint wait for their budget too. Offered again one period later.
+                # would make the hint wait for their budget too. Offered again one active period
+                # later; a safety poll only once, so it stays within its staleness bound.
                 continue
             priority = Priority.ACTIVE_POLL if kind is PollKind.ACTIVE else Priority.SAFETY_POLL
             cost = self._poll_cost(key, kind) if self._poll_cost is not None else _light()
