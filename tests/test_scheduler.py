@@ -887,3 +887,32 @@ def test_a_safety_poll_is_put_off_once_for_a_hinted_key_while_push_works() -> No
     s.set_push(False)
     s.submit(work(A, Priority.PUSH, "push"), 19.1)
     assert grant_now(s, 19.15).checks is True
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_a_hint_takes_the_place_of_a_waiting_poll_while_push_works(active: bool) -> None:
+    """The same rule when the hint comes second: a poll waiting for headroom is not what a push hint
+    merges into (it would wait for the poll's bulk reads). The poll goes back to the schedule and is
+    offered again one active period later (a safety poll: once, as above)."""
+    s = Scheduler(
+        RateBudget(0.8),
+        SchedulerSettings(debounce=0.2, max_delay=1.0, poll_interval=5.0, active_poll_interval=2.0),
+        poll_cost=lambda key, kind: {LIGHT: 2},
+    )
+    s.set_extensions([A], 0.0)
+    if active:
+        s.set_active([A])
+    due = 2.0 if active else 5.0
+    drain_light(s, due - 0.1)
+    assert s.next(due) is None  # the poll waits for headroom (three tokens: its two, the reserve)
+    s.submit(work(A, Priority.PUSH, "push"), due + 0.1)
+    assert s.next(due + 1.5) is None  # the first token comes 1.7 s after the drain
+    pushed = grant_now(s, due + 1.6)
+    assert (pushed.priority, dict(pushed.cost), pushed.checks) == (Priority.PUSH, {LIGHT: 1}, False)
+    run(s, pushed, due + 1.6)
+    polled = next(g for t in range(100) if (g := s.next(due + 1.6 + t * 0.1)) is not None)
+    assert (polled.priority, dict(polled.cost), polled.checks) == (
+        Priority.ACTIVE_POLL if active else Priority.SAFETY_POLL,
+        {LIGHT: 2},
+        True,
+    )

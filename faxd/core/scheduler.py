@@ -57,7 +57,9 @@ Polls
   one active period instead of merging into it (push is reading that key; merged, the poll's bulk
   reads would make the hint wait for their budget too). A safety poll is put off the same way, but
   only once per due (:meth:`PollSchedule.put_off`): offered again, it merges, so it is never more than
-  one active period late for a hint (``min(poll_interval, active_poll_interval)``). A safety
+  one active period late for a hint (``min(poll_interval, active_poll_interval)``). The same holds
+  when the hint comes second: a push hint for a key whose poll waits for headroom takes its place
+  instead of merging into it, and the poll goes back to the schedule the same way. A safety
   poll that has waited a whole ``poll_interval`` queues with the active polls by its age, so even a
   poll load beyond the headroom leaves every key checked within about two intervals plus its turn.
 
@@ -380,19 +382,24 @@ class Scheduler:
             heapq.heappush(self._scheduled, (at, self._seq, work))
             return True
         key = work.key
-        if key in self._running_keys:
-            again = self._again.get(key)
-            if again is None:
-                self._again[key] = self._new_item(work, now)
-            else:
-                self._merge(again, work, now)
-            return True
-        item = self._pending.get(key)
+        table = self._again if key in self._running_keys else self._pending
+        item = table.get(key)
+        if item is not None and self._unseat_poll(item, work, now):
+            item = None
         if item is None:
-            self._pending[key] = self._new_item(work, now)
+            table[key] = self._new_item(work, now)
         else:
             self._merge(item, work, now)
         return True
+
+    def _unseat_poll(self, item: _Item, work: Work, now: float) -> bool:
+        """Whether hinted ``work`` takes the place of the poll ``item`` waits with, instead of merging
+        into it: the poll rule of :meth:`_tick` for a hint that comes second. The poll goes back to
+        the schedule (an active poll: one active period; a safety poll: :meth:`PollSchedule.put_off`,
+        which says no the second time, and then they merge)."""
+        if work.priority not in HINTED or not self.push_up or not item.priorities <= _POLLS:
+            return False
+        return self.polls.kind(item.key) is PollKind.ACTIVE or self.polls.put_off(item.key, now)
 
     def _new_item(self, work: Work, now: float) -> _Item:
         self._seq += 1
