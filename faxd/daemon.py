@@ -737,9 +737,15 @@ def _open_ringcentral(stack: AsyncExitStack, config: Config, route: Route, metri
 
 
 def _open_documents(
-    config: Config, rc: RingCentral, store: Store, metrics: Metrics, journal: _Fanout
+    config: Config,
+    rc: RingCentral,
+    store: Store,
+    metrics: Metrics,
+    journal: _Fanout,
+    driver: RequestDriver,
 ) -> Documents | None:
-    """The downloader of received faxes' documents (``documents.enabled``), fed by the journal."""
+    """The downloader of received faxes' documents (``documents.enabled``), fed by the journal; its
+    requests are the request scheduler's work (``driver``)."""
     cfg = config.documents
     if not cfg.enabled:
         return None
@@ -750,7 +756,7 @@ def _open_documents(
             raise PermissionError(13, "not writable by faxd")
     except OSError as exc:
         raise FatalError(f"documents.spool_dir: {cfg.spool_dir}: {exc.strerror or exc}", EX_CONFIG) from None
-    documents = Documents(settings, rc, store, metrics, journal.publish)
+    documents = Documents(settings, rc, store, metrics, journal.publish, driver=driver)
     journal.subscribe(documents.published)
     return documents
 
@@ -852,7 +858,7 @@ async def _run(
         upstream = Upstream(config, rc, engine.work, metrics, status, route)
         backend = _Backend(store, engine, upstream, config.send.cover_index)
         resender = _resender(config, rc, engine, metrics)
-        backend.documents = _open_documents(config, rc, store, metrics, journal)
+        backend.documents = _open_documents(config, rc, store, metrics, journal, engine.driver)
         server = await _open_event_server(stack, config.events, backend, metrics, inherited.get("events"))
         journal.subscribe(server.publish)
         journal.subscribe(status.published)

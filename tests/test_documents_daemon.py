@@ -24,13 +24,15 @@ from prometheus_client import CollectorRegistry
 from socket_client import SocketClient
 from structlog.testing import capture_logs
 
-from faxd.adapters.documents import MEDIUM_RESERVE, Documents, DocumentSettings
+from faxd.adapters.documents import Documents, DocumentSettings
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.rest import RingCentral
+from faxd.adapters.scheduling import RequestDriver
 from faxd.adapters.store import Journalled, Store
 from faxd.config import Config
 from faxd.core import documents as core, ratebudget
-from faxd.core.model import Event, EventKind, Source
+from faxd.core.model import Event, Source
+from faxd.core.scheduler import Scheduler, SchedulerSettings
 from faxd.core.status import apply_record, diff
 from faxd.sim import Simulator
 
@@ -314,60 +316,69 @@ async def test_a_received_fax_journalled_just_before_a_crash_is_downloaded_after
     assert event.transition.document.pages == 4
 
 
-async def test_downloads_leave_the_medium_reserve_to_the_subscription(
-    sim: Simulator, short_dir: Path
+@contextlib.asynccontextmanager
+async def scheduled(rc: RingCentral, metrics: Metrics) -> AsyncIterator[RequestDriver]:
+    """``rc`` behind a running request scheduler, wired as the daemon's engine does, push down: the
+    state in which the push reserve is free to status tracking (outage polls, settle checks) and the
+    subscription is being made again, so a document must leave it the most."""
+    driver = RequestDriver(Scheduler(rc.budget, SchedulerSettings()), metrics)
+    rc.use_gate(driver)
+    driver.set_push(False)
+    task = asyncio.create_task(driver.run())
+    try:
+        yield driver
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def spend(driver: RequestDriver, group: str, n: int) -> None:
+    """Spend ``n`` of ``group``'s tokens as requests made outside any work would (one grant each)."""
+    for _ in range(n):
+        async with driver.single(group) as permit:
+            assert permit.take(group, driver.now())
+
+
+@pytest.mark.parametrize("group", [ratebudget.LIGHT, ratebudget.MEDIUM])
+async def test_documents_wait_for_the_budget_and_leave_the_push_reserve_to_status_tracking(
+    sim: Simulator, short_dir: Path, group: str
 ) -> None:
-    """With only MEDIUM_RESERVE requests of the Medium window left, a download waits for the window."""
+    """The lookup (Light) and the download (Medium) are the scheduler's work below the push reserve:
+    with the bucket down to that reserve the document's request waits for the refill, while status
+    tracking's own request (a settle check's Light, the subscription's Medium) still goes at once."""
     metrics = Metrics(CollectorRegistry())
     store = Store(short_dir / "faxd.db")
     store.open()
     published: list[Event] = []
+    path = "/message-store/{messageId}" if group == ratebudget.LIGHT else CONTENT
     try:
-        async with ringcentral(sim, metrics) as rc:
-            documents = Documents(DocumentSettings(short_dir / "spool"), rc, store, metrics, published.extend)
+        async with ringcentral(sim, metrics) as rc, scheduled(rc, metrics) as driver:
+            await rc.login()
+            documents = Documents(
+                DocumentSettings(short_dir / "spool"), rc, store, metrics, published.extend, driver=driver
+            )
             fax_id = sim.create_inbound_fax(None, "+15551230007", pages=2)
-            events = journal_received(store, sim, fax_id)
-            # A 3 s Medium window of 5 (4 ours at the default share), 2 already spent: 2 left, the reserve.
-            start = asyncio.get_running_loop().time()
-            rc.budget.observed(ratebudget.MEDIUM, start, limit=5, window=3.0)
-            assert MEDIUM_RESERVE == 2
-            for _ in range(2):
-                rc.budget.spent(ratebudget.MEDIUM, start)
-            documents.published(events)
-            await run_until_published(documents, published)
+            documents.published(journal_received(store, sim, fax_id))
+            if group == ratebudget.MEDIUM:  # the lookup first, so that the download is what waits
+                found = await rc.get_messages(str(sim.message(fax_id)["extensionId"]), [fax_id])
+                attachment = core.pick_attachment(found[fax_id] or {})
+                assert attachment is not None
+                store.db.execute(
+                    "UPDATE documents SET attachment_id = ?, content_type = ? WHERE fax_id = ?",
+                    (attachment.id, attachment.content_type, fax_id),
+                )
+            await spend(driver, group, 3)  # a bucket of 4: one token left, the push reserve
+            drained = asyncio.get_running_loop().time()
+            worker = asyncio.create_task(run_until_published(documents, published))
+            await spend(driver, group, 1)  # status tracking's request meanwhile: at once
+            tracked = asyncio.get_running_loop().time()
+            await worker
     finally:
         store.close()
-    ((at, status, _),) = content_requests(sim, fax_id)
-    assert status == 200
-    assert at - start >= 3.0 - 0.05  # the download waited until the spent requests left the window
-    assert published[0].transition.kind is EventKind.DOCUMENT
-
-
-async def test_the_attachment_lookup_waits_while_status_tracking_uses_half_the_light_window(
-    sim: Simulator, short_dir: Path
-) -> None:
-    """Which attachment to download is read from the record (Light, like status tracking): only while at
-    least half of the Light window is free."""
-    metrics = Metrics(CollectorRegistry())
-    store = Store(short_dir / "faxd.db")
-    store.open()
-    published: list[Event] = []
-    try:
-        async with ringcentral(sim, metrics) as rc:
-            documents = Documents(DocumentSettings(short_dir / "spool"), rc, store, metrics, published.extend)
-            fax_id = sim.create_inbound_fax(None, "+15551230009")
-            events = journal_received(store, sim, fax_id)
-            # A 3 s Light window of 10 (8 ours at the default share), 5 spent: 3 left, less than half.
-            start = asyncio.get_running_loop().time()
-            rc.budget.observed(ratebudget.LIGHT, start, limit=10, window=3.0)
-            for _ in range(5):
-                rc.budget.spent(ratebudget.LIGHT, start)
-            documents.published(events)
-            await run_until_published(documents, published)
-    finally:
-        store.close()
-    (lookup,) = [
-        r for r in sim.requests_to("/message-store/{messageId}", "GET") if fax_id in (r.raw_path or "")
+    (request,) = [
+        r for r in sim.requests_to(path, "GET") if fax_id in (r.raw_path or "") and r.time > drained
     ]
-    assert lookup.time - start >= 3.0 - 0.05
+    assert tracked - drained < 1.0
+    # Two tokens (its own and the reserve) at 0.6 (Light) or 0.47 (Medium) a second from empty.
+    assert request.time - tracked >= 2.5
     assert published[0].transition.document is not None

@@ -849,3 +849,70 @@ def test_an_active_poll_does_not_ride_on_a_hinted_key_while_push_works() -> None
     s.submit(work(A, Priority.PUSH, "push"), 9.0)
     merged = grant_now(s, 9.0)
     assert (merged.priority, merged.checks) == (Priority.PUSH, True)
+
+
+def test_a_safety_poll_is_put_off_once_for_a_hinted_key_while_push_works() -> None:
+    """A safety poll merged into a push item would make the hint wait for its bulk reads too. While
+    push works it is put off by one active period, but only once: offered again, it merges, so the
+    key is never checked more than one active period later than its safety interval says."""
+    s = Scheduler(
+        RateBudget(0.8),
+        SchedulerSettings(debounce=0.2, max_delay=1.0, poll_interval=5.0, active_poll_interval=2.0),
+        poll_cost=lambda key, kind: {LIGHT: 2},
+    )
+    s.set_extensions([A], 0.0)  # no faxes in flight: only the safety poll, due at 5.0
+    s.submit(work(A, Priority.PUSH, "push"), 4.9)
+    pushed = grant_now(s, 4.9)
+    assert s.next(5.0) is None  # the safety poll falls due while the push runs: put off
+    run(s, pushed, 5.05)
+    s.submit(work(A, Priority.PUSH, "push"), 5.1)  # the next hint is not made to wait for it
+    again = grant_now(s, 5.3)
+    assert (again.priority, dict(again.cost), again.checks) == (Priority.PUSH, {LIGHT: 1}, False)
+    run(s, again, 5.3)
+    assert s.next(6.9) is None
+    polled = grant_now(s, 7.0)  # one active period later, on its own
+    assert (polled.priority, dict(polled.cost), polled.checks) == (Priority.SAFETY_POLL, {LIGHT: 2}, True)
+    run(s, polled, 7.0)
+    # Next due at 12.0, with a hint running then: put off to 14.0, where a hint waits again. Only
+    # once: the poll now merges into the hinted item, which checks (the staleness bound holds).
+    s.submit(work(A, Priority.PUSH, "push"), 11.9)
+    pushed = grant_now(s, 11.9)
+    assert s.next(12.0) is None
+    run(s, pushed, 12.0)
+    s.submit(work(A, Priority.PUSH, "push"), 13.95)
+    merged = grant_now(s, 14.0)
+    assert (merged.priority, dict(merged.cost), merged.checks) == (Priority.PUSH, {LIGHT: 2}, True)
+    # Push down: the safety poll merges at once (the poll is what finds the changes then).
+    run(s, merged, 14.0)
+    s.set_push(False)
+    s.submit(work(A, Priority.PUSH, "push"), 19.1)
+    assert grant_now(s, 19.15).checks is True
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_a_hint_takes_the_place_of_a_waiting_poll_while_push_works(active: bool) -> None:
+    """The same rule when the hint comes second: a poll waiting for headroom is not what a push hint
+    merges into (it would wait for the poll's bulk reads). The poll goes back to the schedule and is
+    offered again one active period later (a safety poll: once, as above)."""
+    s = Scheduler(
+        RateBudget(0.8),
+        SchedulerSettings(debounce=0.2, max_delay=1.0, poll_interval=5.0, active_poll_interval=2.0),
+        poll_cost=lambda key, kind: {LIGHT: 2},
+    )
+    s.set_extensions([A], 0.0)
+    if active:
+        s.set_active([A])
+    due = 2.0 if active else 5.0
+    drain_light(s, due - 0.1)
+    assert s.next(due) is None  # the poll waits for headroom (three tokens: its two, the reserve)
+    s.submit(work(A, Priority.PUSH, "push"), due + 0.1)
+    assert s.next(due + 1.5) is None  # the first token comes 1.7 s after the drain
+    pushed = grant_now(s, due + 1.6)
+    assert (pushed.priority, dict(pushed.cost), pushed.checks) == (Priority.PUSH, {LIGHT: 1}, False)
+    run(s, pushed, due + 1.6)
+    polled = next(g for t in range(100) if (g := s.next(due + 1.6 + t * 0.1)) is not None)
+    assert (polled.priority, dict(polled.cost), polled.checks) == (
+        Priority.ACTIVE_POLL if active else Priority.SAFETY_POLL,
+        {LIGHT: 2},
+        True,
+    )

@@ -9,11 +9,13 @@ on request (``faxd fetch ID``).
 
 The worker (:meth:`Documents.run`) takes the due rows one at a time:
 
-1. the attachment to download, from the message record (``GET …/message-store/{id}``, Light), asked
-   only while at least half of the Light window is free: status tracking comes first;
-2. its content (``GET …/content/{attachmentId}``, Medium), started only while the Medium budget has
-   room beyond :data:`MEDIUM_RESERVE` requests (kept for the WebSocket subscription's own requests)
-   and never during a 429 penalty (which ``rest.py`` applies to the group's budget);
+1. the attachment to download, from the message record (``GET …/message-store/{id}``, Light);
+2. its content (``GET …/content/{attachmentId}``, Medium);
+   each is work of the request scheduler (:meth:`RequestDriver.execute`, key ``("doc", fax_id)``, one
+   request, class :data:`PRIORITY`), so the scheduler alone decides when it goes: only from the
+   headroom, never the push reserve (status tracking and the WebSocket subscription come first) and
+   nothing during a 429 penalty of its group. Without a driver (a worker tested alone) ``rest.py``
+   budgets each request itself;
 3. written atomically (a temp file in the same directory, fsync, rename, fsync of the directory), with
    the configured mode, in a thread: a reader never sees a partial file under the final name;
 4. a ``document`` event journalled (deduplicated: a second download of the same fax journals none),
@@ -37,26 +39,31 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 import structlog
 
 from faxd.adapters.metrics import Metrics
 from faxd.adapters.rest import ApiError, ExtensionNotFound, RateLimited, RingCentral, Stopping
+from faxd.adapters.scheduling import RequestDriver
 from faxd.adapters.store import Journalled, Store
 from faxd.core import ratebudget
 from faxd.core.documents import Attachment, expired, page_count, pick_attachment, relative_path, retry_delay
 from faxd.core.model import DocumentRef, Event, EventKind, FaxStatus, Source, Transition
 from faxd.core.protocol import FetchError
+from faxd.core.scheduler import Priority, Work
 
 log = structlog.get_logger(__name__)
 
-#: Medium requests left to others (the WebSocket subscription's create and update) in every window.
-MEDIUM_RESERVE = 2
+#: The documents' class in the request scheduler: the lowest that never spends the push reserve.
+#: Not SAFETY_POLL: one that waited a whole poll interval is raised to ACTIVE_POLL, which spends the
+#: reserve while push is down, just when the subscription (Medium) and the outage polls (Light) need it.
+PRIORITY: Final = Priority.RESYNC
+T = TypeVar("T")
 CURSOR_KEY = "documents_after_seq"
 PARTIAL_SUFFIX = ".part"
 
@@ -171,9 +178,11 @@ class Documents:
         *,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        driver: RequestDriver | None = None,
     ) -> None:
         self.settings = settings
         self._rc = rc
+        self._driver = driver
         self._store = store
         self._metrics = metrics
         self._publish = publish
@@ -329,7 +338,7 @@ class Documents:
             wait = next_prune - now
             row = self._next_row()
             if row is not None:
-                due_in = max(row.next_try - self._wall(), self._budget_wait(row))
+                due_in = row.next_try - self._wall()
                 if due_in <= 0:
                     await self._attempt(row)
                     continue
@@ -344,21 +353,21 @@ class Documents:
         ).fetchone()
         return None if row is None else _Row(*row)
 
-    def _budget_wait(self, row: _Row) -> float:
-        """Seconds until this download may start without cutting into status tracking's budget."""
-        budget = self._rc.budget
-        now = asyncio.get_running_loop().time()
-        medium = min(MEDIUM_RESERVE + 1, budget.allowed(ratebudget.MEDIUM))
-        wait = budget.delay(ratebudget.MEDIUM, now, n=medium)
-        if row.attachment_id is None:
-            half = max(1, budget.allowed(ratebudget.LIGHT) // 2)
-            wait = max(wait, budget.delay(ratebudget.LIGHT, now, n=half))
-        return wait
+    async def _scheduled(self, row: _Row, group: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One request of ``group`` for ``row``, when the request scheduler grants it."""
+        if self._driver is None:
+            return await call()  # rest.py admits it (its gate, or the wait for the budget)
+        work = Work(("doc", row.fax_id), PRIORITY, frozenset({"document"}), {group: 1})
+        return await self._driver.execute(work, call)
 
     async def _attempt(self, row: _Row) -> None:
         try:
             attachment = await self._attachment(row)
-            content_type, body = await self._rc.get_content(row.extension_id, row.fax_id, attachment.id)
+            content_type, body = await self._scheduled(
+                row,
+                ratebudget.MEDIUM,
+                lambda: self._rc.get_content(row.extension_id, row.fax_id, attachment.id),
+            )
             ref = await asyncio.to_thread(self._write, row, content_type or attachment.content_type, body)
         except Stopping:
             return  # faxd is stopping: nothing was sent, the row stays due
@@ -383,7 +392,9 @@ class Documents:
         """The attachment to download: remembered from an earlier try, else read from the record."""
         if row.attachment_id is not None:
             return Attachment(row.attachment_id, row.content_type or "")
-        found = await self._rc.get_messages(row.extension_id, [row.fax_id])
+        found = await self._scheduled(
+            row, ratebudget.LIGHT, lambda: self._rc.get_messages(row.extension_id, [row.fax_id])
+        )
         if row.fax_id not in found:
             raise ApiError(503, "bulk_item_failed", "the message could not be read")
         record = found[row.fax_id]

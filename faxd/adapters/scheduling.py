@@ -199,8 +199,8 @@ class RequestDriver:
     async def single(self, group: str, *, wait: float = GRANT_WAIT) -> AsyncIterator[_Permit]:
         """A one-request grant of ``group`` for a request made outside any grant (the
         :class:`~faxd.adapters.rest.Gate` of :class:`RingCentral`): ``USER`` work, but in the Light
-        group ``SETTLE`` (below push: a Light call made directly, e.g. a document's message lookup,
-        spends only the headroom and never the push reserve)."""
+        group ``SETTLE`` (below push: a Light call made directly spends only the headroom and, while
+        push works, never the push reserve)."""
         priority = SINGLE_PRIORITY.get(group, Priority.USER)
         work = Work(("call", str(next(self._calls))), priority, frozenset({"call"}), {group: 1})
         grant = await self._granted(work, wait, submit=True)

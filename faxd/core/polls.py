@@ -33,6 +33,9 @@ headroom of the rate budget. Rules:
   checked: the poll may wait in the scheduler's queue for headroom, and asking twice would not make
   it sooner. Should the check never come (the work was dropped), the key is handed out again one
   interval later.
+* :meth:`PollSchedule.put_off` takes a handed-out safety poll back and offers it again one active
+  period later (the request scheduler does so while push is reading that key), at most once per
+  due: a second offer stands, so a safety poll is never more than one active period late for this.
 * Time only comes in as ``now``; :meth:`PollSchedule.next_wake` says when the next key falls due.
 
 This module must not do I/O, read clocks, or know about rate budgets, requests or the event loop.
@@ -61,6 +64,7 @@ class _Entry:
     last: float  # the last check (for a new key: when it was added)
     safety_due: float  # next safety poll; after the first round, last + interval
     requested: float | None = None  # when due() handed the key out, until it is checked
+    held: float | None = None  # a safety poll put off until then (put_off), until it is checked
     order: int = 0  # tie-break: the order keys were added in
 
 
@@ -140,6 +144,8 @@ class PollSchedule(Generic[K]):
         if entry.requested is not None:
             # Handed out and not checked yet: ask again only if the check never comes.
             due = max(due, entry.requested + self._period(key))
+        elif entry.held is not None:
+            due = max(due, entry.held)
         return due
 
     def _period(self, key: K) -> float:
@@ -160,6 +166,17 @@ class PollSchedule(Generic[K]):
             out.append((key, self.kind(key)))
         return out
 
+    def put_off(self, key: K, now: float) -> bool:
+        """Take back the safety poll of ``key`` just handed out: due again one active period from
+        ``now``. Only once until the key is checked; False (nothing changed) the second time, so the
+        poll is at most one active period later than it would have been."""
+        entry = self._entries.get(key)
+        if entry is None or entry.held is not None:
+            return False
+        entry.requested = None
+        entry.held = now + min(self.interval, self.active_period(key))
+        return True
+
     def next_wake(self) -> float | None:
         """When the next key falls due; None when there are no keys."""
         return min((self.due_at(k) for k in self._entries), default=None)
@@ -172,6 +189,7 @@ class PollSchedule(Generic[K]):
         entry.last = now
         entry.safety_due = now + self.interval
         entry.requested = None
+        entry.held = None
 
     def staleness(self, now: float) -> float:
         """The longest any key has gone without a check (0 without keys): the sweep's lag."""

@@ -55,7 +55,11 @@ Polls
   Any successful grant that checks (every priority but ``PUSH``) resets the key's poll clock. While
   push works, an active poll that falls due while the key's hinted work waits or runs is put off by
   one active period instead of merging into it (push is reading that key; merged, the poll's bulk
-  reads would make the hint wait for their budget too); safety polls merge as ever. A safety
+  reads would make the hint wait for their budget too). A safety poll is put off the same way, but
+  only once per due (:meth:`PollSchedule.put_off`): offered again, it merges, so it is never more than
+  one active period late for a hint (``min(poll_interval, active_poll_interval)``). The same holds
+  when the hint comes second: a push hint for a key whose poll waits for headroom takes its place
+  instead of merging into it, and the poll goes back to the schedule the same way. A safety
   poll that has waited a whole ``poll_interval`` queues with the active polls by its age, so even a
   poll load beyond the headroom leaves every key checked within about two intervals plus its turn.
 
@@ -378,19 +382,24 @@ class Scheduler:
             heapq.heappush(self._scheduled, (at, self._seq, work))
             return True
         key = work.key
-        if key in self._running_keys:
-            again = self._again.get(key)
-            if again is None:
-                self._again[key] = self._new_item(work, now)
-            else:
-                self._merge(again, work, now)
-            return True
-        item = self._pending.get(key)
+        table = self._again if key in self._running_keys else self._pending
+        item = table.get(key)
+        if item is not None and self._unseat_poll(item, work, now):
+            item = None
         if item is None:
-            self._pending[key] = self._new_item(work, now)
+            table[key] = self._new_item(work, now)
         else:
             self._merge(item, work, now)
         return True
+
+    def _unseat_poll(self, item: _Item, work: Work, now: float) -> bool:
+        """Whether hinted ``work`` takes the place of the poll ``item`` waits with, instead of merging
+        into it: the poll rule of :meth:`_tick` for a hint that comes second. The poll goes back to
+        the schedule (an active poll: one active period; a safety poll: :meth:`PollSchedule.put_off`,
+        which says no the second time, and then they merge)."""
+        if work.priority not in HINTED or not self.push_up or not item.priorities <= _POLLS:
+            return False
+        return self.polls.kind(item.key) is PollKind.ACTIVE or self.polls.put_off(item.key, now)
 
     def _new_item(self, work: Work, now: float) -> _Item:
         self._seq += 1
@@ -587,9 +596,14 @@ class Scheduler:
                 # its age, so a poll load beyond the headroom cannot starve it.
                 item.priority = Priority.ACTIVE_POLL
         for key, kind in self.polls.due(now):
-            if kind is PollKind.ACTIVE and self.push_up and self._hinted(key):
+            if (
+                self.push_up
+                and self._hinted(key)
+                and (kind is PollKind.ACTIVE or self.polls.put_off(key, now))
+            ):
                 # Push is reading this key now: merged into its hinted work, the poll's bulk reads
-                # would make the hint wait for their budget too. Offered again one period later.
+                # would make the hint wait for their budget too. Offered again one active period
+                # later; a safety poll only once, so it stays within its staleness bound.
                 continue
             priority = Priority.ACTIVE_POLL if kind is PollKind.ACTIVE else Priority.SAFETY_POLL
             cost = self._poll_cost(key, kind) if self._poll_cost is not None else _light()
