@@ -145,3 +145,16 @@ def test_a_settle_check_is_asked_when_due_then_not_again_within_the_quiet_period
     assert t.next_wake((12.0, "e1")) == 12.5
     assert t.settle_due(12.1, 12.0, "e2")  # another extension's wait is its own
     assert t.settle_due(12.5, 12.0, "e1")
+
+
+def test_a_safety_poll_is_put_off_only_once_until_its_key_is_checked() -> None:
+    polls: PollSchedule[str] = PollSchedule(5.0, 2.0)
+    polls.set_keys(["a"], 0.0)
+    assert polls.due(5.0) == [("a", PollKind.SAFETY)]
+    assert polls.put_off("a", 5.0)
+    assert polls.due(6.9) == []
+    assert polls.due(7.0) == [("a", PollKind.SAFETY)]
+    assert not polls.put_off("a", 7.0)  # a second time: no, the poll goes (merged or on its own)
+    polls.checked("a", 7.5)
+    assert polls.due(12.5) == [("a", PollKind.SAFETY)]
+    assert polls.put_off("a", 12.5)  # checked since: it may be put off again

@@ -34,7 +34,7 @@ from faxd.core.scheduler import (
 RATE = 0.6  # Light tokens a second with the defaults
 TICK = 1 / RATE
 
-A, B, C = ext_key("a"), ext_key("b"), ext_key("c")
+A, B, C, D = ext_key("a"), ext_key("b"), ext_key("c"), ext_key("d")
 
 
 def sched(share: float = 0.8, **kw: Any) -> Scheduler:
@@ -623,18 +623,22 @@ def test_with_push_up_active_polls_keep_off_the_reserve() -> None:
 
 def test_polls_become_work_and_any_check_resets_them() -> None:
     s = sched(poll_interval=30.0, active_poll_interval=10.0)
-    s.set_extensions([A, B, C], 0.0)  # due at 10, 20, 30
-    assert s.next_wake(0.0) == 10.0
-    g = grant_now(s, 10.0)
+    s.set_extensions([A, B, C, D], 0.0)  # spread over one interval: due at 7.5, 15, 22.5, 30
+    s.set_active([B])
+    g = grant_now(s, 7.5)
     assert (g.key, g.priority, g.reasons) == (A, Priority.SAFETY_POLL, frozenset({"poll"}))
-    run(s, g, 10.0)
-    s.submit(work(B, Priority.PUSH, "push"), 15.0)
-    run(s, grant_now(s, 15.0), 15.0)  # a plain push is no check
-    s.submit(work(C, Priority.SETTLE, "settle"), 15.0)
-    run(s, grant_now(s, 15.0), 15.0)  # a settle check is
-    assert s.polls.due_at(A) == 40.0
-    assert s.polls.due_at(B) == 20.0
-    assert s.polls.due_at(C) == 45.0
+    run(s, g, 7.5)
+    b_due = s.polls.due_at(B)
+    s.submit(work(B, Priority.PUSH, "push"), 8.0)
+    run(s, grant_now(s, 8.0), 8.0)  # a plain push of a key with faxes in flight is no check
+    s.submit(work(C, Priority.SETTLE, "settle"), 8.0)
+    run(s, grant_now(s, 8.0), 8.0)  # a settle check is
+    s.submit(work(D, Priority.PUSH, "push"), 9.0)
+    run(s, grant_now(s, 9.0), 9.0)  # and so is a plain push of a key with none in flight (its ISync)
+    assert s.polls.due_at(A) == 37.5
+    assert s.polls.due_at(B) == b_due
+    assert s.polls.due_at(C) == 38.0
+    assert s.polls.due_at(D) == 39.0
 
 
 def test_a_poll_asked_while_its_key_runs_a_check_is_dropped() -> None:
@@ -851,10 +855,11 @@ def test_an_active_poll_does_not_ride_on_a_hinted_key_while_push_works() -> None
     assert (merged.priority, merged.checks) == (Priority.PUSH, True)
 
 
-def test_a_safety_poll_is_put_off_once_for_a_hinted_key_while_push_works() -> None:
+def test_a_safety_poll_is_put_off_for_a_hinted_key_and_the_push_is_its_check() -> None:
     """A safety poll merged into a push item would make the hint wait for its bulk reads too. While
-    push works it is put off by one active period, but only once: offered again, it merges, so the
-    key is never checked more than one active period later than its safety interval says."""
+    push works it is put off by one active period; a key with a safety poll has no faxes in flight,
+    so the push that ends is all the poll would have read, and counts as its check. Push down: the
+    poll merges at once (the poll is what finds the changes then)."""
     s = Scheduler(
         RateBudget(0.8),
         SchedulerSettings(debounce=0.2, max_delay=1.0, poll_interval=5.0, active_poll_interval=2.0),
@@ -865,28 +870,18 @@ def test_a_safety_poll_is_put_off_once_for_a_hinted_key_while_push_works() -> No
     pushed = grant_now(s, 4.9)
     assert s.next(5.0) is None  # the safety poll falls due while the push runs: put off
     run(s, pushed, 5.05)
-    s.submit(work(A, Priority.PUSH, "push"), 5.1)  # the next hint is not made to wait for it
+    assert s.polls.due_at(A) == pytest.approx(10.05)  # the push was the check
+    s.submit(work(A, Priority.PUSH, "push"), 5.1)  # the next hint is not made to wait for a poll
     again = grant_now(s, 5.3)
     assert (again.priority, dict(again.cost), again.checks) == (Priority.PUSH, {LIGHT: 1}, False)
     run(s, again, 5.3)
-    assert s.next(6.9) is None
-    polled = grant_now(s, 7.0)  # one active period later, on its own
+    assert s.next(10.2) is None
+    polled = grant_now(s, 10.3)  # no hint for an interval: polled on its own
     assert (polled.priority, dict(polled.cost), polled.checks) == (Priority.SAFETY_POLL, {LIGHT: 2}, True)
-    run(s, polled, 7.0)
-    # Next due at 12.0, with a hint running then: put off to 14.0, where a hint waits again. Only
-    # once: the poll now merges into the hinted item, which checks (the staleness bound holds).
-    s.submit(work(A, Priority.PUSH, "push"), 11.9)
-    pushed = grant_now(s, 11.9)
-    assert s.next(12.0) is None
-    run(s, pushed, 12.0)
-    s.submit(work(A, Priority.PUSH, "push"), 13.95)
-    merged = grant_now(s, 14.0)
-    assert (merged.priority, dict(merged.cost), merged.checks) == (Priority.PUSH, {LIGHT: 2}, True)
-    # Push down: the safety poll merges at once (the poll is what finds the changes then).
-    run(s, merged, 14.0)
+    run(s, polled, 10.3)
     s.set_push(False)
-    s.submit(work(A, Priority.PUSH, "push"), 19.1)
-    assert grant_now(s, 19.15).checks is True
+    s.submit(work(A, Priority.PUSH, "push"), 15.2)
+    assert grant_now(s, 15.35).checks is True
 
 
 @pytest.mark.parametrize("active", [True, False])

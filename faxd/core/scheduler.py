@@ -52,7 +52,8 @@ Polls
 * :class:`faxd.core.polls.PollSchedule` says which keys are due for a check; ``next`` turns them into
   ``ACTIVE_POLL`` / ``SAFETY_POLL`` work, which spends only headroom and so never delays a hinted
   key. A sweep the budget cannot afford stretches (each key's next poll counts from its last check).
-  Any successful grant that checks (every priority but ``PUSH``) resets the key's poll clock. While
+  Any successful grant that checks (every priority but ``PUSH``) resets the key's poll clock, and so
+  does a plain push of a key with no faxes in flight (its ISync is all a poll would read). While
   push works, an active poll that falls due while the key's hinted work waits or runs is put off by
   one active period instead of merging into it (push is reading that key; merged, the poll's bulk
   reads would make the hint wait for their budget too). A safety poll is put off the same way, but
@@ -734,7 +735,10 @@ class Scheduler:
         if ok:
             for g in grant.cost:
                 self._answered[g] = now
-            if grant.checks:
+            # A plain push reads the extension's changes (ISync) but not its faxes in flight by id;
+            # for a key with none in flight that is all a poll would read, so it counts as one. With
+            # 100 extensions pushing every few minutes, that spares most safety polls.
+            if grant.checks or not self.polls.is_active(key):
                 self.polls.checked(key, now)
                 if again is not None and again.priorities <= _POLLS:
                     again = None  # this grant was the check those polls asked for
