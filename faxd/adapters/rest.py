@@ -633,16 +633,7 @@ class RingCentral:
                 data.add_field("attachment", doc.data, content_type=doc.content_type, filename=doc.name)
             return data
 
-        resp, body = await self._call(
-            "POST",
-            f"{self._ext(extension_id)}/fax",
-            endpoint="fax-send",
-            data=form,
-            client_timeout=SEND_TIMEOUT,
-        )
-        if not isinstance(body, dict):
-            raise self._bad_body("fax-send", resp.status)
-        return body
+        return await self._post_fax(extension_id, "fax-send", form)
 
     async def resend_fax(
         self, extension_id: str, original_id: str, *, to: Sequence[str] | None = None
@@ -658,16 +649,22 @@ class RingCentral:
         def body() -> aiohttp.BytesPayload:
             return aiohttp.BytesPayload(body_text.encode(), content_type="application/json")
 
-        resp, body_json = await self._call(
+        return await self._post_fax(extension_id, "fax-resend", body)
+
+    async def _post_fax(
+        self, extension_id: str, endpoint: str, data: Callable[[], aiohttp.FormData | aiohttp.BytesPayload]
+    ) -> dict[str, Any]:
+        """``POST …/fax`` (a send or a resend): the new message's record."""
+        resp, body = await self._call(
             "POST",
             f"{self._ext(extension_id)}/fax",
-            endpoint="fax-resend",
-            data=body,
+            endpoint=endpoint,
+            data=data,
             client_timeout=SEND_TIMEOUT,
         )
-        if not isinstance(body_json, dict):
-            raise self._bad_body("fax-resend", resp.status)
-        return body_json
+        if not isinstance(body, dict):
+            raise self._bad_body(endpoint, resp.status)
+        return body
 
     # ------------------------------------------------------------------ plumbing
 
