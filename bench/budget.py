@@ -31,12 +31,13 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common import Daemon, quantile, write_config
+from report import Report, add_options
 
 from faxd.core.model import FAX_LEVEL, event_key
 from faxd.sim import RecipientScript, SimConfig, Simulator
@@ -101,6 +102,30 @@ def add_baseline_option(parser: argparse.ArgumentParser) -> None:
         help=f"also run the same workload against faxd at git revision REV, at the same time on its own"
         f" simulator (default {BASELINE}, before the scheduler was wired); 'none': only this checkout",
     )
+
+
+def add_common_options(parser: argparse.ArgumentParser, quick: str) -> None:
+    """The options every issue-12 script takes: ``--seed``, ``--keep``, ``--baseline``, ``--quick``
+    (a reduced profile, described by ``quick``) and ``--results``."""
+    parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--keep", action="store_true", help="keep the work directories (config, store, log)")
+    add_baseline_option(parser)
+    add_options(parser, quick)
+
+
+def run_bench(
+    name: str,
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    bench: Callable[[argparse.Namespace, Report], Awaitable[int]],
+    ignore: tuple[str, ...] = ("keep",),
+) -> int:
+    """Run ``bench`` under a :class:`Report` named ``name``; its exit code (1 on a miss)."""
+    report = Report.start(name, parser, args, ignore=ignore)
+    started = time.monotonic()
+    code = asyncio.run(bench(args, report))
+    print(f"\n(bench took {time.monotonic() - started:.0f} s)")
+    return code
 
 
 def builds(args: argparse.Namespace) -> list[Build]:

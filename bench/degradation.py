@@ -38,16 +38,17 @@ from budget import (
     REPO,
     Build,
     Tally,
-    add_baseline_option,
+    add_common_options,
     builds,
     drive,
     plan_faxes,
+    run_bench,
     side,
     sim_config,
     tally,
 )
 from common import print_machine, table
-from report import Report, add_options, apply_quick
+from report import Report, apply_quick
 
 DEFAULT_PLOT = REPO / "docs" / "bench-degradation.png"
 BLIND_TARGET = 10.0
@@ -182,20 +183,13 @@ def main() -> int:
     parser.add_argument(
         "--tail", type=float, default=60.0, help="seconds to wait for stragglers after the last outcome"
     )
-    parser.add_argument("--seed", type=int, default=12)
     parser.add_argument(
         "--plot", help=f"write the PNG here (default profile: {DEFAULT_PLOT.relative_to(REPO)})"
     )
-    parser.add_argument("--keep", action="store_true", help="keep the work directories (config, store, log)")
-    add_baseline_option(parser)
-    add_options(parser, "--demand 1 3 --duration 12 --tail 20")
+    add_common_options(parser, "--demand 1 3 --duration 12 --tail 20")
     args = parser.parse_args()
     apply_quick(args, demand=[1.0, 3.0], duration=12.0, tail=20.0)
-    report = Report.start("degradation", parser, args, ignore=("keep", "plot"))
-    started = time.monotonic()
-    code = asyncio.run(bench(args, report))
-    print(f"\n(bench took {time.monotonic() - started:.0f} s)")
-    return code
+    return run_bench("degradation", parser, args, bench, ignore=("keep", "plot"))
 
 
 if __name__ == "__main__":

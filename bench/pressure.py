@@ -31,17 +31,18 @@ from budget import (
     RATE_SHARE,
     Build,
     Tally,
-    add_baseline_option,
+    add_common_options,
     builds,
     drive,
     plan_faxes,
+    run_bench,
     side,
     sim_config,
     tally,
     versus,
 )
 from common import print_machine, table
-from report import Report, add_options, apply_quick
+from report import Report, apply_quick
 
 
 async def one(build: Build, args: argparse.Namespace) -> tuple[Tally, dict[str, float]]:
@@ -193,17 +194,10 @@ def main() -> int:
     parser.add_argument(
         "--tail", type=float, default=90.0, help="seconds to wait for stragglers after the last outcome"
     )
-    parser.add_argument("--seed", type=int, default=12)
-    parser.add_argument("--keep", action="store_true", help="keep the work directories (config, store, log)")
-    add_baseline_option(parser)
-    add_options(parser, "--faxes 80 --duration 12 --tail 30")
+    add_common_options(parser, "--faxes 80 --duration 12 --tail 30")
     args = parser.parse_args()
     apply_quick(args, faxes=80, duration=12.0, tail=30.0)
-    report = Report.start("pressure", parser, args, ignore=("keep",))
-    started = time.monotonic()
-    code = asyncio.run(bench(args, report))
-    print(f"\n(bench took {time.monotonic() - started:.0f} s)")
-    return code
+    return run_bench("pressure", parser, args, bench)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from budget import Build, add_baseline_option, builds, recording, side, sim_config
+from budget import Build, add_common_options, builds, recording, run_bench, side, sim_config
 from common import print_machine, table
-from report import Report, add_options, apply_quick
+from report import Report, apply_quick
 
 from faxd.sim import RecipientScript, Simulator
 
@@ -204,17 +204,10 @@ def main() -> int:
     parser.add_argument(
         "--within", type=float, default=150.0, help="seconds after the restart to wait for every outcome"
     )
-    parser.add_argument("--seed", type=int, default=12)
-    parser.add_argument("--keep", action="store_true", help="keep the work directories (config, store, log)")
-    add_baseline_option(parser)
-    add_options(parser, "--faxes 4 --outcomes 6 --within 45")
+    add_common_options(parser, "--faxes 4 --outcomes 6 --within 45")
     args = parser.parse_args()
     apply_quick(args, faxes=4, outcomes=6.0, within=45.0)
-    report = Report.start("sigterm", parser, args, ignore=("keep",))
-    started = time.monotonic()
-    code = asyncio.run(bench(args, report))
-    print(f"\n(bench took {time.monotonic() - started:.0f} s)")
-    return code
+    return run_bench("sigterm", parser, args, bench)
 
 
 if __name__ == "__main__":

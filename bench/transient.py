@@ -26,9 +26,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from budget import Build, add_baseline_option, builds, side, sim_config
+from budget import Build, add_common_options, builds, run_bench, side, sim_config
 from common import print_machine, table
-from report import Report, add_options, apply_quick
+from report import Report, apply_quick
 
 from faxd.sim import RecipientScript
 
@@ -173,17 +173,10 @@ def main() -> int:
     parser.add_argument(
         "--observe", type=float, default=60.0, help="how long to wait for the change after it (s)"
     )
-    parser.add_argument("--seed", type=int, default=12)
-    parser.add_argument("--keep", action="store_true", help="keep the work directories (config, store, log)")
-    add_baseline_option(parser)
-    add_options(parser, "4 JSON and 10 HTML only, --outage 20 --observe 25")
+    add_common_options(parser, "4 JSON and 10 HTML only, --outage 20 --observe 25")
     args = parser.parse_args()
     apply_quick(args, outage=20.0, observe=25.0)
-    report = Report.start("transient", parser, args, ignore=("keep",))
-    started = time.monotonic()
-    code = asyncio.run(bench(args, report))
-    print(f"\n(bench took {time.monotonic() - started:.0f} s)")
-    return code
+    return run_bench("transient", parser, args, bench)
 
 
 if __name__ == "__main__":
