@@ -3,12 +3,10 @@
 * :class:`Build` - which faxd runs: this checkout, or a git revision (the baseline, ``--baseline REV``),
   extracted with ``git archive`` into /tmp and run with the same venv (``python -m faxd`` from there);
 * :func:`side` - one simulator in this process and one faxd subprocess pointed at it, with a
-  :class:`Recorder` on its event socket and :class:`Changes` on the simulator: what every benchmark
+  :class:`common.Tap` on its event socket and :class:`Changes` on the simulator: what every benchmark
   runs once per build, both builds at the same time on their own simulators (same workload, same seed);
 * :class:`Changes` - when each fax and recipient took each status in the simulator (event-driven,
   from the simulator's store: the moment its notification goes out);
-* :class:`Recorder` - a socket client subscribed from seq 0 that records every event (when it arrived,
-  how often each event key came);
 * :class:`Tally` - what one run measured: outcome latency (change in the simulator -> event on the
   socket), missing outcomes, duplicates, Light requests (from the simulator's request log, the same
   one ``GET /_sim/requests`` serves), the most in any 60 s window, 429s, the longest blind period;
@@ -24,22 +22,20 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import random
 import shutil
 import subprocess
 import tempfile
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import Daemon, quantile, write_config
+from common import Daemon, Tap, quantile, write_config
 from report import Report, add_options
 
-from faxd.core.model import FAX_LEVEL, event_key
+from faxd.core.model import FAX_LEVEL
 from faxd.sim import RecipientScript, SimConfig, Simulator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,39 +181,6 @@ class Changes:
         )
 
 
-@dataclass
-class Recorder:
-    """A socket client subscribed from seq 0: when each event key first arrived, how often it came."""
-
-    path: str
-    progress: asyncio.Event
-    arrived: dict[Key, float] = field(default_factory=dict)
-    times: list[float] = field(default_factory=list)  # every event's arrival
-    counts: Counter[Key] = field(default_factory=Counter)
-    connected: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def run(self) -> None:
-        reader, writer = await asyncio.open_unix_connection(self.path, limit=2**24)
-        try:
-            hello = json.loads(await reader.readline())
-            sub = {"type": "subscribe", "after_seq": 0, "epoch": hello["epoch"]}
-            writer.write(json.dumps(sub).encode() + b"\n")
-            await writer.drain()
-            self.connected.set()
-            while line := await reader.readline():
-                now = time.monotonic()
-                msg = json.loads(line)
-                if msg.get("type") != "event":
-                    continue
-                key = event_key(msg)
-                self.times.append(now)
-                self.counts[key] += 1
-                self.arrived.setdefault(key, now)
-                self.progress.set()
-        finally:
-            writer.close()
-
-
 # ----------------------------------------------------------------------------------------- one run
 
 
@@ -229,7 +192,7 @@ class Side:
     sim: Simulator
     daemon: Daemon
     changes: Changes
-    recorder: Recorder
+    recorder: Tap
     work: Path
     progress: asyncio.Event
     started: float  # when faxd was spawned (monotonic)
@@ -254,7 +217,7 @@ class Side:
         """A new faxd process on the same config and store, and a new recorder from seq 0."""
         self.daemon = Daemon(self.daemon.config, code=self.build.code)
         await self.daemon.start()
-        self.recorder = Recorder(self.daemon.socket_path, self.progress)
+        self.recorder = Tap(self.daemon.socket_path, self.progress)
 
 
 def sim_config(extensions: int = 1, seed: int = 1) -> SimConfig:
@@ -277,13 +240,13 @@ async def side(
         config = write_config(work, sim, list(cfg.extensions), **sections)
         daemon = Daemon(config, code=build.code)
         started = time.monotonic()
-        s = Side(build, sim, daemon, Changes(sim, progress), Recorder("", progress), work, progress, started)
+        s = Side(build, sim, daemon, Changes(sim, progress), Tap("", progress), work, progress, started)
         truth = asyncio.create_task(s.changes.run())
         reading: asyncio.Task[None] | None = None
         try:
             await daemon.start()
             await daemon.wait_ws_up(within=120)
-            s.recorder = Recorder(daemon.socket_path, progress)
+            s.recorder = Tap(daemon.socket_path, progress)
             reading = asyncio.create_task(s.recorder.run())
             await s.recorder.connected.wait()
             yield s

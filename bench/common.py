@@ -28,6 +28,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,12 +136,15 @@ class Truth:
 
 @dataclass
 class Tap:
-    """A socket client that subscribes from seq 0 and records when each event first arrived."""
+    """A socket client subscribed from seq 0: when each event key first arrived, every arrival, how
+    often each key came. ``changed`` is set on every event (pass one event to share it with others)."""
 
     path: str
-    arrived: dict[Key, float] = field(default_factory=dict)
-    events: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: dict[Key, float] = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)  # every event's arrival
+    counts: Counter[Key] = field(default_factory=Counter)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
         reader, writer = await asyncio.open_unix_connection(self.path, limit=2**24)
@@ -149,13 +153,16 @@ class Tap:
             sub = {"type": "subscribe", "after_seq": 0, "epoch": hello["epoch"]}
             writer.write(json.dumps(sub).encode() + b"\n")
             await writer.drain()
+            self.connected.set()
             while line := await reader.readline():
                 now = time.monotonic()
                 msg = json.loads(line)
                 if msg.get("type") != "event":
                     continue
-                self.events += 1
-                self.arrived.setdefault(event_key(msg), now)
+                key = event_key(msg)
+                self.times.append(now)
+                self.counts[key] += 1
+                self.arrived.setdefault(key, now)
                 self.changed.set()
         finally:
             writer.close()
