@@ -215,3 +215,11 @@ def status_of(message: str) -> str | None:
 def ws_up(message: str) -> bool:
     status = status_of(message)
     return status is not None and status.startswith("WebSocket up") and "last sync never" not in status
+
+
+async def until(condition: Callable[[], bool], within: float = 60) -> None:
+    """Wait for a condition nothing announces (a metric, a store row, the simulator's request log, a
+    file another process writes): polls it, it does not sleep for things to settle."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - a condition without a callback
+            await asyncio.sleep(0.01)

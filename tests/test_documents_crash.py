@@ -7,14 +7,13 @@ file), and the restarted faxd must finish the download from its durable queue.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 from daemon_support import started
-from ops_support import daemon, run_faxd, shell_env, write_config
+from ops_support import daemon, run_faxd, shell_env, until, write_config
 from socket_client import SocketClient
 
 from faxd.adapters.store import Store
@@ -22,13 +21,6 @@ from faxd.config import Config
 from faxd.sim import Simulator
 
 DOCUMENTS = {"enabled": True, "spool_dir": "spool"}
-
-
-async def until(condition: Callable[[], bool], within: float = 60) -> None:
-    """Wait for a condition nothing announces (the simulator's fault counters); polls it."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - a condition without a callback
-            await asyncio.sleep(0.05)
 
 
 def read(path: str | Path) -> bytes:

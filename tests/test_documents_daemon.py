@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from daemon_support import RunningDaemon, started
 from documents_support import fill, small_tmpfs
+from ops_support import until
 from prometheus_client import CollectorRegistry
 from socket_client import SocketClient
 from structlog.testing import capture_logs
@@ -98,13 +99,6 @@ def mode_of(path: Path) -> int:
 
 def partials(spool: Path) -> list[Path]:
     return list(spool.glob("*/.*.part"))
-
-
-async def until(condition: Callable[[], bool], within: float = 60) -> None:
-    """Wait for a condition nothing announces (metrics, the simulator's request log); polls it."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - a condition without a callback
-            await asyncio.sleep(0.05)
 
 
 async def test_a_received_fax_document_is_downloaded_and_announced(

@@ -10,13 +10,14 @@ import base64
 import json
 import os
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from ops_support import until
 from prometheus_client import CollectorRegistry
 from webhook_receiver import Receiver
 
@@ -87,14 +88,6 @@ def value(metrics: Metrics, name: str, outlet: str = "o") -> float:
     got = metrics.registry.get_sample_value(name, {"outlet": outlet})
     assert got is not None, name
     return got
-
-
-async def until(condition: Callable[[], bool], within: float = 30) -> None:
-    """Wait for a condition nothing announces (a metric, a row, a file another process writes). This
-    polls a condition, it does not sleep for things to settle."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - see the docstring
-            await asyncio.sleep(0.01)
 
 
 async def committed(metrics: Metrics, seq: int, outlet: str = "o") -> None:
